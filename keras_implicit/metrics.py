@@ -1,0 +1,250 @@
+"""Keras metrics for the alternative loss families, and the panel that tracks many at once.
+
+``alt_loss_panel(...)`` returns one :class:`AltLossPanel` metric whose ``result()`` is a dict,
+which Keras spreads into the logs under stable names: ``gcdf@0.5``, ``tce@2``, ``hinge@1``,
+``error`` (``val_gcdf@0.5`` ... for validation data). All of its losses come from one shared
+computation of the margins per batch (:func:`keras_implicit.losses.panel_values`).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_implicit import losses as _losses
+
+__all__ = [
+    "Gcdf",
+    "TemperedCrossentropy",
+    "MulticlassHinge",
+    "ZeroOneError",
+    "AltLossPanel",
+    "alt_loss_panel",
+    "DEFAULT_SIGMAS",
+    "DEFAULT_TEMPERATURES",
+    "DEFAULT_MARGINS",
+]
+
+# Log-spaced (powers of 2) grids covering the paper's values (sigma 0.5, 1 and 8 among them).
+# 9 + 7 + 7 + the error = 24 losses.
+DEFAULT_SIGMAS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+DEFAULT_TEMPERATURES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+DEFAULT_MARGINS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+class _FamilyMean(keras.metrics.MeanMetricWrapper):
+    _parameter = ""
+
+    def __init__(self, fn, parameter_value, name, dtype, allow_zero, **fn_kwargs):
+        array, scalar = _losses._validate_parameters(parameter_value, self._parameter, allow_zero=allow_zero)
+        if not scalar:
+            raise ValueError(f"{self._parameter} of a Metric must be one number, got {parameter_value!r}")
+        self._parameter_value = float(array[0])
+        if name is None:
+            name = _losses.panel_names(**{self._panel_keyword: [self._parameter_value]})[0]
+        super().__init__(fn, name=name, dtype=dtype, **{self._parameter: self._parameter_value}, **fn_kwargs)
+        self._direction = "down"
+
+    def get_config(self):
+        return {"name": self.name, "dtype": self.dtype, self._parameter: self._parameter_value}
+
+
+# Registered as "GcdfMetric": the name "Gcdf" belongs to the loss of the same name.
+@keras.saving.register_keras_serializable(package="keras_implicit", name="GcdfMetric")
+class Gcdf(_FamilyMean):
+    """Mean Gcdf loss (eq. 6) over samples, with sample weights; see :func:`keras_implicit.losses.gcdf`.
+
+    Args:
+        sigma: the noise level, >= 0.
+        feature_norm: ||x|| as one positive number; None means 1.
+        name: the metric name, default ``gcdf@<sigma>``.
+        dtype: the dtype of the metric's variables.
+
+    Example:
+        >>> model.compile("sgd", "sparse_categorical_crossentropy", metrics=[Gcdf(sigma=1.0)])
+    """
+
+    _parameter, _panel_keyword = "sigma", "sigmas"
+
+    def __init__(self, sigma=1.0, feature_norm=None, name=None, dtype=None):
+        if feature_norm is not None:
+            _losses._feature_norm_tensor(feature_norm, tf.float32)  # validates
+        self.feature_norm = feature_norm
+        super().__init__(_losses.gcdf, sigma, name, dtype, True, feature_norm=feature_norm)
+
+    def get_config(self):
+        return {**super().get_config(), "feature_norm": self.feature_norm}
+
+
+# Registered as "TemperedCrossentropyMetric": the name "TemperedCrossentropy" belongs to the loss of the same name.
+@keras.saving.register_keras_serializable(package="keras_implicit", name="TemperedCrossentropyMetric")
+class TemperedCrossentropy(_FamilyMean):
+    """Mean tempered cross-entropy (eq. 7); see :func:`keras_implicit.losses.tempered_crossentropy`.
+
+    Args:
+        temperature: T > 0.
+        name: the metric name, default ``tce@<T>``.
+        dtype: the dtype of the metric's variables.
+    """
+
+    _parameter, _panel_keyword = "temperature", "temperatures"
+
+    def __init__(self, temperature=1.0, name=None, dtype=None):
+        super().__init__(_losses.tempered_crossentropy, temperature, name, dtype, False)
+
+
+# Registered as "MulticlassHingeMetric": the name "MulticlassHinge" belongs to the loss of the same name.
+@keras.saving.register_keras_serializable(package="keras_implicit", name="MulticlassHingeMetric")
+class MulticlassHinge(_FamilyMean):
+    """Mean multi-class hinge loss (eq. 8); see :func:`keras_implicit.losses.multiclass_hinge`.
+
+    Args:
+        margin: gamma >= 0.
+        name: the metric name, default ``hinge@<gamma>``.
+        dtype: the dtype of the metric's variables.
+    """
+
+    _parameter, _panel_keyword = "margin", "margins"
+
+    def __init__(self, margin=1.0, name=None, dtype=None):
+        super().__init__(_losses.multiclass_hinge, margin, name, dtype, True)
+
+
+@keras.saving.register_keras_serializable(package="keras_implicit")
+class ZeroOneError(keras.metrics.MeanMetricWrapper):
+    """Mean zero-one error, ``1 -`` sparse categorical accuracy (ties resolved as argmax does).
+
+    Args:
+        name: the metric name, default ``error``.
+        dtype: the dtype of the metric's variables.
+    """
+
+    def __init__(self, name="error", dtype=None):
+        super().__init__(_losses.zero_one_error, name=name, dtype=dtype)
+        self._direction = "down"
+
+    def get_config(self):
+        return {"name": self.name, "dtype": self.dtype}
+
+
+@keras.saving.register_keras_serializable(package="keras_implicit")
+class AltLossPanel(keras.metrics.Metric):
+    """Many alternative losses as one metric: one shared computation per batch.
+
+    ``result()`` is a dict ``{"gcdf@0.5": ..., "tce@2": ..., "hinge@1": ..., "error": ...}`` of
+    sample-weighted means, which Keras spreads into the training and evaluation logs.
+
+    Args:
+        sigmas: Gcdf noise levels (eq. 6), each >= 0.
+        temperatures: tempered cross-entropy temperatures (eq. 7), each > 0.
+        margins: hinge margins (eq. 8), each >= 0.
+        error: whether to track the zero-one error.
+        feature_norm: ||x|| as one positive number for Gcdf; None means 1.
+        name: the metric's own name (not shown in the logs).
+        dtype: the dtype of the accumulators (default float32).
+
+    Example:
+        >>> panel = AltLossPanel(sigmas=[0.5, 1], temperatures=[2], margins=[1])
+        >>> panel.update_state([0, 1], [[2.0, 0.0], [0.0, 1.0]])
+        >>> sorted(panel.result())
+        ['error', 'gcdf@0.5', 'gcdf@1', 'hinge@1', 'tce@2']
+    """
+
+    def __init__(
+        self,
+        sigmas=DEFAULT_SIGMAS,
+        temperatures=DEFAULT_TEMPERATURES,
+        margins=DEFAULT_MARGINS,
+        error=True,
+        feature_norm=None,
+        name="alt_loss_panel",
+        dtype=None,
+    ):
+        super().__init__(name=name, dtype=dtype)
+        self.sigmas = _parameter_list(sigmas, "sigma", allow_zero=True)
+        self.temperatures = _parameter_list(temperatures, "temperature", allow_zero=False)
+        self.margins = _parameter_list(margins, "margin", allow_zero=True)
+        self.error = bool(error)
+        if feature_norm is not None:
+            _losses._feature_norm_tensor(feature_norm, tf.float32)  # validates
+        self.feature_norm = feature_norm
+        self.names = _losses.panel_names(self.sigmas, self.temperatures, self.margins, self.error)
+        if not self.names:
+            raise ValueError("the panel is empty: give sigmas, temperatures, margins or error=True")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"the panel has repeated parameters: {self.names}")
+        self._direction = "down"
+        self.totals = self.add_variable(shape=(len(self.names),), initializer="zeros", name="totals")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        values = _losses.panel_values(
+            y_true, y_pred, self.sigmas, self.temperatures, self.margins, self.error, self.feature_norm
+        )
+        values = tf.cast(values, self.dtype)
+        if sample_weight is None:
+            weights = tf.ones_like(values[:, 0])
+        else:
+            weights = tf.cast(tf.convert_to_tensor(sample_weight), self.dtype)
+            if weights.shape.rank == 2:
+                weights = tf.squeeze(weights, axis=-1)
+            weights = tf.broadcast_to(weights, tf.shape(values[:, 0]))
+        self.totals.assign_add(tf.reduce_sum(values * weights[:, None], axis=0))
+        self.count.assign_add(tf.reduce_sum(weights))
+
+    def result(self):
+        means = tf.math.divide_no_nan(self.totals, self.count)
+        return {name: means[i] for i, name in enumerate(self.names)}
+
+    def reset_state(self):
+        self.totals.assign(tf.zeros_like(self.totals))
+        self.count.assign(tf.zeros_like(self.count))
+
+    def get_config(self):
+        return {
+            "sigmas": list(self.sigmas),
+            "temperatures": list(self.temperatures),
+            "margins": list(self.margins),
+            "error": self.error,
+            "feature_norm": self.feature_norm,
+            "name": self.name,
+            "dtype": self.dtype,
+        }
+
+
+def _parameter_list(values, name, allow_zero):
+    if values is None or np.size(values) == 0:
+        return []
+    return [float(v) for v in _losses._validate_parameters(values, name, allow_zero=allow_zero)[0]]
+
+
+def alt_loss_panel(
+    sigmas=DEFAULT_SIGMAS,
+    temperatures=DEFAULT_TEMPERATURES,
+    margins=DEFAULT_MARGINS,
+    error=True,
+    feature_norm=None,
+):
+    """The metrics to pass to ``model.compile(metrics=...)`` to track the paper's loss families.
+
+    Returns a list holding one :class:`AltLossPanel`; its logs are named ``gcdf@<sigma>``,
+    ``tce@<T>``, ``hinge@<gamma>`` and ``error``, parameters in their shortest decimal form.
+    Defaults: sigma in 2^-4 .. 2^4 (9 values), T in 2^-2 .. 2^4 (7), gamma in 2^-2 .. 2^4 (7), and
+    the error: 24 losses. Pass an empty list to leave a family out.
+
+    Args:
+        sigmas: Gcdf noise levels, each >= 0 (0 is the sigma -> 0 limit).
+        temperatures: tempered cross-entropy temperatures, each > 0.
+        margins: multi-class hinge margins, each >= 0.
+        error: whether to track the zero-one error.
+        feature_norm: ||x|| as one positive number; None means 1 (normalized features).
+
+    Returns:
+        ``[AltLossPanel(...)]``.
+
+    Example:
+        >>> model.compile("sgd", "sparse_categorical_crossentropy",
+        ...               metrics=alt_loss_panel(sigmas=[0.5, 1, 8], temperatures=[1, 4], margins=[1, 4]))
+    """
+    return [AltLossPanel(sigmas, temperatures, margins, error, feature_norm)]
