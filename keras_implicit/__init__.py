@@ -2,34 +2,44 @@
 
 The alternative loss families of "On the implicit minimization of alternative loss functions
 when training deep networks" (Gcdf, tempered cross-entropy, multi-class hinge) as Keras losses,
-metrics and a shared-computation panel.
+metrics and a shared-computation panel, the paper's models and training protocol, and the
+comparison of runs at equal training loss.
+
+Submodules load on first use, so ``import keras_implicit.analysis`` (and the plotting of
+finished runs) never imports TensorFlow.
 """
 
-from keras_implicit import losses, metrics
-from keras_implicit.losses import (
-    format_parameter,
-    gcdf,
-    multiclass_hinge,
-    panel_names,
-    panel_values,
-    tempered_crossentropy,
-    zero_one_error,
-)
-from keras_implicit.metrics import AltLossPanel, alt_loss_panel
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "losses",
-    "metrics",
-    "gcdf",
-    "tempered_crossentropy",
-    "multiclass_hinge",
-    "zero_one_error",
-    "panel_values",
-    "panel_names",
-    "format_parameter",
-    "AltLossPanel",
-    "alt_loss_panel",
-    "__version__",
-]
+# Public name -> the submodule that defines it.
+_EXPORTS = {
+    "gcdf": "losses",
+    "tempered_crossentropy": "losses",
+    "multiclass_hinge": "losses",
+    "zero_one_error": "losses",
+    "panel_values": "losses",
+    "panel_names": "losses",
+    "format_parameter": "losses",
+    "AltLossPanel": "metrics",
+    "alt_loss_panel": "metrics",
+}
+_SUBMODULES = ("losses", "metrics")
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"keras_implicit.{name}")
+    if name in _EXPORTS:
+        module = importlib.import_module(f"keras_implicit.{_EXPORTS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module 'keras_implicit' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

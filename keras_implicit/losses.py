@@ -31,6 +31,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_implicit import _op
+
 __all__ = [
     "gcdf",
     "tempered_crossentropy",
@@ -283,7 +285,10 @@ def panel_values(
 
 
 def _panel(labels, logits, feature_norm, sigmas, temperatures, margins, error):
-    """Dispatch point between the fused op and the pure-TensorFlow path."""
+    """Dispatch point between the fused op (custom_ops/) and the pure-TensorFlow path."""
+    op = _op.panel_op()
+    if op is not None:
+        return op(labels, logits, feature_norm, sigmas, temperatures, margins, error)
     return _panel_pure_tf(labels, logits, feature_norm, sigmas, temperatures, margins, error)
 
 
