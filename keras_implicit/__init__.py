@@ -27,7 +27,7 @@ _EXPORTS = {
     "AltLossPanel": "metrics",
     "alt_loss_panel": "metrics",
 }
-_SUBMODULES = ("losses", "metrics")
+_SUBMODULES = ("losses", "metrics", "analysis", "plots")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 

@@ -1,0 +1,828 @@
+"""Comparison of training runs at equal training loss, the paper's method (section 4.3).
+
+Two runs that reach the same training cross-entropy have made the same progress on the loss they
+were given; this module asks how far each has gone on the *other* losses it tracked (Gcdf for
+several sigma, tempered cross-entropy for several T, multi-class hinge for several gamma, the
+error). It reads run directories written by ``experiments/run.py`` and never imports TensorFlow:
+finished runs can be analysed on any machine with NumPy.
+
+A run directory holds::
+
+    config.json    the flags and the tracked grids ("sigmas", "temperatures", "margins")
+    status.json    {"state": "running" | "finished" | "diverged", "epoch", "step"}
+    metrics.jsonl  one JSON object per tracking point and split:
+                   {"epoch", "step", "split": "train" | "test", "ce", "error",
+                    "gcdf@0.5", "tce@2", "hinge@1", ..., "feature_norm", ...}
+
+**Value at a training-loss level** (:func:`at_level`). The run's training CE is followed through
+its tracking points until it first drops to ``level`` or below (the *first crossing*). Between the
+two points around it, ``i - 1`` (CE above the level) and ``i`` (at or below it), every quantity is
+interpolated linearly in ``log CE``::
+
+    t = (log ce[i-1] - log level) / (log ce[i-1] - log ce[i])        0 < t <= 1
+    value = value[i-1] + t * (value[i] - value[i-1])
+
+and so are the epoch and the step of the crossing. CE falls roughly exponentially over training, so
+log CE is close to linear in time between two points. A run whose CE never gets down to the level
+(or that starts below it) raises :class:`LevelNotReachedError`.
+
+**Crossover** (:func:`crossovers`). For one family tracked by two runs at one level, the
+difference ``a(p) - b(p)`` is followed along the parameter grid; where it changes sign between
+``p_k`` and ``p_{k+1}`` the crossover is interpolated linearly in ``log p``::
+
+    log p* = log p_k + d_k / (d_k - d_{k+1}) * (log p_{k+1} - log p_k)
+
+A grid point where the difference is exactly 0 is itself a crossover when the sign differs on its
+two sides. Parameters <= 0 (sigma = 0) have no place on a log axis and are left out.
+
+**Seeds** (:func:`group_runs`, :func:`aggregate`). Runs whose configs are equal except for the seed
+(and bookkeeping: data_dir, versions, git_commit) form one group; values are reported as the mean and
+the sample standard deviation (ddof = 1; NaN for a single seed) over its seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "FAMILIES",
+    "FAMILY_PARAMETER",
+    "FAMILY_TITLE",
+    "RunDirectoryError",
+    "GridMismatchError",
+    "LevelNotReachedError",
+    "Run",
+    "RunGroup",
+    "LevelPoint",
+    "Crossover",
+    "Aggregate",
+    "parse_name",
+    "family_names",
+    "load_run",
+    "load_runs",
+    "find_run_dirs",
+    "check_same_grids",
+    "at_level",
+    "curve_at_levels",
+    "common_level",
+    "crossovers",
+    "compare_at_level",
+    "group_runs",
+    "aggregate",
+    "describe_config",
+    "summary_rows",
+    "summary_csv",
+    "summary_markdown",
+    "extreme_pairs",
+    "hparams_records",
+]
+
+# The alternative loss families, their grid key in config.json and their parameter's symbol.
+FAMILIES = ("gcdf", "tce", "hinge")
+FAMILY_GRID = {"gcdf": "sigmas", "tce": "temperatures", "hinge": "margins"}
+FAMILY_PARAMETER = {"gcdf": "σ", "tce": "T", "hinge": "γ"}
+FAMILY_TITLE = {"gcdf": "Gcdf loss", "tce": "tempered cross-entropy", "hinge": "multi-class hinge"}
+
+# Config keys that do not make two runs different experiments.
+_BOOKKEEPING = ("seed", "data_dir", "versions", "git_commit", "run_dir", "name", "track_every",
+                "target_train_loss", "epochs")
+# Config keys that identify an experiment, in the order labels list them.
+_LABEL_KEYS = ("model", "dataset", "optimizer", "loss", "lr", "batch_size", "ghost_batch_size", "train_subset")
+_LABEL_SHORT = {"lr": "lr", "batch_size": "batch", "ghost_batch_size": "ghost", "train_subset": "subset"}
+
+
+class RunDirectoryError(ValueError):
+    """A run directory is missing a file or holds one that cannot be read."""
+
+
+class GridMismatchError(ValueError):
+    """Runs to be compared tracked different parameter grids."""
+
+
+class LevelNotReachedError(ValueError):
+    """A run's training CE never comes down to the requested level."""
+
+
+def parse_name(name: str) -> tuple[str, float] | tuple[str, None]:
+    """Splits a tracked quantity's name: ``"gcdf@0.5" -> ("gcdf", 0.5)``, ``"ce" -> ("ce", None)``.
+
+    Raises ValueError for a name with ``@`` whose parameter is not a number.
+    """
+    if "@" not in name:
+        return name, None
+    family, _, text = name.partition("@")
+    try:
+        return family, float(text)
+    except ValueError:
+        raise ValueError(f"cannot parse the parameter of {name!r}: {text!r} is not a number") from None
+
+
+def family_names(names: Iterable[str], family: str) -> tuple[np.ndarray, list[str]]:
+    """The parameters (sorted ascending) and column names of one family among ``names``."""
+    pairs = []
+    for name in names:
+        key, value = parse_name(name)
+        if key == family and value is not None:
+            pairs.append((value, name))
+    pairs.sort()
+    return np.array([p for p, _ in pairs], dtype=np.float64), [n for _, n in pairs]
+
+
+# --------------------------------------------------------------------------- #
+# Loading
+# --------------------------------------------------------------------------- #
+@dataclasses.dataclass
+class Run:
+    """One run directory, loaded.
+
+    Attributes:
+        path: the directory.
+        name: its base name.
+        config: config.json as a dict.
+        status: status.json as a dict ({} when the file is missing).
+        splits: ``{"train": {"epoch": array [N], "step": ..., "ce": ..., "gcdf@0.5": ...}, "test": ...}``,
+            points sorted by step; a quantity missing at a point is NaN.
+    """
+
+    path: Path
+    name: str
+    config: dict
+    status: dict
+    splits: dict[str, dict[str, np.ndarray]]
+
+    @property
+    def state(self) -> str:
+        return str(self.status.get("state", "unknown"))
+
+    @property
+    def seed(self):
+        return self.config.get("seed")
+
+    def quantities(self, split: str = "train") -> list[str]:
+        """The tracked names of a split, in file order, without epoch/step."""
+        return [k for k in self._split(split) if k not in ("epoch", "step")]
+
+    def family(self, family: str, split: str = "train") -> tuple[np.ndarray, list[str]]:
+        """Sorted parameters and column names of one family (``"gcdf"``, ``"tce"``, ``"hinge"``)."""
+        if family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        return family_names(self.quantities(split), family)
+
+    def series(self, quantity: str, split: str = "train", x: str = "epoch") -> tuple[np.ndarray, np.ndarray]:
+        """``(x values, quantity values)`` over the tracking points of a split."""
+        columns = self._split(split)
+        if quantity not in columns:
+            raise KeyError(
+                f"run {self.name!r} did not track {quantity!r} on {split!r}; it has {self.quantities(split)}"
+            )
+        if x not in columns:
+            raise KeyError(f"run {self.name!r} has no {x!r} column on {split!r}")
+        return columns[x], columns[quantity]
+
+    def _split(self, split: str) -> dict[str, np.ndarray]:
+        if split not in self.splits:
+            raise KeyError(f"run {self.name!r} has no {split!r} records in {self.path / 'metrics.jsonl'}")
+        return self.splits[split]
+
+
+def _read_json(path: Path, required: bool) -> dict:
+    if not path.exists():
+        if required:
+            raise RunDirectoryError(f"{path} is missing: is {path.parent} a run directory of experiments/run.py?")
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunDirectoryError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise RunDirectoryError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _read_records(path: Path, strict: bool) -> list[dict]:
+    if not path.exists():
+        raise RunDirectoryError(f"{path} is missing: the run has not written any tracking point")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    records = []
+    last_content = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as error:
+            if number - 1 == last_content and not strict:
+                warnings.warn(
+                    f"{path}:{number}: dropping a truncated last line (a killed run leaves one): {line[:60]!r}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                continue
+            where = "truncated last line" if number - 1 == last_content else "malformed line"
+            raise RunDirectoryError(f"{path}:{number}: {where} ({error}): {line[:80]!r}") from None
+        for key in ("epoch", "step", "split"):
+            if key not in record:
+                raise RunDirectoryError(f"{path}:{number}: the record has no {key!r}: {line[:80]!r}")
+        records.append(record)
+    if not records:
+        raise RunDirectoryError(f"{path} holds no complete tracking point")
+    return records
+
+
+def _columns(records: list[dict], path: Path) -> dict[str, dict[str, np.ndarray]]:
+    by_split: dict[str, list[dict]] = {}
+    for record in records:
+        history = by_split.setdefault(str(record["split"]), [])
+        # A resumed run re-tracks from its last checkpoint: a point at a step already seen replaces
+        # that point and everything logged after it.
+        while history and int(history[-1]["step"]) >= int(record["step"]):
+            history.pop()
+        history.append(record)
+    splits = {}
+    for split, history in by_split.items():
+        names: list[str] = []
+        for record in history:
+            for key, value in record.items():
+                if key != "split" and key not in names and isinstance(value, (int, float, type(None))):
+                    names.append(key)
+        columns = {}
+        for key in names:
+            values = [record.get(key) for record in history]
+            columns[key] = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+        splits[split] = columns
+    if "train" not in splits:
+        raise RunDirectoryError(f"{path} has no 'train' records")
+    if "ce" not in splits["train"]:
+        raise RunDirectoryError(f"{path}: the 'train' records have no 'ce' (the training cross-entropy)")
+    return splits
+
+
+def load_run(path: str | os.PathLike, strict: bool = False) -> Run:
+    """Loads one run directory.
+
+    Args:
+        path: the run directory (config.json, status.json, metrics.jsonl).
+        strict: if true, a truncated last line of metrics.jsonl is an error; by default it is
+            dropped with a ``RuntimeWarning`` (a run killed while writing leaves one). A malformed
+            line elsewhere is always an error.
+
+    Returns:
+        A :class:`Run`.
+
+    Raises:
+        RunDirectoryError: no such directory, config.json or metrics.jsonl missing or unreadable,
+            no complete training record, no ``ce``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise RunDirectoryError(f"{path} is not a directory")
+    config = _read_json(path / "config.json", required=True)
+    status = _read_json(path / "status.json", required=False)
+    records = _read_records(path / "metrics.jsonl", strict)
+    return Run(path=path, name=path.name, config=config, status=status, splits=_columns(records, path))
+
+
+def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expands each path: a run directory (has config.json) stays, a folder of runs gives its runs."""
+    found = []
+    for path in map(Path, paths):
+        if (path / "config.json").exists():
+            found.append(path)
+        elif path.is_dir():
+            children = sorted(p for p in path.iterdir() if (p / "config.json").exists())
+            if not children:
+                raise RunDirectoryError(f"{path} is neither a run directory nor a folder of run directories")
+            found.extend(children)
+        else:
+            raise RunDirectoryError(f"{path} does not exist")
+    return found
+
+
+def load_runs(paths: Iterable[str | os.PathLike], strict: bool = False) -> list[Run]:
+    """Loads run directories (or folders of them, see :func:`find_run_dirs`)."""
+    return [load_run(p, strict=strict) for p in find_run_dirs(paths)]
+
+
+def check_same_grids(runs: Sequence[Run], families: Sequence[str] = FAMILIES, split: str = "train") -> None:
+    """Raises :class:`GridMismatchError` unless every run tracked the same parameters of each family."""
+    if not runs:
+        raise ValueError("no runs given")
+    for family in families:
+        reference = runs[0].family(family, split)[0]
+        for run in runs[1:]:
+            params = run.family(family, split)[0]
+            if params.shape != reference.shape or not np.allclose(params, reference, rtol=1e-9, atol=0):
+                raise GridMismatchError(
+                    f"runs tracked different {family} grids: {runs[0].name!r} has {reference.tolist()}, "
+                    f"{run.name!r} has {params.tolist()}; compare runs tracked with the same grids"
+                )
+
+
+# --------------------------------------------------------------------------- #
+# Values at a training-loss level
+# --------------------------------------------------------------------------- #
+@dataclasses.dataclass
+class LevelPoint:
+    """A run's tracked quantities where its training CE first comes down to ``level``.
+
+    Attributes:
+        run: the run's name.
+        level: the training CE level.
+        epoch, step: of the crossing (interpolated).
+        values: every train quantity at the crossing (``"ce"`` equals ``level``).
+        test: test quantities interpolated to the crossing's step, or {} if the test points
+            do not bracket it.
+    """
+
+    run: str
+    level: float
+    epoch: float
+    step: float
+    values: dict[str, float]
+    test: dict[str, float]
+
+
+def _crossing(ce: np.ndarray, level: float, run_name: str, state: str = "unknown") -> tuple[int, float]:
+    """(i, t): the first crossing is between points i-1 and i at fraction t (t = 1 at point i)."""
+    if not (level > 0 and math.isfinite(level)):
+        raise ValueError(f"the level must be a finite CE > 0, got {level!r}")
+    if ce.size == 0:
+        raise LevelNotReachedError(f"run {run_name!r} has no training points")
+    if not np.isfinite(ce[0]) or ce[0] <= 0:
+        raise LevelNotReachedError(f"run {run_name!r} starts at a training CE of {ce[0]}")
+    if ce[0] == level:
+        return 0, 1.0
+    if ce[0] < level:
+        raise LevelNotReachedError(
+            f"run {run_name!r} starts below the level: training CE {ce[0]:.6g} at its first point < {level:.6g}"
+        )
+    for i in range(1, ce.size):
+        if not np.isfinite(ce[i]):
+            break  # diverged: nothing after a NaN counts
+        if ce[i] <= level:
+            high, low = math.log(ce[i - 1]), math.log(ce[i]) if ce[i] > 0 else -math.inf
+            t = 1.0 if low == -math.inf else (high - math.log(level)) / (high - low)
+            return i, t
+    finite = ce[np.isfinite(ce)]
+    raise LevelNotReachedError(
+        f"run {run_name!r} never reaches a training CE of {level:.6g}: its lowest is {finite.min():.6g} "
+        f"over {ce.size} points (state {state}); choose a higher level or train longer"
+    )
+
+
+def at_level(run: Run, level: float) -> LevelPoint:
+    """Every tracked quantity of ``run`` where its training CE first comes down to ``level``.
+
+    Interpolation is linear in log CE between the two tracking points around the first crossing
+    (see the module docstring). Test quantities are interpolated linearly in step to the crossing.
+
+    Args:
+        run: a loaded run.
+        level: the training cross-entropy, > 0.
+
+    Returns:
+        A :class:`LevelPoint`.
+
+    Raises:
+        LevelNotReachedError: the run's CE never comes down to ``level`` (or starts below it).
+
+    Example:
+        >>> point = at_level(load_run("runs/fc6_lr0.1"), level=0.08)
+        >>> point.values["gcdf@1"], point.epoch
+    """
+    train = run._split("train")
+    i, t = _crossing(train["ce"], float(level), run.name, run.state)
+    values = {}
+    for key, column in train.items():
+        values[key] = float(column[i]) if i == 0 else float(column[i - 1] + t * (column[i] - column[i - 1]))
+    values["ce"] = float(level) if i > 0 else float(train["ce"][0])
+    epoch, step = values.pop("epoch"), values.pop("step")
+    test = {}
+    if "test" in run.splits:
+        columns = run.splits["test"]
+        steps = columns["step"]
+        if steps.size and steps[0] <= step <= steps[-1]:
+            for key, column in columns.items():
+                if key in ("epoch", "step"):
+                    continue
+                ok = np.isfinite(column)
+                test[key] = float(np.interp(step, steps[ok], column[ok])) if ok.sum() else math.nan
+    return LevelPoint(run=run.name, level=float(level), epoch=epoch, step=step, values=values, test=test)
+
+
+def curve_at_levels(run: Run, quantity: str, levels: Sequence[float]) -> np.ndarray:
+    """``quantity`` at the first crossing of each level (NaN where the run does not reach it)."""
+    out = np.full(len(levels), np.nan)
+    for k, level in enumerate(levels):
+        try:
+            out[k] = at_level(run, level).values[quantity]
+        except LevelNotReachedError:
+            pass
+    return out
+
+
+def common_level(runs: Sequence[Run]) -> float:
+    """The lowest training CE that every run reaches: the largest of the runs' minima.
+
+    Raises LevelNotReachedError if some run's minimum is above another run's starting CE.
+    """
+    if not runs:
+        raise ValueError("no runs given")
+    lows, starts = [], []
+    for run in runs:
+        ce = run._split("train")["ce"]
+        finite = ce[np.isfinite(ce)]
+        if finite.size == 0:
+            raise LevelNotReachedError(f"run {run.name!r} has no finite training CE")
+        # Only what comes before a NaN counts (at_level stops there).
+        cut = np.argmax(~np.isfinite(ce)) if not np.all(np.isfinite(ce)) else ce.size
+        lows.append(float(np.min(ce[:cut])))
+        starts.append(float(ce[0]))
+    level = max(lows)
+    if level > min(starts):
+        raise LevelNotReachedError(
+            f"no training CE level is reached by every run: the lowest common one would be {level:.6g}, "
+            f"above the starting CE {min(starts):.6g} of another run"
+        )
+    return level
+
+
+# --------------------------------------------------------------------------- #
+# Crossovers
+# --------------------------------------------------------------------------- #
+def crossovers(parameters: Sequence[float], a: Sequence[float], b: Sequence[float]) -> list[float]:
+    """Where the ordering of ``a`` and ``b`` along a parameter grid flips, on a log-parameter axis.
+
+    Args:
+        parameters: the grid [K], any order; values <= 0 and NaN entries are left out.
+        a, b: the two runs' values [K].
+
+    Returns:
+        The crossover parameters, ascending (empty if one stays below the other).
+
+    Example:
+        >>> crossovers([0.5, 1, 2], [1.0, 2.0, 3.0], [2.0, 2.0, 2.0])
+        [1.0]
+    """
+    p, a, b = (np.asarray(v, dtype=np.float64) for v in (parameters, a, b))
+    if not (p.shape == a.shape == b.shape and p.ndim == 1):
+        raise ValueError(f"parameters, a and b must be 1-D of one length, got {p.shape}, {a.shape}, {b.shape}")
+    keep = (p > 0) & np.isfinite(a) & np.isfinite(b)
+    order = np.argsort(p[keep])
+    x = np.log(p[keep][order])
+    d = (a - b)[keep][order]
+    result = []
+    sign = np.sign(d)
+    k = 0
+    while k < len(d) - 1:
+        if sign[k] == 0:
+            k += 1
+            continue
+        # Next point with a nonzero difference; zeros in between are where it touches.
+        j = k + 1
+        while j < len(d) and sign[j] == 0:
+            j += 1
+        if j == len(d):
+            break
+        if sign[j] != sign[k]:
+            if j > k + 1:  # exactly equal at grid points in between: take their (log) middle
+                result.append(float(np.exp(0.5 * (x[k + 1] + x[j - 1]))))
+            else:
+                result.append(float(np.exp(x[k] + d[k] / (d[k] - d[j]) * (x[j] - x[k]))))
+        k = j
+    return result
+
+
+@dataclasses.dataclass
+class Crossover:
+    """One family of two runs (or seed groups) compared at one level.
+
+    Attributes:
+        family: ``"gcdf"``, ``"tce"`` or ``"hinge"``.
+        level: the training CE level.
+        a, b: the two names (runs or group labels).
+        parameters: the grid [K], ascending.
+        a_values, b_values: the (seed-mean) values [K] at the level.
+        crossings: the crossover parameters (:func:`crossovers`).
+        lower_at_smallest, lower_at_largest: ``"a"``, ``"b"`` or ``"tie"`` at the grid's ends.
+    """
+
+    family: str
+    level: float
+    a: str
+    b: str
+    parameters: np.ndarray
+    a_values: np.ndarray
+    b_values: np.ndarray
+    crossings: list[float]
+    lower_at_smallest: str
+    lower_at_largest: str
+
+
+def _lower(x: float, y: float) -> str:
+    return "a" if x < y else "b" if y < x else "tie"
+
+
+def compare_at_level(a, b, family: str, level: float) -> Crossover:
+    """Compares one family of two runs or two :class:`RunGroup` (seed means) at one level.
+
+    Raises GridMismatchError when they tracked different grids of ``family``.
+    """
+    runs_a = a.runs if isinstance(a, RunGroup) else [a]
+    runs_b = b.runs if isinstance(b, RunGroup) else [b]
+    check_same_grids([*runs_a, *runs_b], families=[family])
+    params, names = runs_a[0].family(family)
+    if params.size == 0:
+        raise ValueError(f"run {runs_a[0].name!r} tracked no {family} losses")
+    agg_a = aggregate(runs_a, level)
+    agg_b = aggregate(runs_b, level)
+    values_a = np.array([agg_a.mean[n] for n in names])
+    values_b = np.array([agg_b.mean[n] for n in names])
+    label_a = a.label if isinstance(a, RunGroup) else a.name
+    label_b = b.label if isinstance(b, RunGroup) else b.name
+    return Crossover(
+        family=family,
+        level=float(level),
+        a=label_a,
+        b=label_b,
+        parameters=params,
+        a_values=values_a,
+        b_values=values_b,
+        crossings=crossovers(params, values_a, values_b),
+        lower_at_smallest=_lower(values_a[0], values_b[0]),
+        lower_at_largest=_lower(values_a[-1], values_b[-1]),
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Seeds
+# --------------------------------------------------------------------------- #
+def _experiment_key(config: Mapping) -> str:
+    kept = {k: v for k, v in config.items() if k not in _BOOKKEEPING}
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def describe_config(config: Mapping, keys: Sequence[str] = _LABEL_KEYS) -> str:
+    """A short label such as ``"fc6 lr=0.1 batch=256"`` from the given config keys."""
+    parts = []
+    for key in keys:
+        if key not in config or config[key] is None:
+            continue
+        value = config[key]
+        if key in ("model", "dataset", "optimizer", "loss"):
+            parts.append(str(value))
+        else:
+            parts.append(f"{_LABEL_SHORT.get(key, key)}={value:g}" if isinstance(value, (int, float)) else
+                         f"{_LABEL_SHORT.get(key, key)}={value}")
+    return " ".join(parts)
+
+
+@dataclasses.dataclass
+class RunGroup:
+    """Runs of one experiment that differ only by seed.
+
+    Attributes:
+        label: what tells this group apart from the others it was grouped with.
+        config: the first run's config (seed aside, all runs share it).
+        runs: the runs, sorted by seed.
+    """
+
+    label: str
+    config: dict
+    runs: list[Run]
+
+    @property
+    def seeds(self) -> list:
+        return [run.seed for run in self.runs]
+
+
+def group_runs(runs: Sequence[Run]) -> list[RunGroup]:
+    """Groups runs whose configs agree except for the seed and bookkeeping keys.
+
+    Labels name only the config keys (model, dataset, lr, batch size, ...) that differ between
+    groups, so two groups that differ by learning rate read ``"lr=0.1"`` and ``"lr=0.001"``.
+    Groups keep the order in which their first run appears.
+    """
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(_experiment_key(run.config), []).append(run)
+    configs = [members[0].config for members in groups.values()]
+    differing = [k for k in _LABEL_KEYS if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
+    result = []
+    for members in groups.values():
+        config = members[0].config
+        label = describe_config(config, differing) if differing else describe_config(config)
+        members = sorted(members, key=lambda r: (r.seed is None, r.seed if isinstance(r.seed, (int, float)) else 0))
+        result.append(RunGroup(label=label or members[0].name, config=config, runs=members))
+    return result
+
+
+@dataclasses.dataclass
+class Aggregate:
+    """Seed statistics of every train quantity at one level.
+
+    Attributes:
+        level: the training CE level.
+        n: the number of runs.
+        mean, std: per quantity (std: sample standard deviation, ddof = 1; NaN when n = 1).
+        epoch_mean, epoch_std: of the crossing.
+        points: the runs' :class:`LevelPoint`.
+    """
+
+    level: float
+    n: int
+    mean: dict[str, float]
+    std: dict[str, float]
+    epoch_mean: float
+    epoch_std: float
+    points: list[LevelPoint]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=np.float64)
+    mean = float(np.mean(array))
+    std = float(np.std(array, ddof=1)) if array.size > 1 else math.nan
+    return mean, std
+
+
+def aggregate(runs: Sequence[Run] | RunGroup, level: float) -> Aggregate:
+    """Mean and standard deviation over seeds of every quantity at ``level``.
+
+    Raises:
+        LevelNotReachedError: some run does not reach the level (named in the message).
+        GridMismatchError: the runs tracked different quantities.
+    """
+    runs = runs.runs if isinstance(runs, RunGroup) else list(runs)
+    if not runs:
+        raise ValueError("no runs given")
+    points = [at_level(run, level) for run in runs]
+    names = list(points[0].values)
+    for point in points[1:]:
+        if set(point.values) != set(names):
+            raise GridMismatchError(
+                f"runs {points[0].run!r} and {point.run!r} tracked different quantities: "
+                f"{sorted(set(names) ^ set(point.values))}"
+            )
+    mean, std = {}, {}
+    for name in names:
+        mean[name], std[name] = _mean_std([p.values[name] for p in points])
+    epoch_mean, epoch_std = _mean_std([p.epoch for p in points])
+    return Aggregate(float(level), len(points), mean, std, epoch_mean, epoch_std, points)
+
+
+# --------------------------------------------------------------------------- #
+# Summaries (sweeps)
+# --------------------------------------------------------------------------- #
+_SUMMARY_KEYS = ("model", "dataset", "lr", "batch_size", "ghost_batch_size", "seed")
+
+
+def summary_rows(runs: Sequence[Run], level: float) -> list[dict]:
+    """One row per run: its identity, state, and every train quantity at ``level``.
+
+    Runs that do not reach the level get ``reached = False`` and empty values instead of an error.
+    """
+    rows = []
+    for run in runs:
+        row = {"run": run.name, **{k: run.config.get(k) for k in _SUMMARY_KEYS}, "state": run.state}
+        try:
+            point = at_level(run, level)
+        except LevelNotReachedError:
+            row.update(reached=False, epoch_at_level=None, step_at_level=None)
+        else:
+            row.update(reached=True, epoch_at_level=point.epoch, step_at_level=point.step)
+            row.update({k: v for k, v in point.values.items()})
+            row.update({f"test_{k}": v for k, v in point.test.items() if k in ("ce", "error")})
+        rows.append(row)
+    return rows
+
+
+def summary_csv(rows: Sequence[dict]) -> str:
+    """Rows of :func:`summary_rows` as CSV text (columns: the union, in first-seen order)."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    return buffer.getvalue()
+
+
+def extreme_pairs(groups: Sequence[RunGroup]) -> list[tuple[RunGroup, RunGroup, str]]:
+    """Pairs of groups at the grid's extremes: for each model, dataset and batch size, the largest
+    learning rate against the smallest; for each model, dataset and learning rate, the smallest
+    batch size against the largest. Each pair is ``(a, b, what)`` with ``a`` the large-lr or
+    small-batch group (the one the paper expects to win at large parameters)."""
+    pairs = []
+
+    def index(keys):
+        table: dict = {}
+        for group in groups:
+            table.setdefault(tuple(group.config.get(k) for k in keys), []).append(group)
+        return table
+
+    for (model, dataset, batch), members in index(("model", "dataset", "batch_size")).items():
+        lrs = sorted({g.config.get("lr") for g in members if g.config.get("lr") is not None})
+        if len(lrs) >= 2:
+            high = next(g for g in members if g.config.get("lr") == lrs[-1])
+            low = next(g for g in members if g.config.get("lr") == lrs[0])
+            pairs.append((high, low, f"{model} {dataset} batch={batch}: lr {lrs[-1]:g} vs {lrs[0]:g}"))
+    for (model, dataset, lr), members in index(("model", "dataset", "lr")).items():
+        batches = sorted({g.config.get("batch_size") for g in members if g.config.get("batch_size") is not None})
+        if len(batches) >= 2:
+            small = next(g for g in members if g.config.get("batch_size") == batches[0])
+            large = next(g for g in members if g.config.get("batch_size") == batches[-1])
+            pairs.append((small, large, f"{model} {dataset} lr={lr:g}: batch {batches[0]} vs {batches[-1]}"))
+    return pairs
+
+
+def _fmt(mean: float, std: float) -> str:
+    if not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:.4g}" if not math.isfinite(std) else f"{mean:.4g} ± {std:.2g}"
+
+
+def summary_markdown(
+    runs: Sequence[Run],
+    level: float,
+    quantities: Sequence[str] = ("gcdf@0.5", "gcdf@1", "gcdf@8", "tce@4", "hinge@4", "error"),
+) -> str:
+    """A markdown report: seed means ± std at ``level`` per group, and the crossovers between the
+    grid's extremes (:func:`extreme_pairs`) for each family. Runs that do not reach the level are
+    listed and left out of the means."""
+    lines = [f"# Sweep summary at training CE = {level:.4g}", ""]
+    reached, missing = [], []
+    for run in runs:
+        try:
+            at_level(run, level)
+            reached.append(run)
+        except LevelNotReachedError as error:
+            missing.append((run, str(error)))
+    groups = group_runs(reached)
+    available = [q for q in quantities if reached and q in reached[0].quantities()]
+    lines += ["| group | seeds | epoch at level | " + " | ".join(available) + " |",
+              "|---|---|---|" + "---|" * len(available)]
+    for group in groups:
+        agg = aggregate(group, level)
+        cells = [_fmt(agg.mean[q], agg.std[q]) for q in available]
+        lines.append(f"| {group.label} | {agg.n} | {_fmt(agg.epoch_mean, agg.epoch_std)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    pairs = extreme_pairs(groups)
+    if pairs:
+        lines += ["## Crossovers between the grid's extremes", "",
+                  "`a` is the large-lr or small-batch run; the paper expects `a` lower at large parameters, "
+                  "`b` lower at small ones, crossing near σ = 1.", "",
+                  "| comparison | family | lower at smallest | lower at largest | crossover(s) |",
+                  "|---|---|---|---|---|"]
+        for a, b, what in pairs:
+            for family in FAMILIES:
+                if not a.runs[0].family(family)[1]:
+                    continue
+                result = compare_at_level(a, b, family, level)
+                cross = ", ".join(f"{c:.3g}" for c in result.crossings) or "none"
+                lines.append(f"| {what} | {family} | {result.lower_at_smallest} | {result.lower_at_largest} | {cross} |")
+        lines.append("")
+    if missing:
+        lines += ["## Runs that do not reach the level", ""]
+        lines += [f"- {run.name} ({run.state}): {message}" for run, message in missing]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def hparams_records(runs: Sequence[Run], level: float,
+                    hparam_keys: Sequence[str] = ("model", "dataset", "lr", "batch_size", "seed"),
+                    quantities: Sequence[str] = ("gcdf@0.5", "gcdf@1", "gcdf@8", "error")) -> list[dict]:
+    """For TensorBoard's hparams dashboard: per run ``{"run", "hparams": {...}, "metrics": {...}}``.
+
+    Metrics are named ``at_level/<quantity>`` plus ``at_level/epoch``; runs that do not reach
+    the level get only ``final/ce`` (their lowest training CE). Writing them needs TensorFlow and
+    is left to the caller (``experiments/sweep.py``).
+    """
+    records = []
+    for run in runs:
+        hparams = {k: run.config[k] for k in hparam_keys if run.config.get(k) is not None}
+        metrics = {}
+        try:
+            point = at_level(run, level)
+            metrics["at_level/epoch"] = point.epoch
+            metrics.update({f"at_level/{q}": point.values[q] for q in quantities if q in point.values})
+        except LevelNotReachedError:
+            pass
+        ce = run._split("train")["ce"]
+        metrics["final/ce"] = float(np.nanmin(ce))
+        records.append({"run": run.name, "hparams": hparams, "metrics": metrics})
+    return records

@@ -1,0 +1,333 @@
+"""Datasets for the paper's experiments: local IDX / CIFAR-10 files first, tensorflow-datasets otherwise.
+
+``load_dataset("fashion_mnist")`` looks, in order, in
+
+1. ``data_dir`` if given: the four standard IDX files (``train-images-idx3-ubyte[.gz]``,
+   ``train-labels-idx1-ubyte[.gz]``, ``t10k-images-idx3-ubyte[.gz]``, ``t10k-labels-idx1-ubyte[.gz]``)
+   for MNIST / Fashion-MNIST, or CIFAR-10's python batches (``data_batch_1`` .. ``data_batch_5``,
+   ``test_batch``, directly or under ``cifar-10-batches-py/``);
+2. the system directories of Debian's packages (``/usr/share/datasets/fashion-mnist`` from
+   ``dataset-fashion-mnist``);
+3. ``tfds.load`` (which downloads when there is a network; ``data_dir`` is passed on as its data
+   directory).
+
+If none works, :class:`DatasetUnavailableError` says how to get the data.
+
+Preprocessing: pixels scaled to [0, 1] (float32, images [N, H, W, C]); CIFAR-10 is then standardized
+per channel with the training set's mean and standard deviation. No augmentation.
+
+``train_subset=N`` keeps a class-balanced subset of the training set: ``N // classes`` examples of each
+class (the first ``N % classes`` classes get one more), the first ones of each class in the file's order,
+so the subset is the same for every seed. The test set is always complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import pickle
+from typing import Optional
+
+import numpy as np
+
+__all__ = [
+    "DATASETS",
+    "IDX_FILES",
+    "SYSTEM_DIRS",
+    "Dataset",
+    "DatasetUnavailableError",
+    "read_idx",
+    "write_idx",
+    "load_idx_dir",
+    "class_balanced_subset",
+    "load_dataset",
+]
+
+DATASETS = ("fashion_mnist", "mnist", "cifar10")
+NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10}
+
+# split -> (images file, labels file), without the optional ".gz".
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# Directories that Debian packages install (dataset-fashion-mnist).
+SYSTEM_DIRS = {"fashion_mnist": ("/usr/share/datasets/fashion-mnist",), "mnist": (), "cifar10": ()}
+
+_HOW_TO_GET = {
+    "fashion_mnist": (
+        "install Debian's package (sudo apt-get install dataset-fashion-mnist, which puts the IDX files in "
+        "/usr/share/datasets/fashion-mnist), or put the four IDX files (train-images-idx3-ubyte.gz, "
+        "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz from "
+        "https://github.com/zalandoresearch/fashion-mnist) in a directory and pass --data-dir DIR, or run once "
+        "with network access so that tensorflow-datasets downloads it"
+    ),
+    "mnist": (
+        "put the four MNIST IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+        "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in a directory and pass --data-dir DIR, or run "
+        "once with network access so that tensorflow-datasets downloads it"
+    ),
+    "cifar10": (
+        "extract CIFAR-10's python version (cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html) "
+        "and pass --data-dir DIR (DIR holding data_batch_1..5 and test_batch, or cifar-10-batches-py/), or run once "
+        "with network access so that tensorflow-datasets downloads it"
+    ),
+}
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A dataset is neither on disk nor downloadable; the message says how to get it."""
+
+
+@dataclasses.dataclass
+class Dataset:
+    """A dataset in memory.
+
+    Attributes:
+        name: ``"fashion_mnist"``, ``"mnist"`` or ``"cifar10"``.
+        x_train: float32 [N, H, W, C], preprocessed.
+        y_train: int32 [N].
+        x_test: float32 [M, H, W, C].
+        y_test: int32 [M].
+        num_classes: the number of classes.
+        source: where it came from (a directory, or ``"tensorflow-datasets"``).
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    source: str
+
+    @property
+    def input_shape(self):
+        return tuple(self.x_train.shape[1:])
+
+
+# --------------------------------------------------------------------------- #
+# IDX files
+# --------------------------------------------------------------------------- #
+def _open(path):
+    with open(path, "rb") as handle:
+        gzipped = handle.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+
+
+def read_idx(path) -> np.ndarray:
+    """Reads one IDX file (gzipped or not) into a NumPy array of its stored shape and type.
+
+    The format (yann.lecun.com/exdb/mnist): two zero bytes, a type code (0x08 unsigned byte, ...),
+    the number of dimensions, each dimension as a big-endian int32, then the data in C order.
+    """
+    with _open(path) as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path}: not an IDX file (bad magic number {data[:4]!r})")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated IDX header")
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise ValueError(
+            f"{path}: IDX header says shape {shape} ({expected} bytes of data) but the file holds "
+            f"{len(data) - header} bytes"
+        )
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def write_idx(path, array: np.ndarray, compress: Optional[bool] = None) -> None:
+    """Writes an array as an IDX file (gzipped if the name ends in ``.gz`` or ``compress``)."""
+    array = np.asarray(array)
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B, np.dtype(">i4"): 0x0C,
+             np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
+    stored = array.astype(array.dtype.newbyteorder(">")) if array.dtype.itemsize > 1 else array
+    code = codes.get(np.dtype(stored.dtype))
+    if code is None:
+        raise ValueError(f"IDX cannot store dtype {array.dtype}")
+    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">i4").tobytes()
+    payload = header + np.ascontiguousarray(stored).tobytes()
+    compress = str(path).endswith(".gz") if compress is None else compress
+    with (gzip.open(path, "wb") if compress else open(path, "wb")) as handle:
+        handle.write(payload)
+
+
+def _find_file(directory, stem):
+    for candidate in (stem + ".gz", stem):
+        path = os.path.join(directory, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _idx_paths(directory):
+    """{split: (images path, labels path)} if all four files are there, else None."""
+    paths = {}
+    for split, stems in IDX_FILES.items():
+        found = tuple(_find_file(directory, stem) for stem in stems)
+        if None in found:
+            return None
+        paths[split] = found
+    return paths
+
+
+def load_idx_dir(directory):
+    """The raw (x_train, y_train, x_test, y_test) of a directory with the four standard IDX files.
+
+    Images come back as [N, H, W, 1] uint8, labels as int32 [N].
+    """
+    paths = _idx_paths(directory)
+    if paths is None:
+        stems = [s + "[.gz]" for pair in IDX_FILES.values() for s in pair]
+        raise FileNotFoundError(f"{directory} does not hold the IDX files {', '.join(stems)}")
+    arrays = []
+    for split in ("train", "test"):
+        images, labels = (read_idx(p) for p in paths[split])
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(
+                f"{directory}: {split} images {images.shape} and labels {labels.shape} do not match "
+                "(expected [N, H, W] and [N])"
+            )
+        arrays += [images[..., None], labels.astype(np.int32)]
+    return tuple(arrays)
+
+
+def _cifar_dir(directory):
+    for candidate in (directory, os.path.join(directory, "cifar-10-batches-py")):
+        names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        if all(os.path.isfile(os.path.join(candidate, n)) for n in names):
+            return candidate
+    return None
+
+
+def _load_cifar_dir(directory):
+    def batch(name):
+        with open(os.path.join(directory, name), "rb") as handle:
+            content = pickle.load(handle, encoding="bytes")
+        images = np.asarray(content[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return images, np.asarray(content[b"labels"], np.int32)
+
+    train = [batch(f"data_batch_{i}") for i in range(1, 6)]
+    x_test, y_test = batch("test_batch")
+    return np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train]), x_test, y_test
+
+
+# --------------------------------------------------------------------------- #
+# tensorflow-datasets
+# --------------------------------------------------------------------------- #
+def _load_tfds(name, data_dir):
+    import tensorflow_datasets as tfds
+
+    train, test = tfds.load(
+        name, split=["train", "test"], as_supervised=True, batch_size=-1, data_dir=data_dir
+    )
+    (x_train, y_train), (x_test, y_test) = tfds.as_numpy(train), tfds.as_numpy(test)
+    return (np.asarray(x_train, np.uint8), np.asarray(y_train, np.int32),
+            np.asarray(x_test, np.uint8), np.asarray(y_test, np.int32))
+
+
+# --------------------------------------------------------------------------- #
+# Subsets and preprocessing
+# --------------------------------------------------------------------------- #
+def class_balanced_subset(labels: np.ndarray, size: int, num_classes: int) -> np.ndarray:
+    """Indices (sorted) of a class-balanced subset: ``size // num_classes`` of each class, the first
+    ``size % num_classes`` classes one more, taking each class's first examples in the given order."""
+    labels = np.asarray(labels)
+    size = int(size)
+    if size < num_classes:
+        raise ValueError(f"train_subset must be >= the number of classes ({num_classes}), got {size}")
+    if size > len(labels):
+        raise ValueError(f"train_subset {size} is larger than the training set ({len(labels)} examples)")
+    chosen = []
+    for label in range(num_classes):
+        wanted = size // num_classes + (1 if label < size % num_classes else 0)
+        members = np.flatnonzero(labels == label)
+        if len(members) < wanted:
+            raise ValueError(
+                f"train_subset {size}: class {label} has only {len(members)} examples, {wanted} needed"
+            )
+        chosen.append(members[:wanted])
+    return np.sort(np.concatenate(chosen))
+
+
+def _preprocess(name, x_train, y_train, x_test, y_test):
+    x_train = np.asarray(x_train, np.float32) / np.float32(255.0)
+    x_test = np.asarray(x_test, np.float32) / np.float32(255.0)
+    if name == "cifar10":
+        mean = x_train.mean(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
+        std = x_train.std(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
+        x_train = (x_train - mean) / std
+        x_test = (x_test - mean) / std
+    return x_train, np.asarray(y_train, np.int32), x_test, np.asarray(y_test, np.int32)
+
+
+def load_dataset(name: str = "fashion_mnist", data_dir: Optional[str] = None,
+                 train_subset: Optional[int] = None, allow_download: bool = True) -> Dataset:
+    """Loads and preprocesses one of :data:`DATASETS` (see the module docstring for the search order).
+
+    Args:
+        name: ``"fashion_mnist"``, ``"mnist"`` or ``"cifar10"``.
+        data_dir: a directory with the standard IDX files (or CIFAR-10 python batches), or a
+            tensorflow-datasets data directory.
+        train_subset: keep a class-balanced subset of this many training examples.
+        allow_download: whether to fall back to ``tfds.load``.
+
+    Returns:
+        A :class:`Dataset`.
+
+    Raises:
+        ValueError: unknown name or bad subset size.
+        DatasetUnavailableError: no local files and tensorflow-datasets failed; says how to get it.
+
+    Example:
+        >>> data = load_dataset("fashion_mnist", train_subset=1000)
+        >>> data.x_train.shape, data.x_test.shape
+        ((1000, 28, 28, 1), (10000, 28, 28, 1))
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    if train_subset is not None and int(train_subset) <= 0:
+        raise ValueError(f"train_subset must be a positive number of examples, got {train_subset}")
+    num_classes = NUM_CLASSES[name]
+    directories = ([data_dir] if data_dir else []) + list(SYSTEM_DIRS[name])
+    raw, source = None, None
+    for directory in directories:
+        if not os.path.isdir(directory):
+            continue
+        if name == "cifar10":
+            found = _cifar_dir(directory)
+            if found:
+                raw, source = _load_cifar_dir(found), found
+        elif _idx_paths(directory) is not None:
+            raw, source = load_idx_dir(directory), directory
+        if raw is not None:
+            break
+    if raw is None:
+        if not allow_download:
+            raise DatasetUnavailableError(f"{name} is not on this machine: {_HOW_TO_GET[name]}")
+        try:
+            raw = _load_tfds(name, data_dir)
+        except Exception as error:  # tfds raises many kinds (network, checksum, missing builder files)
+            looked = ", ".join(directories) or "no local directory"
+            raise DatasetUnavailableError(
+                f"{name} is not on this machine (looked in {looked}) and tensorflow-datasets could not load it "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). To get it: "
+                f"{_HOW_TO_GET[name]}."
+            ) from error
+        source = "tensorflow-datasets"
+    x_train, y_train, x_test, y_test = raw
+    for split, labels in (("train", y_train), ("test", y_test)):
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"{name} from {source}: {split} labels outside [0, {num_classes})")
+    if train_subset is not None:
+        keep = class_balanced_subset(y_train, train_subset, num_classes)
+        x_train, y_train = x_train[keep], y_train[keep]
+    x_train, y_train, x_test, y_test = _preprocess(name, x_train, y_train, x_test, y_test)
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes, source)

@@ -1,0 +1,459 @@
+"""keras_implicit.losses against independent float64 NumPy/SciPy references.
+
+Every test that computes a loss runs on both panel paths (pure TensorFlow and the fused op) through the
+``panel_path`` fixture of conftest.py.
+"""
+
+import math
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import special, stats
+
+import keras_implicit as ki
+from keras_implicit import losses
+
+pytestmark = pytest.mark.usefixtures("panel_path")
+
+
+from tests.references import random_batch, ref_error, ref_gcdf, ref_hinge, ref_tce
+
+SIGMAS = [0.0, 1e-3, 0.5, 1.0, 8.0, 1e3]
+TEMPERATURES = [1e-3, 0.5, 1.0, 4.0, 1e3]
+MARGINS = [0.0, 1e-3, 1.0, 8.0, 1e3]
+SHAPES = [(1, 2), (7, 10), (64, 100), (1024, 10), (1024, 2)]
+
+
+# --------------------------------------------------------------------------- #
+# Values against the references
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("batch,classes", SHAPES)
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_gcdf_matches_reference(batch, classes, sigma):
+    labels, logits = random_batch(batch, classes)
+    got = ki.gcdf(labels, logits, sigma).numpy()
+    assert got.shape == (batch,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref_gcdf(labels, logits.astype(np.float64), sigma), rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch,classes", SHAPES)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_tempered_crossentropy_matches_reference(batch, classes, temperature):
+    labels, logits = random_batch(batch, classes)
+    got = ki.tempered_crossentropy(labels, logits, temperature).numpy()
+    assert got.shape == (batch,)
+    np.testing.assert_allclose(got, ref_tce(labels, logits, temperature), rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch,classes", SHAPES)
+@pytest.mark.parametrize("margin", MARGINS)
+def test_multiclass_hinge_matches_reference(batch, classes, margin):
+    labels, logits = random_batch(batch, classes)
+    got = ki.multiclass_hinge(labels, logits, margin).numpy()
+    np.testing.assert_allclose(got, ref_hinge(labels, logits, margin), rtol=2e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch,classes", SHAPES)
+def test_zero_one_error_matches_argmax(batch, classes):
+    labels, logits = random_batch(batch, classes)
+    np.testing.assert_array_equal(ki.zero_one_error(labels, logits).numpy(), ref_error(labels, logits))
+
+
+def test_zero_one_error_ties_follow_argmax():
+    logits = np.array([[1.0, 1.0, 0.0]] * 3, np.float32)
+    # argmax picks index 0 on the tie: label 0 is right, labels 1 and 2 are wrong.
+    np.testing.assert_array_equal(ki.zero_one_error([0, 1, 2], logits).numpy(), [0.0, 1.0, 1.0])
+    accuracy = keras.metrics.sparse_categorical_accuracy(np.array([0, 1, 2]), logits).numpy()
+    np.testing.assert_array_equal(1.0 - accuracy, [0.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("classes", [2, 10, 100])
+def test_sequences_of_parameters_give_one_column_each(classes):
+    labels, logits = random_batch(33, classes)
+    got = ki.gcdf(labels, logits, SIGMAS).numpy()
+    assert got.shape == (33, len(SIGMAS))
+    for k, sigma in enumerate(SIGMAS):
+        np.testing.assert_allclose(got[:, k], ref_gcdf(labels, logits, sigma), rtol=2e-5, atol=1e-6)
+    got = ki.tempered_crossentropy(labels, logits, TEMPERATURES).numpy()
+    for k, temperature in enumerate(TEMPERATURES):
+        np.testing.assert_allclose(got[:, k], ref_tce(labels, logits, temperature), rtol=2e-5, atol=1e-6)
+    got = ki.multiclass_hinge(labels, logits, MARGINS).numpy()
+    for k, margin in enumerate(MARGINS):
+        np.testing.assert_allclose(got[:, k], ref_hinge(labels, logits, margin), rtol=2e-6, atol=1e-4)
+
+
+def test_panel_values_column_order_matches_panel_names():
+    labels, logits = random_batch(16, 5)
+    values = ki.panel_values(labels, logits, sigmas=[0, 2], temperatures=[3], margins=[0.5], error=True).numpy()
+    names = ki.panel_names([0, 2], [3], [0.5], True)
+    assert names == ["gcdf@0", "gcdf@2", "tce@3", "hinge@0.5", "error"]
+    expected = [
+        ref_gcdf(labels, logits, 0),
+        ref_gcdf(labels, logits, 2),
+        ref_tce(labels, logits, 3),
+        ref_hinge(labels, logits, 0.5),
+        ref_error(labels, logits),
+    ]
+    np.testing.assert_allclose(values, np.stack(expected, axis=1), rtol=2e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("value,text", [(1.0, "1"), (0.5, "0.5"), (0.0625, "0.0625"), (16, "16"), (1e-05, "1e-05"),
+                                        (0.1, "0.1"), (2.5e20, "2.5e+20")])
+def test_format_parameter_is_shortest_decimal(value, text):
+    assert ki.format_parameter(value) == text
+
+
+# --------------------------------------------------------------------------- #
+# Closed forms, limits and tails
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("sigma", [1e-3, 0.3, 1.0, 8.0])
+def test_binary_gcdf_is_phi_of_minus_z(sigma):
+    z = np.linspace(-20, 20, 81)
+    logits = np.stack([z, np.zeros_like(z)], axis=1)  # class 0 true, z = s_y - s_j
+    got = ki.gcdf(np.zeros(len(z), int), logits.astype(np.float32), sigma).numpy()
+    expected = stats.norm.cdf(-z / (math.sqrt(2) * sigma))
+    tiny = expected < 1e-30  # below float32's range for the ratio test
+    np.testing.assert_allclose(got[~tiny], expected[~tiny], rtol=1e-4)
+    assert np.all(got[tiny] <= 1e-30)
+
+
+def test_gcdf_lower_tail_keeps_relative_accuracy():
+    # Phi(-10) = 7.6e-24: 0.5 * (1 + erf(x)) gives 0 in float32, erfc keeps it.
+    for x in [-5.0, -10.0, -12.0]:
+        logits = np.array([[0.0, x * math.sqrt(2)]], np.float32)
+        got = ki.gcdf([0], logits, 1.0).numpy()[0]
+        assert got == pytest.approx(stats.norm.cdf(x), rel=1e-4)
+
+
+def test_gcdf_sigma_zero_counts_winners_and_half_ties():
+    logits = np.array([[1.0, 1.0, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0], [5.0, 1.0, 2.0, 3.0]], np.float32)
+    np.testing.assert_allclose(ki.gcdf([0, 2, 0], logits, 0.0).numpy(), [1.5, 1.5, 0.0])
+
+
+def test_gcdf_tends_to_the_sigma_zero_limit():
+    labels, logits = random_batch(50, 10)
+    np.testing.assert_allclose(ki.gcdf(labels, logits, 1e-6).numpy(), ki.gcdf(labels, logits, 0.0).numpy(), atol=1e-6)
+
+
+def test_gcdf_feature_norm_scales_sigma():
+    labels, logits = random_batch(20, 6)
+    norms = np.linspace(0.5, 3.0, 20)
+    got = ki.gcdf(labels, logits, 0.7, feature_norm=norms).numpy()
+    np.testing.assert_allclose(got, ref_gcdf(labels, logits, 0.7, norms), rtol=2e-5, atol=1e-6)
+    scalar = ki.gcdf(labels, logits, 0.7, feature_norm=2.0).numpy()
+    np.testing.assert_allclose(scalar, ki.gcdf(labels, logits, 1.4).numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("classes", [2, 10, 100])
+def test_tempered_crossentropy_tends_to_log_classes(classes):
+    labels, logits = random_batch(8, classes)
+    got = ki.tempered_crossentropy(labels, logits, 1e7).numpy()
+    np.testing.assert_allclose(got, np.log(classes), rtol=1e-5)
+
+
+def test_tempered_crossentropy_at_one_is_keras_sparse_crossentropy():
+    labels, logits = random_batch(256, 10)
+    keras_ce = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True).numpy()
+    np.testing.assert_allclose(ki.tempered_crossentropy(labels, logits, 1.0).numpy(), keras_ce, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("gap", [20.0, 40.0, 80.0])
+def test_tiny_tempered_crossentropy_keeps_relative_accuracy(gap):
+    logits = np.array([[gap, 0.0, -1.0]], np.float32)
+    expected = np.log1p(np.exp(-gap) + np.exp(-gap - 1.0))  # 2e-9 .. 2e-35
+    got = ki.tempered_crossentropy([0], logits, 1.0).numpy()[0]
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e5, 1e7])
+def test_huge_logits_keep_relative_accuracy(scale):
+    logits = np.array([[scale, 0.0, -scale]], np.float32)
+    # Wrong class 1: loss = -log softmax = scale + log(1 + e^-scale + e^-2scale) ~ scale.
+    assert ki.tempered_crossentropy([1], logits, 1.0).numpy()[0] == pytest.approx(scale, rel=1e-6)
+    assert ki.multiclass_hinge([1], logits, 1.0).numpy()[0] == pytest.approx(scale + 1.0, rel=1e-6)
+    assert ki.gcdf([1], logits, 1.0).numpy()[0] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_hinge_differs_from_keras_categorical_hinge():
+    logits = np.array([[-1.0, -2.0, -3.0]], np.float32)
+    ours = ki.multiclass_hinge([0], logits, 1.0).numpy()[0]
+    assert ours == pytest.approx(max(0, 1 - 1) + max(0, 1 - 2))  # = 0
+    theirs = keras.losses.categorical_hinge(np.array([[1.0, 0.0, 0.0]]), logits).numpy()[0]
+    assert theirs != pytest.approx(ours)
+
+
+# --------------------------------------------------------------------------- #
+# The Monte Carlo meaning of Gcdf: noise N(0, sigma^2 I) on the top layer's weights.
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("classes", [2, 5])
+@pytest.mark.parametrize("sigma", [0.5, 2.0])
+def test_gcdf_bounds_the_rate_of_prediction_changes_under_weight_noise(classes, sigma):
+    rng = np.random.default_rng(7)
+    features, samples, draws = 16, 12, 20000
+    kernel = rng.standard_normal((features, classes))
+    bias = rng.standard_normal(classes)
+    x = rng.standard_normal((samples, features))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # ||x|| = 1 as in the paper
+    scores = x @ kernel + bias
+    predicted = scores.argmax(axis=1)
+    bound = ki.gcdf(predicted, scores.astype(np.float32), sigma).numpy().astype(np.float64)
+    for i in range(samples):
+        noise = sigma * rng.standard_normal((draws, features, classes))
+        noisy = np.einsum("f,dfc->dc", x[i], kernel[None] + noise) + bias
+        rate = np.mean(noisy.argmax(axis=1) != predicted[i])
+        standard_error = math.sqrt(max(rate * (1 - rate), 1e-4) / draws)
+        assert rate <= bound[i] + 4 * standard_error
+        if classes == 2:
+            assert abs(rate - bound[i]) <= 4 * standard_error
+
+
+# --------------------------------------------------------------------------- #
+# Labels, dtypes, graphs and distribution
+# --------------------------------------------------------------------------- #
+def test_label_formats_agree():
+    labels, logits = random_batch(10, 4)
+    sparse = ki.gcdf(labels, logits, 1.0).numpy()
+    column = ki.gcdf(labels[:, None], logits, 1.0).numpy()
+    float_column = ki.gcdf(labels[:, None].astype(np.float32), logits, 1.0).numpy()
+    one_hot = ki.gcdf(np.eye(4, dtype=np.float32)[labels], logits, 1.0).numpy()
+    for other in (column, float_column, one_hot):
+        np.testing.assert_array_equal(sparse, other)
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+def test_half_precision_logits_are_computed_in_float32(dtype):
+    labels, logits = random_batch(64, 10)
+    half = tf.cast(logits, dtype)
+    widened = tf.cast(half, tf.float32).numpy()
+    values = ki.panel_values(labels, half, sigmas=[0.5], temperatures=[1], margins=[1], error=True)
+    assert values.dtype == tf.float32
+    expected = np.stack(
+        [ref_gcdf(labels, widened, 0.5), ref_tce(labels, widened, 1), ref_hinge(labels, widened, 1),
+         ref_error(labels, widened)], axis=1)
+    np.testing.assert_allclose(values.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_logits_stay_float64():
+    labels, logits = random_batch(8, 3)
+    got = ki.tempered_crossentropy(labels, logits.astype(np.float64), 2.0)
+    assert got.dtype == tf.float64
+    np.testing.assert_allclose(got.numpy(), ref_tce(labels, logits.astype(np.float64), 2.0), rtol=1e-12)
+
+
+def test_works_inside_tf_function_with_unknown_shapes():
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, None], tf.float32)])
+    def panel(labels, logits):
+        return ki.panel_values(labels, logits, sigmas=[0.5, 1], temperatures=[2], margins=[1], error=True)
+
+    for batch, classes in [(5, 3), (17, 11)]:
+        labels, logits = random_batch(batch, classes)
+        eager = ki.panel_values(labels, logits, sigmas=[0.5, 1], temperatures=[2], margins=[1], error=True)
+        np.testing.assert_allclose(panel(labels.astype(np.int32), logits).numpy(), eager.numpy(), rtol=1e-6)
+
+
+def test_works_under_tf_distribute():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    labels, logits = random_batch(32, 10)
+
+    @tf.function
+    def replica_step(y, s):
+        return tf.reduce_sum(ki.gcdf(y, s, [0.5, 8.0]), axis=0)
+
+    per_replica = strategy.run(replica_step, args=(tf.constant(labels), tf.constant(logits)))
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
+    expected = [ref_gcdf(labels, logits, 0.5).sum(), ref_gcdf(labels, logits, 8.0).sum()]
+    np.testing.assert_allclose(total, expected, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# The Loss classes: reductions, sample weights, gradients, training, serialization
+# --------------------------------------------------------------------------- #
+LOSS_CASES = [
+    (losses.Gcdf, "sigma", 0.7, ref_gcdf),
+    (losses.TemperedCrossentropy, "temperature", 2.5, ref_tce),
+    (losses.MulticlassHinge, "margin", 1.5, ref_hinge),
+]
+
+
+@pytest.mark.parametrize("loss_class,parameter,value,reference", LOSS_CASES)
+def test_loss_reductions_and_sample_weights(loss_class, parameter, value, reference):
+    labels, logits = random_batch(12, 5)
+    weights = np.linspace(0.0, 2.0, 12).astype(np.float32)
+    per_sample = reference(labels, logits, value)
+    none = loss_class(**{parameter: value}, reduction="none")(labels, logits, sample_weight=weights).numpy()
+    np.testing.assert_allclose(none, per_sample * weights, rtol=1e-5, atol=1e-6)
+    total = loss_class(**{parameter: value}, reduction="sum")(labels, logits, sample_weight=weights).numpy()
+    assert total == pytest.approx((per_sample * weights).sum(), rel=1e-5)
+    mean = loss_class(**{parameter: value})(labels, logits, sample_weight=weights).numpy()
+    assert mean == pytest.approx((per_sample * weights).sum() / 12, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_class,parameter,value,reference", LOSS_CASES)
+def test_loss_gradient_matches_finite_differences(loss_class, parameter, value, reference):
+    labels, logits = random_batch(6, 4, scale=1.0)
+    logits = tf.Variable(logits.astype(np.float64))
+    loss = loss_class(**{parameter: value}, reduction="sum", dtype="float64")
+    with tf.GradientTape() as tape:
+        total = loss(labels, logits)
+    gradient = tape.gradient(total, logits).numpy()
+    step = 1e-6
+    numeric = np.zeros_like(gradient)
+    base = logits.numpy()
+    for b in range(base.shape[0]):
+        for c in range(base.shape[1]):
+            plus, minus = base.copy(), base.copy()
+            plus[b, c] += step
+            minus[b, c] -= step
+            numeric[b, c] = (reference(labels, plus, value).sum() - reference(labels, minus, value).sum()) / (2 * step)
+    np.testing.assert_allclose(gradient, numeric, rtol=1e-5, atol=1e-7)
+
+
+def test_tempered_crossentropy_gradient_closed_form():
+    labels, logits = random_batch(9, 7)
+    logits = tf.constant(logits.astype(np.float64))
+    temperature = 3.0
+    with tf.GradientTape() as tape:
+        tape.watch(logits)
+        total = tf.reduce_sum(ki.tempered_crossentropy(labels, logits, temperature))
+    expected = (special.softmax(logits.numpy() / temperature, axis=1) - np.eye(7)[labels]) / temperature
+    np.testing.assert_allclose(tape.gradient(total, logits).numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", [losses.Gcdf(sigma=1.0), losses.TemperedCrossentropy(temperature=2.0),
+                                  losses.MulticlassHinge(margin=1.0)], ids=lambda loss: loss.name)
+def test_losses_train_a_model(loss):
+    rng = np.random.default_rng(3)
+    centers = rng.standard_normal((3, 8)) * 3
+    labels = rng.integers(0, 3, 600)
+    x = (centers[labels] + rng.standard_normal((600, 8))).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), loss=loss)
+    before = model.evaluate(x, labels, verbose=0)
+    model.fit(x, labels, epochs=5, batch_size=64, verbose=0)
+    after = model.evaluate(x, labels, verbose=0)
+    assert after < 0.5 * before
+
+
+@pytest.mark.parametrize("loss", [losses.Gcdf(sigma=0.25, feature_norm=2.0, reduction="sum", name="g"),
+                                  losses.TemperedCrossentropy(temperature=3.0, reduction="none"),
+                                  losses.MulticlassHinge(margin=0.5, name="h")], ids=lambda loss: loss.name)
+def test_loss_config_round_trip(loss):
+    config = loss.get_config()
+    clone = type(loss).from_config(config)
+    assert clone.get_config() == config
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert type(restored) is type(loss) and restored.get_config() == config
+    labels, logits = random_batch(5, 3)
+    np.testing.assert_allclose(restored(labels, logits).numpy(), loss(labels, logits).numpy())
+
+
+def test_model_compiled_with_a_loss_survives_save_and_load(tmp_path):
+    labels, logits_x = random_batch(64, 4)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4)])
+    model.compile("sgd", loss=losses.Gcdf(sigma=2.0))
+    model.fit(logits_x, labels, verbose=0)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    restored = keras.models.load_model(path)
+    assert isinstance(restored.loss, losses.Gcdf) and restored.loss.get_config()["sigma"] == 2.0
+    assert restored.evaluate(logits_x, labels, verbose=0) == pytest.approx(model.evaluate(logits_x, labels, verbose=0))
+
+
+# --------------------------------------------------------------------------- #
+# Bad input
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("function,parameter,bad", [
+    (ki.gcdf, "sigma", -0.1), (ki.gcdf, "sigma", float("nan")), (ki.gcdf, "sigma", float("inf")),
+    (ki.gcdf, "sigma", []), (ki.gcdf, "sigma", [0.5, -1]),
+    (ki.tempered_crossentropy, "temperature", 0.0), (ki.tempered_crossentropy, "temperature", -2.0),
+    (ki.tempered_crossentropy, "temperature", float("nan")), (ki.tempered_crossentropy, "temperature", []),
+    (ki.multiclass_hinge, "margin", -1.0), (ki.multiclass_hinge, "margin", float("inf")),
+    (ki.multiclass_hinge, "margin", ()),
+])
+def test_bad_parameters_raise_naming_the_argument(function, parameter, bad):
+    with pytest.raises(ValueError, match=parameter):
+        function([0], [[1.0, 0.0]], bad)
+
+
+@pytest.mark.parametrize("loss_class,parameter,bad", [
+    (losses.Gcdf, "sigma", -1.0), (losses.TemperedCrossentropy, "temperature", 0.0),
+    (losses.MulticlassHinge, "margin", float("nan")), (losses.Gcdf, "sigma", [1.0, 2.0]),
+])
+def test_bad_loss_parameters_raise(loss_class, parameter, bad):
+    with pytest.raises(ValueError, match=parameter):
+        loss_class(**{parameter: bad})
+
+
+def test_bad_feature_norm_raises():
+    with pytest.raises(ValueError, match="feature_norm"):
+        ki.gcdf([0], [[1.0, 0.0]], 1.0, feature_norm=0.0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="feature_norm"):
+        ki.gcdf([0, 1], [[1.0, 0.0], [0.0, 1.0]], 1.0, feature_norm=np.array([1.0, -1.0]))
+
+
+def test_empty_panel_raises():
+    with pytest.raises(ValueError, match="empty"):
+        ki.panel_values([0], [[1.0, 0.0]])
+
+
+@pytest.mark.parametrize("label", [-1, 3, 10])
+def test_label_outside_range_raises_eagerly(label):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="y_true"):
+        ki.gcdf([0, label], np.zeros((2, 3), np.float32), 1.0)
+
+
+def test_label_outside_range_raises_inside_tf_function():
+    @tf.function
+    def hinge(labels, logits):
+        return ki.multiclass_hinge(labels, logits, 1.0)
+
+    hinge(tf.constant([0, 2]), tf.zeros((2, 3)))  # traces and runs fine
+    with pytest.raises(tf.errors.InvalidArgumentError, match="y_true"):
+        hinge(tf.constant([0, 3]), tf.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("logits", [np.zeros(3), np.zeros((2, 3, 4)), np.zeros((2, 1))])
+def test_logits_of_wrong_shape_raise(logits):
+    with pytest.raises(ValueError, match="y_pred"):
+        ki.gcdf(np.zeros(logits.shape[0] if logits.ndim else 1, int), logits.astype(np.float32), 1.0)
+
+
+def test_batch_size_mismatch_raises():
+    with pytest.raises(ValueError, match="batch"):
+        ki.tempered_crossentropy([0, 1, 2], np.zeros((2, 3), np.float32), 1.0)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, 3], tf.float32)])
+    def tce(labels, logits):
+        return ki.tempered_crossentropy(labels, logits, 1.0)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="batch"):
+        tce(tf.constant([0, 1, 2]), tf.zeros((2, 3)))
+
+
+def test_nan_logits_give_nan_never_zero():
+    logits = np.array([[np.nan, 0.0, 1.0], [0.0, np.nan, 1.0], [2.0, 1.0, 0.0]], np.float32)
+    values = ki.panel_values([0, 0, 0], logits, sigmas=[0, 1], temperatures=[1], margins=[0, 1], error=True).numpy()
+    assert np.all(np.isnan(values[:2]))
+    assert np.all(np.isfinite(values[2]))
+
+
+def test_library_does_not_import_tensorflow_probability():
+    code = "import keras_implicit as ki, sys; ki.alt_loss_panel(); ki.gcdf([0], [[1.0, 0.0]], 1.0); " \
+           "print('tensorflow_probability' in sys.modules)"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip().endswith("False")
+
+
+def test_phi_matches_tensorflow_probability():
+    import tensorflow_probability as tfp
+
+    x = np.linspace(-12, 8, 401).astype(np.float32)
+    ours = losses._normal_cdf(tf.constant(x)).numpy()
+    theirs = tfp.distributions.Normal(0.0, 1.0).cdf(x).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=0)
+    np.testing.assert_allclose(ours, stats.norm.cdf(x.astype(np.float64)), rtol=1e-4)
