@@ -16,11 +16,9 @@ from scipy import special, stats
 
 import keras_implicit as ki
 from keras_implicit import losses
+from tests.references import random_batch, ref_error, ref_gcdf, ref_hinge, ref_tce
 
 pytestmark = pytest.mark.usefixtures("panel_path")
-
-
-from tests.references import random_batch, ref_error, ref_gcdf, ref_hinge, ref_tce
 
 SIGMAS = [0.0, 1e-3, 0.5, 1.0, 8.0, 1e3]
 TEMPERATURES = [1e-3, 0.5, 1.0, 4.0, 1e3]
