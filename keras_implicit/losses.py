@@ -41,6 +41,7 @@ __all__ = [
     "panel_values",
     "panel_names",
     "format_parameter",
+    "parameter_grid",
     "Gcdf",
     "TemperedCrossentropy",
     "MulticlassHinge",
@@ -89,6 +90,13 @@ def _validate_parameters(values, name: str, *, allow_zero: bool):
         relation = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {relation}, got {array.tolist()}")
     return array, scalar
+
+
+def parameter_grid(values, name: str, *, allow_zero: bool) -> np.ndarray:
+    """A validated float64 grid of one family's parameters; None or an empty sequence gives an empty grid."""
+    if values is None or (not isinstance(values, numbers.Number) and np.size(values) == 0):
+        return np.zeros(0)
+    return _validate_parameters(values, name, allow_zero=allow_zero)[0]
 
 
 def _compute_dtype(logits: tf.Tensor) -> tf.DType:
@@ -272,11 +280,9 @@ def panel_values(
         >>> values.shape
         TensorShape([2, 3])
     """
-    sigmas = _validate_parameters(sigmas, "sigma", allow_zero=True)[0] if np.size(sigmas) else np.zeros(0)
-    temperatures = (
-        _validate_parameters(temperatures, "temperature", allow_zero=False)[0] if np.size(temperatures) else np.zeros(0)
-    )
-    margins = _validate_parameters(margins, "margin", allow_zero=True)[0] if np.size(margins) else np.zeros(0)
+    sigmas = parameter_grid(sigmas, "sigma", allow_zero=True)
+    temperatures = parameter_grid(temperatures, "temperature", allow_zero=False)
+    margins = parameter_grid(margins, "margin", allow_zero=True)
     if not (sigmas.size or temperatures.size or margins.size or error):
         raise ValueError("the panel is empty: give sigmas, temperatures, margins or error=True")
     labels, logits = _prepare(y_true, y_pred)

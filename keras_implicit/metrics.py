@@ -9,7 +9,6 @@ computation of the margins per batch (:func:`keras_implicit.losses.panel_values`
 from __future__ import annotations
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from keras_implicit import losses as _losses
@@ -214,9 +213,7 @@ class AltLossPanel(keras.metrics.Metric):
 
 
 def _parameter_list(values, name, allow_zero):
-    if values is None or np.size(values) == 0:
-        return []
-    return [float(v) for v in _losses._validate_parameters(values, name, allow_zero=allow_zero)[0]]
+    return [float(v) for v in _losses.parameter_grid(values, name, allow_zero=allow_zero)]
 
 
 def alt_loss_panel(

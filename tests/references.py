@@ -5,6 +5,7 @@ import math
 import numpy as np
 from scipy import special, stats
 
+
 # --------------------------------------------------------------------------- #
 # Independent references: explicit loops over samples and classes, float64.
 # --------------------------------------------------------------------------- #

@@ -1,0 +1,441 @@
+"""Full-set tracking of the alternative losses during training, to metrics.jsonl and TensorBoard.
+
+:class:`AltLossTracker` is a Keras callback: add it to ``model.fit(callbacks=[...])`` and, before
+training and then on a schedule, it evaluates the whole training set and the test set in inference
+mode with the current weights, in **one forward pass per split** (a model over the same layers with
+two outputs, logits and top-layer features), and from those logits computes cross-entropy, the zero-one
+error and every loss of the panel (:func:`keras_implicit.losses.panel_values`); sums are accumulated in
+float64. Each tracking point gives one record per split::
+
+    {"epoch": 3.0, "step": 705, "split": "train", "ce": ..., "error": ..., "gcdf@0.0625": ..., ...,
+     "tce@0.25": ..., ..., "hinge@0.25": ..., ..., "feature_norm": ..., "top_kernel_norm": ...,
+     "top_bias_norm": ...}
+
+``step`` counts optimizer updates (large batches: with gradient accumulation, one step per
+``gradient_accumulation_steps`` micro-batches), ``epoch`` is ``step / steps_per_epoch`` (0 before
+training). ``feature_norm`` is the mean L2 norm of the top layer's input (1 for the library's models,
+whose features are normalized), ``top_kernel_norm`` / ``top_bias_norm`` the Frobenius norms of the top
+Dense layer's weights.
+
+The schedule (:func:`tracking_steps`): step 0 (before training), every epoch end, plus every
+``track_every`` steps, plus for ``schedule="log"`` the log-spaced steps ``round(2^(k/2))`` = 1, 2, 3, 4, 6,
+8, 11, 16, 23, 32, ... up to two epochs (dense points where the loss falls fastest).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable, Iterable, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_implicit import losses as _losses
+from keras_implicit import metrics as _metrics
+from keras_implicit import models as _models
+
+__all__ = [
+    "SCHEDULES",
+    "tracking_steps",
+    "log_spaced_steps",
+    "AltLossTracker",
+    "DivergenceMonitor",
+    "ProgressBar",
+    "custom_scalars_layout",
+    "FAMILY_TITLES",
+]
+
+SCHEDULES = ("epoch", "log")
+
+FAMILY_TITLES = {
+    "gcdf": "Gcdf(sigma), eq. 6",
+    "tce": "tempered cross-entropy(T), eq. 7",
+    "hinge": "multi-class hinge(gamma), eq. 8",
+}
+
+
+def log_spaced_steps(limit: int) -> list[int]:
+    """``round(2^(k/2))`` for k = 0, 1, ... while <= ``limit``, without repeats: 1, 2, 3, 4, 6, 8, 11, 16, ..."""
+    steps, k = [], 0
+    while True:
+        step = int(round(2 ** (k / 2)))
+        if step > limit:
+            return steps
+        if not steps or step != steps[-1]:
+            steps.append(step)
+        k += 1
+
+
+def tracking_steps(steps_per_epoch: int, total_steps: int, track_every: Optional[int] = None,
+                   schedule: str = "epoch") -> list[int]:
+    """The sorted optimizer steps at which to track, up to ``total_steps``.
+
+    Always step 0 and every multiple of ``steps_per_epoch``; with ``track_every`` also its multiples;
+    with ``schedule="log"`` also :func:`log_spaced_steps` up to ``2 * steps_per_epoch``.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown tracking schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if track_every is not None and track_every < 1:
+        raise ValueError(f"track_every must be a positive number of steps, got {track_every}")
+    steps = set(range(0, total_steps + 1, steps_per_epoch))
+    if track_every:
+        steps.update(range(0, total_steps + 1, track_every))
+    if schedule == "log":
+        steps.update(s for s in log_spaced_steps(2 * steps_per_epoch) if s <= total_steps)
+    return sorted(steps)
+
+
+def custom_scalars_layout(names: Iterable[str], splits=("train", "test")):
+    """The TensorBoard custom-scalars layout: per split, one chart per family with all its parameters,
+    one for cross-entropy and error, one for the norms. Tags are ``<split>/<name>``."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    names = list(names)
+    families = []
+    for name in names:
+        family = name.split("@")[0]
+        if "@" in name and family not in families:
+            families.append(family)
+    categories = []
+    for split in splits:
+        charts = [
+            layout_pb2.Chart(
+                title=f"{split}: {FAMILY_TITLES.get(family, family)}",
+                multiline=layout_pb2.MultilineChartContent(tag=[rf"^{split}/{family}@.*"]),
+            )
+            for family in families
+        ]
+        charts.append(layout_pb2.Chart(
+            title=f"{split}: cross-entropy and error",
+            multiline=layout_pb2.MultilineChartContent(tag=[rf"^{split}/(ce|error)$"]),
+        ))
+        charts.append(layout_pb2.Chart(
+            title=f"{split}: norms",
+            multiline=layout_pb2.MultilineChartContent(tag=[rf"^{split}/(feature_norm|top_kernel_norm|top_bias_norm)$"]),
+        ))
+        categories.append(layout_pb2.Category(title=split, chart=charts))
+    return layout_pb2.Layout(category=categories)
+
+
+class AltLossTracker(keras.callbacks.Callback):
+    """Tracks CE, error, the alternative-loss panel and top-layer norms on whole datasets.
+
+    Args:
+        train_data: ``(x, y)`` arrays: the training set, evaluated in full at each tracking point.
+        test_data: ``(x, y)`` or None.
+        sigmas, temperatures, margins: the panel's grids (default: the library's defaults).
+        metrics_path: a ``metrics.jsonl`` to append records to (flushed at once), or None.
+        log_dir: a TensorBoard directory (scalars ``<split>/<name>`` at the optimizer step, and the
+            custom-scalars layout), or None.
+        track_every: also track every this many optimizer steps.
+        schedule: ``"epoch"`` or ``"log"`` (see :func:`tracking_steps`).
+        steps_per_epoch: optimizer steps per epoch; None: from ``model.fit``'s ``params["steps"]``
+            divided by the optimizer's ``gradient_accumulation_steps``.
+        batch_size: examples per forward pass when tracking (large: inference only).
+        target_train_loss: stop training (``model.stop_training``) once the training CE is below it.
+        buffer_summaries: if true, TensorBoard scalars wait for :meth:`flush_summaries` (the training
+            loop calls it just before each checkpoint, so a resumed run never writes a point twice).
+        on_record: called with each record after it is written.
+
+    After training, ``records`` holds every record written, ``diverged`` a message or None and
+    ``target_reached`` whether the target loss was reached.
+
+    Example:
+        >>> tracker = AltLossTracker((x_train, y_train), (x_test, y_test), metrics_path="metrics.jsonl")
+        >>> model.fit(x_train, y_train, batch_size=256, epochs=5, callbacks=[tracker])
+    """
+
+    def __init__(self, train_data, test_data=None, sigmas=_metrics.DEFAULT_SIGMAS,
+                 temperatures=_metrics.DEFAULT_TEMPERATURES, margins=_metrics.DEFAULT_MARGINS,
+                 metrics_path=None, log_dir=None, track_every: Optional[int] = None, schedule: str = "epoch",
+                 steps_per_epoch: Optional[int] = None, batch_size: int = 4096,
+                 target_train_loss: Optional[float] = None, buffer_summaries: bool = False,
+                 on_record: Optional[Callable[[dict], None]] = None):
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown tracking schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if track_every is not None and int(track_every) < 1:
+            raise ValueError(f"track_every must be a positive number of steps, got {track_every}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if target_train_loss is not None and not (math.isfinite(target_train_loss) and target_train_loss > 0):
+            raise ValueError(f"target_train_loss must be a finite number > 0, got {target_train_loss}")
+        self.splits = {"train": self._as_tensors(train_data, "train_data")}
+        if test_data is not None:
+            self.splits["test"] = self._as_tensors(test_data, "test_data")
+        self.sigmas = _metrics._parameter_list(sigmas, "sigma", allow_zero=True)
+        self.temperatures = _metrics._parameter_list(temperatures, "temperature", allow_zero=False)
+        self.margins = _metrics._parameter_list(margins, "margin", allow_zero=True)
+        self.panel_names = _losses.panel_names(self.sigmas, self.temperatures, self.margins, error=True)
+        self.metric_names = ["ce", "error", *self.panel_names[:-1], "feature_norm", "top_kernel_norm",
+                             "top_bias_norm"]
+        self.metrics_path = metrics_path
+        self.log_dir = log_dir
+        self.track_every = None if track_every is None else int(track_every)
+        self.schedule = schedule
+        self.steps_per_epoch = steps_per_epoch
+        self.batch_size = int(batch_size)
+        self.target_train_loss = target_train_loss
+        self.buffer_summaries = buffer_summaries
+        self.on_record = on_record
+        self.records: list[dict] = []
+        self.last: dict[str, dict] = {}
+        self.diverged: Optional[str] = None
+        self.target_reached = False
+        self.tracking_seconds = 0.0
+        self._tracked_steps: set[int] = set()
+        self._pending: list[dict] = []
+        self._writer = None
+        self._sums_fn = None
+        self._sums_model = None
+        self._log_steps: set[int] = set()
+
+    @staticmethod
+    def _as_tensors(data, what):
+        try:
+            x, y = data
+        except (TypeError, ValueError):
+            raise ValueError(f"{what} must be a pair (x, y) of arrays") from None
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"{what}: x and y must hold the same, non-zero number of examples "
+                             f"(got {len(x)} and {len(y)})")
+        x = x if isinstance(x, tf.Tensor) else tf.convert_to_tensor(np.asarray(x, np.float32))
+        y = y if isinstance(y, tf.Tensor) else tf.convert_to_tensor(np.asarray(y, np.int32))
+        return x, y
+
+    # ------------------------------------------------------------------ #
+    # The measurement: one forward pass per split.
+    # ------------------------------------------------------------------ #
+    def _build_sums(self):
+        if self._sums_fn is not None and self._sums_model is self.model:
+            return self._sums_fn
+        two_outputs = _models.with_features(self.model)
+        sigmas, temperatures, margins = self.sigmas, self.temperatures, self.margins
+
+        @tf.function(reduce_retracing=True)
+        def sums(x, y):
+            logits, features = two_outputs(x, training=False)
+            logits = tf.cast(logits, tf.float32)
+            panel = _losses.panel_values(y, logits, sigmas, temperatures, margins, error=True)
+            ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+            norms = tf.norm(tf.cast(features, tf.float32), axis=-1)
+            columns = tf.concat([ce[:, None], tf.cast(panel, tf.float32), norms[:, None]], axis=-1)
+            return tf.reduce_sum(tf.cast(columns, tf.float64), axis=0)
+
+        self._sums_fn, self._sums_model = sums, self.model
+        return sums
+
+    def evaluate(self, split: str = "train") -> dict:
+        """The means over one whole split with the current weights: ``{"ce": ..., "error": ..., ...}``."""
+        x, y = self.splits[split]
+        sums_fn = self._build_sums()
+        total = None
+        count = int(x.shape[0])
+        for start in range(0, count, self.batch_size):
+            part = sums_fn(x[start:start + self.batch_size], y[start:start + self.batch_size])
+            total = part if total is None else total + part
+        means = total.numpy() / count
+        values = {"ce": float(means[0]), "error": float(means[-2])}
+        values.update({name: float(v) for name, v in zip(self.panel_names[:-1], means[1:-2])})
+        values["feature_norm"] = float(means[-1])
+        top = _models.top_layer(self.model)
+        values["top_kernel_norm"] = float(np.linalg.norm(np.asarray(top.kernel, np.float64)))
+        bias = np.asarray(top.bias, np.float64) if top.bias is not None else np.zeros(0)
+        values["top_bias_norm"] = float(np.linalg.norm(bias))
+        return values
+
+    def optimizer_step(self) -> int:
+        return int(self.model.optimizer.iterations.numpy())
+
+    def _resolve_steps_per_epoch(self):
+        if self.steps_per_epoch:
+            return self.steps_per_epoch
+        steps = (self.params or {}).get("steps")
+        if not steps:
+            raise ValueError("AltLossTracker needs steps_per_epoch when model.fit does not know the epoch length")
+        accumulation = getattr(self.model.optimizer, "gradient_accumulation_steps", None) or 1
+        self.steps_per_epoch = max(1, steps // accumulation)
+        return self.steps_per_epoch
+
+    def track(self, step: Optional[int] = None) -> list[dict]:
+        """Evaluates every split now and writes the records; returns them ([] if diverged)."""
+        started = time.perf_counter()
+        step = self.optimizer_step() if step is None else int(step)
+        steps_per_epoch = self._resolve_steps_per_epoch()
+        records = []
+        for split in self.splits:
+            values = self.evaluate(split)
+            if not all(math.isfinite(v) for v in values.values()):
+                bad = [k for k, v in values.items() if not math.isfinite(v)]
+                self.diverged = (f"non-finite {split} {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} "
+                                 f"at step {step} (epoch {step / steps_per_epoch:.3g})")
+                if self.model is not None:
+                    self.model.stop_training = True
+                self.tracking_seconds += time.perf_counter() - started
+                return []
+            records.append({"epoch": step / steps_per_epoch, "step": step, "split": split, **values})
+        for record in records:
+            self._write(record)
+        self._tracked_steps.add(step)
+        if (self.target_train_loss is not None and self.last.get("train", {}).get("ce", math.inf)
+                < self.target_train_loss):
+            self.target_reached = True
+            self.model.stop_training = True
+        self.tracking_seconds += time.perf_counter() - started
+        return records
+
+    def _write(self, record):
+        if self.metrics_path is not None:
+            with open(self.metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+                handle.flush()
+        self.records.append(record)
+        self.last[record["split"]] = record
+        self._pending.append(record)
+        if not self.buffer_summaries:
+            self.flush_summaries()
+        if self.on_record is not None:
+            self.on_record(record)
+
+    def flush_summaries(self):
+        """Writes the pending TensorBoard scalars and flushes the event file."""
+        if self.log_dir is None:
+            self._pending.clear()
+            return
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(str(self.log_dir))
+            from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
+
+            layout = custom_scalars_layout(["ce", *self.panel_names[:-1]], tuple(self.splits))
+            with self._writer.as_default():
+                tf.summary.experimental.write_raw_pb(custom_scalar_summary.pb(layout).SerializeToString(), step=0)
+        with self._writer.as_default():
+            for record in self._pending:
+                for name in self.metric_names:
+                    tf.summary.scalar(f"{record['split']}/{name}", record[name], step=record["step"])
+        self._writer.flush()
+        self._pending.clear()
+
+    def close(self):
+        self.flush_summaries()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # ------------------------------------------------------------------ #
+    # Keras callback hooks
+    # ------------------------------------------------------------------ #
+    def _due(self, step: int) -> bool:
+        if step in self._tracked_steps:
+            return False
+        if step == 0:
+            return True
+        if self.track_every and step % self.track_every == 0:
+            return True
+        return self.schedule == "log" and step in self._log_steps
+
+    def on_train_begin(self, logs=None):
+        steps_per_epoch = self._resolve_steps_per_epoch()
+        self._log_steps = set(log_spaced_steps(2 * steps_per_epoch)) if self.schedule == "log" else set()
+        step = self.optimizer_step()
+        if step == 0 and self._due(0):
+            self.track(0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.diverged or self.target_reached:
+            return
+        if not (self.track_every or self._log_steps):
+            return
+        step = self.optimizer_step()
+        if step and self._due(step):
+            accumulation = getattr(self.model.optimizer, "gradient_accumulation_steps", None) or 1
+            micro = int(self.model.optimizer._iterations.numpy()) if accumulation > 1 else step
+            if micro % accumulation == 0:  # right after an update, not in the middle of a window
+                self.track(step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.diverged or self.target_reached:
+            return
+        step = self.optimizer_step()
+        if step not in self._tracked_steps:
+            self.track(step)
+
+    def on_train_end(self, logs=None):
+        if not self.buffer_summaries:
+            self.flush_summaries()
+
+
+class DivergenceMonitor(keras.callbacks.Callback):
+    """Stops training at the first non-finite training loss (checked after every batch).
+
+    ``diverged`` then holds a one-line explanation with the optimizer step.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.diverged: Optional[str] = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        value = float(loss)
+        if not math.isfinite(value):
+            step = int(self.model.optimizer.iterations.numpy())
+            self.diverged = f"training loss became {value} at step {step}"
+            self.model.stop_training = True
+
+
+class ProgressBar(keras.callbacks.Callback):
+    """One progress bar per epoch (redrawn in place on a terminal, nothing otherwise).
+
+    Args:
+        epochs: the total number of epochs, for the label.
+        stream: where to draw (default ``sys.stdout``).
+        width: the bar's width in characters.
+    """
+
+    def __init__(self, epochs: int, stream=None, width: int = 30, interval: float = 0.2):
+        super().__init__()
+        self.epochs = epochs
+        self.stream = stream or sys.stdout
+        self.width = width
+        self.interval = interval
+        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._last = 0.0
+        self._start = 0.0
+        self._epoch = 0
+        self._loss = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch, self._start, self._last = epoch, time.perf_counter(), 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        steps = (self.params or {}).get("steps") or 0
+        if now - self._last < self.interval and batch + 1 < steps:
+            return
+        self._last = now
+        loss = (logs or {}).get("loss")
+        done = (batch + 1) / steps if steps else 0.0
+        filled = int(self.width * done)
+        rate = (now - self._start) / (batch + 1)
+        eta = rate * (steps - batch - 1)
+        loss_text = f" loss {float(loss):.4f}" if loss is not None else ""
+        self.stream.write(f"\repoch {self._epoch + 1}/{self.epochs} [{'=' * filled}{'.' * (self.width - filled)}] "
+                          f"{batch + 1}/{steps} eta {eta:4.0f}s{loss_text}   ")
+        self.stream.flush()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.enabled:
+            self.stream.write("\r" + " " * (self.width + 70) + "\r")
+            self.stream.flush()
