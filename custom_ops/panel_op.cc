@@ -16,7 +16,7 @@
 //
 // The row's own class is excluded by setting d_y = -inf: every family then sums over all j, and the
 // excluded term is exactly 0 (erfc(+inf) = 0, exp(-inf) = 0, max(0, -inf) = 0, comparisons false).
-// Work per row is O(K * C); the only buffers are two rows of C values per thread (nothing of size
+// Work per row is O(K * C); the only buffers are up to three rows of C values per thread (nothing of size
 // B x K x C). Rows are split over TensorFlow's CPU thread pool (Shard).
 
 #define EIGEN_USE_THREADS
@@ -140,51 +140,64 @@ static int64 RowCost(const Panel& panel, int64 classes, bool gradient) {
   return (gradient ? 2 : 1) * per_class * std::max<int64>(classes, 1);
 }
 
-// Margins of one row: d_j = s_j - s_y, with d_y = -inf. Returns whether the row holds a NaN logit.
+// Rows are padded to a multiple of this many values (a packet of 8 floats or 4 doubles, or two), so that
+// Eigen's vectorized loops run without scalar remainders. The padding holds -inf, like d_y, and so adds
+// exactly 0 to every family.
+constexpr int64 kRowPadding = 8;
+
+static int64 PaddedWidth(int64 classes) { return (classes + kRowPadding - 1) / kRowPadding * kRowPadding; }
+
+// What RowMargins learned about a row.
+struct RowKind {
+  bool has_nan = false;           // a NaN logit: every column is NaN
+  bool nonfinite_margin = false;  // a NaN margin from infinite logits (inf - inf): the careful scalar paths
+};
+
+// Margins of one row: d_j = s_j - s_y for j < classes, d_y = -inf, and -inf padding up to `width`.
 template <typename T>
-static bool RowMargins(const T* x, int64 classes, int y, T* d) {
+static RowKind RowMargins(const T* x, int64 classes, int64 width, int y, T* d) {
   const T true_score = x[y];
-  bool has_nan = false;
+  RowKind kind;
   for (int64 j = 0; j < classes; ++j) {
-    has_nan |= std::isnan(x[j]);
+    kind.has_nan |= std::isnan(x[j]);
     d[j] = x[j] - true_score;
+    kind.nonfinite_margin |= std::isnan(d[j]);
   }
   d[y] = -std::numeric_limits<T>::infinity();
-  return has_nan;
+  std::fill(d + classes, d + width, -std::numeric_limits<T>::infinity());
+  return kind;
 }
 
-// TF's softplus (tensorflow/core/kernels/softplus_op.h): x above -threshold, exp(x) below threshold,
-// log1p(exp(x)) between, threshold = log(eps) + 2.
+// TF's softplus (tensorflow/core/kernels/softplus_op.h), vectorized the same way: x above -threshold,
+// exp(x) below threshold, log1p(exp(x)) between, threshold = log(eps) + 2.
 template <typename T>
-static T Softplus(T x) {
+static void Softplus(Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> x) {
   static const T threshold = std::log(std::numeric_limits<T>::epsilon()) + T(2);
-  if (x > -threshold) return x;
-  if (x < threshold) return std::exp(x);
-  return std::log1p(std::exp(x));
+  x = (x > -threshold).select(x, (x < threshold).select(x.exp(), x.exp().log1p()));
 }
 
-// Max over j of d_j, NaN if any d_j is NaN (possible only with infinite logits).
+// Max over j of d_j, NaN if any d_j is NaN.
 template <typename T>
-static T RowMax(const T* d, int64 classes) {
+static T RowMax(const T* d, int64 width, bool nonfinite_margin) {
+  if (nonfinite_margin) return std::numeric_limits<T>::quiet_NaN();
   T m = -std::numeric_limits<T>::infinity();
-  for (int64 j = 0; j < classes; ++j) {
-    if (std::isnan(d[j])) return d[j];
-    m = d[j] > m ? d[j] : m;
-  }
+  for (int64 j = 0; j < width; ++j) m = d[j] > m ? d[j] : m;
   return m;
 }
 
 template <typename T>
 using RowArray = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
 
-// One row of the panel: out[0..K).
+// One row of the panel: out[0..K). `d` holds `width` values, `shifts` one per temperature.
 template <typename T>
-static void PanelRow(const T* x, int64 classes, int y, T norm, const Panel& panel, T* d, T* out) {
-  if (RowMargins(x, classes, y, d)) {
+static void PanelRow(const T* x, int64 classes, int64 width, int y, T norm, const Panel& panel, T* d, T* shifts,
+                     T* out) {
+  const RowKind kind = RowMargins(x, classes, width, y, d);
+  if (kind.has_nan) {
     std::fill(out, out + panel.columns(), std::numeric_limits<T>::quiet_NaN());
     return;
   }
-  RowArray<T> margins(d, classes);
+  RowArray<T> margins(d, width);
   int64 k = 0;
   for (double sigma : panel.sigmas) {
     if (sigma == 0.0) {
@@ -198,29 +211,33 @@ static void PanelRow(const T* x, int64 classes, int y, T norm, const Panel& pane
     }
   }
   if (!panel.temperatures.empty()) {
-    const T max_margin = RowMax(d, classes);
-    for (double temperature : panel.temperatures) {
-      const T t = static_cast<T>(temperature);
-      const T raw_max = max_margin / t;  // = max_j d_j / t: division by t > 0 is monotone
-      T logsumexp;
-      if (std::isnan(raw_max)) {
-        logsumexp = raw_max;
-      } else {
-        // tf.reduce_logsumexp: shift by the max when it is finite, by 0 otherwise.
-        const T shift = std::isfinite(raw_max) ? raw_max : T(0);
-        logsumexp = std::log((margins / t - shift).exp().sum()) + shift;
-      }
-      out[k++] = Softplus(logsumexp);
+    // tf.reduce_logsumexp of d / t, shifted by its max when that is finite, by 0 otherwise (max_j d_j / t
+    // = (max_j d_j) / t: division by t > 0 is monotone); then the logs and softplus, vectorized over t.
+    const T max_margin = RowMax(d, width, kind.nonfinite_margin);
+    const int64 count = static_cast<int64>(panel.temperatures.size());
+    RowArray<T> sums(out + k, count);
+    for (int64 i = 0; i < count; ++i) {
+      const T t = static_cast<T>(panel.temperatures[i]);
+      const T raw_max = max_margin / t;
+      shifts[i] = std::isfinite(raw_max) || std::isnan(raw_max) ? raw_max : T(0);
+      sums(i) = std::isnan(raw_max) ? raw_max : (margins / t - shifts[i]).exp().sum();
     }
+    sums = sums.log() + RowArray<T>(shifts, count);
+    Softplus(sums);
+    k += count;
   }
   for (double margin : panel.margins) {
     const T gamma = static_cast<T>(margin);
-    T total = 0;
-    for (int64 j = 0; j < classes; ++j) {
-      const T value = gamma + d[j];
-      total += (value > 0 || std::isnan(value)) ? value : T(0);
+    if (kind.nonfinite_margin) {
+      T total = 0;
+      for (int64 j = 0; j < classes; ++j) {
+        const T value = gamma + d[j];
+        total += (value > 0 || std::isnan(value)) ? value : T(0);
+      }
+      out[k++] = total;
+    } else {
+      out[k++] = (margins + gamma).max(T(0)).sum();
     }
-    out[k++] = total;
   }
   if (panel.error) {
     bool loses = false;
@@ -232,12 +249,14 @@ static void PanelRow(const T* x, int64 classes, int y, T norm, const Panel& pane
 
 // One row of the gradient: given the upstream g[0..K), writes dx[0..C) = dLoss/dlogits and returns the
 // derivative with respect to this row's feature norm. sigma = 0 and the error have zero gradient.
+// `d`, `acc` and `scratch` hold `width` values.
 template <typename T>
-static T PanelGradRow(const T* x, int64 classes, int y, T norm, const Panel& panel, const T* g, T* d, T* acc,
-                      T* dx) {
-  RowMargins(x, classes, y, d);  // NaN logits propagate through the arithmetic below
-  RowArray<T> margins(d, classes);
-  RowArray<T> total(acc, classes);
+static T PanelGradRow(const T* x, int64 classes, int64 width, int y, T norm, const Panel& panel, const T* g, T* d,
+                      T* acc, T* scratch, T* dx) {
+  const RowKind kind = RowMargins(x, classes, width, y, d);  // NaN logits propagate through the arithmetic
+  RowArray<T> margins(d, width);
+  RowArray<T> total(acc, width);
+  RowArray<T> work(scratch, width);
   total.setZero();
   T dnorm = 0;
   int64 k = 0;
@@ -247,18 +266,13 @@ static T PanelGradRow(const T* x, int64 classes, int y, T norm, const Panel& pan
     // d/dd_j Phi(d_j / a) = phi(d_j / a) / a, a = sqrt2 sigma norm; d/dnorm = -phi(z) z / norm.
     const T scale = static_cast<T>(kSqrt2 * sigma) * norm;
     const T coefficient = upstream * static_cast<T>(kInvSqrt2Pi) / scale;
-    T weighted = 0;
-    for (int64 j = 0; j < classes; ++j) {
-      if (j == y) continue;
-      const T z = d[j] / scale;
-      const T density = std::exp(T(-0.5) * z * z);
-      acc[j] += coefficient * density;
-      if (std::isfinite(z)) weighted += density * z;
-    }
+    work = margins / scale;  // z; -inf at y and in the padding, where the density is 0
+    const T weighted = work.isFinite().select(work * (T(-0.5) * work.square()).exp(), T(0)).sum();
+    total += coefficient * (T(-0.5) * work.square()).exp();
     dnorm -= coefficient * weighted * scale / norm;
   }
   if (!panel.temperatures.empty()) {
-    const T max_margin = RowMax(d, classes);
+    const T max_margin = RowMax(d, width, kind.nonfinite_margin);
     for (double temperature : panel.temperatures) {
       const T upstream = g[k++];
       if (upstream == T(0)) continue;
@@ -266,20 +280,23 @@ static T PanelGradRow(const T* x, int64 classes, int y, T norm, const Panel& pan
       // M = max(0, max_j d_j / T) so nothing overflows.
       const T t = static_cast<T>(temperature);
       T shift = max_margin / t;
-      if (!(shift > T(0))) shift = T(0);
-      if (std::isinf(shift)) shift = T(0);
-      T denominator = std::exp(-shift) + (margins / t - shift).exp().sum();
-      const T factor = upstream / (t * denominator);
-      total += factor * (margins / t - shift).exp();
+      if (!(shift > T(0)) || std::isinf(shift)) shift = T(0);
+      work = (margins / t - shift).exp();
+      const T denominator = std::exp(-shift) + work.sum();
+      total += (upstream / (t * denominator)) * work;
     }
   }
   for (double margin : panel.margins) {
     const T upstream = g[k++];
     if (upstream == T(0)) continue;
     const T gamma = static_cast<T>(margin);
-    for (int64 j = 0; j < classes; ++j) {
-      const T value = gamma + d[j];
-      acc[j] += value > 0 ? upstream : (std::isnan(value) ? value : T(0));
+    if (kind.nonfinite_margin) {
+      for (int64 j = 0; j < classes; ++j) {
+        const T value = gamma + d[j];
+        acc[j] += value > 0 ? upstream : (std::isnan(value) ? value : T(0));
+      }
+    } else {
+      total += ((margins + gamma) > T(0)).template cast<T>() * upstream;
     }
   }
   // s_y enters every margin with a minus sign.
@@ -324,11 +341,12 @@ class PanelOp : public OpKernel {
     const T* norms = in.feature_norm->flat<T>().data();
     const bool per_sample_norm = in.norm_per_sample;
     const Panel& panel = in.panel;
+    const int64 width = PaddedWidth(classes);
     auto work = [&](int64 start, int64 end) {
-      std::vector<T> margins(classes);
+      std::vector<T> margins(width), shifts(panel.temperatures.size() + 1);
       for (int64 b = start; b < end; ++b) {
-        PanelRow<T>(logits + b * classes, classes, labels[b], per_sample_norm ? norms[b] : norms[0], panel,
-                    margins.data(), per_sample + b * columns);
+        PanelRow<T>(logits + b * classes, classes, width, labels[b], per_sample_norm ? norms[b] : norms[0], panel,
+                    margins.data(), shifts.data(), per_sample + b * columns);
       }
     };
     auto* threads = context->device()->tensorflow_cpu_worker_threads();
@@ -386,13 +404,14 @@ class PanelGradOp : public OpKernel {
     const bool per_sample_norm = in.norm_per_sample;
     const bool reduce = reduce_;
     const Panel& panel = in.panel;
+    const int64 width = PaddedWidth(classes);
     auto work = [&](int64 start, int64 end) {
-      std::vector<T> margins(classes), accumulated(classes);
+      std::vector<T> margins(width), accumulated(width), scratch(width);
       for (int64 b = start; b < end; ++b) {
-        row_dnorm[b] = PanelGradRow<T>(logits + b * classes, classes, labels[b],
+        row_dnorm[b] = PanelGradRow<T>(logits + b * classes, classes, width, labels[b],
                                        per_sample_norm ? norms[b] : norms[0], panel,
                                        reduce ? g : g + b * columns, margins.data(), accumulated.data(),
-                                       dx + b * classes);
+                                       scratch.data(), dx + b * classes);
       }
     };
     auto* threads = context->device()->tensorflow_cpu_worker_threads();

@@ -26,8 +26,15 @@ _EXPORTS = {
     "format_parameter": "losses",
     "AltLossPanel": "metrics",
     "alt_loss_panel": "metrics",
+    "load_dataset": "data",
+    "make_model": "models",
+    "with_features": "models",
+    "AltLossTracker": "callbacks",
+    "RunConfig": "training",
+    "RunDirectory": "training",
+    "train": "training",
 }
-_SUBMODULES = ("losses", "metrics", "analysis", "plots")
+_SUBMODULES = ("losses", "metrics", "analysis", "plots", "data", "models", "callbacks", "training")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 

@@ -516,8 +516,11 @@ class Crossover:
         a, b: the two names (runs or group labels).
         parameters: the grid [K], ascending.
         a_values, b_values: the (seed-mean) values [K] at the level.
-        crossings: the crossover parameters (:func:`crossovers`).
+        a_std, b_std: the seed standard deviations [K] (NaN for one run).
+        crossings: the crossover parameters of the (seed-mean) values (:func:`crossovers`).
         lower_at_smallest, lower_at_largest: ``"a"``, ``"b"`` or ``"tie"`` at the grid's ends.
+        seed_crossings: for groups, ``{seed: crossings}`` of run a and run b with that seed, for each
+            seed both groups have (the spread of the crossover over seeds); {} for single runs.
     """
 
     family: str
@@ -530,6 +533,9 @@ class Crossover:
     crossings: list[float]
     lower_at_smallest: str
     lower_at_largest: str
+    a_std: np.ndarray = None
+    b_std: np.ndarray = None
+    seed_crossings: dict = dataclasses.field(default_factory=dict)
 
 
 def _lower(x: float, y: float) -> str:
@@ -553,6 +559,15 @@ def compare_at_level(a, b, family: str, level: float) -> Crossover:
     values_b = np.array([agg_b.mean[n] for n in names])
     label_a = a.label if isinstance(a, RunGroup) else a.name
     label_b = b.label if isinstance(b, RunGroup) else b.name
+    seed_crossings = {}
+    if isinstance(a, RunGroup) and isinstance(b, RunGroup):
+        by_seed = {run.seed: run for run in runs_b}
+        for point_a in agg_a.points:
+            run_a = next(r for r in runs_a if r.name == point_a.run)
+            if run_a.seed in by_seed:
+                point_b = at_level(by_seed[run_a.seed], level)
+                seed_crossings[run_a.seed] = crossovers(
+                    params, [point_a.values[n] for n in names], [point_b.values[n] for n in names])
     return Crossover(
         family=family,
         level=float(level),
@@ -564,6 +579,9 @@ def compare_at_level(a, b, family: str, level: float) -> Crossover:
         crossings=crossovers(params, values_a, values_b),
         lower_at_smallest=_lower(values_a[0], values_b[0]),
         lower_at_largest=_lower(values_a[-1], values_b[-1]),
+        a_std=np.array([agg_a.std[n] for n in names]),
+        b_std=np.array([agg_b.std[n] for n in names]),
+        seed_crossings=seed_crossings,
     )
 
 
@@ -784,17 +802,27 @@ def summary_markdown(
     pairs = extreme_pairs(groups)
     if pairs:
         lines += ["## Crossovers between the grid's extremes", "",
-                  "`a` is the large-lr or small-batch run; the paper expects `a` lower at large parameters, "
-                  "`b` lower at small ones, crossing near σ = 1.", "",
-                  "| comparison | family | lower at smallest | lower at largest | crossover(s) |",
-                  "|---|---|---|---|---|"]
+                  "`a` is the large-lr or small-batch run, `b` the other; values are seed means ± std at the "
+                  "grid's smallest and largest parameter, and which is lower. The paper expects `b` lower at "
+                  "the smallest, `a` lower at the largest, and a Gcdf crossover near σ = 1. The crossover is "
+                  "that of the seed means; per seed: of the runs a and b with the same seed.", "",
+                  "| comparison | family | smallest | a | b | lower | largest | a | b | lower | crossover "
+                  "| per seed |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for a, b, what in pairs:
             for family in FAMILIES:
                 if not a.runs[0].family(family)[1]:
                     continue
-                result = compare_at_level(a, b, family, level)
-                cross = ", ".join(f"{c:.3g}" for c in result.crossings) or "none"
-                lines.append(f"| {what} | {family} | {result.lower_at_smallest} | {result.lower_at_largest} | {cross} |")
+                r = compare_at_level(a, b, family, level)
+                cross = ", ".join(f"{c:.3g}" for c in r.crossings) or "none"
+                per_seed = "; ".join(f"s{seed}: " + (", ".join(f"{c:.3g}" for c in cs) or "none")
+                                     for seed, cs in sorted(r.seed_crossings.items(), key=lambda kv: str(kv[0])))
+                symbol = FAMILY_PARAMETER[family]
+                lines.append(
+                    f"| {what} | {family} | {symbol}={r.parameters[0]:g} | {_fmt(r.a_values[0], r.a_std[0])} "
+                    f"| {_fmt(r.b_values[0], r.b_std[0])} | {r.lower_at_smallest} | {symbol}={r.parameters[-1]:g} "
+                    f"| {_fmt(r.a_values[-1], r.a_std[-1])} | {_fmt(r.b_values[-1], r.b_std[-1])} "
+                    f"| {r.lower_at_largest} | {cross} | {per_seed or '-'} |")
         lines.append("")
     if missing:
         lines += ["## Runs that do not reach the level", ""]

@@ -251,6 +251,10 @@ class AltLossTracker(keras.callbacks.Callback):
         values["top_bias_norm"] = float(np.linalg.norm(bias))
         return values
 
+    def mark_tracked(self, step: int):
+        """Records that ``step`` was tracked already (by an earlier process, before a resume)."""
+        self._tracked_steps.add(int(step))
+
     def optimizer_step(self) -> int:
         return int(self.model.optimizer.iterations.numpy())
 
@@ -389,7 +393,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
         value = float(loss)
         if not math.isfinite(value):
             step = int(self.model.optimizer.iterations.numpy())
-            self.diverged = f"training loss became {value} at step {step}"
+            self.diverged = f"the training loss became {value} (optimizer step {step})"
             self.model.stop_training = True
 
 

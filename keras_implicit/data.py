@@ -225,12 +225,16 @@ def _load_cifar_dir(directory):
 def _load_tfds(name, data_dir):
     import tensorflow_datasets as tfds
 
-    train, test = tfds.load(
-        name, split=["train", "test"], as_supervised=True, batch_size=-1, data_dir=data_dir
-    )
-    (x_train, y_train), (x_test, y_test) = tfds.as_numpy(train), tfds.as_numpy(test)
-    return (np.asarray(x_train, np.uint8), np.asarray(y_train, np.int32),
-            np.asarray(x_test, np.uint8), np.asarray(y_test, np.int32))
+    splits = tfds.load(name, split=["train", "test"], as_supervised=True, data_dir=data_dir)
+    arrays = []
+    for split in splits:
+        # Batches of 10000, not batch_size=-1 (which asks tf.data for one batch of sys.maxsize).
+        images, labels = [], []
+        for x, y in tfds.as_numpy(split.batch(10000)):
+            images.append(np.asarray(x, np.uint8))
+            labels.append(np.asarray(y, np.int32))
+        arrays += [np.concatenate(images), np.concatenate(labels)]
+    return tuple(arrays)
 
 
 # --------------------------------------------------------------------------- #

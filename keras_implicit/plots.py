@@ -30,6 +30,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_implicit import analysis  # noqa: E402
@@ -242,7 +243,8 @@ def plot_against_train_loss(runs, quantities: Sequence[str] = ("gcdf@0.5", "gcdf
             _band(ax, levels, mean, std, colour)
         family, parameter = analysis.parse_name(quantity)
         title = ("train error" if quantity == "error" else
-                 f"{analysis.FAMILY_TITLE.get(family, family)}, {analysis.FAMILY_PARAMETER.get(family, '')} = {parameter:g}"
+                 f"{analysis.FAMILY_TITLE.get(family, family)}, "
+                 f"{analysis.FAMILY_PARAMETER.get(family, '')} = {parameter:g}"
                  if parameter is not None else quantity)
         ax.set_title(f"({letter}) {title}", fontsize=10)
         ax.set_xscale("log")
@@ -299,6 +301,10 @@ def plot_family_at_level(runs, level: float, families: Sequence[str] = analysis.
         axes[0][col].set_title(f"({'abc'[col] if col < 3 else col}) {analysis.FAMILY_TITLE[family]}", fontsize=10)
         axes[0][col].set_xscale("log")
         axes[0][col].set_yscale("log")
+        for row in axes[:, col]:
+            row.set_xticks(params, [f"{p:g}" for p in params])
+            row.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            row.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axes[0][col].set_ylabel(f"{family} at train CE = {level:.3g}")
         axes[0][col].grid(True, which="major", alpha=0.3)
         axes[-1][col].set_xlabel(symbol)

@@ -232,7 +232,8 @@ def test_at_level_reproduces_a_quantity_linear_in_log_ce(tmp_path, level):
 
 def test_at_level_uses_the_first_crossing(tmp_path):
     ce = [2.0, 0.4, 0.8, 0.1]
-    run = analysis.load_run(write_run(tmp_path / "r", records_from(ce, lambda f, p, c: {2.0: 1, 0.4: 0, 0.8: 5, 0.1: 7}[c])))
+    gcdf = {2.0: 1, 0.4: 0, 0.8: 5, 0.1: 7}
+    run = analysis.load_run(write_run(tmp_path / "r", records_from(ce, lambda f, p, c: gcdf[c])))
     point = analysis.at_level(run, 0.5)
     t = math.log(4) / math.log(5)  # (log 2 - log 0.5) / (log 2 - log 0.4)
     assert point.values["gcdf@1"] == pytest.approx(1 - t)
@@ -358,6 +359,26 @@ def test_group_runs_and_aggregate(tmp_path):
     assert (result.a, result.b) == ("lr=0.1", "lr=0.001")
 
 
+def test_crossover_spread_over_seeds(tmp_path):
+    # Run a with seed k crosses the constant run b at sigma = c_k; the seed means cross at their geometric mean.
+    crossings = {0: 0.5, 1: 2.0, 2: 1.0}
+    runs = []
+    for seed, c in crossings.items():
+        def fast(family, param, ce, c=c):
+            return (2.0 - 0.3 * math.log(param / c)) * (3 + math.log(ce))
+        runs.append(analysis.load_run(write_run(tmp_path / f"a{seed}", records_from([2.3, 0.2], fast), seed=seed)))
+        runs.append(analysis.load_run(write_run(tmp_path / f"b{seed}", records_from(
+            [2.3, 0.2], lambda f, p, ce: 2.0 * (3 + math.log(ce))), seed=seed, lr=0.001)))
+    fast_group, slow_group = analysis.group_runs(runs)
+    result = analysis.compare_at_level(fast_group, slow_group, "gcdf", 0.5)
+    assert result.seed_crossings == {s: pytest.approx([c]) for s, c in crossings.items()}
+    assert result.crossings == pytest.approx([1.0])  # (0.5 * 2 * 1) ** (1 / 3)
+    np.testing.assert_allclose(result.b_std, 0.0, atol=1e-12)
+    expected_std = [np.std([(2.0 - 0.3 * math.log(p / c)) * AT_HALF for c in crossings.values()], ddof=1)
+                    for p in SIGMAS]
+    np.testing.assert_allclose(result.a_std, expected_std)
+
+
 def test_single_seed_std_is_nan(tmp_path):
     run = analysis.load_run(write_run(tmp_path / "r", records_from([2.0, 0.5], linear_in_log_ce)))
     agg = analysis.aggregate([run], 1.0)
@@ -393,13 +414,16 @@ def test_summary_rows_csv_and_markdown(tmp_path):
     assert [r["reached"] for r in rows] == [True, True, True, True, False]
     assert rows[0]["gcdf@1"] == pytest.approx(2 * AT_HALF)
     text = analysis.summary_csv(rows)
-    import csv, io
+    import csv
+    import io
     parsed = list(csv.DictReader(io.StringIO(text)))
     assert len(parsed) == 5 and float(parsed[0]["gcdf@1"]) == pytest.approx(2 * AT_HALF)
     assert parsed[4]["gcdf@1"] == "" and parsed[4]["state"] == "running"
     markdown = analysis.summary_markdown([*runs, short], 0.5, quantities=("gcdf@0.25", "gcdf@4", "error"))
     assert "| lr=0.1 | 2 |" in markdown
-    assert "fc6 fashion_mnist batch=256: lr 0.1 vs 0.001 | gcdf | b | a | 1 |" in markdown
+    assert "| fc6 fashion_mnist batch=256: lr 0.1 vs 0.001 | gcdf | σ=0.25 |" in markdown
+    line = next(x for x in markdown.splitlines() if "lr 0.1 vs 0.001 | gcdf" in x).split(" | ")
+    assert (line[5], line[9], line[10], line[11]) == ("b", "a", "1", "s0: 1; s1: 1 |")
     assert "short (running)" in markdown
 
 
@@ -407,8 +431,9 @@ def test_extreme_pairs(tmp_path):
     runs = []
     for lr in (0.1, 0.01, 0.001):
         for batch in (256, 1024, 16384):
-            runs.append(analysis.load_run(write_run(tmp_path / f"{lr}_{batch}", records_from([2.0, 0.5], linear_in_log_ce),
-                                                    lr=lr, batch_size=batch)))
+            path = write_run(tmp_path / f"{lr}_{batch}", records_from([2.0, 0.5], linear_in_log_ce),
+                             lr=lr, batch_size=batch)
+            runs.append(analysis.load_run(path))
     pairs = analysis.extreme_pairs(analysis.group_runs(runs))
     whats = [w for _, _, w in pairs]
     assert len(pairs) == 6
@@ -424,7 +449,8 @@ def test_extreme_pairs(tmp_path):
 def test_hparams_records(tmp_path):
     runs = two_lr_runs(tmp_path)
     records = analysis.hparams_records(runs, 0.5, quantities=("gcdf@1", "error"))
-    assert records[0]["hparams"] == {"model": "fc6", "dataset": "fashion_mnist", "lr": 0.1, "batch_size": 256, "seed": 0}
+    assert records[0]["hparams"] == {"model": "fc6", "dataset": "fashion_mnist", "lr": 0.1, "batch_size": 256,
+                                     "seed": 0}
     assert records[0]["metrics"]["at_level/gcdf@1"] == pytest.approx(2 * AT_HALF)
     assert records[0]["metrics"]["final/ce"] == pytest.approx(0.1)
     assert set(records[0]["metrics"]) == {"at_level/epoch", "at_level/gcdf@1", "at_level/error", "final/ce"}

@@ -1,0 +1,62 @@
+"""The paper's figures from run directories.
+
+    python experiments/plot.py runs/sweep --out figures                  # a folder of runs
+    python experiments/plot.py runs/A runs/B runs/C --out figures --level 0.3
+
+Writes PNG and PDF files under --out (see ``keras_implicit.plots.plot_all``):
+
+- ``fig1_loss_shapes``: each family's binary loss against the margin z (fig. 1);
+- ``curves_<family>_<split>``: the family tracked during training, one panel per run (figs. 2-5, 8-11, 13-14);
+- ``vs_train_loss``: chosen losses and the train error against the training CE, runs overlaid (figs. 6, 15);
+- ``at_level``: each family against its parameter at the training CE ``--level`` (figs. 7, 12, 16).
+
+Runs that differ only by seed are drawn as one line with a ± std band. ``--level`` defaults to the
+lowest training CE that every run reaches. Only fig. 1 imports TensorFlow (``--no-loss-shapes`` skips it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from keras_implicit import analysis, plots  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run directories, or folders holding run directories")
+    parser.add_argument("--out", type=Path, required=True, help="the folder to write the figures to")
+    parser.add_argument("--level", type=float, help="training CE of the at-level figure (default: lowest common)")
+    parser.add_argument("--split", default="train", choices=["train", "test"], help="split of the curves")
+    parser.add_argument("--x", default="epoch", choices=["epoch", "step"], help="x axis of the curves")
+    parser.add_argument("--quantities", nargs="+", default=["gcdf@0.5", "gcdf@1", "gcdf@8", "error"],
+                        help="the panels of the against-train-loss figure")
+    parser.add_argument("--formats", nargs="+", default=["png", "pdf"])
+    parser.add_argument("--dpi", type=int, default=110)
+    parser.add_argument("--no-loss-shapes", action="store_true", help="skip fig. 1 (which needs TensorFlow)")
+    parser.add_argument("--strict", action="store_true", help="a truncated metrics.jsonl line is an error")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        runs = analysis.load_runs(args.runs, strict=args.strict)
+        paths = plots.plot_all(runs, args.out, level=args.level, split=args.split, x=args.x,
+                               quantities=args.quantities, formats=args.formats,
+                               loss_shapes=not args.no_loss_shapes, dpi=args.dpi)
+    except (analysis.RunDirectoryError, analysis.GridMismatchError, analysis.LevelNotReachedError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for group in analysis.group_runs(runs):
+        print(f"{group.label}: {len(group.runs)} run(s), seeds {group.seeds}")
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

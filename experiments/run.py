@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Train one of the paper's networks with the paper's protocol and track the alternative losses.
+
+    python experiments/run.py                      # fc6 on Fashion-MNIST, lr 0.1, batch 256, 10 epochs
+    python experiments/run.py --lr 0.001 --target-train-loss 0.1 --epochs 200
+    python experiments/run.py --batch-size 16384   # ghost batch norm over micro-batches of 256
+    python experiments/run.py --model c1 --dataset cifar10
+
+Writes runs/NAME/ (config.json, status.json, metrics.jsonl, tb/, checkpoint.npz); rerunning the same
+command resumes an interrupted run. Everything here is ``keras_implicit.training.train``; this script
+only parses flags. Exit codes: 0 finished (or already finished), 1 the run cannot start (locked
+directory, another configuration, missing data), 2 bad flags, 3 diverged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from keras_implicit.training import RunConfig, RunError, default_run_name  # noqa: E402
+
+EXIT_CANNOT_START, EXIT_BAD_FLAGS, EXIT_DIVERGED = 1, 2, 3
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = RunConfig()
+    parser = argparse.ArgumentParser(
+        description="Train with cross-entropy (SGD, momentum 0.9, constant learning rate) and track Gcdf, "
+                    "tempered cross-entropy and hinge panels on the full training and test sets.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default=defaults.model, help="fc6 or c1")
+    parser.add_argument("--dataset", default=defaults.dataset, help="fashion_mnist, mnist or cifar10")
+    parser.add_argument("--lr", type=_positive_float, default=defaults.lr, help="constant learning rate")
+    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+                        help="examples per optimizer step (a multiple of --ghost-batch-size)")
+    parser.add_argument("--ghost-batch-size", type=_positive_int, default=defaults.ghost_batch_size,
+                        help="micro-batch size: BatchNorm normalizes this many examples; gradients are "
+                             "accumulated over batch-size / ghost-batch-size micro-batches")
+    parser.add_argument("--epochs", type=_positive_int, default=defaults.epochs,
+                        help="number of epochs (the cap with --target-train-loss); an epoch is "
+                             "n_train // batch-size whole batches")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="initialization and shuffling seed")
+    parser.add_argument("--optimizer", default=defaults.optimizer, help="sgd (momentum 0.9) or adam")
+    parser.add_argument("--loss", default=defaults.loss,
+                        help="training loss: ce, or gcdf@SIGMA, tce@T, hinge@GAMMA")
+    parser.add_argument("--train-subset", type=_positive_int, default=None,
+                        help="train on a class-balanced subset of this many examples")
+    parser.add_argument("--track-every", type=_positive_int, default=None,
+                        help="also track every this many optimizer steps")
+    parser.add_argument("--track-schedule", default=defaults.track_schedule,
+                        help="epoch (step 0 and every epoch) or log (also steps 1, 2, 3, 4, 6, 8, 11, 16, ... "
+                             "up to two epochs)")
+    parser.add_argument("--target-train-loss", type=_positive_float, default=None,
+                        help="stop once the tracked training cross-entropy is below this")
+    parser.add_argument("--data-dir", default=None,
+                        help="directory with the dataset's IDX files (or CIFAR-10 batches, or a "
+                             "tensorflow-datasets data directory)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="enable TensorFlow's op determinism (bit-exact resume)")
+    parser.add_argument("--out", default=None, help="run directory (default: runs/<name from the flags>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what the run directory holds instead of resuming")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = RunConfig(
+        model=args.model, dataset=args.dataset, lr=args.lr, batch_size=args.batch_size,
+        ghost_batch_size=args.ghost_batch_size, epochs=args.epochs, seed=args.seed, optimizer=args.optimizer,
+        loss=args.loss, train_subset=args.train_subset, track_every=args.track_every,
+        track_schedule=args.track_schedule, target_train_loss=args.target_train_loss,
+        data_dir=args.data_dir, deterministic=args.deterministic,
+    )
+    try:
+        config.validate()
+    except ValueError as error:
+        parser.error(str(error))
+    out = args.out or os.path.join("runs", default_run_name(config))
+
+    from keras_implicit.training import train
+
+    try:
+        result = train(config, out, overwrite=args.overwrite, progress=not args.no_progress)
+    except RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    if result.state.startswith("already-"):
+        print(result.message)
+        return EXIT_DIVERGED if result.state == "already-diverged" else 0
+    if result.state == "diverged":
+        print(f"error: {out}: {result.message}", file=sys.stderr)
+        return EXIT_DIVERGED
+    print(f"finished {out}: {result.message}, step {result.step}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

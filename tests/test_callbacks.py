@@ -1,0 +1,217 @@
+"""keras_implicit.callbacks: the tracker's values against an independent NumPy/SciPy forward pass and losses."""
+
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import special
+
+from keras_implicit import callbacks, losses, metrics
+from keras_implicit.models import make_model
+from tests.references import ref_error, ref_gcdf, ref_hinge, ref_tce
+
+SIGMAS, TEMPERATURES, MARGINS = (0.0, 0.25, 1.0, 8.0), (0.5, 1.0, 4.0), (0.0, 1.0, 4.0)
+
+
+def _numpy_fc6(model, x):
+    """fc6 in inference mode in float64 from its weights: Dense, BatchNorm (moving statistics), ReLU x 5,
+    L2 normalization, top Dense. Returns (logits, features)."""
+    h = x.reshape(len(x), -1).astype(np.float64)
+    for index in range(1, 6):
+        dense, bn = model.get_layer(f"dense_{index}"), model.get_layer(f"batch_norm_{index}")
+        h = h @ dense.kernel.numpy() + dense.bias.numpy()
+        h = (h - bn.moving_mean.numpy()) / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+        h = np.maximum(h * bn.gamma.numpy() + bn.beta.numpy(), 0.0)
+    features = h / np.linalg.norm(h, axis=1, keepdims=True)
+    top = model.get_layer("logits")
+    return features @ top.kernel.numpy() + top.bias.numpy(), features
+
+
+@pytest.fixture(scope="module")
+def trained():
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 6, 6, 1)).astype(np.float32)
+    y = (np.arange(300) % 4).astype(np.int32)
+    x[np.arange(300), y, y, 0] += 2.0  # learnable
+    model = make_model("fc6", (6, 6, 1), 4, seed=0)
+    model.compile(keras.optimizers.SGD(0.5, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=50, epochs=3, verbose=0)
+    return model, x, y
+
+
+def test_evaluate_matches_an_independent_forward_pass_and_references(trained):
+    model, x, y = trained
+    tracker = callbacks.AltLossTracker((x, y), (x[:77], y[:77]), SIGMAS, TEMPERATURES, MARGINS, batch_size=64)
+    tracker.set_model(model)
+    for split, (xs, ys) in (("train", (x, y)), ("test", (x[:77], y[:77]))):
+        values = tracker.evaluate(split)
+        logits, features = _numpy_fc6(model, xs)
+        assert values["ce"] == pytest.approx(np.mean(-special.log_softmax(logits, axis=1)[np.arange(len(ys)), ys]),
+                                             rel=1e-4)
+        assert values["error"] == pytest.approx(np.mean(ref_error(ys, logits)), abs=1e-9)
+        for s in SIGMAS:
+            assert values[f"gcdf@{losses.format_parameter(s)}"] == pytest.approx(np.mean(ref_gcdf(ys, logits, s)),
+                                                                                rel=1e-4, abs=1e-6)
+        for t in TEMPERATURES:
+            assert values[f"tce@{losses.format_parameter(t)}"] == pytest.approx(np.mean(ref_tce(ys, logits, t)),
+                                                                               rel=1e-4)
+        for g in MARGINS:
+            assert values[f"hinge@{losses.format_parameter(g)}"] == pytest.approx(
+                np.mean(ref_hinge(ys, logits, g)), rel=1e-4, abs=1e-6)
+        assert values["feature_norm"] == pytest.approx(np.mean(np.linalg.norm(features, axis=1)), abs=1e-6)
+        top = model.get_layer("logits")
+        assert values["top_kernel_norm"] == pytest.approx(np.sqrt(np.sum(top.kernel.numpy() ** 2.0)), rel=1e-6)
+        assert values["top_bias_norm"] == pytest.approx(np.linalg.norm(top.bias.numpy()), rel=1e-6, abs=1e-12)
+    # The model learned: the error is not that of chance, so the comparison above is not trivial.
+    assert tracker.evaluate("train")["error"] < 0.5
+
+
+def test_evaluate_does_not_depend_on_the_batch_size(trained):
+    model, x, y = trained
+    results = []
+    for batch_size in (7, 300, 4096):
+        tracker = callbacks.AltLossTracker((x, y), batch_size=batch_size)
+        tracker.set_model(model)
+        results.append(tracker.evaluate("train"))
+    for other in results[1:]:
+        for name, value in results[0].items():
+            assert other[name] == pytest.approx(value, rel=1e-5, abs=1e-7)
+
+
+def test_one_forward_pass_per_split(trained, monkeypatch):
+    model, x, y = trained
+    tracker = callbacks.AltLossTracker((x, y), (x[:50], y[:50]), batch_size=1000)
+    tracker.set_model(model)
+    tracker.evaluate("train")  # trace
+    calls = []
+    original = losses.panel_values
+    monkeypatch.setattr(losses, "panel_values", lambda *a, **k: calls.append(1) or original(*a, **k))
+    tracker._sums_fn = None  # retrace with the counting wrapper: once per trace, not per loss
+    tracker.evaluate("train")
+    assert calls == [1]
+
+
+def test_schedules():
+    assert callbacks.log_spaced_steps(40) == [1, 2, 3, 4, 6, 8, 11, 16, 23, 32]
+    assert callbacks.tracking_steps(10, 30) == [0, 10, 20, 30]
+    assert callbacks.tracking_steps(10, 30, track_every=4) == [0, 4, 8, 10, 12, 16, 20, 24, 28, 30]
+    assert callbacks.tracking_steps(10, 40, schedule="log") == [0, 1, 2, 3, 4, 6, 8, 10, 11, 16, 20, 30, 40]
+    with pytest.raises(ValueError, match="schedule"):
+        callbacks.tracking_steps(10, 30, schedule="cosine")
+    with pytest.raises(ValueError, match="track_every"):
+        callbacks.AltLossTracker((np.zeros((2, 3)), np.zeros(2)), track_every=0)
+
+
+@pytest.mark.parametrize("track_every, schedule, expected", [
+    (None, "epoch", [0, 4, 8]),
+    (3, "epoch", [0, 3, 4, 6, 8]),
+    (None, "log", [0, 1, 2, 3, 4, 6, 8]),
+])
+def test_tracker_in_a_users_fit_with_gradient_accumulation(tmp_path, track_every, schedule, expected):
+    rng = np.random.default_rng(1)
+    x = rng.random((512, 3, 3, 1)).astype(np.float32)
+    y = rng.integers(0, 3, 512).astype(np.int32)
+    model = make_model("fc6", (3, 3, 1), 3, seed=1)
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9, gradient_accumulation_steps=2),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    path = tmp_path / "metrics.jsonl"
+    tracker = callbacks.AltLossTracker((x, y), (x[:64], y[:64]), metrics_path=str(path), track_every=track_every,
+                                       schedule=schedule, log_dir=str(tmp_path / "tb"))
+    # 512 / 32 = 16 micro-batches = 8 optimizer steps per epoch... in 2 epochs of 4 steps each:
+    model.fit(x[:256], y[:256], batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[tracker])
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records[::2]] == expected
+    assert [r["split"] for r in records] == ["train", "test"] * len(expected)
+    assert [r["epoch"] for r in records[::2]] == [s / 4 for s in expected]
+    assert tracker.records == records
+
+
+def test_tensorboard_scalars_and_custom_scalars_layout(tmp_path, trained):
+    model, x, y = trained
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    tracker = callbacks.AltLossTracker((x, y), (x[:50], y[:50]), SIGMAS, TEMPERATURES, MARGINS,
+                                       log_dir=str(tmp_path), steps_per_epoch=10, buffer_summaries=True)
+    tracker.set_model(model)
+    tracker.track(0)
+    tracker.track(7)
+    assert not any(name.startswith("events") for name in os.listdir(tmp_path))  # buffered until flushed
+    tracker.close()
+    accumulator = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["tensors"])
+    names = ["ce", "error", *losses.panel_names(SIGMAS, TEMPERATURES, MARGINS), "feature_norm", "top_kernel_norm",
+             "top_bias_norm"]
+    assert {f"{split}/{name}" for split in ("train", "test") for name in names} <= tags
+    events = accumulator.Tensors("train/gcdf@1")
+    assert [e.step for e in events] == [0, 7]
+    assert float(tf.make_ndarray(events[0].tensor_proto)) == pytest.approx(tracker.records[0]["gcdf@1"], rel=1e-6)
+
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(tf.make_ndarray(accumulator.Tensors(metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto).item())
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    import re
+
+    for split in ("train", "test"):
+        for family, parameters in (("gcdf", SIGMAS), ("tce", TEMPERATURES), ("hinge", MARGINS)):
+            (title,) = [t for t in charts if charts[t] == [rf"^{split}/{family}@.*"]]
+            assert title.startswith(f"{split}: ")
+            matched = [tag for tag in tags if re.match(charts[title][0], tag)]
+            assert sorted(matched) == sorted(f"{split}/{family}@{losses.format_parameter(p)}" for p in parameters)
+
+
+def test_divergence_is_detected_and_not_logged(tmp_path, trained):
+    model, x, y = trained
+    tracker = callbacks.AltLossTracker((x, y), metrics_path=str(tmp_path / "m.jsonl"), steps_per_epoch=10)
+    clone = keras.models.clone_model(model)
+    clone.set_weights([np.full_like(w, np.nan) if i == 0 else w for i, w in enumerate(model.get_weights())])
+    clone.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    tracker.set_model(clone)
+    assert tracker.track(5) == []
+    assert "non-finite train ce" in tracker.diverged and "step 5" in tracker.diverged
+    assert clone.stop_training
+    assert not (tmp_path / "m.jsonl").exists()
+
+    monitor = callbacks.DivergenceMonitor()
+    monitor.set_model(clone)
+    monitor.on_train_batch_end(0, {"loss": 0.3})
+    assert monitor.diverged is None
+    monitor.on_train_batch_end(1, {"loss": float("inf")})
+    assert "inf" in monitor.diverged
+
+
+def test_target_train_loss_stops_training(trained):
+    model, x, y = trained
+    ce = callbacks.AltLossTracker((x, y), steps_per_epoch=1)
+    ce.set_model(model)
+    value = ce.evaluate("train")["ce"]
+    above = callbacks.AltLossTracker((x, y), steps_per_epoch=1, target_train_loss=value * 0.99)
+    above.set_model(model)
+    model.stop_training = False
+    above.track(0)
+    assert not above.target_reached and not model.stop_training
+    below = callbacks.AltLossTracker((x, y), steps_per_epoch=1, target_train_loss=value * 1.01)
+    below.set_model(model)
+    below.track(0)
+    assert below.target_reached and model.stop_training
+    model.stop_training = False
+
+
+def test_default_grids_are_the_metrics_defaults():
+    tracker = callbacks.AltLossTracker((np.zeros((2, 3)), np.zeros(2)))
+    assert tracker.panel_names == losses.panel_names(metrics.DEFAULT_SIGMAS, metrics.DEFAULT_TEMPERATURES,
+                                                     metrics.DEFAULT_MARGINS, error=True)
+    assert math.isclose(len(tracker.metric_names), len(tracker.panel_names) + 4)
+
+
+def test_bad_data_is_refused():
+    with pytest.raises(ValueError, match="pair"):
+        callbacks.AltLossTracker(np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        callbacks.AltLossTracker((np.zeros((2, 3)), np.zeros(3)))

@@ -1,0 +1,225 @@
+"""experiments/sweep.py: the grid, parallel processes, skip/resume, summary and hparams logs.
+
+Most tests drive the sweep with a stand-in for run.py (``fake_run.py``, written below) that accepts
+run.py's flags and writes a synthetic run directory at once; one slow test runs the real run.py.
+"""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look the module up
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = load_script("sweep")
+
+FAKE_RUN = textwrap.dedent('''
+    import argparse, json, math, os, sys, time
+    parser = argparse.ArgumentParser()
+    for flag in ("--model", "--dataset", "--out", "--track-schedule", "--data-dir"):
+        parser.add_argument(flag)
+    for flag in ("--lr", "--target-train-loss"):
+        parser.add_argument(flag, type=float)
+    for flag in ("--batch-size", "--ghost-batch-size", "--seed", "--epochs", "--train-subset", "--track-every"):
+        parser.add_argument(flag, type=int)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--extra")
+    args = parser.parse_args()
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "invocations.jsonl"), "a") as f:
+        f.write(json.dumps({"start": time.time(), "argv": sys.argv[1:]}) + "\\n")
+    time.sleep(float(os.environ.get("FAKE_RUN_SECONDS", "0")))
+    if args.seed == 99:
+        sys.exit(1)
+    sigmas, temperatures, margins = [0.5, 1.0, 8.0], [1.0, 4.0], [1.0, 4.0]
+    config = {"model": args.model, "dataset": args.dataset, "lr": args.lr, "batch_size": args.batch_size,
+              "ghost_batch_size": args.ghost_batch_size, "seed": args.seed, "epochs": args.epochs,
+              "train_subset": args.train_subset, "sigmas": sigmas, "temperatures": temperatures, "margins": margins}
+    json.dump(config, open(os.path.join(out, "config.json"), "w"))
+    sign = 1.0 if (args.lr > 0.01 and args.batch_size < 1000) else -1.0
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        for k in range(args.epochs + 1):
+            ce = 2.3 * math.exp(-(0.7 + 0.02 * args.seed) * k)
+            record = {"epoch": float(k), "step": k * 10, "split": "train", "ce": ce, "error": ce / 3}
+            for fam, grid in (("gcdf", sigmas), ("tce", temperatures), ("hinge", margins)):
+                for p in grid:
+                    name = f"{fam}@{p:g}"
+                    record[name] = (5 + math.log(ce)) * p * (1 - sign * 0.2 * math.log(p))
+            f.write(json.dumps(record) + "\\n")
+    json.dump({"state": "finished", "epoch": args.epochs, "step": args.epochs * 10},
+              open(os.path.join(out, "status.json"), "w"))
+    with open(os.path.join(out, "invocations.jsonl"), "a") as f:
+        f.write(json.dumps({"end": time.time()}) + "\\n")
+''')
+
+
+@pytest.fixture
+def fake_run(tmp_path):
+    path = tmp_path / "fake_run.py"
+    path.write_text(FAKE_RUN)
+    return path
+
+
+def invocations(run_dir):
+    path = run_dir / "invocations.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_grid_and_names():
+    points = sweep.grid(["fc6", "c1"], ["fashion_mnist"], [0.1, 0.001], [256, 16384], [0, 1, 2])
+    assert len(points) == 2 * 2 * 2 * 3
+    assert points[0].name == "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0"
+    assert sweep.run_name(points[0], 256, None) == "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0"
+    assert sweep.run_name(points[0], 128, 8192) == "fashion_mnist-fc6-ce-sgd-lr0.1-b256-g128-n8192-s0"
+    with pytest.raises(ValueError, match="repeats a point"):
+        sweep.grid(["fc6"], ["fashion_mnist"], [0.1, 0.1], [256], [0])
+
+
+def test_names_match_run_py_defaults():
+    training = pytest.importorskip("keras_implicit.training")
+    for ghost, subset in ((256, None), (128, 8192)):
+        config = training.RunConfig(lr=0.001, batch_size=16384, ghost_batch_size=ghost, seed=2, train_subset=subset)
+        point = sweep.GridPoint("fc6", "fashion_mnist", 0.001, 16384, 2)
+        assert sweep.run_name(point, ghost, subset) == training.default_run_name(config)
+
+
+def test_commands_parse_with_run_py(tmp_path):
+    run = load_script("run")
+    args = sweep.parse_args(["--epochs", "7", "--train-subset", "8192", "--target-train-loss", "0.3",
+                             "--track-schedule", "log", "--", "--deterministic"])
+    point = sweep.GridPoint("fc6", "fashion_mnist", 0.001, 16384, 2)
+    cmd = sweep.command(point, tmp_path / "r", args)
+    assert cmd[:2] == [sys.executable, str(ROOT / "experiments" / "run.py")]
+    parsed = run.build_parser().parse_args(cmd[2:])
+    assert (parsed.model, parsed.lr, parsed.batch_size, parsed.ghost_batch_size, parsed.seed) == (
+        "fc6", 0.001, 16384, 256, 2)
+    assert (parsed.epochs, parsed.train_subset, parsed.target_train_loss, parsed.track_schedule) == (
+        7, 8192, 0.3, "log")
+    assert parsed.out == str(tmp_path / "r") and parsed.deterministic and parsed.no_progress
+
+
+def test_dry_run_prints_every_command(capsys):
+    assert sweep.main(["--lrs", "0.1", "0.001", "--batch-sizes", "256", "16384", "--seeds", "0", "1",
+                       "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 8
+    assert all("experiments/run.py" in line for line in lines)
+
+
+def run_sweep(tmp_path, fake_run, *extra, jobs=1):
+    argv = ["--runs-dir", str(tmp_path / "runs"), "--lrs", "0.1", "0.001", "--seeds", "0", "1",
+            "--epochs", "6", "--jobs", str(jobs), "--run-script", str(fake_run), *extra]
+    return sweep.main(argv)
+
+
+def test_sweep_runs_skips_and_resumes(tmp_path, fake_run, capsys):
+    runs = tmp_path / "runs"
+    finished = runs / "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0"
+    finished.mkdir(parents=True)
+    (finished / "status.json").write_text(json.dumps({"state": "finished", "epoch": 6, "step": 60}))
+    killed = runs / "fashion_mnist-fc6-ce-sgd-lr0.001-b256-s1"
+    killed.mkdir(parents=True)
+    (killed / "status.json").write_text(json.dumps({"state": "running", "epoch": 2, "step": 20}))
+    # The finished one has no metrics: it must be skipped, not run (and the summary leaves it out).
+    assert run_sweep(tmp_path, fake_run, "--no-hparams") == 0
+    out = capsys.readouterr().out
+    assert "skip fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0: finished" in out
+    assert "resume fashion_mnist-fc6-ce-sgd-lr0.001-b256-s1" in out
+    assert invocations(finished) == []
+    for name in ("lr0.1-b256-s1", "lr0.001-b256-s0", "lr0.001-b256-s1"):
+        assert len([i for i in invocations(runs / f"fashion_mnist-fc6-ce-sgd-{name}") if "start" in i]) == 1
+    # A second sweep skips everything.
+    assert run_sweep(tmp_path, fake_run, "--no-hparams") == 0
+    assert capsys.readouterr().out.count("skip ") == 4
+    assert len([i for i in invocations(runs / "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s1") if "start" in i]) == 1
+    assert (runs / "logs" / "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s1.log").read_text().startswith("$ ")
+
+
+def test_parallel_jobs_overlap_but_never_exceed(tmp_path, fake_run, monkeypatch):
+    monkeypatch.setenv("FAKE_RUN_SECONDS", "1.5")
+    assert run_sweep(tmp_path, fake_run, "--no-hparams", "--summary-only") == 0  # nothing run yet: no summary
+    assert not any((tmp_path / "runs").glob("*/invocations.jsonl"))
+    assert run_sweep(tmp_path, fake_run, "--no-hparams", jobs=2) == 0
+    spans = []
+    for run_dir in (tmp_path / "runs").glob("fashion_mnist-*"):
+        calls = invocations(run_dir)
+        spans.append((calls[0]["start"], calls[-1]["end"]))
+    assert len(spans) == 4
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    level, peak = 0, 0
+    for _, change in events:
+        level += change
+        peak = max(peak, level)
+    assert peak == 2
+
+
+def test_summary_csv_markdown_and_hparams(tmp_path, fake_run):
+    pytest.importorskip("tensorflow")
+    assert run_sweep(tmp_path, fake_run, "--batch-sizes", "256", "4096", "--level", "0.5") == 0
+    runs = tmp_path / "runs"
+    rows = list(csv.DictReader((runs / "summary.csv").open()))
+    assert len(rows) == 8 and all(r["reached"] == "True" for r in rows)
+    row = next(r for r in rows if r["run"] == "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0")
+    # ce(epoch) = 2.3 exp(-0.7 epoch): 0.5 is crossed at epoch log(4.6) / 0.7.
+    assert float(row["epoch_at_level"]) == pytest.approx(math.log(4.6) / 0.7, rel=1e-9)
+    # Values linear in log CE are interpolated exactly.
+    assert float(row["gcdf@8"]) == pytest.approx((5 + math.log(0.5)) * 8 * (1 - 0.2 * math.log(8)), rel=1e-9)
+    markdown = (runs / "summary.md").read_text()
+    assert "# Sweep summary at training CE = 0.5" in markdown
+    # lr 0.1 at batch 256 is lower at large sigma, higher at small: a crossover at sigma = 1 exactly.
+    for what in ("batch=256: lr 0.1 vs 0.001", "lr=0.1: batch 256 vs 4096"):
+        cells = next(x for x in markdown.splitlines() if f"{what} | gcdf" in x).split(" | ")
+        assert (cells[2], cells[5], cells[6], cells[9], cells[10], cells[11]) == (
+            "σ=0.5", "b", "σ=8", "a", "1", "s0: 1; s1: 1 |")
+    # TensorBoard hparams: the experiment config and one session per run with its metrics.
+    from tensorboard.backend.event_processing import event_accumulator
+
+    assert list((runs / "hparams").glob("events.out.tfevents.*"))
+    session = event_accumulator.EventAccumulator(str(runs / "hparams" / row["run"]),
+                                                 size_guidance={event_accumulator.TENSORS: 0})
+    session.Reload()
+    tags = session.Tags()["tensors"]
+    assert "_hparams_/session_start_info" in tags and "at_level/gcdf@8" in tags
+    from tensorboard.util import tensor_util
+
+    value = float(tensor_util.make_ndarray(session.Tensors("at_level/gcdf@8")[0].tensor_proto))
+    assert value == pytest.approx(float(row["gcdf@8"]), rel=1e-5)
+
+
+def test_failed_run_is_reported(tmp_path, fake_run, capsys):
+    code = sweep.main(["--runs-dir", str(tmp_path / "runs"), "--seeds", "99", "--lrs", "0.1", "--epochs", "3",
+                       "--run-script", str(fake_run), "--no-hparams"])
+    assert code == 1
+    assert "1 run(s) failed" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sweep_with_the_real_run_py(tmp_path):
+    env = {**os.environ, "KERAS_IMPLICIT_PURE_TF": os.environ.get("KERAS_IMPLICIT_PURE_TF", "0")}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "sweep.py"), "--runs-dir", str(tmp_path / "runs"),
+         "--lrs", "0.1", "0.01", "--seeds", "0", "--epochs", "2", "--train-subset", "1024", "--jobs", "2",
+         "--no-hparams"],
+        capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = list(csv.DictReader((tmp_path / "runs" / "summary.csv").open()))
+    assert len(rows) == 2 and {r["state"] for r in rows} == {"finished"}

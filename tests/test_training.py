@@ -1,0 +1,369 @@
+"""keras_implicit.training: ghost batches, epochs, run directories, resume, divergence, target loss, locks."""
+
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_implicit import data as ki_data
+from keras_implicit import training
+from keras_implicit.training import RunConfig, RunDirectory, RunError, RunLockedError
+
+CONTRACT_FLAGS = {"model", "dataset", "lr", "batch_size", "ghost_batch_size", "epochs", "seed", "optimizer", "loss",
+                  "train_subset", "track_every", "target_train_loss", "data_dir"}
+
+
+def write_idx_fixture(directory, n_train=600, n_test=200, side=12, seed=0):
+    """Four gzipped IDX files of a learnable 10-class problem: a class-specific blob plus noise."""
+    rng = np.random.default_rng(seed)
+    prototypes = rng.uniform(0, 255, size=(10, side, side))
+    for split, count in (("train", n_train), ("test", n_test)):
+        labels = (np.arange(count) % 10).astype(np.uint8)
+        rng.shuffle(labels)
+        images = np.clip(prototypes[labels] + rng.normal(0, 60, (count, side, side)), 0, 255).astype(np.uint8)
+        images_name, labels_name = ki_data.IDX_FILES[split]
+        ki_data.write_idx(os.path.join(directory, images_name + ".gz"), images)
+        ki_data.write_idx(os.path.join(directory, labels_name + ".gz"), labels)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    return write_idx_fixture(tmp_path_factory.mktemp("idx"))
+
+
+def small_config(idx_dir, **overrides):
+    settings = dict(dataset="mnist", data_dir=idx_dir, epochs=2, batch_size=64, ghost_batch_size=64, lr=0.1)
+    settings.update(overrides)
+    return RunConfig(**settings)
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+# --------------------------------------------------------------------------- #
+# Ghost batches: gradient accumulation
+# --------------------------------------------------------------------------- #
+def _mlp(seed, batch_norm=False):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((20,))
+    x = keras.layers.Dense(32)(inputs)
+    if batch_norm:
+        x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    return keras.Model(inputs, keras.layers.Dense(10)(x))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_four_micro_batches_of_256_equal_one_step_on_1024(optimizer):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3 * 1024, 20)).astype(np.float32)
+    y = rng.integers(0, 10, 3 * 1024).astype(np.int32)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    accumulated, large = _mlp(1), _mlp(1)
+    for weight_a, weight_b in zip(accumulated.weights, large.weights):
+        np.testing.assert_array_equal(weight_a.numpy(), weight_b.numpy())
+    accumulated.compile(training.make_optimizer(optimizer, 0.05, accumulation_steps=4), loss)
+    large.compile(training.make_optimizer(optimizer, 0.05), loss)
+    accumulated.fit(x, y, batch_size=256, epochs=1, shuffle=False, verbose=0)
+    large.fit(x, y, batch_size=1024, epochs=1, shuffle=False, verbose=0)
+    # Three updates each: iterations counts large-batch steps (momentum / Adam's bias correction too).
+    assert int(accumulated.optimizer.iterations.numpy()) == 3
+    assert int(large.optimizer.iterations.numpy()) == 3
+    moved = 0.0
+    for initial, weight_a, weight_b in zip(_mlp(1).weights, accumulated.weights, large.weights):
+        np.testing.assert_allclose(weight_a.numpy(), weight_b.numpy(), rtol=2e-5, atol=2e-6)
+        moved = max(moved, float(np.abs(weight_a.numpy() - initial.numpy()).max()))
+    assert moved > 1e-2  # the steps were real
+
+
+def test_ghost_batch_norm_normalizes_each_micro_batch_with_its_own_statistics():
+    rng = np.random.default_rng(1)
+    ghost, steps = 16, 4
+    x = (rng.normal(size=(ghost * steps, 20)) * rng.uniform(0.5, 3, (ghost * steps, 1))).astype(np.float32)
+    y = rng.integers(0, 10, ghost * steps).astype(np.int32)
+    model = _mlp(2, batch_norm=True)
+    reference = _mlp(2, batch_norm=True)
+    initial = [w.numpy().copy() for w in reference.weights]
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    lr = 0.1
+
+    # Reference: gradients of each micro-batch in training mode (its own batch statistics), averaged,
+    # then the first SGD-with-momentum step (velocity starts at zero): w - lr * mean gradient.
+    gradients = []
+    for k in range(steps):
+        with tf.GradientTape() as tape:
+            value = loss(y[k * ghost:(k + 1) * ghost], reference(x[k * ghost:(k + 1) * ghost], training=True))
+        gradients.append([g.numpy() for g in tape.gradient(value, reference.trainable_variables)])
+    mean_gradient = [np.mean([g[i] for g in gradients], axis=0) for i in range(len(gradients[0]))]
+    whole = _mlp(2, batch_norm=True)
+    with tf.GradientTape() as tape:
+        value = loss(y, whole(x, training=True))
+    full_batch_gradient = [g.numpy() for g in tape.gradient(value, whole.trainable_variables)]
+
+    model.compile(training.make_optimizer("sgd", lr, accumulation_steps=steps), loss)
+    model.fit(x, y, batch_size=ghost, epochs=1, shuffle=False, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 1
+    trainable_names = {v.path for v in model.trainable_variables}
+    trained = {v.path: v.numpy() for v in model.trainable_variables}
+    start = {w.path: value for w, value in zip(model.weights, initial)}
+    for variable, gradient, full in zip(model.trainable_variables, mean_gradient, full_batch_gradient):
+        expected = start[variable.path] - lr * gradient
+        np.testing.assert_allclose(trained[variable.path], expected, rtol=1e-4, atol=1e-6)
+    # Normalizing the 64 examples together would give another gradient: the test can tell them apart.
+    kernel_index = 0
+    assert np.abs(mean_gradient[kernel_index] - full_batch_gradient[kernel_index]).max() > 1e-3
+
+    # Moving statistics: four sequential updates with each micro-batch's own mean and variance,
+    # all computed with the initial weights (the weights do not change inside a window).
+    bn = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)][0]
+    dense = model.layers[1]
+    kernel, bias = start[dense.kernel.path], start[dense.bias.path]
+    moving_mean, moving_variance = np.zeros(32), np.ones(32)
+    for k in range(steps):
+        h = x[k * ghost:(k + 1) * ghost].astype(np.float64) @ kernel + bias
+        moving_mean = bn.momentum * moving_mean + (1 - bn.momentum) * h.mean(axis=0)
+        moving_variance = bn.momentum * moving_variance + (1 - bn.momentum) * h.var(axis=0)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), moving_mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), moving_variance, rtol=1e-4, atol=1e-5)
+    assert trainable_names  # the model trained something
+
+
+def test_epoch_order_uses_whole_batches_reproducibly():
+    first = training.epoch_order(1000, 256, seed=3, epoch=0)
+    assert len(first) == 768 and len(set(first.tolist())) == 768 and first.max() < 1000
+    np.testing.assert_array_equal(first, training.epoch_order(1000, 256, seed=3, epoch=0))
+    assert not np.array_equal(first, training.epoch_order(1000, 256, seed=3, epoch=1))
+    assert not np.array_equal(first, training.epoch_order(1000, 256, seed=4, epoch=0))
+    # Over epochs every example is used (different ones are left out each time).
+    used = set(np.concatenate([training.epoch_order(1000, 256, 3, e) for e in range(10)]).tolist())
+    assert used == set(range(1000))
+
+
+def test_epoch_batches_are_micro_batches_of_the_epoch_order():
+    x = tf.constant(np.arange(100, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32))
+    y = tf.constant(np.arange(100, dtype=np.int32))
+    batches = list(training.epoch_batches(x, y, batch_size=40, ghost_batch_size=20, seed=0, epoch=2))
+    assert [len(b[1]) for b in batches] == [20, 20, 20, 20]
+    order = training.epoch_order(100, 40, 0, 2)
+    np.testing.assert_array_equal(np.concatenate([b[1].numpy() for b in batches]), order)
+    np.testing.assert_array_equal(batches[0][0].numpy()[:, 0], order[:20].astype(np.float32))
+
+
+# --------------------------------------------------------------------------- #
+# Configuration
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("overrides, message", [
+    ({"model": "resnet"}, "unknown model"),
+    ({"dataset": "imagenet"}, "unknown dataset"),
+    ({"optimizer": "rmsprop"}, "unknown optimizer"),
+    ({"loss": "mse"}, "unknown loss"),
+    ({"loss": "gcdf@x"}, "not a number"),
+    ({"loss": "gcdf@0"}, "> 0"),
+    ({"loss": "hinge@-1"}, ">= 0"),
+    ({"batch_size": 300, "ghost_batch_size": 256}, "not a multiple"),
+    ({"lr": 0.0}, "learning rate"),
+    ({"lr": -0.1}, "learning rate"),
+    ({"lr": float("nan")}, "learning rate"),
+    ({"epochs": 0}, "epochs"),
+    ({"track_schedule": "linear"}, "tracking schedule"),
+    ({"track_every": 0}, "track_every"),
+    ({"target_train_loss": -1.0}, "target_train_loss"),
+    ({"train_subset": 100}, "smaller than one batch"),
+])
+def test_bad_settings_are_refused_with_a_clear_message(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig(**overrides).validate()
+
+
+def test_parse_and_make_loss():
+    assert training.parse_loss("ce") == ("ce", None)
+    assert training.parse_loss("tce@2") == ("tce", 2.0)
+    assert training.parse_loss("hinge@0") == ("hinge", 0.0)
+    from keras_implicit import losses
+
+    assert isinstance(training.make_loss("gcdf@0.5"), losses.Gcdf)
+    assert training.make_loss("gcdf@0.5").get_config()["sigma"] == 0.5
+    assert isinstance(training.make_loss("tce@4"), losses.TemperedCrossentropy)
+    assert isinstance(training.make_loss("hinge@1"), losses.MulticlassHinge)
+    optimizer = training.make_optimizer("sgd", 0.3, 64)
+    assert optimizer.gradient_accumulation_steps == 64 and math.isclose(optimizer.momentum, 0.9)
+    assert training.make_optimizer("sgd", 0.3, 1).gradient_accumulation_steps is None
+
+
+def test_default_run_name():
+    assert training.default_run_name(RunConfig()) == "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0"
+    name = training.default_run_name(RunConfig(batch_size=16384, lr=0.001, loss="gcdf@0.5", train_subset=5000))
+    assert name == "fashion_mnist-fc6-gcdf0.5-sgd-lr0.001-b16384-n5000-s0"
+
+
+# --------------------------------------------------------------------------- #
+# Runs
+# --------------------------------------------------------------------------- #
+def test_train_writes_the_run_directory(idx_dir, tmp_path):
+    run_dir = str(tmp_path / "run")
+    config = small_config(idx_dir, track_every=3)
+    result = training.train(config, run_dir, progress=False, stream=None)
+    assert result.state == "finished" and result.epoch == 2 and result.step == 2 * (600 // 64)
+
+    stored = json.load(open(os.path.join(run_dir, "config.json")))
+    assert CONTRACT_FLAGS <= set(stored)
+    assert stored["lr"] == 0.1 and stored["data_dir"] == idx_dir and stored["track_every"] == 3
+    from keras_implicit import metrics
+
+    assert stored["sigmas"] == list(metrics.DEFAULT_SIGMAS)
+    assert stored["temperatures"] == list(metrics.DEFAULT_TEMPERATURES)
+    assert stored["margins"] == list(metrics.DEFAULT_MARGINS)
+    assert set(stored["versions"]) == {"python", "tensorflow", "keras", "numpy", "keras_implicit"}
+    assert "git_commit" in stored
+    assert json.load(open(os.path.join(run_dir, "status.json"))) == {
+        "state": "finished", "epoch": 2, "step": 18, "message": "2 epochs"}
+
+    records = read_metrics(run_dir)
+    steps_per_epoch = 600 // 64
+    expected_steps = sorted(set(range(0, 19, 3)) | {0, 9, 18})
+    assert [r["step"] for r in records] == [s for s in expected_steps for _ in ("train", "test")]
+    assert [r["split"] for r in records] == ["train", "test"] * len(expected_steps)
+    from keras_implicit import losses
+
+    names = losses.panel_names(metrics.DEFAULT_SIGMAS, metrics.DEFAULT_TEMPERATURES, metrics.DEFAULT_MARGINS)
+    for record in records:
+        assert record["epoch"] == pytest.approx(record["step"] / steps_per_epoch)
+        assert set(record) == {"epoch", "step", "split", "ce", "error", *names, "feature_norm", "top_kernel_norm",
+                               "top_bias_norm"}
+        assert record["feature_norm"] == pytest.approx(1.0, abs=1e-5)
+        assert record["tce@1"] == pytest.approx(record["ce"], rel=1e-5)
+    # Training on a learnable problem lowers the training CE.
+    assert records[-2]["ce"] < records[0]["ce"] - 0.3
+    assert os.path.isfile(os.path.join(run_dir, "checkpoint.npz"))
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(run_dir, "tb")))
+
+
+def test_rerunning_a_finished_run_does_nothing(idx_dir, tmp_path):
+    run_dir = str(tmp_path / "run")
+    config = small_config(idx_dir, epochs=1)
+    training.train(config, run_dir, progress=False, stream=None)
+    before = open(os.path.join(run_dir, "metrics.jsonl")).read()
+    again = training.train(config, run_dir, progress=False, stream=None)
+    assert again.state == "already-finished" and "nothing to do" in again.message
+    assert open(os.path.join(run_dir, "metrics.jsonl")).read() == before
+
+
+def test_another_config_is_refused_unless_overwrite(idx_dir, tmp_path):
+    run_dir = str(tmp_path / "run")
+    training.train(small_config(idx_dir, epochs=1), run_dir, progress=False, stream=None)
+    with pytest.raises(RunError, match=r"another run \(lr: 0.1 there, 0.2 asked\)"):
+        training.train(small_config(idx_dir, epochs=1, lr=0.2), run_dir, progress=False, stream=None)
+    result = training.train(small_config(idx_dir, epochs=1, lr=0.2), run_dir, overwrite=True, progress=False,
+                            stream=None)
+    assert result.state == "finished"
+    assert json.load(open(os.path.join(run_dir, "config.json")))["lr"] == 0.2
+    assert len(read_metrics(run_dir)) == 4  # steps 0 and 9, train and test: nothing left from the first run
+
+
+def test_a_directory_that_is_not_a_run_is_refused(idx_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="not a run directory"):
+        training.train(small_config(idx_dir), str(tmp_path), progress=False, stream=None)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_second_process_is_refused_by_the_lock(idx_dir, tmp_path):
+    run_dir = str(tmp_path / "run")
+    with RunDirectory(run_dir):
+        with pytest.raises(RunLockedError, match="in use by another process"):
+            training.train(small_config(idx_dir), run_dir, progress=False, stream=None)
+    # Released: now it runs.
+    assert training.train(small_config(idx_dir, epochs=1), run_dir, progress=False, stream=None).state == "finished"
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(idx_dir, tmp_path):
+    runs = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        training.train(small_config(idx_dir, seed=seed, epochs=1), str(tmp_path / name), progress=False, stream=None)
+        runs[name] = read_metrics(str(tmp_path / name))
+    assert runs["a"] == runs["b"]
+    assert runs["a"][-2]["ce"] != runs["c"][-2]["ce"]
+
+
+def test_resume_from_a_checkpoint_truncates_later_records(idx_dir, tmp_path):
+    """A crash after the epoch-1 checkpoint: the records written after it are cut and recomputed."""
+    config = small_config(idx_dir, epochs=2, track_every=4, deterministic=True)
+    whole = str(tmp_path / "whole")
+    training.train(config, whole, progress=False, stream=None)
+    expected = read_metrics(whole)
+
+    partial = str(tmp_path / "partial")
+    training.train(dataclass_replace(config, epochs=1), partial, progress=False, stream=None)
+    # Make it look like a run of 2 epochs killed in epoch 2: config of the 2-epoch run, status
+    # "running", and a stray record written after the checkpoint.
+    stored = json.load(open(os.path.join(partial, "config.json")))
+    stored["epochs"] = 2
+    json.dump(stored, open(os.path.join(partial, "config.json"), "w"))
+    json.dump({"state": "running", "epoch": 1, "step": 9}, open(os.path.join(partial, "status.json"), "w"))
+    with open(os.path.join(partial, "metrics.jsonl"), "a") as handle:
+        handle.write(json.dumps({**expected[-1], "step": 12, "ce": 123.0}) + "\n")
+    result = training.train(config, partial, progress=False, stream=None)
+    assert result.state == "finished"
+    assert read_metrics(partial) == expected
+
+
+def dataclass_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def test_target_train_loss_stops_the_run(idx_dir, tmp_path):
+    run_dir = str(tmp_path / "run")
+    config = small_config(idx_dir, epochs=20, track_every=1, target_train_loss=1.5)
+    result = training.train(config, run_dir, progress=False, stream=None)
+    records = read_metrics(run_dir)
+    train_ce = [r["ce"] for r in records if r["split"] == "train"]
+    assert train_ce[-1] < 1.5 and all(ce >= 1.5 for ce in train_ce[:-1])
+    assert result.state == "finished" and result.step == records[-1]["step"] < 20 * 9
+    status = json.load(open(os.path.join(run_dir, "status.json")))
+    assert status["state"] == "finished" and "target train loss 1.5 reached" in status["message"]
+    assert status["step"] == result.step
+
+
+def test_divergence_stops_with_status_and_keeps_records(idx_dir, tmp_path):
+    run_dir = str(tmp_path / "run")
+    result = training.train(small_config(idx_dir, lr=1e30, epochs=3), run_dir, progress=False, stream=None)
+    assert result.state == "diverged"
+    status = json.load(open(os.path.join(run_dir, "status.json")))
+    assert status["state"] == "diverged" and status["epoch"] == 0 and "nan" in status["message"].lower()
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [0, 0]  # the tracking point before training stays
+    assert all(math.isfinite(r["ce"]) for r in records)
+    again = training.train(small_config(idx_dir, lr=1e30, epochs=3), run_dir, progress=False, stream=None)
+    assert again.state == "already-diverged"
+
+
+def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path):
+    from keras_implicit.models import make_model
+
+    model = make_model("fc6", (4, 4, 1), 3, seed=0)
+    optimizer = training.make_optimizer("sgd", 0.1, 2)
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).random((32, 4, 4, 1)).astype(np.float32)
+    y = np.arange(32) % 3
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    with RunDirectory(tmp_path) as run:
+        run.save_checkpoint(model, optimizer, {"epoch": 1, "step": 2})
+        other = make_model("fc6", (4, 4, 1), 3, seed=1)
+        other_optimizer = training.make_optimizer("sgd", 0.1, 2)
+        other_optimizer.build(other.trainable_variables)
+        assert run.load_checkpoint(other, other_optimizer) == {"epoch": 1, "step": 2}
+    for a, b in zip(model.weights, other.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for a, b in zip(optimizer.variables, other_optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(other_optimizer.iterations.numpy()) == 2
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoint.npz.tmp"))
