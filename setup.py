@@ -1,6 +1,83 @@
 """keras-implicit: the paper's alternative loss families for Keras 3 (TensorFlow backend)."""
 
-from setuptools import find_packages, setup
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+# The fused panel op (custom_ops/, issue 5): built by custom_ops/Makefile with TensorFlow's own flags when a
+# C++ compiler, make and TensorFlow's headers are present; skipped otherwise (keras_implicit/_op.py then uses
+# the pure-TensorFlow path). KERAS_IMPLICIT_REQUIRE_OP=1 makes a failed build fail the installation.
+_OP_SOURCES = ["custom_ops/panel_op.cc", "custom_ops/Makefile"]
+_OP_EXTENSIONS = ["keras_implicit._panel_op"]
+if platform.machine() in ("x86_64", "AMD64"):
+    _OP_EXTENSIONS.append("keras_implicit._panel_op_avx2")
+
+
+def _tensorflow_environment():
+    """An environment where this interpreter imports TensorFlow, or None.
+
+    Under pip's build isolation the build runs with PYTHONPATH pointing at a temporary environment that lacks
+    TensorFlow; the interpreter's own site-packages (where TensorFlow is installed) come back without it.
+    """
+    probe = [sys.executable, "-c", "import tensorflow"]
+    isolated = dict(os.environ)
+    plain = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    for env in (isolated, plain):
+        env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        if subprocess.run(probe, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
+            return env
+    return None
+
+
+class BuildPanelOp(build_ext):
+    """Builds the op's shared libraries with `make -C custom_ops`, or skips them with a message."""
+
+    def get_ext_filename(self, fullname):
+        if fullname in _OP_EXTENSIONS:
+            return os.path.join(*fullname.split(".")) + ".so"  # loaded by path, not imported: no ABI tag
+        return super().get_ext_filename(fullname)
+
+    def run(self):
+        self._op_built = False
+        super().run()
+
+    def build_extension(self, ext):
+        if ext.name not in _OP_EXTENSIONS:
+            return super().build_extension(ext)
+        if self._op_built:  # one make run builds every library
+            return None
+        self._op_built = True
+        out_dir = os.path.abspath(os.path.dirname(self.get_ext_fullpath(_OP_EXTENSIONS[0])))
+        reason = None
+        env = _tensorflow_environment()
+        if env is None:
+            reason = f"{sys.executable} cannot import tensorflow"
+        elif shutil.which("make") is None or shutil.which(os.environ.get("CXX", "g++")) is None:
+            reason = "no make or no C++ compiler (apt-get install g++ make)"
+        else:
+            os.makedirs(out_dir, exist_ok=True)
+            command = ["make", "-C", os.path.abspath("custom_ops"), f"PYTHON={sys.executable}", f"OUT_DIR={out_dir}"]
+            print("keras_implicit: building the fused panel op:", " ".join(command), flush=True)
+            done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if done.returncode != 0:
+                reason = f"make failed:\n{done.stdout[-4000:]}"
+        if reason is None:
+            return None
+        if os.environ.get("KERAS_IMPLICIT_REQUIRE_OP") == "1":
+            raise RuntimeError(f"keras_implicit: the fused panel op could not be built: {reason}")
+        print(f"keras_implicit: the fused panel op was not built ({reason}); the pure-TensorFlow path "
+              "will be used", file=sys.stderr, flush=True)
+        return None
+
+    def get_outputs(self):
+        # Only what was built (a skipped op is not an error).
+        return [path for path in super().get_outputs() if os.path.exists(path)]
+
 
 setup(
     name="keras-implicit",
@@ -10,6 +87,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["keras_implicit", "keras_implicit.*"]),
+    # optional: an in-place build (pip install -e .) copies only the libraries that were built.
+    ext_modules=[Extension(name, sources=list(_OP_SOURCES), optional=True) for name in _OP_EXTENSIONS],
+    cmdclass={"build_ext": BuildPanelOp},
     install_requires=[
         "tensorflow==2.21.*",
         "keras>=3.10",

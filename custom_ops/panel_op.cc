@@ -158,13 +158,17 @@ template <typename T>
 static RowKind RowMargins(const T* x, int64 classes, int64 width, int y, T* d) {
   const T true_score = x[y];
   RowKind kind;
+  bool has_infinity = false;
   for (int64 j = 0; j < classes; ++j) {
     kind.has_nan |= std::isnan(x[j]);
+    has_infinity |= std::isinf(x[j]);
     d[j] = x[j] - true_score;
-    kind.nonfinite_margin |= std::isnan(d[j]);
   }
   d[y] = -std::numeric_limits<T>::infinity();
   std::fill(d + classes, d + width, -std::numeric_limits<T>::infinity());
+  if (has_infinity && !kind.has_nan) {
+    for (int64 j = 0; j < classes; ++j) kind.nonfinite_margin |= std::isnan(d[j]);
+  }
   return kind;
 }
 

@@ -9,7 +9,7 @@
 Writes runs/NAME/ (config.json, status.json, metrics.jsonl, tb/, checkpoint.npz); rerunning the same
 command resumes an interrupted run. Everything here is ``keras_implicit.training.train``; this script
 only parses flags. Exit codes: 0 finished (or already finished), 1 the run cannot start (locked
-directory, another configuration, missing data), 2 bad flags, 3 diverged.
+directory, another configuration, missing data), 2 bad flags, 3 diverged, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from keras_implicit.training import RunConfig, RunError, default_run_name  # noqa: E402
 
-EXIT_CANNOT_START, EXIT_BAD_FLAGS, EXIT_DIVERGED = 1, 2, 3
+EXIT_CANNOT_START, EXIT_BAD_FLAGS, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 def _positive_int(text):
@@ -113,6 +113,9 @@ def main(argv=None) -> int:
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CANNOT_START
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: rerun the same command to resume {out} from its last completed epoch", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if result.state.startswith("already-"):
         print(result.message)
         return EXIT_DIVERGED if result.state == "already-diverged" else 0

@@ -12,8 +12,9 @@ skipped; any other run is started again and run.py resumes it from its last chec
 When every process has ended, the sweep writes ``RUNS_DIR/summary.md`` and ``RUNS_DIR/summary.csv``
 (each run's values at one training-CE level, seed means ± std, and the crossovers between the grid's
 extremes; see ``keras_implicit.analysis``) and logs the runs to TensorBoard's hparams dashboard under
-``RUNS_DIR/hparams/`` (``tensorboard --logdir RUNS_DIR/hparams``). ``--level`` fixes the level;
-by default it is the lowest training CE that every run reaches. ``--summary-only`` skips training.
+``RUNS_DIR/hparams/`` (``tensorboard --logdir RUNS_DIR/hparams``); ``--summary-dir`` puts these elsewhere.
+``--level`` fixes the level; by default it is the lowest training CE that every finished run reaches.
+``--summary-only`` skips training.
 """
 
 from __future__ import annotations
@@ -190,6 +191,8 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", help="passed to run.py")
     parser.add_argument("--level", type=float, help="training CE of the summary (default: lowest common level)")
     parser.add_argument("--summary-only", action="store_true", help="do not train, summarize what exists")
+    parser.add_argument("--summary-dir", type=Path, help="where summary.md, summary.csv and hparams/ go "
+                        "(default: --runs-dir)")
     parser.add_argument("--no-hparams", action="store_true", help="skip the TensorBoard hparams logs")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument("--run-script", type=Path, default=RUN_SCRIPT, help=argparse.SUPPRESS)
@@ -218,7 +221,9 @@ def main(argv=None) -> int:
         codes = run_grid(jobs, args.jobs, args.runs_dir / "logs")
         # run.py exits 3 for a diverged run: a result, not a failure.
         failed = [name for name, code in codes.items() if code not in (None, 0, 3)]
-    summarize([run_dir for _, _, run_dir in jobs], args.runs_dir, args.level, hparams=not args.no_hparams)
+    summary_dir = args.summary_dir or args.runs_dir
+    summary_dir.mkdir(parents=True, exist_ok=True)
+    summarize([run_dir for _, _, run_dir in jobs], summary_dir, args.level, hparams=not args.no_hparams)
     if failed:
         print(f"[sweep] {len(failed)} run(s) failed: {', '.join(failed)} (see {args.runs_dir / 'logs'})",
               file=sys.stderr)

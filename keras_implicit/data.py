@@ -222,10 +222,27 @@ def _load_cifar_dir(directory):
 # --------------------------------------------------------------------------- #
 # tensorflow-datasets
 # --------------------------------------------------------------------------- #
+def _network_reachable(host="storage.googleapis.com", port=443, timeout=3.0) -> bool:
+    """Whether tensorflow-datasets' download host answers (offline, tfds retries for minutes)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _load_tfds(name, data_dir):
     import tensorflow_datasets as tfds
 
-    splits = tfds.load(name, split=["train", "test"], as_supervised=True, data_dir=data_dir)
+    try:  # already prepared in the tfds data directory: no network needed
+        splits = tfds.load(name, split=["train", "test"], as_supervised=True, data_dir=data_dir, download=False)
+    except Exception as not_prepared:  # tfds raises AssertionError and others for "not prepared"
+        if not _network_reachable():
+            raise ConnectionError(
+                "no network to download it (storage.googleapis.com unreachable)") from not_prepared
+        splits = tfds.load(name, split=["train", "test"], as_supervised=True, data_dir=data_dir, download=True)
     arrays = []
     for split in splits:
         # Batches of 10000, not batch_size=-1 (which asks tf.data for one batch of sys.maxsize).

@@ -481,8 +481,8 @@ def _summary_line(epoch, epochs, step, tracker, train_seconds, tracking_seconds)
     return " | ".join(parts)
 
 
-def train(config: RunConfig, run_dir, overwrite: bool = False, progress: bool = True, stream=sys.stdout,
-          dataset=None, tracking_batch_size: int = 4096) -> TrainResult:
+def train(config: RunConfig, run_dir, overwrite: bool = False, progress: bool = True, verbose: bool = True,
+          stream=None, dataset=None, tracking_batch_size: int = 4096) -> TrainResult:
     """Runs (or resumes) one training run into ``run_dir``; see the module docstring.
 
     Args:
@@ -490,7 +490,8 @@ def train(config: RunConfig, run_dir, overwrite: bool = False, progress: bool = 
         run_dir: the run directory (created if needed).
         overwrite: start again in a directory that holds another configuration (or any finished run).
         progress: draw a progress bar per epoch (on a terminal only).
-        stream: where the per-epoch summary lines go (None: silent).
+        verbose: print one summary line per epoch.
+        stream: where the summary lines go (default ``sys.stdout``).
         dataset: an already loaded :class:`keras_implicit.data.Dataset` matching the config (tests,
             sweeps); None loads it.
         tracking_batch_size: examples per forward pass when tracking.
@@ -503,6 +504,7 @@ def train(config: RunConfig, run_dir, overwrite: bool = False, progress: bool = 
         the data is unavailable.
     """
     config.validate()
+    stream = (stream or sys.stdout) if verbose else None
     with RunDirectory(run_dir) as run:
         return _train_locked(config, run, overwrite, progress, stream, dataset, tracking_batch_size)
 

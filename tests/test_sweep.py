@@ -205,6 +205,12 @@ def test_summary_csv_markdown_and_hparams(tmp_path, fake_run):
     assert value == pytest.approx(float(row["gcdf@8"]), rel=1e-5)
 
 
+def test_summary_dir(tmp_path, fake_run):
+    assert run_sweep(tmp_path, fake_run, "--no-hparams", "--summary-dir", str(tmp_path / "report")) == 0
+    assert (tmp_path / "report" / "summary.md").exists() and (tmp_path / "report" / "summary.csv").exists()
+    assert not (tmp_path / "runs" / "summary.md").exists()
+
+
 def test_failed_run_is_reported(tmp_path, fake_run, capsys):
     code = sweep.main(["--runs-dir", str(tmp_path / "runs"), "--seeds", "99", "--lrs", "0.1", "--epochs", "3",
                        "--run-script", str(fake_run), "--no-hparams"])

@@ -209,7 +209,7 @@ def test_default_run_name():
 def test_train_writes_the_run_directory(idx_dir, tmp_path):
     run_dir = str(tmp_path / "run")
     config = small_config(idx_dir, track_every=3)
-    result = training.train(config, run_dir, progress=False, stream=None)
+    result = training.train(config, run_dir, progress=False, verbose=False)
     assert result.state == "finished" and result.epoch == 2 and result.step == 2 * (600 // 64)
 
     stored = json.load(open(os.path.join(run_dir, "config.json")))
@@ -248,20 +248,20 @@ def test_train_writes_the_run_directory(idx_dir, tmp_path):
 def test_rerunning_a_finished_run_does_nothing(idx_dir, tmp_path):
     run_dir = str(tmp_path / "run")
     config = small_config(idx_dir, epochs=1)
-    training.train(config, run_dir, progress=False, stream=None)
+    training.train(config, run_dir, progress=False, verbose=False)
     before = open(os.path.join(run_dir, "metrics.jsonl")).read()
-    again = training.train(config, run_dir, progress=False, stream=None)
+    again = training.train(config, run_dir, progress=False, verbose=False)
     assert again.state == "already-finished" and "nothing to do" in again.message
     assert open(os.path.join(run_dir, "metrics.jsonl")).read() == before
 
 
 def test_another_config_is_refused_unless_overwrite(idx_dir, tmp_path):
     run_dir = str(tmp_path / "run")
-    training.train(small_config(idx_dir, epochs=1), run_dir, progress=False, stream=None)
+    training.train(small_config(idx_dir, epochs=1), run_dir, progress=False, verbose=False)
     with pytest.raises(RunError, match=r"another run \(lr: 0.1 there, 0.2 asked\)"):
-        training.train(small_config(idx_dir, epochs=1, lr=0.2), run_dir, progress=False, stream=None)
+        training.train(small_config(idx_dir, epochs=1, lr=0.2), run_dir, progress=False, verbose=False)
     result = training.train(small_config(idx_dir, epochs=1, lr=0.2), run_dir, overwrite=True, progress=False,
-                            stream=None)
+                            verbose=False)
     assert result.state == "finished"
     assert json.load(open(os.path.join(run_dir, "config.json")))["lr"] == 0.2
     assert len(read_metrics(run_dir)) == 4  # steps 0 and 9, train and test: nothing left from the first run
@@ -270,7 +270,7 @@ def test_another_config_is_refused_unless_overwrite(idx_dir, tmp_path):
 def test_a_directory_that_is_not_a_run_is_refused(idx_dir, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(RunError, match="not a run directory"):
-        training.train(small_config(idx_dir), str(tmp_path), progress=False, stream=None)
+        training.train(small_config(idx_dir), str(tmp_path), progress=False, verbose=False)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -278,15 +278,15 @@ def test_a_second_process_is_refused_by_the_lock(idx_dir, tmp_path):
     run_dir = str(tmp_path / "run")
     with RunDirectory(run_dir):
         with pytest.raises(RunLockedError, match="in use by another process"):
-            training.train(small_config(idx_dir), run_dir, progress=False, stream=None)
+            training.train(small_config(idx_dir), run_dir, progress=False, verbose=False)
     # Released: now it runs.
-    assert training.train(small_config(idx_dir, epochs=1), run_dir, progress=False, stream=None).state == "finished"
+    assert training.train(small_config(idx_dir, epochs=1), run_dir, progress=False, verbose=False).state == "finished"
 
 
 def test_same_seed_same_metrics_other_seed_other_metrics(idx_dir, tmp_path):
     runs = {}
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
-        training.train(small_config(idx_dir, seed=seed, epochs=1), str(tmp_path / name), progress=False, stream=None)
+        training.train(small_config(idx_dir, seed=seed, epochs=1), str(tmp_path / name), progress=False, verbose=False)
         runs[name] = read_metrics(str(tmp_path / name))
     assert runs["a"] == runs["b"]
     assert runs["a"][-2]["ce"] != runs["c"][-2]["ce"]
@@ -296,11 +296,11 @@ def test_resume_from_a_checkpoint_truncates_later_records(idx_dir, tmp_path):
     """A crash after the epoch-1 checkpoint: the records written after it are cut and recomputed."""
     config = small_config(idx_dir, epochs=2, track_every=4, deterministic=True)
     whole = str(tmp_path / "whole")
-    training.train(config, whole, progress=False, stream=None)
+    training.train(config, whole, progress=False, verbose=False)
     expected = read_metrics(whole)
 
     partial = str(tmp_path / "partial")
-    training.train(dataclass_replace(config, epochs=1), partial, progress=False, stream=None)
+    training.train(dataclass_replace(config, epochs=1), partial, progress=False, verbose=False)
     # Make it look like a run of 2 epochs killed in epoch 2: config of the 2-epoch run, status
     # "running", and a stray record written after the checkpoint.
     stored = json.load(open(os.path.join(partial, "config.json")))
@@ -309,7 +309,7 @@ def test_resume_from_a_checkpoint_truncates_later_records(idx_dir, tmp_path):
     json.dump({"state": "running", "epoch": 1, "step": 9}, open(os.path.join(partial, "status.json"), "w"))
     with open(os.path.join(partial, "metrics.jsonl"), "a") as handle:
         handle.write(json.dumps({**expected[-1], "step": 12, "ce": 123.0}) + "\n")
-    result = training.train(config, partial, progress=False, stream=None)
+    result = training.train(config, partial, progress=False, verbose=False)
     assert result.state == "finished"
     assert read_metrics(partial) == expected
 
@@ -323,7 +323,7 @@ def dataclass_replace(config, **changes):
 def test_target_train_loss_stops_the_run(idx_dir, tmp_path):
     run_dir = str(tmp_path / "run")
     config = small_config(idx_dir, epochs=20, track_every=1, target_train_loss=1.5)
-    result = training.train(config, run_dir, progress=False, stream=None)
+    result = training.train(config, run_dir, progress=False, verbose=False)
     records = read_metrics(run_dir)
     train_ce = [r["ce"] for r in records if r["split"] == "train"]
     assert train_ce[-1] < 1.5 and all(ce >= 1.5 for ce in train_ce[:-1])
@@ -335,14 +335,14 @@ def test_target_train_loss_stops_the_run(idx_dir, tmp_path):
 
 def test_divergence_stops_with_status_and_keeps_records(idx_dir, tmp_path):
     run_dir = str(tmp_path / "run")
-    result = training.train(small_config(idx_dir, lr=1e30, epochs=3), run_dir, progress=False, stream=None)
+    result = training.train(small_config(idx_dir, lr=1e30, epochs=3), run_dir, progress=False, verbose=False)
     assert result.state == "diverged"
     status = json.load(open(os.path.join(run_dir, "status.json")))
     assert status["state"] == "diverged" and status["epoch"] == 0 and "nan" in status["message"].lower()
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [0, 0]  # the tracking point before training stays
     assert all(math.isfinite(r["ce"]) for r in records)
-    again = training.train(small_config(idx_dir, lr=1e30, epochs=3), run_dir, progress=False, stream=None)
+    again = training.train(small_config(idx_dir, lr=1e30, epochs=3), run_dir, progress=False, verbose=False)
     assert again.state == "already-diverged"
 
 

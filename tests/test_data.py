@@ -1,0 +1,169 @@
+"""keras_implicit.data: IDX files, CIFAR-10 batches, tensorflow-datasets (mocked), subsets, clear errors."""
+
+import gzip
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from keras_implicit import data as ki_data
+
+
+def _write_idx_dir(directory, n_train=50, n_test=20, shape=(6, 5), compress=True, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in (("train", n_train), ("test", n_test)):
+        images = rng.integers(0, 256, (count, *shape), dtype=np.uint8)
+        labels = (np.arange(count) % 10).astype(np.uint8)
+        rng.shuffle(labels)
+        images_name, labels_name = ki_data.IDX_FILES[split]
+        suffix = ".gz" if compress else ""
+        ki_data.write_idx(os.path.join(directory, images_name + suffix), images)
+        ki_data.write_idx(os.path.join(directory, labels_name + suffix), labels)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+def test_read_idx_parses_the_header_by_hand(tmp_path):
+    # An IDX file written byte by byte from the format's description, not by write_idx.
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    raw = bytes([0, 0, 0x08, 3]) + (2).to_bytes(4, "big") + (3).to_bytes(4, "big") + (4).to_bytes(4, "big")
+    (tmp_path / "a").write_bytes(raw + images.tobytes())
+    np.testing.assert_array_equal(ki_data.read_idx(tmp_path / "a"), images)
+    with gzip.open(tmp_path / "a.gz", "wb") as handle:
+        handle.write(raw + images.tobytes())
+    np.testing.assert_array_equal(ki_data.read_idx(tmp_path / "a.gz"), images)
+    ints = np.array([1, -2, 300000], dtype=">i4")
+    (tmp_path / "b").write_bytes(bytes([0, 0, 0x0C, 1]) + (3).to_bytes(4, "big") + ints.tobytes())
+    np.testing.assert_array_equal(ki_data.read_idx(tmp_path / "b"), [1, -2, 300000])
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(24, dtype=np.uint8).reshape(2, 3, 4),
+    np.array([-1.5, 2.25], np.float32),
+    np.array([[7, -9]], np.int32),
+])
+@pytest.mark.parametrize("name", ["x", "x.gz"])
+def test_write_then_read_idx(tmp_path, array, name):
+    ki_data.write_idx(tmp_path / name, array)
+    back = ki_data.read_idx(tmp_path / name)
+    np.testing.assert_array_equal(back, array)
+    assert back.shape == array.shape
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x01\x00\x08\x01" + (3).to_bytes(4, "big") + b"abc", "not an IDX file"),
+    (b"\x00\x00\x08\x02" + (3).to_bytes(4, "big"), "truncated"),
+    (b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + b"abc", "holds 3 bytes"),
+])
+def test_read_idx_rejects_bad_files(tmp_path, content, message):
+    (tmp_path / "bad").write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        ki_data.read_idx(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_load_from_an_idx_directory(tmp_path, compress):
+    arrays = _write_idx_dir(str(tmp_path), compress=compress)
+    dataset = ki_data.load_dataset("mnist", data_dir=str(tmp_path))
+    assert dataset.source == str(tmp_path) and dataset.num_classes == 10
+    assert dataset.x_train.shape == (50, 6, 5, 1) and dataset.x_train.dtype == np.float32
+    assert dataset.input_shape == (6, 5, 1)
+    np.testing.assert_allclose(dataset.x_train[..., 0], arrays["train"][0] / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(dataset.y_test, arrays["test"][1])
+    assert dataset.y_train.dtype == np.int32
+    assert 0.0 <= dataset.x_test.min() and dataset.x_test.max() <= 1.0
+
+
+def test_train_subset_is_class_balanced_and_fixed(tmp_path):
+    arrays = _write_idx_dir(str(tmp_path), n_train=200)
+    dataset = ki_data.load_dataset("fashion_mnist", data_dir=str(tmp_path), train_subset=45)
+    counts = np.bincount(dataset.y_train, minlength=10)
+    assert counts.tolist() == [5] * 5 + [4] * 5
+    labels = arrays["train"][1]
+    expected = np.sort(np.concatenate([np.flatnonzero(labels == c)[:counts[c]] for c in range(10)]))
+    np.testing.assert_allclose(dataset.x_train[..., 0], arrays["train"][0][expected] / 255.0, rtol=1e-6)
+    assert len(dataset.y_test) == 20  # the test set stays complete
+    with pytest.raises(ValueError, match="larger than the training set"):
+        ki_data.load_dataset("mnist", data_dir=str(tmp_path), train_subset=201)
+    with pytest.raises(ValueError, match="class 3 has only"):
+        ki_data.class_balanced_subset(np.array([0, 1, 2] * 10 + [3]), 8, 4)
+    with pytest.raises(ValueError, match="positive"):
+        ki_data.load_dataset("mnist", data_dir=str(tmp_path), train_subset=0)
+
+
+def test_cifar10_python_batches_are_standardized_per_channel(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        images = rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)
+        images[:, 1] //= 2  # channels with different statistics
+        labels = list(rng.integers(0, 10, 8))
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": images.reshape(8, -1), b"labels": labels}, handle)
+        batches[name] = (images.transpose(0, 2, 3, 1), labels)
+    dataset = ki_data.load_dataset("cifar10", data_dir=str(tmp_path))
+    assert dataset.x_train.shape == (40, 32, 32, 3) and dataset.x_test.shape == (8, 32, 32, 3)
+    train = np.concatenate([batches[f"data_batch_{i}"][0] for i in range(1, 6)]).astype(np.float64) / 255
+    mean, std = train.mean(axis=(0, 1, 2)), train.std(axis=(0, 1, 2))
+    np.testing.assert_allclose(dataset.x_train, (train - mean) / std, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dataset.x_test, (batches["test_batch"][0] / 255 - mean) / std, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(dataset.y_test, batches["test_batch"][1])
+
+
+@pytest.mark.parametrize("name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
+def test_tensorflow_datasets_path_under_mock_data(name, shape, tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=30):
+        dataset = ki_data.load_dataset(name, data_dir=str(tmp_path))  # no local files there: tfds.load
+    assert dataset.source == "tensorflow-datasets"
+    assert dataset.x_train.shape == (30, *shape) and dataset.x_test.shape == (30, *shape)
+    assert dataset.x_train.dtype == np.float32 and dataset.y_train.dtype == np.int32
+    assert dataset.y_train.min() >= 0 and dataset.y_train.max() < 10
+    if name == "mnist":
+        assert 0.0 <= dataset.x_train.min() and dataset.x_train.max() <= 1.0
+    else:
+        np.testing.assert_allclose(dataset.x_train.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
+        np.testing.assert_allclose(dataset.x_train.std(axis=(0, 1, 2)), 1.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("name, hint", [
+    ("fashion_mnist", "apt-get install dataset-fashion-mnist"),
+    ("mnist", "--data-dir"),
+    ("cifar10", "cifar-10-batches-py"),
+])
+def test_unavailable_dataset_says_how_to_get_it(name, hint, tmp_path, monkeypatch):
+    monkeypatch.setattr(ki_data, "SYSTEM_DIRS", {k: () for k in ki_data.SYSTEM_DIRS})
+
+    def offline(*args):
+        raise ConnectionError("no network to download it")
+
+    monkeypatch.setattr(ki_data, "_load_tfds", offline)
+    with pytest.raises(ki_data.DatasetUnavailableError, match="could not load it") as raised:
+        ki_data.load_dataset(name, data_dir=str(tmp_path))
+    assert hint in str(raised.value) and str(tmp_path) in str(raised.value)
+    with pytest.raises(ki_data.DatasetUnavailableError, match="not on this machine"):
+        ki_data.load_dataset(name, allow_download=False)
+
+
+def test_offline_tfds_fails_fast_without_network(monkeypatch, tmp_path):
+    monkeypatch.setattr(ki_data, "_network_reachable", lambda *a, **k: False)
+    with pytest.raises(ki_data.DatasetUnavailableError, match="no network"):
+        ki_data.load_dataset("mnist", data_dir=str(tmp_path / "empty"))
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
+        ki_data.load_dataset("svhn")
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="dataset-fashion-mnist not installed")
+def test_debian_fashion_mnist():
+    dataset = ki_data.load_dataset("fashion_mnist", train_subset=1000)
+    assert dataset.source == "/usr/share/datasets/fashion-mnist"
+    assert dataset.x_train.shape == (1000, 28, 28, 1) and dataset.x_test.shape == (10000, 28, 28, 1)
+    assert np.bincount(dataset.y_test).tolist() == [1000] * 10

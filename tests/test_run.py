@@ -1,0 +1,182 @@
+"""experiments/run.py: flags, end-to-end runs (IDX fixture, mocked tensorflow-datasets), kill -9 and resume."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from keras_implicit import data as ki_data
+from keras_implicit.training import RunDirectory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "experiments", "run.py")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("experiments_run", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run_script = _load_script()
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+    prototypes = rng.uniform(0, 255, size=(10, 10, 10))
+    for split, count in (("train", 1200), ("test", 200)):
+        labels = (np.arange(count) % 10).astype(np.uint8)
+        rng.shuffle(labels)
+        images = np.clip(prototypes[labels] + rng.normal(0, 60, (count, 10, 10)), 0, 255).astype(np.uint8)
+        images_name, labels_name = ki_data.IDX_FILES[split]
+        ki_data.write_idx(os.path.join(directory, images_name + ".gz"), images)
+        ki_data.write_idx(os.path.join(directory, labels_name + ".gz"), labels)
+    return str(directory)
+
+
+def _records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def _status(run_dir):
+    with open(os.path.join(run_dir, "status.json")) as handle:
+        return json.load(handle)
+
+
+def _cli(args, timeout=240):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=ROOT)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--model", "resnet50"], "unknown model 'resnet50'"),
+    (["--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'"),
+    (["--loss", "mse"], "unknown loss 'mse'"),
+    (["--loss", "tce@0"], "parameter must be finite and > 0"),
+    (["--batch-size", "1000"], "not a multiple of ghost_batch_size 256"),
+    (["--lr", "0"], "--lr: must be a finite number > 0"),
+    (["--lr", "-0.1"], "--lr: must be a finite number > 0"),
+    (["--lr", "fast"], "--lr: 'fast' is not a number"),
+    (["--epochs", "0"], "--epochs: must be a positive integer"),
+    (["--track-schedule", "cosine"], "unknown tracking schedule 'cosine'"),
+    (["--train-subset", "100"], "smaller than one batch"),
+    (["--learning-rate", "0.1"], "unrecognized arguments"),
+])
+def test_bad_flags_fail_before_any_work(flags, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exited:
+        run_script.main([*flags, "--out", str(out)])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_end_to_end_on_an_idx_fixture_then_rerun(idx_dir, tmp_path):
+    out = str(tmp_path / "run")
+    args = ["--dataset", "mnist", "--data-dir", idx_dir, "--epochs", "2", "--batch-size", "128",
+            "--ghost-batch-size", "64", "--out", out]
+    done = _cli(args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert [line.split(" | ")[0] for line in lines[:3]] == ["epoch 0/2", "epoch 1/2", "epoch 2/2"]
+    assert "train ce" in lines[2] and "test ce" in lines[2] and lines[-1].startswith(f"finished {out}")
+    assert _status(out) == {"state": "finished", "epoch": 2, "step": 18, "message": "2 epochs"}
+    assert [r["step"] for r in _records(out)] == [0, 0, 9, 9, 18, 18]
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["batch_size"] == 128 and config["ghost_batch_size"] == 64 and config["dataset"] == "mnist"
+
+    again = _cli(args)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert len(_records(out)) == 6
+
+
+def test_kill_9_and_resume_equals_an_uninterrupted_run(idx_dir, tmp_path):
+    args = ["--dataset", "mnist", "--data-dir", idx_dir, "--epochs", "3", "--batch-size", "32",
+            "--ghost-batch-size", "32", "--track-every", "5", "--deterministic", "--no-progress"]
+    killed = str(tmp_path / "killed")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    process = subprocess.Popen([sys.executable, SCRIPT, *args, "--out", killed], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    deadline = time.time() + 180
+    while time.time() < deadline and process.poll() is None:
+        try:
+            status = _status(killed)
+        except (FileNotFoundError, json.JSONDecodeError):
+            status = None
+        if status and status["state"] == "running" and status["epoch"] >= 1:
+            time.sleep(0.2)  # into the next epoch: records after the checkpoint are being written
+            break
+        time.sleep(0.02)
+    if process.poll() is not None:
+        pytest.fail("the run finished before it could be killed; make the fixture run longer")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert _status(killed)["state"] == "running"
+    before = _records(killed)
+
+    resumed = _cli([*args, "--out", killed])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.startswith(f"resuming {killed} from epoch ")
+    after = _records(killed)
+    assert len(before) < len(after)
+    steps = [(r["step"], r["split"]) for r in after]
+    assert len(steps) == len(set(steps))  # nothing logged twice
+    assert _status(killed)["state"] == "finished"
+
+    # The uninterrupted run, in this process: the same records bit for bit (with --deterministic).
+    whole = str(tmp_path / "whole")
+    assert run_script.main([*args, "--out", whole]) == 0
+    assert after == _records(whole)
+
+
+def test_tensorflow_datasets_path_end_to_end(tmp_path, capsys):
+    import tensorflow_datasets as tfds
+
+    out = str(tmp_path / "run")
+    with tfds.testing.mock_data(num_examples=64):
+        code = run_script.main(["--dataset", "mnist", "--data-dir", str(tmp_path / "tfds"), "--epochs", "1",
+                                "--batch-size", "32", "--ghost-batch-size", "16", "--out", out])
+    assert code == 0
+    assert _status(out)["state"] == "finished"
+    records = _records(out)
+    assert [(r["step"], r["split"]) for r in records] == [(0, "train"), (0, "test"), (2, "train"), (2, "test")]
+    assert "epoch 1/1" in capsys.readouterr().out
+
+
+def test_a_locked_directory_is_refused(idx_dir, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    with RunDirectory(out):
+        code = run_script.main(["--dataset", "mnist", "--data-dir", idx_dir, "--epochs", "1", "--out", out])
+    assert code == 1
+    assert "in use by another process" in capsys.readouterr().err
+
+
+def test_divergence_exits_non_zero_with_one_line(idx_dir, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    code = run_script.main(["--dataset", "mnist", "--data-dir", idx_dir, "--epochs", "2", "--lr", "1e30",
+                            "--out", out])
+    assert code == 3
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "diverged in epoch 1" in error_lines[0]
+    assert _status(out)["state"] == "diverged"
+    assert [r["step"] for r in _records(out)] == [0, 0]
+
+
+def test_default_output_directory_name(idx_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = run_script.main(["--dataset", "mnist", "--data-dir", idx_dir, "--epochs", "1", "--train-subset", "512",
+                            "--no-progress"])
+    assert code == 0
+    assert os.listdir(tmp_path / "runs") == ["mnist-fc6-ce-sgd-lr0.1-b256-n512-s0"]
