@@ -29,7 +29,9 @@ accumulation window straddles two epochs and no partial micro-batch is ever weig
 **Resume.** Rerunning the same command on a run directory continues from the last checkpoint (the
 last completed epoch): ``metrics.jsonl`` is cut back to the checkpoint's length so no point is logged
 twice, TensorBoard points are written only at checkpoints. A finished run is left alone; a different
-configuration is refused unless ``overwrite``; a second process on the same directory is refused
+configuration is refused unless ``overwrite``, except for ``epochs`` and ``target_train_loss``, which only
+say when to stop: changing them continues the run from its checkpoint (``config.json`` then holds the new
+values), as if it had been started with them. A second process on the same directory is refused
 (``fcntl.flock``). With ``deterministic=True`` (``tf.config.experimental.enable_op_determinism``)
 the resumed run's metrics equal an uninterrupted run's bit for bit (see the README's Experiments
 section for what was measured).
@@ -73,10 +75,12 @@ LOSS_FAMILIES = ("gcdf", "tce", "hinge")
 MOMENTUM = 0.9
 
 # The config keys that define a run (compared when resuming); versions and git commit are not.
+# Of those, EXTENDABLE only say when to stop: changing them continues the run from its checkpoint.
 CONFIG_FLAGS = (
     "model", "dataset", "lr", "batch_size", "ghost_batch_size", "epochs", "seed", "optimizer", "loss",
     "train_subset", "track_every", "track_schedule", "target_train_loss", "data_dir", "deterministic",
 )
+EXTENDABLE = ("epochs", "target_train_loss")
 
 
 class RunError(RuntimeError):
@@ -245,14 +249,15 @@ def epoch_order(num_examples: int, batch_size: int, seed: int, epoch: int) -> np
     return permutation[: steps * batch_size]
 
 
-def epoch_batches(x, y, batch_size: int, ghost_batch_size: int, seed: int, epoch: int):
+def epoch_batches(x, y, batch_size: int, ghost_batch_size: int, seed: int, epoch: int, skip_steps: int = 0):
     """A ``tf.data.Dataset`` of the micro-batches of one epoch (see :func:`epoch_order`).
 
-    ``x`` and ``y`` are tensors (converted once); batches are gathered from them.
+    ``x`` and ``y`` are tensors (converted once); batches are gathered from them. ``skip_steps`` leaves out
+    the epoch's first large batches (continuing a run stopped inside an epoch by its target loss).
     """
     import tensorflow as tf
 
-    order = epoch_order(int(x.shape[0]), batch_size, seed, epoch)
+    order = epoch_order(int(x.shape[0]), batch_size, seed, epoch)[int(skip_steps) * batch_size:]
     dataset = tf.data.Dataset.from_tensor_slices(order.astype(np.int64)).batch(ghost_batch_size)
     dataset = dataset.map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
     return dataset.prefetch(2)
@@ -350,7 +355,8 @@ class RunDirectory:
         except OSError as error:
             handle.close()
             if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise RunLockedError(f"{self.path} is in use by another process (it holds {self.file(self.LOCK)})") from None
+                raise RunLockedError(
+                    f"{self.path} is in use by another process (it holds {self.file(self.LOCK)})") from None
             raise
         handle.seek(0)
         handle.truncate()
@@ -444,7 +450,8 @@ class RunDirectory:
                 for key, variable in zip(stored, variables):
                     value = content[key]
                     if tuple(value.shape) != tuple(variable.shape):
-                        raise RunError(f"{path}: {key} has shape {value.shape}, {variable.path} {tuple(variable.shape)}")
+                        raise RunError(
+                            f"{path}: {key} has shape {value.shape}, {variable.path} {tuple(variable.shape)}")
                     variable.assign(value)
         return meta
 
@@ -524,21 +531,25 @@ def _train_locked(config, run, overwrite, progress, stream, dataset, tracking_ba
         run.clear()
         existing = None
     elif existing is not None:
-        if _comparable(existing) != _comparable(wanted):
-            differences = [f"{k}: {existing.get(k)!r} there, {wanted.get(k)!r} asked"
-                           for k in _comparable(wanted) if existing.get(k) != wanted.get(k)]
+        changed = [k for k in _comparable(wanted) if existing.get(k) != wanted.get(k)]
+        if any(k not in EXTENDABLE for k in changed):
+            differences = [f"{k}: {existing.get(k)!r} there, {wanted.get(k)!r} asked" for k in changed]
             raise RunError(f"{run.path} holds another run ({'; '.join(differences)}); use --overwrite to replace it "
                            "or --out for another directory")
         status = run.status() or {}
-        if status.get("state") in ("finished", "diverged"):
+        if changed and status.get("state") != "diverged":
+            _print(stream, f"{run.path}: continuing with " + ", ".join(
+                f"{k} {wanted[k]} (was {existing.get(k)})" for k in changed))
+            run.write_json(run.CONFIG, {**existing, **{k: wanted[k] for k in changed}})
+        elif status.get("state") in ("finished", "diverged"):
             message = (f"{run.path}: run already {status['state']} at epoch {status.get('epoch')}, step "
-                       f"{status.get('step')}; nothing to do" + (f" ({status['message']})" if status.get("message") else ""))
+                       f"{status.get('step')}; nothing to do"
+                       + (f" ({status['message']})" if status.get("message") else ""))
             return TrainResult("already-" + status["state"], status.get("epoch", 0), status.get("step", 0), message)
     elif run.contents():
         raise RunError(f"{run.path} is not empty and holds no config.json (not a run directory); use --overwrite "
                        "to replace its contents or --out for another directory")
 
-    import keras
     import tensorflow as tf
 
     from keras_implicit import callbacks as ki_callbacks
@@ -571,7 +582,11 @@ def _train_locked(config, run, overwrite, progress, stream, dataset, tracking_ba
         start_epoch, step, target_reached = 0, 0, False
     else:
         run.truncate_metrics(meta["metrics_bytes"])
-        start_epoch, step, target_reached = meta["epoch"], meta["step"], meta.get("target_reached", False)
+        start_epoch, step = meta["epoch"], meta["step"]
+        # Against the target asked now (it may have changed): the last training point before the checkpoint.
+        last_train = [r for r in run.read_metrics() if r["split"] == "train"][-1:]
+        target_reached = bool(config.target_train_loss is not None and last_train
+                              and last_train[0]["ce"] < config.target_train_loss)
         _print(stream, f"resuming {run.path} from epoch {start_epoch} (step {step})")
 
     x_train = tf.convert_to_tensor(dataset.x_train)
@@ -618,7 +633,8 @@ def _train_locked(config, run, overwrite, progress, stream, dataset, tracking_ba
     while epoch < config.epochs and not target_reached:
         tracking_before = tracker.tracking_seconds
         started = time.perf_counter()
-        batches = epoch_batches(x_train, y_train, config.batch_size, config.ghost_batch_size, config.seed, epoch)
+        batches = epoch_batches(x_train, y_train, config.batch_size, config.ghost_batch_size, config.seed, epoch,
+                                skip_steps=step - epoch * steps_per_epoch)
         model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, verbose=0, callbacks=callbacks, shuffle=False)
         elapsed = time.perf_counter() - started
         tracking = tracker.tracking_seconds - tracking_before
@@ -627,16 +643,20 @@ def _train_locked(config, run, overwrite, progress, stream, dataset, tracking_ba
             message = monitor.diverged or tracker.diverged
             return diverged(epoch, f"diverged in epoch {epoch + 1}: {message}")
         target_reached = tracker.target_reached
+        if step != (epoch + 1) * steps_per_epoch and not target_reached:
+            raise RunError(f"epoch {epoch + 1} ended at step {step}, not {(epoch + 1) * steps_per_epoch}: training was "
+                           "stopped by something else than divergence or the target loss")
         completed = epoch + 1 if step == (epoch + 1) * steps_per_epoch else epoch
         checkpoint(completed, step, target_reached)
         result.epoch_seconds.append(elapsed - tracking)
         result.tracking_seconds.append(tracking)
         _print(stream, _summary_line(epoch + 1, config.epochs, step, tracker, elapsed - tracking, tracking))
         run.write_status("running", completed, step)
-        epoch = completed if not target_reached else epoch + 1
+        epoch += 1
 
     epochs_done = int(step // steps_per_epoch)
-    message = (f"target train loss {config.target_train_loss} reached at step {step} (epoch {step / steps_per_epoch:.3g})"
+    message = (f"target train loss {config.target_train_loss} reached at step {step} "
+               f"(epoch {step / steps_per_epoch:.3g})"
                if target_reached else f"{epochs_done} epochs")
     run.write_status("finished", epochs_done, step, message)
     tracker.close()

@@ -161,7 +161,8 @@ def test_unknown_dataset():
         ki_data.load_dataset("svhn")
 
 
-@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="dataset-fashion-mnist not installed")
 def test_debian_fashion_mnist():
     dataset = ki_data.load_dataset("fashion_mnist", train_subset=1000)
     assert dataset.source == "/usr/share/datasets/fashion-mnist"

@@ -17,7 +17,10 @@ def _fc6_parameters(inputs, classes):
 def _c1_parameters(height, width, channels, classes):
     conv1 = 5 * 5 * channels * 64 + 64 + 4 * 64
     conv2 = 5 * 5 * 64 * 64 + 64 + 4 * 64
-    pooled = lambda n: -(-(-(-n // 2)) // 2)  # two 'same' poolings with stride 2: ceil(ceil(n/2)/2)
+
+    def pooled(n):  # two 'same' poolings with stride 2: ceil(ceil(n / 2) / 2)
+        return -(-(-(-n // 2)) // 2)
+
     flat = pooled(height) * pooled(width) * 64
     return conv1 + conv2 + (flat * 384 + 384 + 4 * 384) + (384 * 192 + 192 + 4 * 192) + 192 * classes + classes
 

@@ -267,6 +267,26 @@ def test_another_config_is_refused_unless_overwrite(idx_dir, tmp_path):
     assert len(read_metrics(run_dir)) == 4  # steps 0 and 9, train and test: nothing left from the first run
 
 
+def test_more_epochs_or_a_lower_target_continue_a_finished_run(idx_dir, tmp_path):
+    base = small_config(idx_dir, epochs=4, track_every=2, deterministic=True)
+    whole = str(tmp_path / "whole")
+    training.train(dataclass_replace(base, target_train_loss=1.0), whole, progress=False, verbose=False)
+    expected = read_metrics(whole)
+    assert [r["ce"] for r in expected if r["split"] == "train"][-1] < 1.0
+
+    run_dir = str(tmp_path / "run")
+    first = training.train(dataclass_replace(base, epochs=1), run_dir, progress=False, verbose=False)
+    assert first.state == "finished" and first.step == 9
+    # A target reached inside an epoch: the run stops there, at a step that is not an epoch's end.
+    second = training.train(dataclass_replace(base, target_train_loss=2.0), run_dir, progress=False, verbose=False)
+    assert second.state == "finished" and "target train loss 2.0 reached" in second.message
+    third = training.train(dataclass_replace(base, target_train_loss=1.0), run_dir, progress=False, verbose=False)
+    assert third.state == "finished"
+    assert read_metrics(run_dir) == expected
+    stored = json.load(open(os.path.join(run_dir, "config.json")))
+    assert (stored["epochs"], stored["target_train_loss"]) == (4, 1.0)
+
+
 def test_a_directory_that_is_not_a_run_is_refused(idx_dir, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(RunError, match="not a run directory"):
