@@ -6,8 +6,9 @@
 //
 // Columns: K1 Gcdf (eq. 6), K2 tempered cross-entropy (eq. 7), K3 multi-class hinge (eq. 8), then the
 // zero-one error if `error`. The formulas are those of keras_implicit/losses.py (_panel_pure_tf), written
-// on the margins d_j = s_j - s_y with the same floating-point steps, so both paths agree to rounding:
-//   Gcdf(sigma > 0) = sum_{j != y} 0.5 * erfc(-(d_j / (T(sqrt2 * sigma) * norm)) / T(sqrt2))
+// on the margins d_j = s_j - s_y with the same steps, except that where TF divides by sqrt2 sigma norm,
+// sqrt2 or T, the kernel multiplies by a reciprocal computed in double, so both paths agree to rounding:
+//   Gcdf(sigma > 0) = sum_{j != y} 0.5 * erfc(-d_j / (2 sigma norm))
 //   Gcdf(sigma = 0) = #{j != y : d_j > 0} + 0.5 * #{j != y : d_j = 0}
 //   tce(T)          = softplus(logsumexp_{j != y} d_j / T)      (TF's softplus thresholds, log1p)
 //   hinge(gamma)    = sum_{j != y} max(0, gamma + d_j)
@@ -209,9 +210,10 @@ static void PanelRow(const T* x, int64 classes, int64 width, int y, T norm, cons
       for (int64 j = 0; j < classes; ++j) count += d[j] > 0 ? T(1) : (d[j] == 0 ? T(0.5) : T(0));
       out[k++] = count;
     } else {
-      const T scale = static_cast<T>(kSqrt2 * sigma) * norm;
-      const T sqrt2 = static_cast<T>(kSqrt2);
-      out[k++] = T(0.5) * (-(margins / scale) / sqrt2).erfc().sum();
+      // Phi(d / (sqrt2 sigma norm)) = erfc(u) / 2 with u = -d / (2 sigma norm): one multiplication by a
+      // factor computed in double (TF divides twice; the arguments differ by at most ~2 ulp).
+      const T factor = static_cast<T>(-0.5 / (sigma * static_cast<double>(norm)));
+      out[k++] = T(0.5) * (margins * factor).erfc().sum();
     }
   }
   if (!panel.temperatures.empty()) {
@@ -221,10 +223,10 @@ static void PanelRow(const T* x, int64 classes, int64 width, int y, T norm, cons
     const int64 count = static_cast<int64>(panel.temperatures.size());
     RowArray<T> sums(out + k, count);
     for (int64 i = 0; i < count; ++i) {
-      const T t = static_cast<T>(panel.temperatures[i]);
-      const T raw_max = max_margin / t;
+      const T inverse = static_cast<T>(1.0 / panel.temperatures[i]);  // exact for powers of two
+      const T raw_max = max_margin * inverse;
       shifts[i] = std::isfinite(raw_max) || std::isnan(raw_max) ? raw_max : T(0);
-      sums(i) = std::isnan(raw_max) ? raw_max : (margins / t - shifts[i]).exp().sum();
+      sums(i) = std::isnan(raw_max) ? raw_max : (margins * inverse - shifts[i]).exp().sum();
     }
     sums = sums.log() + RowArray<T>(shifts, count);
     Softplus(sums);

@@ -302,7 +302,7 @@ def plot_family_at_level(runs, level: float, families: Sequence[str] = analysis.
         axes[0][col].set_xscale("log")
         axes[0][col].set_yscale("log")
         for row in axes[:, col]:
-            row.set_xticks(params, [f"{p:g}" for p in params])
+            row.set_xticks(params, [f"{p:g}" for p in params], fontsize=7, rotation=45 if len(params) > 7 else 0)
             row.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             row.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axes[0][col].set_ylabel(f"{family} at train CE = {level:.3g}")

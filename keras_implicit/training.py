@@ -81,6 +81,8 @@ CONFIG_FLAGS = (
     "train_subset", "track_every", "track_schedule", "target_train_loss", "data_dir", "deterministic",
 )
 EXTENDABLE = ("epochs", "target_train_loss")
+# Examples per forward pass when tracking (inference only: large batches amortize the per-call cost).
+TRACKING_BATCH_SIZES = {"fc6": 4096, "c1": 1024}
 
 
 class RunError(RuntimeError):
@@ -489,7 +491,7 @@ def _summary_line(epoch, epochs, step, tracker, train_seconds, tracking_seconds)
 
 
 def train(config: RunConfig, run_dir, overwrite: bool = False, progress: bool = True, verbose: bool = True,
-          stream=None, dataset=None, tracking_batch_size: int = 4096) -> TrainResult:
+          stream=None, dataset=None, tracking_batch_size: Optional[int] = None) -> TrainResult:
     """Runs (or resumes) one training run into ``run_dir``; see the module docstring.
 
     Args:
@@ -501,7 +503,8 @@ def train(config: RunConfig, run_dir, overwrite: bool = False, progress: bool = 
         stream: where the summary lines go (default ``sys.stdout``).
         dataset: an already loaded :class:`keras_implicit.data.Dataset` matching the config (tests,
             sweeps); None loads it.
-        tracking_batch_size: examples per forward pass when tracking.
+        tracking_batch_size: examples per forward pass when tracking; None: 4096 for fc6, 1024 for c1
+            (whose first convolution's output is 256 KiB per example).
 
     Returns:
         A :class:`TrainResult`.
@@ -512,6 +515,8 @@ def train(config: RunConfig, run_dir, overwrite: bool = False, progress: bool = 
     """
     config.validate()
     stream = (stream or sys.stdout) if verbose else None
+    if tracking_batch_size is None:
+        tracking_batch_size = TRACKING_BATCH_SIZES.get(config.model, 1024)
     with RunDirectory(run_dir) as run:
         return _train_locked(config, run, overwrite, progress, stream, dataset, tracking_batch_size)
 

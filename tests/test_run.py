@@ -104,7 +104,7 @@ def test_end_to_end_on_an_idx_fixture_then_rerun(idx_dir, tmp_path, capsys):
 
 
 def test_kill_9_and_resume_equals_an_uninterrupted_run(idx_dir, tmp_path, capsys):
-    args = ["--dataset", "mnist", "--data-dir", idx_dir, "--epochs", "3", "--batch-size", "32",
+    args = ["--dataset", "mnist", "--data-dir", idx_dir, "--epochs", "4", "--batch-size", "32",
             "--ghost-batch-size", "32", "--track-every", "5", "--deterministic", "--no-progress"]
     killed = str(tmp_path / "killed")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}

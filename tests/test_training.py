@@ -278,8 +278,9 @@ def test_more_epochs_or_a_lower_target_continue_a_finished_run(idx_dir, tmp_path
     first = training.train(dataclass_replace(base, epochs=1), run_dir, progress=False, verbose=False)
     assert first.state == "finished" and first.step == 9
     # A target reached inside an epoch: the run stops there, at a step that is not an epoch's end.
-    second = training.train(dataclass_replace(base, target_train_loss=2.0), run_dir, progress=False, verbose=False)
-    assert second.state == "finished" and "target train loss 2.0 reached" in second.message
+    second = training.train(dataclass_replace(base, target_train_loss=2.05), run_dir, progress=False, verbose=False)
+    assert second.state == "finished" and "target train loss 2.05 reached" in second.message
+    assert second.step % 9 != 0  # inside epoch 2: the third call finishes that epoch's remaining batches
     third = training.train(dataclass_replace(base, target_train_loss=1.0), run_dir, progress=False, verbose=False)
     assert third.state == "finished"
     assert read_metrics(run_dir) == expected
