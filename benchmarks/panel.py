@@ -11,12 +11,14 @@ interleaved repeat by repeat (medians; the machine is shared and noisy):
   forward: one forward pass of fc6 (784 inputs, classes outputs) over the same number of examples.
 
 Everything runs in tf.function, batch by batch (--batch-size, default 4096 as in AltLossTracker), like an
-evaluation. Peak memory is the rise of the resident set (VmHWM - VmRSS, Linux) over one cold run of each
-variant, each in its own child process.
+evaluation. Wall-clock medians are the measurement; the process's CPU time (all threads) is printed beside
+them, because on a shared machine it is less disturbed by other jobs. Peak memory is the rise of the
+resident set (VmHWM - VmRSS, Linux) over one cold run of each variant, each in its own child process.
 
 Usage:
     python benchmarks/panel.py                      # all three sizes, 5 repeats
     python benchmarks/panel.py --sizes 60000x10 --repeats 9 --no-memory
+    python benchmarks/panel.py --threads 1 --no-memory  # one thread: CPU time = wall time
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ def measure_memory(variant: str, rows: int, classes: int, batch_size: int) -> fl
 
 
 def memory_in_child(variant: str, rows: int, classes: int, batch_size: int) -> float | None:
-    command = [sys.executable, __file__, "--memory-child", variant, f"{rows}x{classes}", "--batch-size", str(batch_size)]
+    command = [sys.executable, __file__, "--memory-child", variant, f"{rows}x{classes}",
+               "--batch-size", str(batch_size)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     for line in done.stdout.splitlines():
         if line.startswith("MEMORY "):
@@ -148,12 +151,14 @@ def time_case(rows: int, classes: int, batch_size: int, repeats: int, variants) 
     for run in runs.values():  # traces, loads the op, warms caches
         run(labels, logits, images)
     times = {variant: [] for variant in variants}
+    cpu_times = {variant: [] for variant in variants}
     for _ in range(repeats):
         for variant, run in runs.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             run(labels, logits, images)
             times[variant].append(time.perf_counter() - start)
-    return times
+            cpu_times[variant].append(time.process_time() - cpu_start)
+    return times, cpu_times
 
 
 def machine() -> str:
@@ -175,6 +180,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=4096, help="rows per update (default 4096)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (median)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="TensorFlow intra- and inter-op threads (default: TensorFlow's choice)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--memory-child", nargs=2, metavar=("VARIANT", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -189,31 +196,39 @@ def main(argv=None) -> int:
 
     import tensorflow as tf
 
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     from keras_implicit import _op
 
     with _op.force_path(None):
         op_available = _op.active_path() == "op"
     variants = [v for v in VARIANTS if v != "op" or op_available]
     print(f"machine: {machine()}; TensorFlow {tf.__version__}; batch size {args.batch_size}; "
-          f"median of {args.repeats} interleaved repeats")
+          f"median of {args.repeats} interleaved repeats; threads: {args.threads or 'default'}")
     if not op_available:
         print(f"the fused op is not available ({_op.load_error()}): column (c) is left out")
     results = []
     for rows, classes in args.sizes:
-        times = time_case(rows, classes, args.batch_size, args.repeats, variants)
+        times, cpu_times = time_case(rows, classes, args.batch_size, args.repeats, variants)
         median = {variant: statistics.median(values) for variant, values in times.items()}
+        median_cpu = {variant: statistics.median(values) for variant, values in cpu_times.items()}
         memory = {}
         if not args.no_memory:
             memory = {variant: memory_in_child(variant, rows, classes, args.batch_size) for variant in variants}
-        results.append({"rows": rows, "classes": classes, "median_s": median, "all_s": times, "peak_mib": memory})
+        results.append({"rows": rows, "classes": classes, "median_s": median, "all_s": times,
+                        "median_cpu_s": median_cpu, "peak_mib": memory})
 
         print(f"\n{rows} x {classes} logits, 24 losses")
-        print(f"  {'variant':<12}{'median s':>10}{'/ forward':>11}{'/ op':>8}{'peak MiB':>10}")
+        print(f"  {'variant':<12}{'median s':>10}{'/ forward':>11}{'/ op':>8}{'CPU s':>9}{'CPU / op':>10}"
+              f"{'peak MiB':>10}")
         for variant in variants:
             ratio_op = f"{median[variant] / median['op']:.2f}" if "op" in median else "-"
+            cpu_ratio = f"{median_cpu[variant] / median_cpu['op']:.2f}" if "op" in median_cpu else "-"
             peak = memory.get(variant)
             print(f"  {variant:<12}{median[variant]:>10.4f}{median[variant] / median['forward']:>11.3f}"
-                  f"{ratio_op:>8}{(f'{peak:.0f}' if peak is not None else '-'):>10}")
+                  f"{ratio_op:>8}{median_cpu[variant]:>9.4f}{cpu_ratio:>10}"
+                  f"{(f'{peak:.0f}' if peak is not None else '-'):>10}")
         fastest = min(("vectorized", "op") if "op" in median else ("vectorized",), key=median.get)
         print(f"  faster panel path: {fastest}, {100 * median[fastest] / median['forward']:.1f}% of the forward pass"
               + (f"; op speed-up: {median['separate'] / median['op']:.2f}x over (a), "

@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -175,8 +176,9 @@ static RowKind RowMargins(const T* x, int64 classes, int64 width, int y, T* d) {
 
 // TF's softplus (tensorflow/core/kernels/softplus_op.h), vectorized the same way: x above -threshold,
 // exp(x) below threshold, log1p(exp(x)) between, threshold = log(eps) + 2.
-template <typename T>
-static void Softplus(Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> x) {
+template <typename Array>
+static void Softplus(Array&& x) {
+  using T = typename std::decay_t<Array>::Scalar;
   static const T threshold = std::log(std::numeric_limits<T>::epsilon()) + T(2);
   x = (x > -threshold).select(x, (x < threshold).select(x.exp(), x.exp().log1p()));
 }
@@ -251,6 +253,82 @@ static void PanelRow(const T* x, int64 classes, int64 width, int y, T norm, cons
     for (int64 j = y + 1; j < classes && !loses; ++j) loses = d[j] > 0;
     out[k++] = loses ? T(1) : T(0);
   }
+}
+
+// Few classes: eight rows at a time, one vector lane per row (one vector per class), which needs neither the
+// row padding nor a horizontal sum per column. Same formulas and steps as PanelRow; only the order of the
+// sums over classes differs. `margins` holds classes x kBlockRows values, `out` is the first row's output.
+// Returns false, computing nothing, when a row holds a NaN or an infinite logit (PanelRow handles those).
+constexpr int64 kBlockRows = 8;
+constexpr int64 kBlockMaxClasses = 32;
+
+template <typename T>
+static bool PanelBlock(const T* x, int64 classes, const int32_t* y, const T* norm, const Panel& panel, T* margins,
+                       T* out, int64 columns) {
+  using Lanes = Eigen::Array<T, kBlockRows, 1>;
+  using LaneMap = Eigen::Map<const Lanes>;
+  for (int64 r = 0; r < kBlockRows; ++r) {
+    const T* row = x + r * classes;
+    const T true_score = row[y[r]];
+    bool finite = true;
+    for (int64 j = 0; j < classes; ++j) {
+      finite &= std::isfinite(row[j]);
+      margins[j * kBlockRows + r] = row[j] - true_score;
+    }
+    if (!finite) return false;
+    margins[y[r] * kBlockRows + r] = -std::numeric_limits<T>::infinity();
+  }
+  auto margin = [&](int64 j) { return LaneMap(margins + j * kBlockRows); };
+  auto store = [&](int64 k, const Lanes& values) {
+    for (int64 r = 0; r < kBlockRows; ++r) out[r * columns + k] = values(r);
+  };
+  Lanes norms;
+  for (int64 r = 0; r < kBlockRows; ++r) norms(r) = norm[r];
+  int64 k = 0;
+  for (double sigma : panel.sigmas) {
+    Lanes total = Lanes::Zero();
+    if (sigma == 0.0) {
+      for (int64 j = 0; j < classes; ++j) {
+        total += (margin(j) > T(0)).select(Lanes::Constant(T(1)), (margin(j) == T(0)).select(Lanes::Constant(T(0.5)),
+                                                                                              Lanes::Zero()));
+      }
+      store(k++, total);
+    } else {
+      Lanes factor;
+      for (int64 r = 0; r < kBlockRows; ++r) factor(r) = static_cast<T>(-0.5 / (sigma * static_cast<double>(norms(r))));
+      for (int64 j = 0; j < classes; ++j) total += (margin(j) * factor).erfc();
+      store(k++, T(0.5) * total);
+    }
+  }
+  if (!panel.temperatures.empty()) {
+    Lanes max_margin = margin(0);
+    for (int64 j = 1; j < classes; ++j) max_margin = max_margin.max(margin(j));
+    for (double temperature : panel.temperatures) {
+      const T inverse = static_cast<T>(1.0 / temperature);
+      const Lanes shift = max_margin * inverse;  // finite: every logit is
+      Lanes sums = Lanes::Zero();
+      for (int64 j = 0; j < classes; ++j) sums += (margin(j) * inverse - shift).exp();
+      Lanes values = sums.log() + shift;
+      Softplus(values);
+      store(k++, values);
+    }
+  }
+  for (double margin_value : panel.margins) {
+    const T gamma = static_cast<T>(margin_value);
+    Lanes total = Lanes::Zero();
+    for (int64 j = 0; j < classes; ++j) total += (margin(j) + gamma).max(T(0));
+    store(k++, total);
+  }
+  if (panel.error) {
+    for (int64 r = 0; r < kBlockRows; ++r) {
+      bool loses = false;
+      for (int64 j = 0; j < y[r] && !loses; ++j) loses = margins[j * kBlockRows + r] >= 0;
+      for (int64 j = y[r] + 1; j < classes && !loses; ++j) loses = margins[j * kBlockRows + r] > 0;
+      out[r * columns + k] = loses ? T(1) : T(0);
+    }
+    ++k;
+  }
+  return true;
 }
 
 // One row of the gradient: given the upstream g[0..K), writes dx[0..C) = dLoss/dlogits and returns the
@@ -348,12 +426,25 @@ class PanelOp : public OpKernel {
     const bool per_sample_norm = in.norm_per_sample;
     const Panel& panel = in.panel;
     const int64 width = PaddedWidth(classes);
+    const bool blocks = classes <= kBlockMaxClasses;
     auto work = [&](int64 start, int64 end) {
-      std::vector<T> margins(width), shifts(panel.temperatures.size() + 1);
-      for (int64 b = start; b < end; ++b) {
+      std::vector<T> margins(std::max(width, blocks ? classes * kBlockRows : 0)), shifts(panel.temperatures.size() + 1);
+      auto row = [&](int64 b) {
         PanelRow<T>(logits + b * classes, classes, width, labels[b], per_sample_norm ? norms[b] : norms[0], panel,
                     margins.data(), shifts.data(), per_sample + b * columns);
+      };
+      int64 b = start;
+      if (blocks) {
+        T block_norms[kBlockRows];
+        for (; b + kBlockRows <= end; b += kBlockRows) {
+          for (int64 r = 0; r < kBlockRows; ++r) block_norms[r] = per_sample_norm ? norms[b + r] : norms[0];
+          if (!PanelBlock<T>(logits + b * classes, classes, labels + b, block_norms, panel, margins.data(),
+                             per_sample + b * columns, columns)) {
+            for (int64 r = 0; r < kBlockRows; ++r) row(b + r);
+          }
+        }
       }
+      for (; b < end; ++b) row(b);
     };
     auto* threads = context->device()->tensorflow_cpu_worker_threads();
     ::tensorflow::Shard(threads->num_threads, threads->workers, batch, RowCost(panel, classes, false), work);
