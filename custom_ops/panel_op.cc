@@ -17,8 +17,9 @@
 //
 // The row's own class is excluded by setting d_y = -inf: every family then sums over all j, and the
 // excluded term is exactly 0 (erfc(+inf) = 0, exp(-inf) = 0, max(0, -inf) = 0, comparisons false).
-// Work per row is O(K * C); the only buffers are up to three rows of C values per thread (nothing of size
-// B x K x C). Rows are split over TensorFlow's CPU thread pool (Shard).
+// Work per row is O(K * C); the only buffers are, per thread, up to three rows of C values (or C x 8 values
+// for the 8-row blocks used up to 32 classes): nothing of size B x K x C. Rows are split over TensorFlow's
+// CPU thread pool (Shard).
 
 #define EIGEN_USE_THREADS
 

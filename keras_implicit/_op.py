@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["panel_op", "force_path", "active_path", "library_path", "load_error"]
+__all__ = ["panel_op", "force_path", "active_path", "library_path", "load_error", "in_xla_context", "fused_panel"]
 
 _LOGGER = logging.getLogger("keras_implicit")
 _LIBRARY = Path(__file__).with_name("_panel_op.so")

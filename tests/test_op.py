@@ -93,7 +93,7 @@ def _special_batch(classes, dtype, seed=0):
     logits[2, :] = -40.0
     logits[2, labels[2]] = 40.0  # tempered CE ~ (C-1) e^-80 at T = 1
     logits[3] *= 1e6  # huge logits
-    logits[4, 0] = np.nan
+    logits[batch - 1, 0] = np.nan  # last: the rows above go through the op's 8-row blocks (<= 32 classes)
     return labels.astype(np.int32), logits.astype(dtype)
 
 
@@ -139,7 +139,7 @@ def test_op_sigma_zero_counts_winners_and_half_ties(fused):
 @pytest.mark.parametrize("form", ["scalar", "per_sample", "column"])
 def test_op_feature_norm_forms(fused, form):
     labels, logits = _special_batch(10, np.float32, seed=3)
-    labels, logits = labels[5:], logits[5:]  # no NaN row
+    labels, logits = labels[:-1], logits[:-1]  # no NaN row
     rng = np.random.default_rng(1)
     norms = rng.uniform(0.2, 5.0, len(labels)).astype(np.float32)
     feature_norm = {"scalar": 2.5, "per_sample": norms, "column": norms[:, None]}[form]
@@ -150,19 +150,36 @@ def test_op_feature_norm_forms(fused, form):
     np.testing.assert_allclose(op[:, :-1], reference, rtol=1e-4, atol=1e-30)
 
 
+@pytest.mark.parametrize("classes", [2, 10, 32, 33])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_op_row_blocks_equal_single_rows(fused, classes, dtype):
+    # Up to 32 classes the op computes eight rows at a time (one vector lane per row); a batch of one row
+    # takes the one-row kernel. Both must agree, with ties, far tails and per-sample norms.
+    labels, logits = _special_batch(classes, dtype, seed=6)
+    labels, logits = labels[:16], logits[:16]
+    norms = np.random.default_rng(6).uniform(0.5, 2.0, 16).astype(dtype)
+    together = fused(labels, logits, norms, SIGMAS, TEMPERATURES, MARGINS, True).numpy()
+    alone = np.concatenate([
+        fused(labels[b:b + 1], logits[b:b + 1], norms[b:b + 1], SIGMAS, TEMPERATURES, MARGINS, True).numpy()
+        for b in range(16)
+    ])
+    np.testing.assert_allclose(together, alone, rtol={np.float32: 1e-5, np.float64: 1e-13}[dtype], atol=1e-37)
+
+
 def test_op_infinite_logits_follow_the_tensorflow_path(fused):
     inf = np.inf
-    logits = np.array([[inf, 0.0, 1.0], [0.0, -inf, 1.0], [inf, inf, 0.0], [-inf, 0.0, 1.0]], np.float32)
-    labels = np.array([0, 0, 0, 0], np.int32)
+    logits = np.array([[inf, 0.0, 1.0], [0.0, -inf, 1.0], [inf, inf, 0.0], [-inf, 0.0, 1.0]] * 4, np.float32)
+    logits[8:] = np.random.default_rng(0).normal(size=(8, 3))  # a block of finite rows beside them
+    labels = np.zeros(16, np.int32)
     pure_tf, op = _both_paths(labels, logits)
     np.testing.assert_array_equal(np.isnan(op), np.isnan(pure_tf))
-    np.testing.assert_allclose(op, pure_tf, rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(op, pure_tf, rtol=2e-5, atol=1e-35, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_op_reduce_sums_over_the_batch(fused, dtype):
     labels, logits = _special_batch(10, dtype, seed=5)
-    labels, logits = labels[5:], logits[5:]
+    labels, logits = labels[:-1], logits[:-1]
     per_sample = fused(labels, logits, None, SIGMAS, TEMPERATURES, MARGINS, True).numpy()
     summed = fused(labels, logits, None, SIGMAS, TEMPERATURES, MARGINS, True, reduce=True)
     assert summed.shape == (per_sample.shape[1],)
@@ -178,7 +195,7 @@ def test_op_static_shapes_and_tf_function(fused):
     concrete = panel.get_concrete_function()
     assert concrete.output_shapes.as_list() == [None, len(SIGMAS) + len(TEMPERATURES) + len(MARGINS) + 1]
     labels, logits = _special_batch(7, np.float32, seed=2)
-    np.testing.assert_allclose(panel(labels[5:], logits[5:]).numpy(), _both_paths(labels[5:], logits[5:])[0],
+    np.testing.assert_allclose(panel(labels[:-1], logits[:-1]).numpy(), _both_paths(labels[:-1], logits[:-1])[0],
                                rtol=2e-5)
 
 
@@ -279,7 +296,7 @@ def test_losses_train_on_the_op(fused):
 # --------------------------------------------------------------------------- #
 def test_xla_takes_the_tensorflow_path_even_when_the_op_is_forced():
     labels, logits = _special_batch(10, np.float32, seed=4)
-    labels, logits = labels[5:], logits[5:]
+    labels, logits = labels[:-1], logits[:-1]
     with _op.force_path("tf"):
         expected = losses.panel_values(labels, logits, SIGMAS, TEMPERATURES, MARGINS, True).numpy()
     for path in [None] + (["op"] if _op_loaded() else []):
