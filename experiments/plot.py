@@ -35,6 +35,8 @@ def parse_args(argv=None):
     parser.add_argument("--quantities", nargs="+", default=["gcdf@0.5", "gcdf@1", "gcdf@8", "error"],
                         help="the panels of the against-train-loss figure")
     parser.add_argument("--formats", nargs="+", default=["png", "pdf"])
+    parser.add_argument("--kinds", nargs="+", default=list(plots.KINDS), choices=plots.KINDS,
+                        help="which figures to write")
     parser.add_argument("--dpi", type=int, default=110)
     parser.add_argument("--no-loss-shapes", action="store_true", help="skip fig. 1 (which needs TensorFlow)")
     parser.add_argument("--strict", action="store_true", help="a truncated metrics.jsonl line is an error")
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
         runs = analysis.load_runs(args.runs, strict=args.strict)
         paths = plots.plot_all(runs, args.out, level=args.level, split=args.split, x=args.x,
                                quantities=args.quantities, formats=args.formats,
-                               loss_shapes=not args.no_loss_shapes, dpi=args.dpi)
+                               loss_shapes=not args.no_loss_shapes, dpi=args.dpi, kinds=args.kinds)
     except (analysis.RunDirectoryError, analysis.GridMismatchError, analysis.LevelNotReachedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -37,6 +37,7 @@ from keras_implicit import analysis  # noqa: E402
 
 __all__ = [
     "RUN_STYLES",
+    "KINDS",
     "plot_loss_shapes",
     "plot_training_curves",
     "plot_against_train_loss",
@@ -55,6 +56,8 @@ RUN_STYLES = (
     ("#e69f00", (0, (1, 3)), "P"),
 )
 _PARAMETER_STYLES = ("-", "--", ":", "-.")
+# The figure kinds of plot_all.
+KINDS = ("loss_shapes", "curves", "vs_train_loss", "at_level")
 _PARAMETER_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h")
 
 
@@ -335,31 +338,36 @@ def save_figure(fig, out_dir: str | os.PathLike, stem: str, formats: Sequence[st
 
 def plot_all(runs, out_dir: str | os.PathLike, level: float | None = None, split: str = "train",
              x: str = "epoch", quantities: Sequence[str] = ("gcdf@0.5", "gcdf@1", "gcdf@8", "error"),
-             formats: Sequence[str] = ("png", "pdf"), loss_shapes: bool = True, dpi: int = 110) -> list[Path]:
+             formats: Sequence[str] = ("png", "pdf"), loss_shapes: bool = True, dpi: int = 110,
+             kinds: Sequence[str] = KINDS) -> list[Path]:
     """Every figure kind for a set of runs, written under ``out_dir``.
 
     Writes ``fig1_loss_shapes``, ``curves_<family>`` (one per family), and, for the comparison of
     runs, ``vs_train_loss`` and ``at_level`` (at ``level``, default: the lowest training CE that every
     run reaches, :func:`keras_implicit.analysis.common_level`). Quantities of ``quantities`` that the
-    runs did not track are skipped.
+    runs did not track are skipped. ``kinds`` chooses among :data:`KINDS` (``"loss_shapes"``, ``"curves"``,
+    ``"vs_train_loss"``, ``"at_level"``); ``loss_shapes=False`` also leaves fig. 1 out.
 
     Returns:
         The paths written.
     """
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown figure kinds {sorted(unknown)}: choose among {KINDS}")
     groups = _as_groups(runs)
     all_runs = [r for g in groups for r in g.runs]
     paths: list[Path] = []
-    if loss_shapes:
+    if loss_shapes and "loss_shapes" in kinds:
         paths += save_figure(plot_loss_shapes(), out_dir, "fig1_loss_shapes", formats, dpi)
-    for family in analysis.FAMILIES:
+    for family in analysis.FAMILIES if "curves" in kinds else ():
         if all_runs[0].family(family, split)[1]:
             fig = plot_training_curves(groups, family, split=split, x=x)
             paths += save_figure(fig, out_dir, f"curves_{family}_{split}", formats, dpi)
     level = analysis.common_level(all_runs) if level is None else float(level)
     tracked = [q for q in quantities if all(q in run.quantities() for run in all_runs)]
-    if tracked:
+    if tracked and "vs_train_loss" in kinds:
         paths += save_figure(plot_against_train_loss(groups, tracked), out_dir, "vs_train_loss", formats, dpi)
     families = [f for f in analysis.FAMILIES if all_runs[0].family(f)[1]]
-    if families:
+    if families and "at_level" in kinds:
         paths += save_figure(plot_family_at_level(groups, level, families), out_dir, "at_level", formats, dpi)
     return paths

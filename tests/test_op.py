@@ -28,21 +28,27 @@ TEMPERATURES = (0.25, 1.0, 4.0, 16.0)
 MARGINS = (0.0, 0.25, 1.0, 16.0)
 
 
-def _op_loaded() -> bool:
+def _op_unavailable() -> str | None:
+    """Why the op cannot be used here, or None."""
     with _op.force_path("op"):
         try:
-            return _op.panel_op() is not None
-        except RuntimeError:
-            return False
+            return None if _op.panel_op() is not None else "inside XLA"
+        except RuntimeError as error:
+            return str(error)
+
+
+def _op_loaded() -> bool:
+    return _op_unavailable() is None
 
 
 @pytest.fixture
 def fused():
-    """The op's Python wrapper; skips (or fails under KERAS_IMPLICIT_REQUIRE_OP=1) when it is not built."""
-    if not _op_loaded():
+    """The op's Python wrapper; skips (or fails under KERAS_IMPLICIT_REQUIRE_OP=1) when it is unavailable."""
+    reason = _op_unavailable()
+    if reason is not None:
         if os.environ.get("KERAS_IMPLICIT_REQUIRE_OP") == "1":
-            pytest.fail(f"KERAS_IMPLICIT_REQUIRE_OP=1 but the op is not available: {_op.load_error()}")
-        pytest.skip(f"the fused op is not built: {_op.load_error()}")
+            pytest.fail(f"KERAS_IMPLICIT_REQUIRE_OP=1 but {reason}")
+        pytest.skip(reason)
     return _op.fused_panel
 
 

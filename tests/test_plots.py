@@ -150,6 +150,13 @@ def test_plot_all_writes_png_and_pdf(runs, tmp_path):
     assert len(paths) == 12
 
 
+def test_plot_all_kinds(runs, tmp_path):
+    paths = plots.plot_all(runs, tmp_path, formats=("png",), kinds=("at_level", "vs_train_loss"))
+    assert sorted(p.name for p in paths) == ["at_level.png", "vs_train_loss.png"]
+    with pytest.raises(ValueError, match="unknown figure kinds"):
+        plots.plot_all(runs, tmp_path, kinds=("heatmap",))
+
+
 def test_plot_all_without_tensorflow_figure(runs, tmp_path):
     paths = plots.plot_all(runs[:3], tmp_path / "figs", formats=("png",), loss_shapes=False)
     assert sorted(p.name for p in paths) == ["at_level.png", "curves_gcdf_train.png", "curves_hinge_train.png",
