@@ -22,6 +22,8 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && comm
 fi
 
 echo "quickstart: pip install -e '.[dev]'"
+# TensorFlow first: the fused op builds against its headers, whatever order pip would pick.
+python3 -m pip install -q 'tensorflow==2.21.*'
 python3 -m pip install -q -e '.[dev]'
 
 echo "quickstart: python3 experiments/run.py $*"
