@@ -36,7 +36,8 @@ A grid point where the difference is exactly 0 is itself a crossover when the si
 two sides. Parameters <= 0 (sigma = 0) have no place on a log axis and are left out.
 
 **Seeds** (:func:`group_runs`, :func:`aggregate`). Runs whose configs are equal except for the seed
-(and bookkeeping: data_dir, versions, git_commit) form one group; values are reported as the mean and
+(and what does not change the experiment: data_dir, versions, git_commit, the tracking schedule, the epoch
+cap and target, determinism) form one group; values are reported as the mean and
 the sample standard deviation (ddof = 1; NaN for a single seed) over its seeds.
 """
 
@@ -95,7 +96,7 @@ FAMILY_TITLE = {"gcdf": "Gcdf loss", "tce": "tempered cross-entropy", "hinge": "
 
 # Config keys that do not make two runs different experiments.
 _BOOKKEEPING = ("seed", "data_dir", "versions", "git_commit", "run_dir", "name", "track_every",
-                "target_train_loss", "epochs")
+                "track_schedule", "target_train_loss", "epochs", "deterministic")
 # Config keys that identify an experiment, in the order labels list them.
 _LABEL_KEYS = ("model", "dataset", "optimizer", "loss", "lr", "batch_size", "ghost_batch_size", "train_subset")
 _LABEL_SHORT = {"lr": "lr", "batch_size": "batch", "ghost_batch_size": "ghost", "train_subset": "subset"}

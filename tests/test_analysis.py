@@ -392,6 +392,15 @@ def test_aggregate_names_the_run_that_misses_the_level(tmp_path):
         analysis.aggregate([a, b], 0.6)
 
 
+def test_group_ignores_tracking_and_stopping_settings(tmp_path):
+    runs = [analysis.load_run(write_run(tmp_path / "a", records_from([2.0, 0.5], linear_in_log_ce), seed=0,
+                                        track_schedule="log", track_every=16, epochs=30, target_train_loss=0.8)),
+            analysis.load_run(write_run(tmp_path / "b", records_from([2.0, 0.5], linear_in_log_ce), seed=1,
+                                        track_schedule="epoch", epochs=12, deterministic=True))]
+    groups = analysis.group_runs(runs)
+    assert len(groups) == 1 and groups[0].seeds == [0, 1]
+
+
 def test_group_labels_cover_batch_and_model(tmp_path):
     runs = [
         analysis.load_run(write_run(tmp_path / "a", records_from([2.0, 0.5], linear_in_log_ce), batch_size=256)),
