@@ -409,12 +409,11 @@ def zero_one_error(y_true, y_pred) -> tf.Tensor:
 # --------------------------------------------------------------------------- #
 class _FamilyLoss(keras.losses.Loss):
     _parameter = ""
+    _allow_zero = True
 
     def __init__(self, fn, parameter_value, reduction, name, dtype, **fn_kwargs):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        array, scalar = _validate_parameters(
-            parameter_value, self._parameter, allow_zero=self._parameter != "temperature"
-        )
+        array, scalar = _validate_parameters(parameter_value, self._parameter, allow_zero=self._allow_zero)
         if not scalar:
             raise ValueError(f"{self._parameter} of a Loss must be one number, got {parameter_value!r}")
         self._parameter_value = float(array[0])
@@ -470,6 +469,7 @@ class TemperedCrossentropy(_FamilyLoss):
     """
 
     _parameter = "temperature"
+    _allow_zero = False
 
     def __init__(self, temperature=1.0, reduction="sum_over_batch_size", name="tempered_crossentropy", dtype=None):
         super().__init__(tempered_crossentropy, temperature, reduction, name, dtype)
