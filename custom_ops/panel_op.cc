@@ -394,13 +394,23 @@ static T PanelGradRow(const T* x, int64 classes, int64 width, int y, T norm, con
   return dnorm;
 }
 
-template <typename T>
-class PanelOp : public OpKernel {
+// The attributes both kernels share.
+class PanelKernelBase : public OpKernel {
  public:
-  explicit PanelOp(OpKernelConstruction* context) : OpKernel(context) {
+  explicit PanelKernelBase(OpKernelConstruction* context) : OpKernel(context) {
     OP_REQUIRES_OK(context, context->GetAttr("error", &error_));
     OP_REQUIRES_OK(context, context->GetAttr("reduce", &reduce_));
   }
+
+ protected:
+  bool error_ = false;
+  bool reduce_ = false;
+};
+
+template <typename T>
+class PanelOp : public PanelKernelBase {
+ public:
+  explicit PanelOp(OpKernelConstruction* context) : PanelKernelBase(context) {}
 
   void Compute(OpKernelContext* context) override {
     Inputs in;
@@ -461,18 +471,12 @@ class PanelOp : public OpKernel {
     }
   }
 
- private:
-  bool error_ = false;
-  bool reduce_ = false;
 };
 
 template <typename T>
-class PanelGradOp : public OpKernel {
+class PanelGradOp : public PanelKernelBase {
  public:
-  explicit PanelGradOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("error", &error_));
-    OP_REQUIRES_OK(context, context->GetAttr("reduce", &reduce_));
-  }
+  explicit PanelGradOp(OpKernelConstruction* context) : PanelKernelBase(context) {}
 
   void Compute(OpKernelContext* context) override {
     Inputs in;
@@ -525,9 +529,6 @@ class PanelGradOp : public OpKernel {
     }
   }
 
- private:
-  bool error_ = false;
-  bool reduce_ = false;
 };
 
 static Status PanelShape(InferenceContext* c, int first) {
