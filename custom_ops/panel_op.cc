@@ -470,7 +470,6 @@ class PanelOp : public PanelKernelBase {
       }
     }
   }
-
 };
 
 template <typename T>

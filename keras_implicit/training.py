@@ -55,6 +55,8 @@ from typing import Optional
 
 import numpy as np
 
+from keras_implicit.analysis import parse_name
+
 __all__ = [
     "OPTIMIZERS",
     "RunConfig",
@@ -100,13 +102,9 @@ def parse_loss(loss: str):
     """``"ce"`` -> ("ce", None); ``"gcdf@0.5"`` -> ("gcdf", 0.5); also ``tce@T`` and ``hinge@G``."""
     if loss == "ce":
         return "ce", None
-    family, at, value = str(loss).partition("@")
-    if not at or family not in LOSS_FAMILIES:
+    family, parameter = parse_name(str(loss))
+    if parameter is None or family not in LOSS_FAMILIES:
         raise ValueError(f"unknown loss {loss!r}: use ce, gcdf@SIGMA, tce@T or hinge@GAMMA (e.g. gcdf@0.5)")
-    try:
-        parameter = float(value)
-    except ValueError:
-        raise ValueError(f"loss {loss!r}: {value!r} is not a number") from None
     positive = family == "tce" or family == "gcdf"  # sigma = 0 has zero gradient: useless for training
     if not math.isfinite(parameter) or parameter < 0 or (positive and parameter == 0):
         raise ValueError(f"loss {loss!r}: the parameter must be finite and {'> 0' if positive else '>= 0'}")
