@@ -8,6 +8,7 @@ import sys
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 # The fused panel op (custom_ops/, issue 5): built by custom_ops/Makefile with TensorFlow's own flags when a
 # C++ compiler, make and TensorFlow's headers are present; skipped otherwise (keras_implicit/_op.py then uses
@@ -70,13 +71,36 @@ class BuildPanelOp(build_ext):
             return None
         if os.environ.get("KERAS_IMPLICIT_REQUIRE_OP") == "1":
             raise RuntimeError(f"keras_implicit: the fused panel op could not be built: {reason}")
-        print(f"keras_implicit: the fused panel op was not built ({reason}); the pure-TensorFlow path "
-              "will be used", file=sys.stderr, flush=True)
+        print(f"keras_implicit: the fused panel op was not built now ({reason}); it will be built on first "
+              "use (keras_implicit/_op_build.py, needs g++ and make then), else the pure-TensorFlow path is used",
+              file=sys.stderr, flush=True)
         return None
 
     def get_outputs(self):
         # Only what was built (a skipped op is not an error).
         return [path for path in super().get_outputs() if os.path.exists(path)]
+
+
+class BuildPyWithOpSources(build_py):
+    """Also ships custom_ops/panel_op.cc and its Makefile as keras_implicit/_custom_ops/, from which an installed
+    package builds the op on first use when this install could not (keras_implicit/_op_build.py). An editable
+    install builds from the checkout's custom_ops/ instead."""
+
+    _TARGET = os.path.join("keras_implicit", "_custom_ops")
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        self.mkpath(os.path.join(self.build_lib, self._TARGET))
+        for source in _OP_SOURCES:
+            self.copy_file(source, os.path.join(self.build_lib, self._TARGET, os.path.basename(source)))
+
+    def get_outputs(self, include_bytecode=1):
+        outputs = super().get_outputs(include_bytecode)
+        if getattr(self, "editable_mode", False):
+            return outputs
+        return outputs + [os.path.join(self.build_lib, self._TARGET, os.path.basename(s)) for s in _OP_SOURCES]
 
 
 setup(
@@ -89,7 +113,7 @@ setup(
     packages=find_packages(include=["keras_implicit", "keras_implicit.*"]),
     # optional: an in-place build (pip install -e .) copies only the libraries that were built.
     ext_modules=[Extension(name, sources=list(_OP_SOURCES), optional=True) for name in _OP_EXTENSIONS],
-    cmdclass={"build_ext": BuildPanelOp},
+    cmdclass={"build_ext": BuildPanelOp, "build_py": BuildPyWithOpSources},
     install_requires=[
         "tensorflow==2.21.*",
         "keras>=3.10",

@@ -13,7 +13,9 @@
 //   tce(T)          = softplus(logsumexp_{j != y} d_j / T)      (TF's softplus thresholds, log1p)
 //   hinge(gamma)    = sum_{j != y} max(0, gamma + d_j)
 //   error           = [exists j < y : d_j >= 0, or j > y : d_j > 0]   (argmax's tie rule)
-// A row holding a NaN logit gives NaN in every column.
+// A row holding a NaN logit gives NaN in every column. Both kernels reject (InvalidArgument, naming the
+// argument) fewer than 2 classes, labels outside [0, classes), a feature_norm that is not finite and > 0,
+// and parameters that are not finite or out of range (sigmas, margins >= 0; temperatures > 0).
 //
 // The row's own class is excluded by setting d_y = -inf: every family then sums over all j, and the
 // excluded term is exactly 0 (erfc(+inf) = 0, exp(-inf) = 0, max(0, -inf) = 0, comparisons false).
@@ -26,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -74,16 +77,28 @@ struct Inputs {
   Panel panel;
 };
 
-static Status ReadParameters(const Tensor& tensor, const char* name, std::vector<double>* out) {
+// A parameter vector: finite values, each >= 0 (sigmas, margins) or > 0 (temperatures, `positive`).
+static Status ReadParameters(const Tensor& tensor, const char* name, bool positive, std::vector<double>* out) {
   if (!TensorShapeUtils::IsVector(tensor.shape())) {
     return ::tensorflow::errors::InvalidArgument(name, " must be a vector, got shape ", tensor.shape().DebugString());
   }
   auto values = tensor.flat<double>();
   out->assign(values.data(), values.data() + values.size());
+  for (size_t i = 0; i < out->size(); ++i) {
+    const double value = (*out)[i];
+    if (!std::isfinite(value) || (positive ? !(value > 0) : !(value >= 0))) {
+      return ::tensorflow::errors::InvalidArgument(name, "[", i, "] must be finite and ", positive ? "> 0" : ">= 0",
+                                                   ", got ", value);
+    }
+  }
   return ::tensorflow::OkStatus();
 }
 
-// Reads inputs 0..5 starting at `first` (logits, labels, feature_norm, sigmas, temperatures, margins).
+// Reads inputs 0..5 starting at `first` (logits, labels, feature_norm, sigmas, temperatures, margins) and
+// validates them: at least 2 classes, labels in [0, classes), every feature_norm finite and > 0, sigmas and
+// margins finite and >= 0, temperatures finite and > 0. The Python wrapper checks some of these too; the op
+// checks them all itself, also where a shape is only known when it runs.
+template <typename T>
 static Status ReadInputs(OpKernelContext* context, int first, bool error, Inputs* in) {
   in->logits = &context->input(first);
   in->labels = &context->input(first + 1);
@@ -95,8 +110,8 @@ static Status ReadInputs(OpKernelContext* context, int first, bool error, Inputs
   }
   in->batch = logits_shape.dim_size(0);
   in->classes = logits_shape.dim_size(1);
-  if (in->classes < 1 && in->batch > 0) {
-    return ::tensorflow::errors::InvalidArgument("logits must have at least one class, got shape ",
+  if (in->classes < 2) {
+    return ::tensorflow::errors::InvalidArgument("logits must have at least 2 classes, got shape ",
                                                  logits_shape.DebugString());
   }
   if (!TensorShapeUtils::IsVector(in->labels->shape()) || in->labels->dim_size(0) != in->batch) {
@@ -112,18 +127,18 @@ static Status ReadInputs(OpKernelContext* context, int first, bool error, Inputs
     return ::tensorflow::errors::InvalidArgument("feature_norm must be a scalar or [batch] = [", in->batch,
                                                  "], got shape ", norm_shape.DebugString());
   }
-  TF_RETURN_IF_ERROR(ReadParameters(context->input(first + 3), "sigmas", &in->panel.sigmas));
-  TF_RETURN_IF_ERROR(ReadParameters(context->input(first + 4), "temperatures", &in->panel.temperatures));
-  TF_RETURN_IF_ERROR(ReadParameters(context->input(first + 5), "margins", &in->panel.margins));
-  for (double s : in->panel.sigmas) {
-    if (!(s >= 0 && std::isfinite(s))) return ::tensorflow::errors::InvalidArgument("sigma must be finite and >= 0, got ", s);
+  const auto norms = in->feature_norm->flat<T>();
+  for (int64 i = 0; i < norms.size(); ++i) {
+    if (!(std::isfinite(norms(i)) && norms(i) > T(0))) {
+      const std::string name = in->norm_per_sample ? ::tensorflow::strings::StrCat("feature_norm[", i, "]")
+                                                   : std::string("feature_norm");
+      return ::tensorflow::errors::InvalidArgument(name, " must be finite and > 0, got ",
+                                                   static_cast<double>(norms(i)));
+    }
   }
-  for (double t : in->panel.temperatures) {
-    if (!(t > 0 && std::isfinite(t))) return ::tensorflow::errors::InvalidArgument("temperature must be finite and > 0, got ", t);
-  }
-  for (double g : in->panel.margins) {
-    if (!(g >= 0 && std::isfinite(g))) return ::tensorflow::errors::InvalidArgument("margin must be finite and >= 0, got ", g);
-  }
+  TF_RETURN_IF_ERROR(ReadParameters(context->input(first + 3), "sigmas", false, &in->panel.sigmas));
+  TF_RETURN_IF_ERROR(ReadParameters(context->input(first + 4), "temperatures", true, &in->panel.temperatures));
+  TF_RETURN_IF_ERROR(ReadParameters(context->input(first + 5), "margins", false, &in->panel.margins));
   in->panel.error = error;
   auto labels = in->labels->flat<int32_t>();
   for (int64 b = 0; b < in->batch; ++b) {
@@ -414,7 +429,7 @@ class PanelOp : public PanelKernelBase {
 
   void Compute(OpKernelContext* context) override {
     Inputs in;
-    OP_REQUIRES_OK(context, ReadInputs(context, 0, error_, &in));
+    OP_REQUIRES_OK(context, ReadInputs<T>(context, 0, error_, &in));
     const int64 batch = in.batch, classes = in.classes, columns = in.panel.columns();
     OP_REQUIRES(context, columns > 0, ::tensorflow::errors::InvalidArgument("the panel is empty"));
 
@@ -479,7 +494,7 @@ class PanelGradOp : public PanelKernelBase {
 
   void Compute(OpKernelContext* context) override {
     Inputs in;
-    OP_REQUIRES_OK(context, ReadInputs(context, 1, error_, &in));
+    OP_REQUIRES_OK(context, ReadInputs<T>(context, 1, error_, &in));
     const int64 batch = in.batch, classes = in.classes, columns = in.panel.columns();
     const Tensor& upstream = context->input(0);
     const TensorShape expected = reduce_ ? TensorShape({columns}) : TensorShape({batch, columns});

@@ -12,6 +12,7 @@ Writes PNG and PDF files under --out (see ``keras_implicit.plots.plot_all``):
 
 Runs that differ only by seed are drawn as one line with a ± std band. ``--level`` defaults to the
 lowest training CE that every run reaches. Only fig. 1 imports TensorFlow (``--no-loss-shapes`` skips it).
+No display is needed: the library draws on plain matplotlib Figures and never touches the backend.
 """
 
 from __future__ import annotations

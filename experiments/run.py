@@ -6,8 +6,8 @@
     python experiments/run.py --batch-size 16384   # ghost batch norm over micro-batches of 256
     python experiments/run.py --model c1 --dataset cifar10
 
-Writes runs/NAME/ (config.json, status.json, metrics.jsonl, tb/, checkpoint.npz); rerunning the same
-command resumes an interrupted run. Everything here is ``keras_implicit.training.train``; this script
+Writes runs/NAME/ (config.json, status.json, metrics.jsonl, tb/, checkpoint.npz and checkpoint.prev.npz);
+rerunning the same command resumes an interrupted run. Everything here is ``keras_implicit.training.train``; this script
 only parses flags. Exit codes: 0 finished (or already finished), 1 the run cannot start (locked
 directory, another configuration, missing data), 2 bad flags, 3 diverged, 130 interrupted (Ctrl-C).
 """
@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from keras_implicit.training import RunConfig, RunError, default_run_name  # noqa: E402
+from keras_implicit.training import RunConfig, RunError, default_run_name  # noqa: E402  (no TensorFlow)
 
 EXIT_CANNOT_START, EXIT_BAD_FLAGS, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="initialization and shuffling seed")
     parser.add_argument("--optimizer", default=defaults.optimizer, help="sgd (momentum 0.9) or adam")
     parser.add_argument("--loss", default=defaults.loss,
-                        help="training loss: ce, or gcdf@SIGMA, tce@T, hinge@GAMMA")
+                        help="training loss: ce, or gcdf@SIGMA (SIGMA > 0), tce@T (T > 0), hinge@GAMMA (GAMMA >= 0)")
     parser.add_argument("--train-subset", type=_positive_int, default=None,
                         help="train on a class-balanced subset of this many examples")
     parser.add_argument("--track-every", type=_positive_int, default=None,
@@ -90,18 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    config = RunConfig(
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run's configuration from parsed flags, not yet validated (``experiments/sweep.py`` uses it too)."""
+    return RunConfig(
         model=args.model, dataset=args.dataset, lr=args.lr, batch_size=args.batch_size,
         ghost_batch_size=args.ghost_batch_size, epochs=args.epochs, seed=args.seed, optimizer=args.optimizer,
         loss=args.loss, train_subset=args.train_subset, track_every=args.track_every,
         track_schedule=args.track_schedule, target_train_loss=args.target_train_loss,
         data_dir=args.data_dir, deterministic=args.deterministic,
     )
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
     try:
-        config.validate()
+        config.validate()  # imports no TensorFlow: bad flags are refused before anything is loaded
     except ValueError as error:
         parser.error(str(error))
     out = args.out or os.path.join("runs", default_run_name(config))

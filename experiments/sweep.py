@@ -4,8 +4,10 @@
         --lrs 0.1 0.001 --batch-sizes 256 16384 --seeds 0 1 2 --jobs 2 --epochs 30 --target-train-loss 0.3
 
 The grid is models × datasets × learning rates × batch sizes × seeds; each point is one
-``experiments/run.py`` process writing ``RUNS_DIR/<run name>/`` (the name of
-``keras_implicit.training.default_run_name``), its output going to ``RUNS_DIR/logs/<run name>.log``.
+``experiments/run.py`` process writing ``RUNS_DIR/<run name>/`` (the name run.py gives by default,
+``keras_implicit.training.default_run_name``, so ``-- --loss gcdf@1`` or ``-- --optimizer adam`` show in it),
+its output going to ``RUNS_DIR/logs/<run name>.log``. Every point's command line is parsed with run.py's own
+parser and validated before any process starts (bad flags: exit code 2, nothing started or written).
 At most ``--jobs`` processes run at once. A run whose status.json says "finished" or "diverged" is
 skipped; any other run is started again and run.py resumes it from its last checkpoint.
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import importlib.util
 import itertools
 import shlex
 import subprocess
@@ -31,9 +35,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from keras_implicit import analysis  # noqa: E402
+from keras_implicit.training import DATASETS, MODELS, SCHEDULES, RunConfig, default_run_name  # noqa: E402
 
 RUN_SCRIPT = Path(__file__).resolve().parent / "run.py"
 TERMINAL_STATES = ("finished", "diverged")
+
+
+@functools.cache
+def run_py():
+    """``experiments/run.py`` as a module: its parser and ``config_from_args`` (no TensorFlow import)."""
+    spec = importlib.util.spec_from_file_location("_sweep_run_py", RUN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,39 +58,73 @@ class GridPoint:
     batch_size: int
     seed: int
 
-    @property
-    def name(self) -> str:
-        # The same name run.py gives by default (keras_implicit.training.default_run_name), computed
-        # here so that the sweep needs no TensorFlow to plan.
-        return f"{self.dataset}-{self.model}-ce-sgd-lr{self.lr:g}-b{self.batch_size}-s{self.seed}"
+    def __str__(self) -> str:
+        return f"{self.model} {self.dataset} lr={self.lr:g} batch={self.batch_size} seed={self.seed}"
 
 
 def grid(models, datasets, lrs, batch_sizes, seeds) -> list[GridPoint]:
     """Every combination, in the order models, datasets, learning rates, batch sizes, seeds."""
     points = [GridPoint(m, d, float(lr), int(b), int(s))
               for m, d, lr, b, s in itertools.product(models, datasets, lrs, batch_sizes, seeds)]
-    if len({p.name for p in points}) != len(points):
+    if len(set(points)) != len(points):
         raise ValueError("the grid repeats a point (a value given twice?)")
     return points
 
 
-def run_name(point: GridPoint, ghost_batch_size: int, train_subset: int | None) -> str:
-    """``point.name`` with ``-g<ghost>`` and ``-n<subset>`` before the seed when not default, as run.py."""
-    extra = (f"-g{ghost_batch_size}" if ghost_batch_size != 256 else "") + (
-        f"-n{train_subset}" if train_subset is not None else "")
-    return f"{point.dataset}-{point.model}-ce-sgd-lr{point.lr:g}-b{point.batch_size}{extra}-s{point.seed}"
+def run_flags(point: GridPoint, args) -> list[str]:
+    """The run.py flags of one grid point, but for ``--out`` and ``--no-progress``: the point, the sweep's
+    flags that are passed on, then the flags after ``--``."""
+    flags = ["--model", point.model, "--dataset", point.dataset, "--lr", repr(point.lr),
+             "--batch-size", str(point.batch_size), "--seed", str(point.seed),
+             "--ghost-batch-size", str(args.ghost_batch_size)]
+    for flag in ("epochs", "train_subset", "track_every", "track_schedule", "target_train_loss", "data_dir"):
+        value = getattr(args, flag)
+        if value is not None:
+            flags += [f"--{flag.replace('_', '-')}", str(value)]
+    return flags + list(args.run_args)
+
+
+def run_config(point: GridPoint, args) -> RunConfig:
+    """The validated RunConfig that run.py builds from this point's flags (its own parser and
+    ``config_from_args``). Raises ValueError with run.py's message for a flag it would refuse."""
+    run = run_py()
+    parser = run.build_parser()
+
+    def refuse(message):
+        raise ValueError(f"run.py: {message}")
+
+    parser.error = refuse  # argparse reports every parse error through error(): raise instead of exiting
+    parsed = parser.parse_args(run_flags(point, args))
+    if parsed.out is not None:
+        raise ValueError("--out cannot be passed on: the sweep names each run's directory")
+    return run.config_from_args(parsed).validate()
+
+
+def plan(points: list[GridPoint], args) -> list[tuple[str, list[str], Path]]:
+    """``(run name, run.py command, run directory)`` of every point; every configuration is validated first.
+
+    The name is :func:`keras_implicit.training.default_run_name` of the configuration run.py will build,
+    so the loss, optimizer, ghost batch and subset passed on are in it. Raises ValueError (naming the point)
+    for a bad flag, or when two points would share a directory.
+    """
+    jobs, seen = [], {}
+    for point in points:
+        try:
+            name = default_run_name(run_config(point, args))
+        except ValueError as error:
+            raise ValueError(f"grid point {point}: {error}") from None
+        if name in seen:
+            raise ValueError(f"grid points {seen[name]} and {point} are the same run {name} (do flags after -- "
+                             "override the grid?)")
+        seen[name] = point
+        run_dir = args.runs_dir / name
+        jobs.append((name, command(point, run_dir, args, args.run_script), run_dir))
+    return jobs
 
 
 def command(point: GridPoint, run_dir: Path, args, run_script: Path = RUN_SCRIPT) -> list[str]:
     """The run.py command line of one grid point."""
-    cmd = [sys.executable, str(run_script), "--model", point.model, "--dataset", point.dataset,
-           "--lr", repr(point.lr), "--batch-size", str(point.batch_size), "--seed", str(point.seed),
-           "--ghost-batch-size", str(args.ghost_batch_size), "--out", str(run_dir), "--no-progress"]
-    for flag in ("epochs", "train_subset", "track_every", "track_schedule", "target_train_loss", "data_dir"):
-        value = getattr(args, flag)
-        if value is not None:
-            cmd += [f"--{flag.replace('_', '-')}", str(value)]
-    return cmd + list(args.run_args)
+    return [sys.executable, str(run_script), "--out", str(run_dir), "--no-progress", *run_flags(point, args)]
 
 
 def state_of(run_dir: Path) -> str:
@@ -173,23 +221,38 @@ def summarize(run_dirs: list[Path], out_dir: Path, level: float | None, hparams:
     return level
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    run = run_py()  # the same checks as run.py for the values passed on
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs/sweep"), help="where the run directories go")
-    parser.add_argument("--models", nargs="+", default=["fc6"])
-    parser.add_argument("--datasets", nargs="+", default=["fashion_mnist"])
-    parser.add_argument("--lrs", nargs="+", type=float, default=[0.1, 0.001])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[256])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--ghost-batch-size", type=int, default=256, help="micro-batch of large batches")
-    parser.add_argument("--jobs", type=int, default=1, help="processes at once (each uses every core TF sees)")
-    parser.add_argument("--epochs", type=int, help="passed to run.py")
-    parser.add_argument("--train-subset", type=int, help="passed to run.py")
-    parser.add_argument("--track-every", type=int, help="passed to run.py")
-    parser.add_argument("--track-schedule", choices=["epoch", "log"], help="passed to run.py")
-    parser.add_argument("--target-train-loss", type=float, help="passed to run.py: stop at this training CE")
+
+    def listed(values):
+        return " ".join(str(v) for v in values)
+
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/sweep"),
+                        help="where the run directories go (default: %(default)s)")
+    parser.add_argument("--models", nargs="+", default=["fc6"],
+                        help=f"of {', '.join(MODELS)} (default: {listed(['fc6'])})")
+    parser.add_argument("--datasets", nargs="+", default=["fashion_mnist"],
+                        help=f"of {', '.join(DATASETS)} (default: {listed(['fashion_mnist'])})")
+    parser.add_argument("--lrs", nargs="+", type=run._positive_float, default=[0.1, 0.001],
+                        help=f"learning rates (default: {listed([0.1, 0.001])})")
+    parser.add_argument("--batch-sizes", nargs="+", type=run._positive_int, default=[256],
+                        help=f"examples per optimizer step (default: {listed([256])})")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help=f"initialization and shuffling seeds (default: {listed([0, 1, 2])})")
+    parser.add_argument("--ghost-batch-size", type=run._positive_int, default=RunConfig.ghost_batch_size,
+                        help="micro-batch of large batches (default: %(default)s)")
+    parser.add_argument("--jobs", type=run._positive_int, default=1,
+                        help="processes at once, each using every core TF sees (default: %(default)s)")
+    parser.add_argument("--epochs", type=run._positive_int, help="passed to run.py (default: run.py's)")
+    parser.add_argument("--train-subset", type=run._positive_int, help="passed to run.py (default: all)")
+    parser.add_argument("--track-every", type=run._positive_int, help="passed to run.py")
+    parser.add_argument("--track-schedule", choices=SCHEDULES, help="passed to run.py (default: run.py's)")
+    parser.add_argument("--target-train-loss", type=run._positive_float,
+                        help="passed to run.py: stop at this training CE")
     parser.add_argument("--data-dir", help="passed to run.py")
-    parser.add_argument("--level", type=float, help="training CE of the summary (default: lowest common level)")
+    parser.add_argument("--level", type=run._positive_float,
+                        help="training CE of the summary (default: the lowest level every finished run reaches)")
     parser.add_argument("--summary-only", action="store_true", help="do not train, summarize what exists")
     parser.add_argument("--summary-dir", type=Path, help="where summary.md, summary.csv and hparams/ go "
                         "(default: --runs-dir)")
@@ -197,20 +260,26 @@ def parse_args(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument("--run-script", type=Path, default=RUN_SCRIPT, help=argparse.SUPPRESS)
     parser.add_argument("run_args", nargs=argparse.REMAINDER,
-                        help="after --: more flags for every run.py process")
-    args = parser.parse_args(argv)
+                        help="run.py flags for every run, after a -- (e.g. sweep.py -- --loss gcdf@1 --optimizer "
+                             "adam); the run names show them")
+    return parser
+
+
+def parse_args(argv=None, parser: argparse.ArgumentParser | None = None):
+    args = (parser or build_parser()).parse_args(argv)
     if args.run_args and args.run_args[0] == "--":
         args.run_args = args.run_args[1:]
     return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    points = grid(args.models, args.datasets, args.lrs, args.batch_sizes, args.seeds)
-    jobs = []
-    for point in points:
-        run_dir = args.runs_dir / run_name(point, args.ghost_batch_size, args.train_subset)
-        jobs.append((run_dir.name, command(point, run_dir, args, args.run_script), run_dir))
+    parser = build_parser()
+    args = parse_args(argv, parser)
+    try:
+        # Every point's configuration is checked (without TensorFlow) before any process starts.
+        jobs = plan(grid(args.models, args.datasets, args.lrs, args.batch_sizes, args.seeds), args)
+    except ValueError as error:
+        parser.error(str(error))
     if args.dry_run:
         for _, cmd, _ in jobs:
             print(shlex.join(cmd))

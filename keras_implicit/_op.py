@@ -5,23 +5,41 @@ Interface used by keras_implicit.losses:
     force_path("op" | "tf" | None): context manager for tests and benchmarks
     active_path() -> "op" or "tf"
 
-The op lives in ``keras_implicit/_panel_op.so``, built by ``pip install -e .`` (setup.py) or
-``make -C custom_ops``. It is loaded lazily, on the first panel computed, and the pure-TensorFlow path
+The op lives in ``keras_implicit/_panel_op.so`` (portable) and, on x86-64, ``_panel_op_avx2.so`` (built with
+``-mavx2 -mfma``, 3.4-5x faster), both built by ``pip install -e .`` (setup.py) or ``make -C custom_ops``.
+``KERAS_IMPLICIT_OP_VARIANT`` picks the build (``library_variant()``, ``library_path()``):
+
+- ``auto`` (the default, also when unset or empty): the AVX2 build where it is built and the CPU has AVX2 and
+  FMA, else the portable one;
+- ``portable`` or ``avx2``: that build and no other. An unknown value (ValueError), ``avx2`` on a CPU
+  without AVX2 and FMA, or a named build that is missing (RuntimeError) is an error wherever the op would
+  be loaded, never a silent fallback to another build or to the pure-TensorFlow path.
+
+The op is loaded lazily, on the first panel computed, and the pure-TensorFlow path
 (``losses._panel_pure_tf``) is used instead when:
 
 - ``KERAS_IMPLICIT_PURE_TF=1`` is set;
 - the library is missing (not built) or cannot be loaded (built for another TensorFlow version, another
-  ABI or another machine): the load error is logged;
+  ABI or another machine), and it cannot be built on first use either (below): the reason is logged;
 - the computation is being compiled by XLA (``tf.function(jit_compile=True)``, Keras' ``jit_compile``,
   the default on GPUs): the op has no XLA kernel.
 
-One log line (logger ``keras_implicit``, INFO; WARNING when a built library fails to load) says which
-path is in use, the first time it is decided. ``active_path()`` says it at any time.
+Building on first use (``keras_implicit/_op_build.py``): where the package holds no loadable build (a
+one-command install into a fresh virtualenv builds the package before pip installs TensorFlow), the first
+panel builds the op with ``custom_ops/Makefile`` into a cache keyed by TensorFlow, the sources and the
+compiler (``$KERAS_IMPLICIT_CACHE``, else ``~/.cache/keras_implicit/op/<key>/``), once, with one INFO line;
+``library_path()`` looks there after the package, with the same variant rule. ``KERAS_IMPLICIT_NO_BUILD=1``
+disables building; a failed build is remembered there with its log. ``KERAS_IMPLICIT_PURE_TF=1`` wins over
+all of it.
+
+One log line (logger ``keras_implicit``, INFO; WARNING when a built library fails to load or a build fails)
+says which path is in use, the first time it is decided. ``active_path()`` says it at any time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -30,14 +48,22 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["panel_op", "force_path", "active_path", "library_path", "load_error", "in_xla_context", "fused_panel"]
+from keras_implicit import _op_build
+
+__all__ = [
+    "panel_op", "force_path", "active_path", "library_path", "library_variant", "load_error", "in_xla_context",
+    "fused_panel",
+]
 
 _LOGGER = logging.getLogger("keras_implicit")
 _LIBRARY = Path(__file__).with_name("_panel_op.so")
-# The same op compiled with -mavx2 -mfma (x86-64 only): Eigen's vectorized erfc and exp are ~10x faster
-# than in the portable build. Loaded only on CPUs with both (it would crash, not fail to load, elsewhere).
+# The same op compiled with -mavx2 -mfma (x86-64 only): with Eigen's vectorized erfc and exp the op is
+# 3.4-5x faster than the portable build (BUILD_NOTES.md, "Timings"). Loaded only on CPUs with both (it would
+# crash, not fail to load, elsewhere).
 _LIBRARY_AVX2 = Path(__file__).with_name("_panel_op_avx2.so")
 _ENV_PURE_TF = "KERAS_IMPLICIT_PURE_TF"
+_ENV_VARIANT = "KERAS_IMPLICIT_OP_VARIANT"
+_VARIANTS = ("auto", "portable", "avx2")
 
 _forced: str | None = None
 
@@ -50,16 +76,77 @@ class _State:
     error: str | None = None  # why it could not be loaded
     attempted = False
     logged = False
+    package_unloadable = False  # the package's own build failed to load: library_path() skips it
+    build_tried = False  # _op_build.ensure_built() ran (once per process)
+    build_problem: _op_build.Unavailable | None = None  # why the first-use build cache holds no build
+
+
+def library_variant() -> str:
+    """The op build this process uses, ``"portable"`` or ``"avx2"``, from ``KERAS_IMPLICIT_OP_VARIANT``.
+
+    ``auto`` (or unset, or empty): ``"avx2"`` where that build exists and the CPU has AVX2 and FMA, else
+    ``"portable"``. ``portable`` or ``avx2``: that build, or an error, never another build.
+
+    Raises:
+        ValueError: the variable holds another value.
+        RuntimeError: ``avx2`` is named on a CPU without AVX2 and FMA (the library would crash the process).
+    """
+    requested = os.environ.get(_ENV_VARIANT, "").strip().lower() or "auto"
+    if requested not in _VARIANTS:
+        raise ValueError(
+            f"{_ENV_VARIANT} must be one of {', '.join(_VARIANTS)}, got {os.environ[_ENV_VARIANT]!r}"
+        )
+    if requested == "auto":
+        return "avx2" if _library_place()[1].exists() and _cpu_has("avx2", "fma") else "portable"
+    if requested == "avx2" and not _cpu_has("avx2", "fma"):
+        raise RuntimeError(
+            f"{_ENV_VARIANT}=avx2, but this CPU lacks AVX2 or FMA (/proc/cpuinfo): it cannot run "
+            f"{_LIBRARY_AVX2.name}; use {_ENV_VARIANT}=portable or auto"
+        )
+    return requested
 
 
 def library_path() -> Path:
-    """The compiled op this process loads (or would load): the AVX2 build where the CPU has AVX2 and FMA
-    and it is built, else ``keras_implicit/_panel_op.so``."""
-    if _LIBRARY_AVX2.exists() and _cpu_has("avx2", "fma"):
-        return _LIBRARY_AVX2
-    return _LIBRARY
+    """The compiled op this process loads (or would load), chosen by :func:`library_variant`:
+    ``keras_implicit/_panel_op_avx2.so`` or ``keras_implicit/_panel_op.so``, or the same names in the first-use
+    build cache (``_op_build.cache_dir()``) where the package holds no build, or one that failed to load.
+
+    With ``auto`` the path may not exist (the op is then not built, and the pure-TensorFlow path is used).
+
+    Raises:
+        ValueError, RuntimeError: see :func:`library_variant`.
+        RuntimeError: a variant named in ``KERAS_IMPLICIT_OP_VARIANT`` is not built.
+    """
+    variant = library_variant()
+    portable, avx2 = _library_place()
+    library = avx2 if variant == "avx2" else portable
+    if os.environ.get(_ENV_VARIANT, "").strip().lower() not in ("", "auto") and not library.exists():
+        raise RuntimeError(
+            f"{_ENV_VARIANT}={variant}, but {library} is not built (pip install -e . or make -C custom_ops)"
+        )
+    return library
 
 
+def _library_places():
+    """Where builds are looked for, as (portable, avx2) pairs, in order: the package's own (setup.py or
+    ``make -C custom_ops``), unless it failed to load, then the first-use build cache (``_op_build``; its key
+    is computed only when the package holds no build)."""
+    if not _State.package_unloadable:
+        yield _LIBRARY, _LIBRARY_AVX2
+    cache = _op_build.cache_dir()
+    if cache is not None:
+        yield cache / _op_build.LIBRARY_NAME, cache / _op_build.LIBRARY_AVX2_NAME
+
+
+def _library_place() -> tuple[Path, Path]:
+    """The first place holding a build (either variant); the package's where none does."""
+    for portable, avx2 in _library_places():
+        if portable.exists() or avx2.exists():
+            return portable, avx2
+    return _LIBRARY, _LIBRARY_AVX2
+
+
+@functools.lru_cache(maxsize=None)
 def _cpu_has(*flags: str) -> bool:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
@@ -86,30 +173,84 @@ def _log_once(path: str, detail: str, level=logging.INFO) -> None:
 # module state they keep).
 @tf.autograph.experimental.do_not_convert
 def _load():
-    """The op library, or None with the reason in `_State.error`. Tried once per process."""
+    """The op library, or None with the reason in `_State.error`. Tried once per process.
+
+    Order: the package's own build if it loads; else the first-use build cache, built now where it holds
+    nothing (``_op_build.ensure_built``, once per process); else None.
+    """
     with _State.lock:
         if _State.attempted:
             return _State.module
-        _State.attempted = True
-        library = library_path()
-        if not library.exists():
-            _State.error = f"{library} is not built (pip install -e . or make -C custom_ops)"
-            return None
+        library_variant()  # a bad KERAS_IMPLICIT_OP_VARIANT raises here, on every call
+        if not _State.build_tried and not _has_build():
+            _build_on_first_use()
         try:
-            module = tf.load_op_library(str(library))
-            if not hasattr(module, "keras_implicit_panel") or not hasattr(module, "keras_implicit_panel_grad"):
-                raise RuntimeError("the library does not define KerasImplicitPanel and KerasImplicitPanelGrad")
-        except (tf.errors.OpError, OSError, RuntimeError, ValueError) as error:
-            # NotFoundError: an undefined symbol, e.g. built against another TensorFlow version.
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            _State.error = (
-                f"{library} could not be loaded (built for another TensorFlow?): {type(error).__name__}: {message}"
-            )
+            library = library_path()  # a named variant that is built nowhere raises here, on every call
+        except RuntimeError as error:
+            if _State.build_problem is None:
+                raise
+            raise RuntimeError(f"{error}; {_State.build_problem.reason}") from error
+        _State.attempted = True
+        problems, warn, tried = [], False, set()
+        while True:
+            if library in tried:
+                pass
+            elif library.exists():
+                tried.add(library)
+                module, problem = _open(library)
+                if module is not None:
+                    if problems:
+                        _LOGGER.info("keras_implicit: %s; loaded %s instead", "; ".join(problems), library)
+                    _State.module = module
+                    _register_gradient(module)
+                    return module
+                problems.append(problem)
+                warn = True
+                if library in (_LIBRARY, _LIBRARY_AVX2):
+                    _State.package_unloadable = True  # library_path() now looks in the build cache only
+            else:
+                problems.append(f"{library} is not built (pip install -e . or make -C custom_ops)")
+            if _State.build_tried:
+                break
+            _build_on_first_use()
+            try:
+                library = library_path()
+            except RuntimeError as error:  # a named variant that the first-use build does not provide
+                problems.append(str(error))
+                break
+        if _State.build_problem is not None:
+            problems.append(_State.build_problem.reason)
+            warn = warn or _State.build_problem.failed
+        _State.error = "; ".join(problems)
+        if warn:
             _log_once("the pure-TensorFlow path", _State.error, logging.WARNING)
-            return None
-        _State.module = module
-        _register_gradient(module)
-        return module
+        return None
+
+
+def _has_build() -> bool:
+    try:
+        return library_path().exists()
+    except RuntimeError:
+        return False
+
+
+def _build_on_first_use() -> None:
+    _State.build_tried = True
+    _State.build_problem = _op_build.ensure_built()
+
+
+def _open(library: Path):
+    """``(module, None)``, or ``(None, why it could not be loaded)``."""
+    try:
+        module = tf.load_op_library(str(library))
+        if not hasattr(module, "keras_implicit_panel") or not hasattr(module, "keras_implicit_panel_grad"):
+            raise RuntimeError("the library does not define KerasImplicitPanel and KerasImplicitPanelGrad")
+    except (tf.errors.OpError, OSError, RuntimeError, ValueError) as error:
+        # NotFoundError: an undefined symbol, e.g. built against another TensorFlow version.
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        kind = type(error).__name__
+        return None, f"{library} could not be loaded (built for another TensorFlow?): {kind}: {message}"
+    return module, None
 
 
 def load_error() -> str | None:
@@ -118,12 +259,17 @@ def load_error() -> str | None:
 
 
 def in_xla_context() -> bool:
-    """Whether the graph being built is compiled by XLA (the op has no XLA kernel)."""
-    from tensorflow.python.ops import control_flow_util
+    """Whether the graph being built is compiled by XLA (the op has no XLA kernel).
 
+    TensorFlow has no public API for this. ``tf.__internal__.get_enclosing_xla_context`` is the exported
+    (``tf_export``) symbol that Keras itself was given for it: it returns the ``XLAControlFlowContext`` of
+    an enclosing ``tf.function(jit_compile=True)``, nested functions included, and None otherwise. This is
+    the only place the library relies on it; ``tests/test_op.py::test_xla_context_detection`` fails loudly
+    if TensorFlow removes or changes it.
+    """
     if tf.executing_eagerly():
         return False
-    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    return tf.__internal__.get_enclosing_xla_context() is not None
 
 
 def _register_gradient(module) -> None:

@@ -171,7 +171,7 @@ class Run:
 
     def quantities(self, split: str = "train") -> list[str]:
         """The tracked names of a split, in file order, without epoch/step."""
-        return [k for k in self._split(split) if k not in ("epoch", "step")]
+        return [k for k in self.columns(split) if k not in ("epoch", "step")]
 
     def family(self, family: str, split: str = "train") -> tuple[np.ndarray, list[str]]:
         """Sorted parameters and column names of one family (``"gcdf"``, ``"tce"``, ``"hinge"``)."""
@@ -181,7 +181,7 @@ class Run:
 
     def series(self, quantity: str, split: str = "train", x: str = "epoch") -> tuple[np.ndarray, np.ndarray]:
         """``(x values, quantity values)`` over the tracking points of a split."""
-        columns = self._split(split)
+        columns = self.columns(split)
         if quantity not in columns:
             raise KeyError(
                 f"run {self.name!r} did not track {quantity!r} on {split!r}; it has {self.quantities(split)}"
@@ -190,7 +190,9 @@ class Run:
             raise KeyError(f"run {self.name!r} has no {x!r} column on {split!r}")
         return columns[x], columns[quantity]
 
-    def _split(self, split: str) -> dict[str, np.ndarray]:
+    def columns(self, split: str = "train") -> dict[str, np.ndarray]:
+        """Every tracked column of a split (``epoch``, ``step``, ``ce``, ``gcdf@0.5``, ...) as arrays over
+        its tracking points, in file order."""
         if split not in self.splits:
             raise KeyError(f"run {self.name!r} has no {split!r} records in {self.path / 'metrics.jsonl'}")
         return self.splits[split]
@@ -404,7 +406,7 @@ def at_level(run: Run, level: float) -> LevelPoint:
         >>> point = at_level(load_run("runs/fc6_lr0.1"), level=0.08)
         >>> point.values["gcdf@1"], point.epoch
     """
-    train = run._split("train")
+    train = run.columns("train")
     i, t = _crossing(train["ce"], float(level), run.name, run.state)
     values = {}
     for key, column in train.items():
@@ -444,7 +446,7 @@ def common_level(runs: Sequence[Run]) -> float:
         raise ValueError("no runs given")
     lows, starts = [], []
     for run in runs:
-        ce = run._split("train")["ce"]
+        ce = run.columns("train")["ce"]
         finite = ce[np.isfinite(ce)]
         if finite.size == 0:
             raise LevelNotReachedError(f"run {run.name!r} has no finite training CE")
@@ -705,7 +707,11 @@ def aggregate(runs: Sequence[Run] | RunGroup, level: float) -> Aggregate:
 # --------------------------------------------------------------------------- #
 # Summaries (sweeps)
 # --------------------------------------------------------------------------- #
-_SUMMARY_KEYS = ("model", "dataset", "lr", "batch_size", "ghost_batch_size", "seed")
+_SUMMARY_KEYS = ("model", "dataset", "optimizer", "loss", "lr", "batch_size", "ghost_batch_size", "train_subset",
+                 "seed")
+# Besides model and dataset, the config keys of a setting: extreme_pairs compares learning rates or batch
+# sizes only between groups that agree on all of them (a gcdf@1 or Adam run is never set against a CE/SGD one).
+_SETTING_KEYS = ("optimizer", "loss", "ghost_batch_size", "train_subset")
 
 
 def summary_rows(runs: Sequence[Run], level: float) -> list[dict]:
@@ -742,37 +748,55 @@ def summary_csv(rows: Sequence[dict]) -> str:
 
 
 def extreme_pairs(groups: Sequence[RunGroup]) -> list[tuple[RunGroup, RunGroup, str]]:
-    """Pairs of groups at the grid's extremes: for each model, dataset and batch size, the largest
-    learning rate against the smallest; for each model, dataset and learning rate, the smallest
-    batch size against the largest. Each pair is ``(a, b, what)`` with ``a`` the large-lr or
-    small-batch group (the one the paper expects to win at large parameters)."""
+    """Pairs of groups at the grid's extremes: for each setting (model, dataset, optimizer, training loss,
+    ghost batch size and training subset) and batch size, the largest learning rate against the smallest;
+    for each setting and learning rate, the smallest batch size against the largest. Each pair is
+    ``(a, b, what)`` with ``a`` the large-lr or small-batch group (the one the paper expects to win at
+    large parameters); ``what`` names the model and dataset, and the other setting keys whose values
+    differ between the groups."""
     pairs = []
+    setting = ("model", "dataset", *_SETTING_KEYS)
+    varying = [k for k in _SETTING_KEYS if len({json.dumps(g.config.get(k), default=str) for g in groups}) > 1]
+    label_keys = [k for k in _LABEL_KEYS if k in ("model", "dataset", *varying)]
 
-    def index(keys):
+    def index(key):
         table: dict = {}
         for group in groups:
-            table.setdefault(tuple(group.config.get(k) for k in keys), []).append(group)
-        return table
+            table.setdefault(json.dumps([group.config.get(k) for k in (*setting, key)], default=str),
+                             []).append(group)
+        return table.values()
 
-    for (model, dataset, batch), members in index(("model", "dataset", "batch_size")).items():
+    for members in index("batch_size"):
+        name, batch = describe_config(members[0].config, label_keys), members[0].config.get("batch_size")
         lrs = sorted({g.config.get("lr") for g in members if g.config.get("lr") is not None})
         if len(lrs) >= 2:
             high = next(g for g in members if g.config.get("lr") == lrs[-1])
             low = next(g for g in members if g.config.get("lr") == lrs[0])
-            pairs.append((high, low, f"{model} {dataset} batch={batch}: lr {lrs[-1]:g} vs {lrs[0]:g}"))
-    for (model, dataset, lr), members in index(("model", "dataset", "lr")).items():
+            pairs.append((high, low, f"{name} batch={batch}: lr {lrs[-1]:g} vs {lrs[0]:g}"))
+    for members in index("lr"):
+        name, lr = describe_config(members[0].config, label_keys), members[0].config.get("lr")
         batches = sorted({g.config.get("batch_size") for g in members if g.config.get("batch_size") is not None})
         if len(batches) >= 2:
             small = next(g for g in members if g.config.get("batch_size") == batches[0])
             large = next(g for g in members if g.config.get("batch_size") == batches[-1])
-            pairs.append((small, large, f"{model} {dataset} lr={lr:g}: batch {batches[0]} vs {batches[-1]}"))
+            pairs.append((small, large, f"{name} lr={lr:g}: batch {batches[0]} vs {batches[-1]}"))
     return pairs
 
 
-def _fmt(mean: float, std: float) -> str:
+def _fmt(mean: float, std: float, digits: int = 4) -> str:
     if not math.isfinite(mean):
         return "n/a"
-    return f"{mean:.4g}" if not math.isfinite(std) else f"{mean:.4g} ± {std:.2g}"
+    return f"{mean:.{digits}g}" if not math.isfinite(std) else f"{mean:.{digits}g} ± {std:.2g}"
+
+
+def _digits_apart(x: float, y: float, digits: int = 4) -> int:
+    """The fewest significant digits, at least ``digits``, at which ``x`` and ``y`` print differently (17
+    always tells two different floats apart); ``digits`` for equal or non-finite values."""
+    if x == y or not (math.isfinite(x) and math.isfinite(y)):
+        return digits
+    while digits < 17 and f"{x:.{digits}g}" == f"{y:.{digits}g}":
+        digits += 1
+    return digits
 
 
 def summary_markdown(
@@ -804,7 +828,8 @@ def summary_markdown(
     if pairs:
         lines += ["## Crossovers between the grid's extremes", "",
                   "`a` is the large-lr or small-batch run, `b` the other; values are seed means ± std at the "
-                  "grid's smallest and largest parameter, and which is lower. The paper expects `b` lower at "
+                  "grid's smallest and largest parameter (with at least 4 significant digits, more where a and b "
+                  "would otherwise print alike), and which is lower. The paper expects `b` lower at "
                   "the smallest, `a` lower at the largest, and a Gcdf crossover near σ = 1. The crossover is "
                   "that of the seed means; per seed: of the runs a and b with the same seed.", "",
                   "| comparison | family | smallest | a | b | lower | largest | a | b | lower | crossover "
@@ -819,11 +844,15 @@ def summary_markdown(
                 per_seed = "; ".join(f"s{seed}: " + (", ".join(f"{c:.3g}" for c in cs) or "none")
                                      for seed, cs in sorted(r.seed_crossings.items(), key=lambda kv: str(kv[0])))
                 symbol = FAMILY_PARAMETER[family]
+                # As many digits as it takes for the shown a and b to agree with the "lower" column.
+                small = _digits_apart(r.a_values[0], r.b_values[0])
+                large = _digits_apart(r.a_values[-1], r.b_values[-1])
                 lines.append(
-                    f"| {what} | {family} | {symbol}={r.parameters[0]:g} | {_fmt(r.a_values[0], r.a_std[0])} "
-                    f"| {_fmt(r.b_values[0], r.b_std[0])} | {r.lower_at_smallest} | {symbol}={r.parameters[-1]:g} "
-                    f"| {_fmt(r.a_values[-1], r.a_std[-1])} | {_fmt(r.b_values[-1], r.b_std[-1])} "
-                    f"| {r.lower_at_largest} | {cross} | {per_seed or '-'} |")
+                    f"| {what} | {family} | {symbol}={r.parameters[0]:g} | {_fmt(r.a_values[0], r.a_std[0], small)} "
+                    f"| {_fmt(r.b_values[0], r.b_std[0], small)} | {r.lower_at_smallest} "
+                    f"| {symbol}={r.parameters[-1]:g} | {_fmt(r.a_values[-1], r.a_std[-1], large)} "
+                    f"| {_fmt(r.b_values[-1], r.b_std[-1], large)} | {r.lower_at_largest} | {cross} "
+                    f"| {per_seed or '-'} |")
         lines.append("")
     if missing:
         lines += ["## Runs that do not reach the level", ""]
@@ -833,7 +862,8 @@ def summary_markdown(
 
 
 def hparams_records(runs: Sequence[Run], level: float,
-                    hparam_keys: Sequence[str] = ("model", "dataset", "lr", "batch_size", "seed"),
+                    hparam_keys: Sequence[str] = ("model", "dataset", "loss", "optimizer", "lr", "batch_size",
+                                                   "ghost_batch_size", "train_subset", "seed"),
                     quantities: Sequence[str] = ("gcdf@0.5", "gcdf@1", "gcdf@8", "error")) -> list[dict]:
     """For TensorBoard's hparams dashboard: per run ``{"run", "hparams": {...}, "metrics": {...}}``.
 
@@ -851,7 +881,7 @@ def hparams_records(runs: Sequence[Run], level: float,
             metrics.update({f"at_level/{q}": point.values[q] for q in quantities if q in point.values})
         except LevelNotReachedError:
             pass
-        ce = run._split("train")["ce"]
+        ce = run.columns("train")["ce"]
         metrics["final/ce"] = float(np.nanmin(ce))
         records.append({"run": run.name, "hparams": hparams, "metrics": metrics})
     return records

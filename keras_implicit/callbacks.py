@@ -37,6 +37,7 @@ import tensorflow as tf
 from keras_implicit import losses as _losses
 from keras_implicit import metrics as _metrics
 from keras_implicit import models as _models
+from keras_implicit.training import SCHEDULES  # the one list of schedule names (TensorFlow-free)
 
 __all__ = [
     "SCHEDULES",
@@ -48,8 +49,6 @@ __all__ = [
     "custom_scalars_layout",
     "FAMILY_TITLES",
 ]
-
-SCHEDULES = ("epoch", "log")
 
 FAMILY_TITLES = {
     "gcdf": "Gcdf(sigma), eq. 6",
@@ -195,6 +194,7 @@ class AltLossTracker(keras.callbacks.Callback):
         self._sums_fn = None
         self._sums_model = None
         self._log_steps: set[int] = set()
+        self._last_seen_step: Optional[int] = None
 
     @staticmethod
     def _as_tensors(data, what):
@@ -348,6 +348,7 @@ class AltLossTracker(keras.callbacks.Callback):
         steps_per_epoch = self._resolve_steps_per_epoch()
         self._log_steps = set(log_spaced_steps(2 * steps_per_epoch)) if self.schedule == "log" else set()
         step = self.optimizer_step()
+        self._last_seen_step = step
         if step == 0 and self._due(0):
             self.track(0)
 
@@ -356,12 +357,14 @@ class AltLossTracker(keras.callbacks.Callback):
             return
         if not (self.track_every or self._log_steps):
             return
+        # optimizer.iterations counts updates (with gradient accumulation, large batches): it changes only
+        # on the micro-batch that completes a window, so a step seen for the first time is one whose update
+        # has just been applied, never the middle of an accumulation window.
         step = self.optimizer_step()
-        if step and self._due(step):
-            accumulation = getattr(self.model.optimizer, "gradient_accumulation_steps", None) or 1
-            micro = int(self.model.optimizer._iterations.numpy()) if accumulation > 1 else step
-            if micro % accumulation == 0:  # right after an update, not in the middle of a window
-                self.track(step)
+        updated = step != self._last_seen_step
+        self._last_seen_step = step
+        if step and updated and self._due(step):
+            self.track(step)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.diverged or self.target_reached:

@@ -31,6 +31,8 @@ from typing import Optional
 
 import numpy as np
 
+from keras_implicit.training import DATASETS  # the one list of dataset names (TensorFlow-free, for validation)
+
 __all__ = [
     "DATASETS",
     "IDX_FILES",
@@ -44,7 +46,6 @@ __all__ = [
     "load_dataset",
 ]
 
-DATASETS = ("fashion_mnist", "mnist", "cifar10")
 NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10}
 
 # split -> (images file, labels file), without the optional ".gz".

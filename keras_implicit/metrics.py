@@ -32,6 +32,19 @@ DEFAULT_TEMPERATURES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 DEFAULT_MARGINS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
+def _declare_lower_is_better(metric: keras.metrics.Metric) -> None:
+    """Lets ``EarlyStopping``/``ModelCheckpoint``/``ReduceLROnPlateau`` with ``mode="auto"`` minimize ``metric``.
+
+    Keras 3 has no public way to say this: its ``MonitorCallback`` reads the private attribute
+    ``_direction`` of the compiled metric whose *name* equals ``monitor`` (keras/src/callbacks/
+    monitor_callback.py), which Keras' own metrics set in their constructors. This is the one place the
+    library touches it; ``tests/test_metrics.py::test_monitor_callbacks_minimize_the_family_metrics`` fails
+    if Keras changes the mechanism. The panel's entries (``gcdf@1`` in the logs) are not metrics of their
+    own, so monitoring them needs ``mode="min"``.
+    """
+    metric._direction = "down"
+
+
 class _FamilyMean(keras.metrics.MeanMetricWrapper):
     _parameter = ""
 
@@ -43,7 +56,7 @@ class _FamilyMean(keras.metrics.MeanMetricWrapper):
         if name is None:
             name = _losses.panel_names(**{self._panel_keyword: [self._parameter_value]})[0]
         super().__init__(fn, name=name, dtype=dtype, **{self._parameter: self._parameter_value}, **fn_kwargs)
-        self._direction = "down"
+        _declare_lower_is_better(self)
 
     def get_config(self):
         return {"name": self.name, "dtype": self.dtype, self._parameter: self._parameter_value}
@@ -121,7 +134,7 @@ class ZeroOneError(keras.metrics.MeanMetricWrapper):
 
     def __init__(self, name="error", dtype=None):
         super().__init__(_losses.zero_one_error, name=name, dtype=dtype)
-        self._direction = "down"
+        _declare_lower_is_better(self)
 
     def get_config(self):
         return {"name": self.name, "dtype": self.dtype}
@@ -173,7 +186,6 @@ class AltLossPanel(keras.metrics.Metric):
             raise ValueError("the panel is empty: give sigmas, temperatures, margins or error=True")
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"the panel has repeated parameters: {self.names}")
-        self._direction = "down"
         self.totals = self.add_variable(shape=(len(self.names),), initializer="zeros", name="totals")
         self.count = self.add_variable(shape=(), initializer="zeros", name="count")
 

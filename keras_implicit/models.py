@@ -19,9 +19,9 @@ from typing import Sequence
 
 import keras
 
-__all__ = ["MODELS", "L2Normalization", "make_model", "with_features", "top_layer"]
+from keras_implicit.training import MODELS  # the one list of model names (TensorFlow-free, for validation)
 
-MODELS = ("fc6", "c1")
+__all__ = ["MODELS", "L2Normalization", "make_model", "with_features", "top_layer"]
 
 TOP_LAYER = "logits"
 FEATURES_LAYER = "features"

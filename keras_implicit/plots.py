@@ -1,4 +1,4 @@
-"""The paper's figures, from run directories (matplotlib, Agg backend).
+"""The paper's figures, from run directories (matplotlib).
 
 =====================  ===============================================  =================================
 paper figure           what                                             function
@@ -17,23 +17,33 @@ a shaded band spans mean ± one standard deviation. Lines differ by line style a
 colour, so the figures read in grayscale. Only :func:`plot_loss_shapes` imports TensorFlow (through
 :mod:`keras_implicit.losses`, so each formula has one definition); the others need only the run
 directories.
+
+The functions return :class:`matplotlib.figure.Figure` objects drawn without pyplot: importing this
+module never changes matplotlib's backend (a notebook keeps its own), and the figures are not
+registered with pyplot, so they are freed once unreferenced. Show one in a notebook by leaving it as
+a cell's value, or save it with :func:`save_figure` or ``fig.savefig``. Every log axis gets readable
+ticks (:func:`readable_log_ticks`): at most eight labels that do not overlap, plain decimals
+("2.295", "4.5", "0.01") unless a tick lies outside 1e-3 to 1e5, then m×10^k.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import matplotlib.axis
+import matplotlib.font_manager
+import matplotlib.ticker
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.textpath import TextPath
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
-
-from keras_implicit import analysis  # noqa: E402
+from keras_implicit import analysis
 
 __all__ = [
     "RUN_STYLES",
@@ -42,6 +52,7 @@ __all__ = [
     "plot_training_curves",
     "plot_against_train_loss",
     "plot_family_at_level",
+    "readable_log_ticks",
     "save_figure",
     "plot_all",
 ]
@@ -75,7 +86,7 @@ def _as_groups(runs) -> list[analysis.RunGroup]:
 
 
 def _parameter_style(k: int, count: int):
-    colour = plt.get_cmap("viridis")(0.9 * k / max(count - 1, 1))  # luminance rises with k
+    colour = matplotlib.colormaps["viridis"](0.9 * k / max(count - 1, 1))  # luminance rises with k
     return colour, _PARAMETER_STYLES[k % len(_PARAMETER_STYLES)], _PARAMETER_MARKERS[k % len(_PARAMETER_MARKERS)]
 
 
@@ -89,6 +100,212 @@ def _mean_std(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     if stack.shape[0] < 2:
         return mean, None
     return mean, np.nanstd(stack, axis=0, ddof=1)
+
+
+# --------------------------------------------------------------------------- #
+# Readable ticks on log axes
+# --------------------------------------------------------------------------- #
+_MAX_TICKS = 8
+_TARGET_TICKS = 5
+# Per-decade tick families, sparse to dense (powers of ten alone, with any stride, come first).
+_DECADE_MANTISSAS = ((1, 3), (1, 2, 5), (1, 2, 3, 4, 5, 6, 7, 8, 9))
+# Tick values in [low, high) are written as plain decimals, others as m×10^k.
+_PLAIN_LOW, _PLAIN_HIGH = 1e-3, 1e5
+
+
+def _shortest(value: float) -> tuple[float, int]:
+    """``value`` rounded to the fewest significant digits that keep it within 1e-9 (relative), and that count."""
+    for digits in range(1, 18):
+        rounded = float(f"{value:.{digits - 1}e}")
+        if math.isclose(rounded, value, rel_tol=1e-9):
+            return rounded, digits
+    return value, 17
+
+
+def _decimals(value: float) -> int:
+    text = np.format_float_positional(value, trim="-")
+    return len(text.split(".")[1]) if "." in text else 0
+
+
+def _tick_labels(ticks: Sequence[float]) -> list[str]:
+    """Labels of log-axis ticks: plain decimals when every tick lies between 1e-3 and 1e5 ("0.5",
+    "2.295", "300"), else m×10^k mathtext for all of them. Evenly spaced ticks within one decade share
+    their number of decimals ("2.290", "2.295", "2.300"), as on a linear axis."""
+    rounded = [_shortest(float(t)) if math.isfinite(t) and t != 0 else (float(t), 1) for t in ticks]
+    values = [v for v, _ in rounded]
+    plain = all(_PLAIN_LOW <= v < _PLAIN_HIGH for v in values if v > 0 and math.isfinite(v))
+    decimals = None
+    if values and plain and min(values) > 0 and max(values) < 10 * min(values):
+        steps = np.diff(values)
+        if steps.size < 2 or np.allclose(steps, steps[0], rtol=1e-6):
+            decimals = max(_decimals(v) for v in values)
+    labels = []
+    for value, digits in rounded:
+        if not math.isfinite(value) or value <= 0:
+            labels.append(f"{value:g}")
+        elif plain:
+            labels.append(f"{value:.{decimals}f}" if decimals is not None
+                          else np.format_float_positional(value, trim="-"))
+        else:
+            mantissa, exponent = f"{value:.{digits - 1}e}".split("e")
+            mantissa = np.format_float_positional(float(mantissa), trim="-")
+            power = f"10^{{{int(exponent)}}}"
+            body = power if mantissa == "1" else rf"{mantissa}\times{power}"
+            labels.append(rf"$\mathdefault{{{body}}}$")
+    return labels
+
+
+@functools.lru_cache(maxsize=4096)
+def _label_size(text: str, font: matplotlib.font_manager.FontProperties) -> tuple[float, float]:
+    """Width and height, in points, of ``text`` drawn in ``font``."""
+    extents = TextPath((0, 0), text, prop=font).get_extents()
+    return extents.width, extents.height
+
+
+class _ReadableLogFormatter(matplotlib.ticker.Formatter):
+    """Formats the ticks of :class:`_ReadableLogLocator` with :func:`_tick_labels`."""
+
+    def __init__(self):
+        self._labels: dict[float, str] = {}
+
+    def set_locs(self, locs):
+        super().set_locs(locs)
+        self._labels = dict(zip(locs, _tick_labels(locs)))
+
+    def __call__(self, x, pos=None):
+        label = self._labels.get(x)
+        return label if label is not None else _tick_labels([x])[0]
+
+
+class _ReadableLogLocator(matplotlib.ticker.Locator):
+    """Major ticks of a log axis whose labels (:func:`_tick_labels`) do not overlap.
+
+    Candidate tick sets, measured against the axis' length and its label font at draw time:
+    powers of ten (every decade, every second, ...), then 1-3, 1-2-5 and 1-...-9 per decade; within
+    one decade, when those give fewer than three ticks, evenly spaced decimals (steps 1, 2, 5 × 10^k).
+    Of the sets whose neighbouring labels keep at least half a font size apart and that have at most
+    ``max_ticks`` ticks, the one with the count nearest five wins (the sparser on a tie). With
+    ``at``, the candidates are every k-th of those values instead (counted from the one nearest 1),
+    the densest that fits.
+    """
+
+    def __init__(self, at: Sequence[float] | None = None, max_ticks: int = _MAX_TICKS):
+        self.at = None if at is None else np.unique([float(v) for v in at if v > 0 and math.isfinite(v)])
+        self.max_ticks = max_ticks
+
+    def __call__(self):
+        vmin, vmax = self.axis.get_view_interval()
+        return self.tick_values(vmin, vmax)
+
+    def _geometry(self) -> tuple[float, bool, matplotlib.font_manager.FontProperties]:
+        """The axis' length in points, whether it runs along x, and its tick labels' font."""
+        if self.axis is None:
+            return 216.0, True, matplotlib.font_manager.FontProperties(size=matplotlib.rcParams["xtick.labelsize"])
+        horizontal = self.axis.axis_name == "x"
+        bbox = self.axis.axes.bbox
+        length = (bbox.width if horizontal else bbox.height) * 72.0 / self.axis.axes.figure.dpi
+        font = self.axis.get_major_ticks(1)[0].label1.get_fontproperties().copy()
+        return length, horizontal, font
+
+    def _fits(self, ticks: Sequence[float], log_low: float, log_high: float, geometry) -> bool:
+        if len(ticks) < 2:
+            return len(ticks) == 1
+        length, horizontal, font = geometry
+        sizes = np.array([_label_size(label, font)[0 if horizontal else 1] for label in _tick_labels(ticks)])
+        positions = (np.log10(ticks) - log_low) / (log_high - log_low) * length
+        needed = (sizes[:-1] + sizes[1:]) / 2 + 0.5 * font.get_size_in_points()
+        return bool(np.all(np.diff(positions) >= needed))
+
+    def _log_candidates(self, vmin: float, vmax: float) -> list[list[float]]:
+        low, high = math.log10(vmin), math.log10(vmax)
+        first, last = math.ceil(low - 1e-9), math.floor(high + 1e-9)
+        candidates = []
+        for stride in range(1, max(last - first, 0) + 2):
+            exponents = [k for k in range(first, last + 1) if k % stride == 0]
+            if len(exponents) <= self.max_ticks:
+                candidates.append([float(f"1e{k}") for k in exponents])
+        if high - low <= self.max_ticks:
+            for mantissas in _DECADE_MANTISSAS:
+                candidates.append([value for k in range(first - 1, last + 1) for m in mantissas
+                                   if vmin * (1 - 1e-9) <= (value := float(f"{m}e{k}")) <= vmax * (1 + 1e-9)])
+        return candidates
+
+    def _linear_candidates(self, vmin: float, vmax: float) -> list[list[float]]:
+        candidates = []
+        for exponent in range(math.floor(math.log10(vmax - vmin)) - 1, math.floor(math.log10(vmax)) + 1):
+            for mantissa in (1, 2, 5):
+                step = float(f"{mantissa}e{exponent}")
+                first, last = math.ceil(vmin / step - 1e-9), math.floor(vmax / step + 1e-9)
+                if 1 <= last - first + 1 <= self.max_ticks:
+                    candidates.append([float(f"{k * step:.12g}") for k in range(first, last + 1)])
+        return candidates
+
+    def tick_values(self, vmin, vmax):
+        vmin, vmax = sorted((float(vmin), float(vmax)))
+        if not (vmin > 0 and math.isfinite(vmax)):
+            return np.array([])
+        if vmax <= vmin * (1 + 1e-12):
+            vmin, vmax = vmin * 0.999, vmax * 1.001
+        log_low, log_high = math.log10(vmin), math.log10(vmax)
+        geometry = self._geometry()
+
+        def fitting(candidates):
+            return [t for t in candidates
+                    if 1 <= len(t) <= self.max_ticks and self._fits(t, log_low, log_high, geometry)]
+
+        if self.at is not None:
+            grid = self.at[(self.at >= vmin * (1 - 1e-9)) & (self.at <= vmax * (1 + 1e-9))]
+            if grid.size == 0:
+                return grid
+            anchor = int(np.argmin(np.abs(np.log10(grid))))
+            for stride in range(1, grid.size + 1):
+                ticks = grid[anchor % stride::stride]
+                if fitting([ticks]):
+                    return ticks
+            return grid[anchor:anchor + 1]
+
+        def best(candidates):
+            return min(candidates, key=lambda t: (abs(len(t) - _TARGET_TICKS), len(t)), default=None)
+
+        chosen = best(fitting(self._log_candidates(vmin, vmax)))
+        if (chosen is None or len(chosen) < 3) and vmax < 10 * vmin:
+            linear = best(fitting(self._linear_candidates(vmin, vmax)))
+            if linear is not None and (chosen is None or len(linear) > len(chosen)):
+                chosen = linear
+        if chosen is None:  # not even one label fits: the one tick nearest the middle of the axis
+            middle = 10 ** ((log_low + log_high) / 2)
+            everything = [v for t in self._log_candidates(vmin, vmax) + self._linear_candidates(vmin, vmax) for v in t]
+            chosen = [min(everything, key=lambda v: abs(math.log10(v / middle)))] if everything else []
+        return np.array(chosen, dtype=np.float64)
+
+
+def readable_log_ticks(axis: matplotlib.axis.Axis, at: Sequence[float] | None = None,
+                       max_ticks: int = _MAX_TICKS) -> None:
+    """Readable major ticks for a log-scaled axis, at any range.
+
+    Picks, at each draw, at most ``max_ticks`` labelled ticks whose labels do not overlap at the
+    axis' size and font: powers of ten, 1-3 or 1-2-5 per decade over wide ranges, plain evenly spaced
+    decimals ("2.290", "2.295", "2.300") over a narrow one. Labels are plain decimals ("0.25", "4.5",
+    "300") when every labelled tick lies between 1e-3 and 1e5, else ``m×10^k`` for all of them. Minor
+    ticks stay unlabelled. Call it after ``set_xscale("log")`` / ``set_yscale("log")``, which reset the
+    ticks.
+
+    Args:
+        axis: ``ax.xaxis`` or ``ax.yaxis`` of a log-scaled Axes.
+        at: the values that may carry a label (e.g. a parameter grid); each gets a minor tick, and
+            every k-th, the densest choice that fits, a labelled one. Default: round numbers.
+        max_ticks: the most labelled ticks.
+
+    Example::
+
+        ax.set_xscale("log")
+        readable_log_ticks(ax.xaxis)
+    """
+    axis.set_major_locator(_ReadableLogLocator(at, max_ticks))
+    axis.set_major_formatter(_ReadableLogFormatter())
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if at is not None:
+        axis.set_minor_locator(matplotlib.ticker.FixedLocator([v for v in at if v > 0]))
 
 
 # --------------------------------------------------------------------------- #
@@ -120,7 +337,8 @@ def plot_loss_shapes(
          lambda p: losses.tempered_crossentropy(labels, logits, temperature=list(p))),
         ("(c) multi-class hinge", "γ", margins, lambda p: losses.multiclass_hinge(labels, logits, margin=list(p))),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), constrained_layout=True)
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    axes = fig.subplots(1, 3)
     for ax, (title, symbol, params, fn) in zip(axes, panels):
         values = np.asarray(fn(params), dtype=np.float64)  # [len(z), K]
         for k, p in enumerate(params):
@@ -181,8 +399,8 @@ def plot_training_curves(runs, family: str, split: str = "train", x: str = "epoc
         if len(chosen) != len(wanted):
             raise ValueError(f"{family}: parameters {wanted} are not all in the tracked grid {grid.tolist()}")
         grid, names = np.array([p for p, _ in chosen]), [n for _, n in chosen]
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups) + 1.4, 3.8), sharey=True,
-                             squeeze=False, constrained_layout=True)
+    fig = Figure(figsize=(4.6 * len(groups) + 1.4, 3.8), layout="constrained")
+    axes = fig.subplots(1, len(groups), sharey=True, squeeze=False)
     symbol = analysis.FAMILY_PARAMETER[family]
     for ax, group, letter in zip(axes[0], groups, "abcdefghijklmnopqrstuvwxyz"):
         for k, (p, name) in enumerate(zip(grid, names)):
@@ -197,6 +415,8 @@ def plot_training_curves(runs, family: str, split: str = "train", x: str = "epoc
         ax.set_xlabel(x)
         ax.set_yscale(yscale)
         ax.grid(True, which="major", alpha=0.3)
+    if yscale == "log":
+        readable_log_ticks(axes[0][0].yaxis)  # after every set_yscale: the panels share the y axis
     axes[0][0].set_ylabel(f"{split} {analysis.FAMILY_TITLE[family]}")
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return fig
@@ -234,8 +454,8 @@ def plot_against_train_loss(runs, quantities: Sequence[str] = ("gcdf@0.5", "gcdf
             run.series(quantity)  # KeyError naming the run if it was not tracked
     analysis.check_same_grids(all_runs)
     levels = _level_grid(all_runs, points)
-    fig, axes = plt.subplots(1, len(quantities), figsize=(3.6 * len(quantities), 3.6), squeeze=False,
-                             constrained_layout=True)
+    fig = Figure(figsize=(3.6 * len(quantities), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(quantities), squeeze=False)
     for ax, quantity, letter in zip(axes[0], quantities, "abcdefghijklmnopqrstuvwxyz"):
         for g, group in enumerate(groups):
             stack = np.array([analysis.curve_at_levels(run, quantity, levels) for run in group.runs])
@@ -251,6 +471,7 @@ def plot_against_train_loss(runs, quantities: Sequence[str] = ("gcdf@0.5", "gcdf
                  if parameter is not None else quantity)
         ax.set_title(f"({letter}) {title}", fontsize=10)
         ax.set_xscale("log")
+        readable_log_ticks(ax.xaxis)
         ax.invert_xaxis()
         ax.set_xlabel("training cross-entropy")
         ax.set_ylabel(quantity)
@@ -281,8 +502,8 @@ def plot_family_at_level(runs, level: float, families: Sequence[str] = analysis.
     analysis.check_same_grids(all_runs, families=families)
     aggregates = [analysis.aggregate(group, level) for group in groups]
     rows = 2 if ratio and len(groups) > 1 else 1
-    fig, axes = plt.subplots(rows, len(families), figsize=(4.2 * len(families), 3.4 * rows), squeeze=False,
-                             sharex="col", constrained_layout=True)
+    fig = Figure(figsize=(4.2 * len(families), 3.4 * rows), layout="constrained")
+    axes = fig.subplots(rows, len(families), squeeze=False, sharex="col")
     for col, family in enumerate(families):
         params, names = all_runs[0].family(family)
         keep = params > 0
@@ -304,10 +525,8 @@ def plot_family_at_level(runs, level: float, families: Sequence[str] = analysis.
         axes[0][col].set_title(f"({'abc'[col] if col < 3 else col}) {analysis.FAMILY_TITLE[family]}", fontsize=10)
         axes[0][col].set_xscale("log")
         axes[0][col].set_yscale("log")
-        for row in axes[:, col]:
-            row.set_xticks(params, [f"{p:g}" for p in params], fontsize=7, rotation=45 if len(params) > 7 else 0)
-            row.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            row.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        readable_log_ticks(axes[0][col].yaxis)
+        readable_log_ticks(axes[-1][col].xaxis, at=params)  # the rows share it: labels on the tracked grid
         axes[0][col].set_ylabel(f"{family} at train CE = {level:.3g}")
         axes[0][col].grid(True, which="major", alpha=0.3)
         axes[-1][col].set_xlabel(symbol)
@@ -324,7 +543,11 @@ def plot_family_at_level(runs, level: float, families: Sequence[str] = analysis.
 # --------------------------------------------------------------------------- #
 def save_figure(fig, out_dir: str | os.PathLike, stem: str, formats: Sequence[str] = ("png", "pdf"),
                 dpi: int = 110) -> list[Path]:
-    """Writes ``out_dir/stem.<format>`` for each format, closes the figure, returns the paths."""
+    """Writes ``out_dir/stem.<format>`` for each format and returns the paths.
+
+    Any format matplotlib writes works (png, pdf, svg, ...), whatever the session's backend. A figure
+    made with pyplot is closed afterwards; this module's figures are not pyplot's and need no closing.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -332,7 +555,9 @@ def save_figure(fig, out_dir: str | os.PathLike, stem: str, formats: Sequence[st
         path = out_dir / f"{stem}.{fmt}"
         fig.savefig(path, dpi=dpi)
         paths.append(path)
-    plt.close(fig)
+    pyplot = sys.modules.get("matplotlib.pyplot")  # loaded only if the caller uses pyplot: never import it here
+    if pyplot is not None:
+        pyplot.close(fig)
     return paths
 
 

@@ -10,8 +10,10 @@ and writes the run directory:
 - ``status.json``: ``{"state": "running" | "finished" | "diverged", "epoch", "step", "message"}``;
 - ``metrics.jsonl``: one record per tracking point and split (see :mod:`keras_implicit.callbacks`);
 - ``tb/``: TensorBoard scalars and the custom-scalars layout (one chart per family);
-- ``checkpoint.npz``: weights, optimizer state (momentum, iteration counter), epoch, step and the
-  length of ``metrics.jsonl`` at that point; replaced atomically at each epoch end.
+- ``checkpoint.npz``: weights, optimizer state (momentum, iteration counter), epoch, step, the
+  length of ``metrics.jsonl`` and of the TensorBoard event files at that point, and a copy of
+  ``config.json``; replaced atomically at each epoch end, the one it replaces kept as
+  ``checkpoint.prev.npz``.
 
 **Ghost batches** (the paper's section 4.2): a batch larger than ``ghost_batch_size`` is applied
 as gradient accumulation over micro-batches of ``ghost_batch_size`` (Keras 3's optimizer argument
@@ -35,6 +37,19 @@ values), as if it had been started with them. A second process on the same direc
 (``fcntl.flock``). With ``deterministic=True`` (``tf.config.experimental.enable_op_determinism``)
 the resumed run's metrics equal an uninterrupted run's bit for bit (see the README's Experiments
 section for what was measured).
+
+**Damaged run directories** (a file truncated or overwritten on disk) cost at most one epoch, never a
+traceback: each file that cannot be read gets one line naming it. A damaged or missing
+``checkpoint.npz`` is a warning on stderr and the run resumes from ``checkpoint.prev.npz`` (one epoch
+older; ``metrics.jsonl`` and the TensorBoard files are cut back to it, so the result is the same as
+an uninterrupted run's); if neither can be read, a RunError says to rerun with ``overwrite``.
+``status.json`` only summarizes: damaged, it is a warning and the run resumes from its checkpoint
+(which rewrites it; a finished run just finishes again, with nothing to train). ``config.json`` defines the
+run: damaged, it is restored from the copy in the newest readable checkpoint with a warning, or, with
+no copy (checkpoints written before copies were kept), a RunError says to restore it or rerun with
+``overwrite``. A torn last line of ``metrics.jsonl`` (a crash mid-write) is after the checkpoint and
+is cut away on resume; ``analysis.load_run`` drops it with a warning. ``metrics.jsonl`` shorter
+than its checkpoint counted, or a malformed line before that point, is a RunError (points were lost).
 """
 
 from __future__ import annotations
@@ -58,6 +73,9 @@ import numpy as np
 from keras_implicit.analysis import parse_name
 
 __all__ = [
+    "MODELS",
+    "DATASETS",
+    "SCHEDULES",
     "OPTIMIZERS",
     "RunConfig",
     "RunError",
@@ -72,6 +90,11 @@ __all__ = [
     "train",
 ]
 
+# The names a RunConfig accepts. The modules that implement them (models, data, callbacks) import these,
+# so that validating a configuration imports no TensorFlow.
+MODELS = ("fc6", "c1")
+DATASETS = ("fashion_mnist", "mnist", "cifar10")
+SCHEDULES = ("epoch", "log")
 OPTIMIZERS = ("sgd", "adam")
 LOSS_FAMILIES = ("gcdf", "tce", "hinge")
 MOMENTUM = 0.9
@@ -98,16 +121,31 @@ class RunLockedError(RunError):
 # --------------------------------------------------------------------------- #
 # Configuration
 # --------------------------------------------------------------------------- #
+# The parameter's bound for *training* on a family, and why. The metrics and Loss classes accept gcdf@0 (the
+# number of classes beating the true one), but it is piecewise constant: no gradient to train with.
+# hinge@0 = Σ max(0, s_j − s_y) is the multi-class perceptron loss: its gradient is nonzero on misclassified
+# examples, which is enough to train; its trivial minimizer s = 0 is the caveat the README states.
+_TRAINING_LOSS_BOUNDS = {
+    "gcdf": ("> 0", "σ = 0 counts the classes beating the true one: its gradient is zero almost everywhere, "
+                    "so training would not move"),
+    "tce": ("> 0", "the temperature divides the logits"),
+    "hinge": (">= 0", "γ is a margin; γ = 0 trains on misclassified examples only"),
+}
+
+
 def parse_loss(loss: str):
-    """``"ce"`` -> ("ce", None); ``"gcdf@0.5"`` -> ("gcdf", 0.5); also ``tce@T`` and ``hinge@G``."""
+    """``"ce"`` -> ("ce", None); ``"gcdf@0.5"`` -> ("gcdf", 0.5); also ``tce@T`` and ``hinge@G``.
+
+    Raises ValueError for an unknown loss or a parameter out of its training bound: σ > 0, T > 0, γ >= 0.
+    """
     if loss == "ce":
         return "ce", None
     family, parameter = parse_name(str(loss))
     if parameter is None or family not in LOSS_FAMILIES:
         raise ValueError(f"unknown loss {loss!r}: use ce, gcdf@SIGMA, tce@T or hinge@GAMMA (e.g. gcdf@0.5)")
-    positive = family == "tce" or family == "gcdf"  # sigma = 0 has zero gradient: useless for training
-    if not math.isfinite(parameter) or parameter < 0 or (positive and parameter == 0):
-        raise ValueError(f"loss {loss!r}: the parameter must be finite and {'> 0' if positive else '>= 0'}")
+    bound, why = _TRAINING_LOSS_BOUNDS[family]
+    if not math.isfinite(parameter) or parameter < 0 or (bound == "> 0" and parameter == 0):
+        raise ValueError(f"loss {loss!r}: the parameter must be finite and {bound} ({why})")
     return family, parameter
 
 
@@ -150,11 +188,7 @@ class RunConfig:
     deterministic: bool = False
 
     def validate(self) -> "RunConfig":
-        """Raises ValueError with a clear message on any bad setting; returns self."""
-        from keras_implicit.callbacks import SCHEDULES
-        from keras_implicit.data import DATASETS
-        from keras_implicit.models import MODELS
-
+        """Raises ValueError with a clear message on any bad setting; returns self. Imports no TensorFlow."""
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
         if self.dataset not in DATASETS:
@@ -199,10 +233,12 @@ class RunConfig:
 
 
 def default_run_name(config: RunConfig) -> str:
-    """A directory name from the settings that differ between the paper's runs, e.g.
-    ``fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0`` (plus ``-g<ghost>``, ``-n<subset>`` when not default)."""
+    """A directory name from the settings that differ between the paper's runs:
+    ``<dataset>-<model>-<loss>-<optimizer>-lr<lr>-b<batch>[-g<ghost>][-n<subset>]-s<seed>`` (the loss without
+    its ``@``; ``-g`` when the ghost batch size is not the default 256, ``-n`` with ``train_subset``), e.g.
+    ``fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0``. ``run.py`` and ``sweep.py`` both name runs with it."""
     parts = [config.dataset, config.model, config.loss, config.optimizer, f"lr{config.lr:g}", f"b{config.batch_size}"]
-    if config.ghost_batch_size != 256:
+    if config.ghost_batch_size != RunConfig.ghost_batch_size:
         parts.append(f"g{config.ghost_batch_size}")
     if config.train_subset is not None:
         parts.append(f"n{config.train_subset}")
@@ -296,15 +332,17 @@ def git_commit(directory: Optional[str] = None) -> Optional[str]:
 # --------------------------------------------------------------------------- #
 # The run directory
 # --------------------------------------------------------------------------- #
-def _atomic_write(path: str, data: bytes):
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as handle:
+def _write_synced(path: str, data: bytes):
+    with open(path, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
+
+
+def _fsync(path: str):
+    """Flushes a file or a directory (its entries: renames) to disk; a no-op where that is not possible."""
     try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -313,20 +351,83 @@ def _atomic_write(path: str, data: bytes):
         pass
 
 
+def _atomic_write(path: str, data: bytes):
+    tmp = f"{path}.tmp"
+    _write_synced(tmp, data)
+    os.replace(tmp, path)
+    _fsync(os.path.dirname(os.path.abspath(path)))
+
+
+class _UnreadableFile(RunError):
+    """A file of a run directory that cannot be parsed: truncated, overwritten, or not what it should hold.
+
+    ``problem`` is the one-line diagnosis (``<path> is unreadable (<reason>)``); the message adds what to do.
+    """
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        self.problem = f"{path} is unreadable ({reason})"
+        super().__init__(f"{self.problem}: restore it or rerun with --overwrite to start again")
+
+
+def _problem(error: BaseException) -> str:
+    """What a parser tripped on, in a few words."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"JSON error at line {error.lineno} column {error.colno}: {error.msg}"
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text at byte {error.start}"
+    return f"{type(error).__name__}: {error}"
+
+
+def _read_checkpoint(path: str) -> tuple[dict, dict]:
+    """(meta, arrays) of a checkpoint file, read whole (so a damaged member is found now, not half-way
+    through restoring); :class:`_UnreadableFile` for anything that is not a complete checkpoint."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"PK\x03\x04":  # np.savez writes a zip archive; np.load would try pickle
+                raise _UnreadableFile(path, "not a checkpoint: it does not start as an .npz (zip) archive")
+        with np.load(path) as content:
+            arrays = {key: content[key] for key in content.files}
+        if "meta" not in arrays:
+            raise _UnreadableFile(path, "not a checkpoint: it holds no meta")
+        meta = json.loads(bytes(arrays.pop("meta")).decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise _UnreadableFile(path, "its meta is not a JSON object")
+    except _UnreadableFile:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever the parser trips on, the file is damaged
+        raise _UnreadableFile(path, _problem(error)) from None
+    return meta, arrays
+
+
+def _warn(text: str):
+    """One line on stderr: a damaged file of a run directory was worked around and the run goes on."""
+    sys.stderr.write(f"warning: {text}\n")
+    sys.stderr.flush()
+
+
 class RunDirectory:
     """One run's directory: lock, config, status, metrics and checkpoint.
 
     Use it as a context manager (``with RunDirectory(path) as run: ...``): entering takes an exclusive
     ``fcntl.flock`` on ``path/.lock`` (released on exit, and by the system if the process dies);
     a second process gets :class:`RunLockedError`.
+
+    A file that cannot be parsed raises a :class:`RunError` naming it and saying what to do; the
+    checkpoint it replaces is kept as ``checkpoint.prev.npz``, the fallback when ``checkpoint.npz`` is
+    missing or damaged (:meth:`restore_checkpoint`).
     """
 
     CONFIG, STATUS, METRICS, CHECKPOINT, TENSORBOARD, LOCK = (
         "config.json", "status.json", "metrics.jsonl", "checkpoint.npz", "tb", ".lock")
+    PREVIOUS_CHECKPOINT = "checkpoint.prev.npz"
 
     def __init__(self, path):
         self.path = os.fspath(path)
         self._lock_handle = None
+        # Set when restore_checkpoint fell back on the previous checkpoint: the next save then replaces the
+        # damaged latest instead of rotating it over the good previous one.
+        self._latest_checkpoint_damaged = False
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -372,11 +473,21 @@ class RunDirectory:
 
     # files
     def read_json(self, name):
+        """The JSON object in ``name``; None if the file is missing; a :class:`RunError` naming it (and
+        what to do) if it is not a JSON object (truncated, overwritten)."""
+        path = self.file(name)
         try:
-            with open(self.file(name), encoding="utf-8") as handle:
-                return json.load(handle)
+            with open(path, "rb") as handle:
+                raw = handle.read()
         except FileNotFoundError:
             return None
+        try:
+            content = json.loads(raw.decode("utf-8"))
+        except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+            raise _UnreadableFile(path, _problem(error)) from None
+        if not isinstance(content, dict):
+            raise _UnreadableFile(path, f"a JSON {type(content).__name__}, not an object")
+        return content
 
     def write_json(self, name, content):
         _atomic_write(self.file(name), (json.dumps(content, indent=2) + "\n").encode())
@@ -406,13 +517,33 @@ class RunDirectory:
                 os.remove(target)
 
     def read_metrics(self):
-        """The records of ``metrics.jsonl`` (a list of dicts)."""
+        """The records of ``metrics.jsonl`` (a list of dicts); a :class:`RunError` naming a line that is not
+        a JSON object (call it after :meth:`truncate_metrics`, which cuts a torn last line away)."""
         if not os.path.exists(self.metrics_path):
             return []
-        with open(self.metrics_path, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+        records = []
+        with open(self.metrics_path, "rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as error:
+                    raise _UnreadableFile(f"{self.metrics_path}:{number}", _problem(error)) from None
+                if not isinstance(record, dict):
+                    raise _UnreadableFile(f"{self.metrics_path}:{number}", "not a JSON object")
+                records.append(record)
+        return records
 
     def truncate_metrics(self, size: int):
+        """Cuts ``metrics.jsonl`` back to ``size`` bytes (a checkpoint's ``metrics_bytes``): what was written
+        after the checkpoint, a torn last line included, goes. A :class:`RunError` if it holds fewer bytes
+        (records the checkpoint counted were lost)."""
+        held = self.metrics_size()
+        if held < size:
+            raise RunError(
+                f"{self.metrics_path} holds {held} bytes, fewer than the {size} its checkpoint counted: tracking "
+                "points were lost; restore it or rerun with --overwrite to start again")
         if os.path.exists(self.metrics_path):
             with open(self.metrics_path, "r+b") as handle:
                 handle.truncate(size)
@@ -424,36 +555,139 @@ class RunDirectory:
 
     # checkpoints
     def save_checkpoint(self, model, optimizer, meta: dict):
-        """Weights, optimizer variables and ``meta`` in one file, replaced atomically."""
+        """Weights, optimizer variables and ``meta`` in one file, written atomically (a temporary file,
+        fsync'd, renamed). The checkpoint it replaces becomes ``checkpoint.prev.npz`` (by rename, so both
+        are always whole files) and ``metrics.jsonl`` is fsync'd first: the records a checkpoint counts are
+        on disk before it."""
         arrays = {f"model_{i}": np.asarray(v) for i, v in enumerate(model.weights)}
         arrays.update({f"optimizer_{i}": np.asarray(v) for i, v in enumerate(optimizer.variables)})
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        _atomic_write(self.file(self.CHECKPOINT), buffer.getvalue())
+        if os.path.exists(self.metrics_path):
+            _fsync(self.metrics_path)
+        latest = self.file(self.CHECKPOINT)
+        _write_synced(f"{latest}.tmp", buffer.getvalue())
+        if os.path.exists(latest) and not self._latest_checkpoint_damaged:
+            os.replace(latest, self.file(self.PREVIOUS_CHECKPOINT))
+        os.replace(f"{latest}.tmp", latest)
+        _fsync(os.path.abspath(self.path))
+        self._latest_checkpoint_damaged = False
 
-    def load_checkpoint(self, model=None, optimizer=None) -> Optional[dict]:
-        """Restores weights and optimizer state (both must be built); returns the meta dict or None."""
-        path = self.file(self.CHECKPOINT)
+    def load_checkpoint(self, model=None, optimizer=None, name: Optional[str] = None) -> Optional[dict]:
+        """Restores weights and optimizer state (both must be built) from ``name`` (default
+        ``checkpoint.npz``); returns the meta dict, or None if there is no such file.
+
+        Raises:
+            RunError: the file is damaged (nothing is restored then), or holds other variables than the
+                model's or optimizer's (another model: a different count or shape).
+        """
+        path = self.file(name or self.CHECKPOINT)
         if not os.path.exists(path):
             return None
-        with np.load(path) as content:
-            meta = json.loads(bytes(content["meta"]).decode())
-            for prefix, variables in (("model", model.weights if model is not None else None),
-                                      ("optimizer", optimizer.variables if optimizer is not None else None)):
-                if variables is None:
-                    continue
-                stored = sorted((k for k in content.files if k.startswith(prefix + "_")),
-                                key=lambda k: int(k.rsplit("_", 1)[1]))
-                if len(stored) != len(variables):
-                    raise RunError(f"{path}: holds {len(stored)} {prefix} variables, the {prefix} has {len(variables)}")
-                for key, variable in zip(stored, variables):
-                    value = content[key]
-                    if tuple(value.shape) != tuple(variable.shape):
-                        raise RunError(
-                            f"{path}: {key} has shape {value.shape}, {variable.path} {tuple(variable.shape)}")
-                    variable.assign(value)
+        meta, content = _read_checkpoint(path)
+        assignments = []
+        for prefix, variables in (("model", model.weights if model is not None else None),
+                                  ("optimizer", optimizer.variables if optimizer is not None else None)):
+            if variables is None:
+                continue
+            stored = sorted((k for k in content if k.startswith(prefix + "_") and k[len(prefix) + 1:].isdigit()),
+                            key=lambda k: int(k[len(prefix) + 1:]))
+            if len(stored) != len(variables):
+                raise RunError(f"{path}: holds {len(stored)} {prefix} variables, the {prefix} has {len(variables)}")
+            for key, variable in zip(stored, variables):
+                value = content[key]
+                if tuple(value.shape) != tuple(variable.shape):
+                    raise RunError(
+                        f"{path}: {key} has shape {value.shape}, {variable.path} {tuple(variable.shape)}")
+                assignments.append((variable, value))
+        for variable, value in assignments:
+            variable.assign(value)
         return meta
+
+    def restore_checkpoint(self, model, optimizer, required=("epoch", "step", "metrics_bytes")) -> Optional[dict]:
+        """Restores the newest readable checkpoint: ``checkpoint.npz``, or ``checkpoint.prev.npz`` (one
+        epoch older) with a warning on stderr when the latest is missing or damaged.
+
+        A checkpoint whose meta lacks an integer in one of ``required`` counts as damaged.
+
+        Returns:
+            Its meta dict, or None when there is neither file (a fresh run).
+
+        Raises:
+            RunError: no checkpoint can be read (one clear line naming both files: rerun with
+                ``--overwrite``), or one holds another model's variables.
+        """
+        latest, previous = self.file(self.CHECKPOINT), self.file(self.PREVIOUS_CHECKPOINT)
+
+        def load(name):
+            meta = self.load_checkpoint(model, optimizer, name)
+            missing = [k for k in required if meta is not None and not isinstance(meta.get(k), int)]
+            if missing:
+                raise _UnreadableFile(self.file(name), f"its meta has no {', '.join(missing)}")
+            return meta
+
+        try:
+            meta = load(self.CHECKPOINT)
+            if meta is not None:
+                return meta
+            latest_problem = "missing"
+        except _UnreadableFile as error:
+            latest_problem = error.reason
+        try:
+            meta = load(self.PREVIOUS_CHECKPOINT)
+        except _UnreadableFile as error:
+            raise RunError(
+                f"{self.path}: no checkpoint can be read ({self.CHECKPOINT}: {latest_problem}; "
+                f"{self.PREVIOUS_CHECKPOINT}: {error.reason}): rerun with --overwrite to start again") from None
+        if meta is None:
+            if latest_problem == "missing":
+                return None
+            raise RunError(f"{latest} is unreadable ({latest_problem}) and there is no {self.PREVIOUS_CHECKPOINT} "
+                           "to fall back on: rerun with --overwrite to start again")
+        self._latest_checkpoint_damaged = latest_problem != "missing"
+        _warn(f"{latest} is " + ("missing" if latest_problem == "missing" else f"unreadable ({latest_problem})")
+              + f": resuming from {previous} (epoch {meta['epoch']}, step {meta['step']}); the epoch after it is "
+              "trained again")
+        return meta
+
+    def config_from_checkpoint(self) -> tuple[Optional[dict], Optional[str]]:
+        """(the copy of ``config.json`` in the newest readable checkpoint, that checkpoint's path), or
+        (None, None) when no checkpoint holds one (checkpoints written before copies were kept hold none)."""
+        for name in (self.CHECKPOINT, self.PREVIOUS_CHECKPOINT):
+            path = self.file(name)
+            if not os.path.exists(path):
+                continue
+            try:
+                meta, _ = _read_checkpoint(path)
+            except _UnreadableFile:
+                continue
+            if isinstance(meta.get("config"), dict):
+                return meta["config"], path
+        return None, None
+
+    # TensorBoard
+    def tensorboard_sizes(self) -> dict:
+        """``{path relative to tb/: size in bytes}`` of the files under ``tb/`` (kept in a checkpoint's meta)."""
+        sizes = {}
+        for root, _, names in os.walk(self.tensorboard_dir):
+            for name in names:
+                path = os.path.join(root, name)
+                sizes[os.path.relpath(path, self.tensorboard_dir)] = os.path.getsize(path)
+        return sizes
+
+    def truncate_tensorboard(self, sizes: dict):
+        """Cuts the event files under ``tb/`` back to ``sizes`` (:meth:`tensorboard_sizes` at a checkpoint) and
+        removes the event files started after it, so that a run resumed from that checkpoint writes no point
+        twice (an event file is a sequence of records: a prefix is a valid file)."""
+        for relative, size in self.tensorboard_sizes().items():
+            path = os.path.join(self.tensorboard_dir, relative)
+            if relative in sizes:
+                if size > sizes[relative]:
+                    with open(path, "r+b") as handle:
+                        handle.truncate(sizes[relative])
+            elif os.path.basename(relative).startswith("events.out.tfevents"):
+                os.remove(path)
 
 
 # --------------------------------------------------------------------------- #
@@ -523,23 +757,52 @@ def _comparable(content: dict) -> dict:
     return {k: content.get(k) for k in (*CONFIG_FLAGS, "sigmas", "temperatures", "margins")}
 
 
+def _read_config(run: RunDirectory) -> Optional[dict]:
+    """``config.json``; if it is damaged (or missing beside a checkpoint), the copy the newest readable
+    checkpoint holds, written back with a warning. A damaged one without a copy is a RunError."""
+    try:
+        content = run.config()
+        if content is not None:
+            return content
+        problem = f"{run.file(run.CONFIG)} is missing"
+        damaged = None
+    except _UnreadableFile as error:
+        problem, damaged = error.problem, error
+    copy, source = run.config_from_checkpoint()
+    if copy is None:
+        if damaged is not None:
+            raise damaged  # "<path> is unreadable (<reason>): restore it or rerun with --overwrite ..."
+        return None
+    _warn(f"{problem}: restored from the copy in {source}")
+    run.write_json(run.CONFIG, copy)
+    return copy
+
+
+def _read_status(run: RunDirectory) -> dict:
+    """``status.json``, or {} (state unknown: resume from the checkpoint) with a warning if it is damaged."""
+    try:
+        return run.status() or {}
+    except _UnreadableFile as error:
+        _warn(f"{error.problem}: it only summarizes the run; resuming from the checkpoint, which rewrites it")
+        return {}
+
+
 def _train_locked(config, run, overwrite, progress, stream, dataset, tracking_batch_size):
     from keras_implicit import metrics as ki_metrics
 
     grids = {"sigmas": list(ki_metrics.DEFAULT_SIGMAS), "temperatures": list(ki_metrics.DEFAULT_TEMPERATURES),
              "margins": list(ki_metrics.DEFAULT_MARGINS)}
     wanted = {**config.flags(), **grids}
-    existing = run.config()
+    existing = None if overwrite else _read_config(run)
     if overwrite:
         run.clear()
-        existing = None
     elif existing is not None:
         changed = [k for k in _comparable(wanted) if existing.get(k) != wanted.get(k)]
         if any(k not in EXTENDABLE for k in changed):
             differences = [f"{k}: {existing.get(k)!r} there, {wanted.get(k)!r} asked" for k in changed]
             raise RunError(f"{run.path} holds another run ({'; '.join(differences)}); use --overwrite to replace it "
                            "or --out for another directory")
-        status = run.status() or {}
+        status = _read_status(run)
         if changed and status.get("state") != "diverged":
             _print(stream, f"{run.path}: continuing with " + ", ".join(
                 f"{k} {wanted[k]} (was {existing.get(k)})" for k in changed))
@@ -573,21 +836,25 @@ def _train_locked(config, run, overwrite, progress, stream, dataset, tracking_ba
 
     if existing is None:
         run.write_json(run.CONFIG, {**wanted, "versions": library_versions(), "git_commit": git_commit()})
+    stored_config = run.config()  # each checkpoint keeps a copy: a damaged config.json is restored from it
 
     model = ki_models.make_model(config.model, dataset.input_shape, dataset.num_classes, seed=config.seed)
     optimizer = make_optimizer(config.optimizer, config.lr, config.accumulation_steps)
     model.compile(optimizer=optimizer, loss=make_loss(config.loss))
     optimizer.build(model.trainable_variables)
 
-    meta = run.load_checkpoint(model, optimizer)
+    meta = run.restore_checkpoint(model, optimizer)  # checkpoint.prev.npz, with a warning, if the latest is damaged
     if meta is None:
         run.truncate_metrics(0)
         start_epoch, step, target_reached = 0, 0, False
     else:
+        # Cut what was written after the checkpoint (a torn last line too): it is tracked again.
         run.truncate_metrics(meta["metrics_bytes"])
+        if isinstance(meta.get("tensorboard_bytes"), dict):  # checkpoints from before it was kept hold none
+            run.truncate_tensorboard(meta["tensorboard_bytes"])
         start_epoch, step = meta["epoch"], meta["step"]
         # Against the target asked now (it may have changed): the last training point before the checkpoint.
-        last_train = [r for r in run.read_metrics() if r["split"] == "train"][-1:]
+        last_train = [r for r in run.read_metrics() if r.get("split") == "train"][-1:]
         target_reached = bool(config.target_train_loss is not None and last_train
                               and last_train[0]["ce"] < config.target_train_loss)
         _print(stream, f"resuming {run.path} from epoch {start_epoch} (step {step})")
@@ -612,7 +879,8 @@ def _train_locked(config, run, overwrite, progress, stream, dataset, tracking_ba
     def checkpoint(epoch, step, target_reached):
         tracker.flush_summaries()
         run.save_checkpoint(model, optimizer, {"epoch": epoch, "step": step, "target_reached": target_reached,
-                                               "metrics_bytes": run.metrics_size(), "steps_per_epoch": steps_per_epoch})
+                                               "metrics_bytes": run.metrics_size(), "steps_per_epoch": steps_per_epoch,
+                                               "tensorboard_bytes": run.tensorboard_sizes(), "config": stored_config})
 
     def diverged(epoch, message):
         step_now = int(optimizer.iterations.numpy())

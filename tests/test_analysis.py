@@ -88,7 +88,7 @@ def test_family_names_sorted_numerically():
 
 
 def test_parses_the_core_names():
-    losses = pytest.importorskip("keras_implicit.losses")  # TensorFlow; the analysis itself never imports it
+    from keras_implicit import losses  # imports TensorFlow; the analysis module itself never does
     core = losses.panel_names([0.0625, 1.0, 16.0], [0.25, 2.0], [1e-05, 4.0], error=True)
     assert [analysis.parse_name(n) for n in core] == [
         ("gcdf", 0.0625), ("gcdf", 1.0), ("gcdf", 16.0), ("tce", 0.25), ("tce", 2.0),
@@ -110,6 +110,9 @@ def test_load_run_columns(tmp_path):
     params, cols = run.family("gcdf")
     np.testing.assert_array_equal(params, SIGMAS)
     assert "top_kernel_norm" in run.quantities()
+    columns = run.columns("test")
+    assert list(columns)[:2] == ["epoch", "step"] and set(run.quantities("test")) <= set(columns)
+    np.testing.assert_array_equal(columns["ce"], [3.0, 1.5, 0.75])
 
 
 def test_missing_metrics_file(tmp_path):
@@ -455,11 +458,32 @@ def test_extreme_pairs(tmp_path):
             assert a.config["batch_size"] == 256 and b.config["batch_size"] == 16384
 
 
+def test_crossover_table_prints_the_digits_that_tell_a_from_b(tmp_path):
+    # Two runs that differ in the 5th (gcdf) or 8th (tce) significant digit, or not at all (hinge): the table
+    # shows a and b differently wherever its "lower" column names one of them, and alike with "tie".
+    values = {0.1: {"gcdf": 4.4981, "tce": 2.1650001, "hinge": 2.5},
+              0.001: {"gcdf": 4.4983, "tce": 2.1650003, "hinge": 2.5}}
+    runs = [analysis.load_run(write_run(tmp_path / f"lr{lr}", records_from(
+        np.geomspace(2.3, 0.1, 8), lambda family, param, ce, v=v: v[family]), lr=lr)) for lr, v in values.items()]
+    markdown = analysis.summary_markdown(runs, 0.5)
+    rows = {cells[1]: cells for cells in (line.split(" | ") for line in markdown.splitlines()
+                                          if "lr 0.1 vs 0.001 |" in line)}
+    assert set(rows) == {"gcdf", "tce", "hinge"}
+    for cells in rows.values():
+        for a, b, lower in (cells[3:6], cells[7:10]):
+            assert lower == ("a" if float(a) < float(b) else "b" if float(b) < float(a) else "tie")
+            assert (a == b) == (lower == "tie")
+    assert rows["gcdf"][3:6] == rows["gcdf"][7:10] == ["4.4981", "4.4983", "a"]
+    assert rows["tce"][7:10] == ["2.1650001", "2.1650003", "a"]
+    assert rows["hinge"][7:10] == ["2.5", "2.5", "tie"]
+
+
 def test_hparams_records(tmp_path):
     runs = two_lr_runs(tmp_path)
     records = analysis.hparams_records(runs, 0.5, quantities=("gcdf@1", "error"))
-    assert records[0]["hparams"] == {"model": "fc6", "dataset": "fashion_mnist", "lr": 0.1, "batch_size": 256,
-                                     "seed": 0}
+    # loss and optimizer tell apart runs that differ only there; settings that are None are left out.
+    assert records[0]["hparams"] == {"model": "fc6", "dataset": "fashion_mnist", "loss": "ce", "optimizer": "sgd",
+                                     "lr": 0.1, "batch_size": 256, "seed": 0}
     assert records[0]["metrics"]["at_level/gcdf@1"] == pytest.approx(2 * AT_HALF)
     assert records[0]["metrics"]["final/ce"] == pytest.approx(0.1)
     assert set(records[0]["metrics"]) == {"at_level/epoch", "at_level/gcdf@1", "at_level/error", "final/ce"}

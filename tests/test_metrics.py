@@ -199,3 +199,35 @@ def test_panel_under_distribution_strategy():
     logits = model.predict(x, verbose=0)
     assert logs["gcdf@1"] == pytest.approx(ref_gcdf(labels, logits, 1.0).mean(), rel=1e-4)
     assert logs["tce@1"] == pytest.approx(logs["loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("metric,monitor", [
+    (metrics.Gcdf(sigma=1.0), "gcdf@1"),
+    (metrics.TemperedCrossentropy(temperature=2.0), "val_tce@2"),
+    (metrics.MulticlassHinge(margin=1.0), "hinge@1"),
+    (metrics.ZeroOneError(), "val_error"),
+])
+def test_monitor_callbacks_minimize_the_family_metrics(metric, monitor):
+    """EarlyStopping(mode="auto") learns from the metric that lower is better (metrics._declare_lower_is_better):
+    if Keras changes how MonitorCallback infers the direction, this fails instead of silently maximizing."""
+    labels, logits = random_batch(64, 4, seed=0)
+    features = np.random.default_rng(1).normal(size=(64, 5)).astype(np.float32)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=[metric])
+    stopper = keras.callbacks.EarlyStopping(monitor=monitor, mode="auto", patience=5)
+    model.fit(features, labels, validation_data=(features, labels), epochs=2, verbose=0, callbacks=[stopper])
+    assert stopper.monitor_op is keras.ops.less
+
+
+def test_monitoring_a_panel_entry_needs_mode_min():
+    labels, _ = random_batch(64, 4, seed=0)
+    features = np.random.default_rng(1).normal(size=(64, 5)).astype(np.float32)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=ki.alt_loss_panel(sigmas=[1.0], temperatures=[], margins=[]))
+    with pytest.raises(ValueError, match="mode='min'"):
+        model.fit(features, labels, epochs=1, verbose=0,
+                  callbacks=[keras.callbacks.EarlyStopping(monitor="gcdf@1", mode="auto")])
+    stopper = keras.callbacks.EarlyStopping(monitor="gcdf@1", mode="min", patience=5)
+    history = model.fit(features, labels, epochs=2, verbose=0, callbacks=[stopper])
+    assert stopper.best == pytest.approx(min(history.history["gcdf@1"]))

@@ -219,6 +219,91 @@ def test_op_rejects_bad_inputs(fused):
         fused(np.array([0, 1, 2], np.int32), logits, None, [-1.0], [], [], False)
 
 
+# The op validates its own inputs (both kernels), also where the Python side cannot (shapes known only when
+# it runs, direct calls of _op.fused_panel or of the raw op). Before this check a feature_norm <= 0 gave a
+# Gcdf of 7.76 for a 2-class row (its bound is 1), and one class under a dynamic shape gave NaN.
+_VALID = {"labels": [0, 1, 1, 0, 1, 0, 1, 1, 0], "classes": 2, "feature_norm": 1.0, "sigmas": [0.5, 1.0],
+          "temperatures": [1.0], "margins": [0.0, 1.0]}
+_INVALID = {
+    "norm_zero": ({"feature_norm": 0.0}, r"feature_norm must be finite and > 0, got 0"),
+    "norm_negative": ({"feature_norm": -0.5}, r"feature_norm must be finite and > 0, got -0.5"),
+    "norm_nan": ({"feature_norm": np.nan}, r"feature_norm must be finite and > 0, got nan"),
+    "norm_inf": ({"feature_norm": np.inf}, r"feature_norm must be finite and > 0, got inf"),
+    "norm_one_sample_zero": ({"feature_norm": [1.0, 2.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]},
+                             r"feature_norm\[2\] must be finite and > 0, got 0"),
+    "norm_one_sample_negative": ({"feature_norm": [1.0] * 8 + [-3.0]}, r"feature_norm\[8\] must be finite"),
+    "one_class": ({"classes": 1, "labels": [0] * 9}, r"logits must have at least 2 classes, got shape \[9,1\]"),
+    "label_too_large": ({"labels": [0, 1, 2, 0, 1, 0, 1, 1, 0]}, r"labels\[2\] = 2 is outside \[0, 2\)"),
+    "label_negative": ({"labels": [0, 1, 1, 0, 1, 0, 1, 1, -1]}, r"labels\[8\] = -1 is outside \[0, 2\)"),
+    "sigma_negative": ({"sigmas": [0.5, -1.0]}, r"sigmas\[1\] must be finite and >= 0, got -1"),
+    "sigma_nan": ({"sigmas": [np.nan]}, r"sigmas\[0\] must be finite and >= 0, got nan"),
+    "sigma_inf": ({"sigmas": [np.inf]}, r"sigmas\[0\] must be finite"),
+    "temperature_zero": ({"temperatures": [0.0]}, r"temperatures\[0\] must be finite and > 0, got 0"),
+    "temperature_negative": ({"temperatures": [1.0, -2.0]}, r"temperatures\[1\] must be finite and > 0"),
+    "temperature_inf": ({"temperatures": [np.inf]}, r"temperatures\[0\] must be finite"),
+    "margin_negative": ({"margins": [-0.25]}, r"margins\[0\] must be finite and >= 0, got -0.25"),
+    "margin_nan": ({"margins": [1.0, np.nan]}, r"margins\[1\] must be finite and >= 0, got nan"),
+}
+_CALLS = ("fused_panel", "fused_panel_in_function", "raw_op_in_function", "raw_grad", "raw_grad_in_function")
+
+
+def _call_op(call, dtype, labels, classes, feature_norm, sigmas, temperatures, margins):
+    """The op's values (or gradient) through one of _CALLS; the functions have dynamic batch and class
+    dimensions (input_signature with None) and a feature_norm of unknown rank."""
+    labels = np.asarray(labels, np.int32)
+    logits = np.random.default_rng(0).normal(0.0, 2.0, (len(labels), classes)).astype(dtype)
+    norm = np.asarray(feature_norm, dtype)
+    columns = len(sigmas) + len(temperatures) + len(margins) + 1
+    parameters = [tf.constant(np.asarray(p, np.float64).reshape(-1)) for p in (sigmas, temperatures, margins)]
+    module = _op._load()
+    spec = [tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, None], dtype), tf.TensorSpec(None, dtype)]
+    spec_parameters = [tf.TensorSpec([None], tf.float64)] * 3
+    if call == "fused_panel":
+        return _op.fused_panel(labels, logits, norm, sigmas, temperatures, margins, True)
+    if call == "fused_panel_in_function":
+        function = tf.function(lambda y, s, n: _op.fused_panel(y, s, n, sigmas, temperatures, margins, True),
+                               input_signature=spec)
+        assert function.get_concrete_function().structured_outputs.shape.as_list() == [None, columns]
+        return function(labels, logits, norm)
+    if call == "raw_op_in_function":
+        function = tf.function(lambda y, s, n, *p: module.keras_implicit_panel(s, y, n, *p, error=True),
+                               input_signature=spec + spec_parameters)
+        return function(labels, logits, norm, *parameters)
+    upstream = np.ones((len(labels), columns), dtype)
+    if call == "raw_grad":
+        return module.keras_implicit_panel_grad(upstream, logits, labels, norm, *parameters, error=True)[0]
+    function = tf.function(
+        lambda g, y, s, n, *p: module.keras_implicit_panel_grad(g, s, y, n, *p, error=True)[0],
+        input_signature=[tf.TensorSpec([None, None], dtype)] + spec + spec_parameters,
+    )
+    return function(upstream, labels, logits, norm, *parameters)
+
+
+@pytest.mark.parametrize("call", _CALLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_op_accepts_valid_inputs_in_every_call(fused, call, dtype):
+    values = _call_op(call, dtype, **_VALID).numpy()
+    assert values.shape == ((9, 6) if "grad" not in call else (9, 2)) and np.isfinite(values).all()
+    if "grad" not in call:  # Gcdf(sigma) of a 2-class row is one Phi: within [0, 1]
+        assert ((values[:, :2] >= 0) & (values[:, :2] <= 1)).all()
+
+
+@pytest.mark.parametrize("call", _CALLS)
+@pytest.mark.parametrize("case", sorted(_INVALID))
+def test_op_validates_its_inputs_in_both_kernels(fused, case, call):
+    change, message = _INVALID[case]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        _call_op(call, np.float32, **{**_VALID, **change})
+
+
+def test_op_validates_inputs_in_float64_too(fused):
+    for case in ("norm_zero", "norm_one_sample_negative", "one_class"):
+        change, message = _INVALID[case]
+        for call in ("fused_panel", "raw_grad_in_function"):
+            with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+                _call_op(call, np.float64, **{**_VALID, **change})
+
+
 # --------------------------------------------------------------------------- #
 # Gradients
 # --------------------------------------------------------------------------- #
@@ -371,7 +456,11 @@ _CHILD = textwrap.dedent(
 
 
 def _child(env_extra, setup=""):
-    env = {k: v for k, v in os.environ.items() if k != "KERAS_IMPLICIT_PURE_TF"}
+    # The parent's KERAS_IMPLICIT_OP_VARIANT (.ci/run sets portable for a second run) is dropped: these
+    # children test the default (auto), where a missing library falls back.
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_IMPLICIT_PURE_TF", "KERAS_IMPLICIT_OP_VARIANT")}
+    # Only the package's libraries: no first-use build and no cached one (tests/test_op_build.py tests those).
+    env.update(KERAS_IMPLICIT_NO_BUILD="1", KERAS_IMPLICIT_CACHE=os.devnull)
     env.update(env_extra, CHILD_SETUP=setup, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=300,
                           cwd=ROOT)
@@ -416,6 +505,145 @@ def test_built_library_is_used_with_one_log_line(fused):
     assert len(logs) == 1 and "fused C++ op" in logs[0]
 
 
+# --------------------------------------------------------------------------- #
+# KERAS_IMPLICIT_OP_VARIANT: which build is loaded
+# --------------------------------------------------------------------------- #
+_CPU_RUNS_AVX2 = _op._cpu_has("avx2", "fma")
+
+
+@pytest.fixture
+def package_builds_only(monkeypatch):
+    """library_path() looks at the package's builds only (not at the first-use build cache)."""
+    monkeypatch.setattr(_op._op_build, "cache_dir", lambda: None)
+
+
+@pytest.mark.parametrize("value, variant", [(None, None), ("", None), ("auto", None), (" Portable ", "portable"),
+                                            ("portable", "portable"), ("avx2", "avx2")])
+def test_variant_names_the_library(monkeypatch, package_builds_only, tmp_path, value, variant):
+    portable, avx2 = tmp_path / "_panel_op.so", tmp_path / "_panel_op_avx2.so"
+    portable.write_bytes(b"")
+    avx2.write_bytes(b"")
+    monkeypatch.setattr(_op, "_LIBRARY", portable)
+    monkeypatch.setattr(_op, "_LIBRARY_AVX2", avx2)
+    monkeypatch.setattr(_op, "_cpu_has", lambda *flags: True)
+    if value is None:
+        monkeypatch.delenv("KERAS_IMPLICIT_OP_VARIANT", raising=False)
+    else:
+        monkeypatch.setenv("KERAS_IMPLICIT_OP_VARIANT", value)
+    expected = variant or "avx2"  # auto: the AVX2 build where it is built and the CPU runs it
+    assert _op.library_variant() == expected
+    assert _op.library_path() == {"portable": portable, "avx2": avx2}[expected]
+    if variant is None:  # auto without AVX2 on the CPU, or without the AVX2 build: the portable one
+        monkeypatch.setattr(_op, "_cpu_has", lambda *flags: False)
+        assert _op.library_path() == portable
+        monkeypatch.setattr(_op, "_cpu_has", lambda *flags: True)
+        avx2.unlink()
+        assert _op.library_path() == portable
+
+
+def test_variant_errors_are_clear_not_fallbacks(monkeypatch, package_builds_only, tmp_path):
+    monkeypatch.setattr(_op, "_LIBRARY", tmp_path / "_panel_op.so")
+    monkeypatch.setattr(_op, "_LIBRARY_AVX2", tmp_path / "_panel_op_avx2.so")
+    monkeypatch.setenv("KERAS_IMPLICIT_OP_VARIANT", "avx512")
+    with pytest.raises(ValueError, match="KERAS_IMPLICIT_OP_VARIANT must be one of auto, portable, avx2, got 'avx512'"):
+        _op.library_path()
+    for variant, name in (("portable", "_panel_op.so"), ("avx2", "_panel_op_avx2.so")):
+        monkeypatch.setattr(_op, "_cpu_has", lambda *flags: True)
+        monkeypatch.setenv("KERAS_IMPLICIT_OP_VARIANT", variant)
+        with pytest.raises(RuntimeError, match=f"KERAS_IMPLICIT_OP_VARIANT={variant}, but .*{name} is not built"):
+            _op.library_path()
+    (tmp_path / "_panel_op_avx2.so").write_bytes(b"")
+    monkeypatch.setattr(_op, "_cpu_has", lambda *flags: False)
+    with pytest.raises(RuntimeError, match="this CPU lacks AVX2 or FMA"):
+        _op.library_variant()
+    monkeypatch.setenv("KERAS_IMPLICIT_OP_VARIANT", "auto")  # auto: missing builds are not an error here
+    assert _op.library_path() == tmp_path / "_panel_op.so"
+
+
+def test_this_process_loads_the_requested_variant(fused):
+    # Under .ci/run's second run (KERAS_IMPLICIT_OP_VARIANT=portable) every test above ran the portable build.
+    requested = os.environ.get("KERAS_IMPLICIT_OP_VARIANT", "").strip().lower()
+    variant = _op.library_variant()
+    if requested in ("portable", "avx2"):
+        assert variant == requested
+    assert _op.library_path().name == {"portable": _op._LIBRARY.name, "avx2": _op._LIBRARY_AVX2.name}[variant]
+
+
+_VARIANT_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    from keras_implicit import _op
+    out = {"variant": _op.library_variant(), "library": _op.library_path().name, "values": {}, "grads": {}}
+    rng = np.random.default_rng(3)
+    for classes in (3, 10, 33, 1000):
+        for dtype in ("float32", "float64"):
+            labels = rng.integers(0, classes, 40).astype(np.int32)
+            logits = tf.constant(rng.normal(0, 3, (40, classes)).astype(dtype))
+            norm = tf.constant(rng.uniform(0.5, 2.0, 40).astype(dtype))
+            with tf.GradientTape() as tape:
+                tape.watch(logits)
+                values = _op.fused_panel(labels, logits, norm, SIGMAS, TEMPERATURES, MARGINS, True)
+                total = tf.reduce_sum(values * tf.cast(tf.range(1, values.shape[1] + 1), values.dtype))
+            key = f"{classes}/{dtype}"
+            out["values"][key] = values.numpy().tolist()
+            out["grads"][key] = tape.gradient(total, logits).numpy().tolist()
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+def _variant_child(variant):
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_IMPLICIT_PURE_TF"}
+    env.update(KERAS_IMPLICIT_OP_VARIANT=variant, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    script = f"SIGMAS, TEMPERATURES, MARGINS = {SIGMAS!r}, {TEMPERATURES!r}, {MARGINS!r}\n" + _VARIANT_CHILD
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=ROOT)
+    return done
+
+
+def test_portable_variant_loads_the_portable_build_and_matches_avx2(fused):
+    if not _op._LIBRARY.exists():
+        pytest.fail(f"{_op._LIBRARY} is not built (make -C custom_ops)")
+    done = _variant_child("portable")
+    assert done.returncode == 0, done.stderr[-3000:]
+    portable = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert portable["variant"] == "portable" and portable["library"] == "_panel_op.so"
+    if not (_CPU_RUNS_AVX2 and _op._LIBRARY_AVX2.exists()):
+        pytest.skip("no AVX2 build, or a CPU without AVX2 and FMA, to compare with")
+    done = _variant_child("avx2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    avx2 = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert avx2["variant"] == "avx2" and avx2["library"] == "_panel_op_avx2.so"
+    for key in portable["values"]:
+        tolerance = 2e-5 if key.endswith("float32") else 1e-11
+        for part in ("values", "grads"):
+            np.testing.assert_allclose(portable[part][key], avx2[part][key], rtol=tolerance, atol=1e-30,
+                                       err_msg=f"{part} {key}")
+
+
+def test_unknown_variant_fails_every_panel_instead_of_falling_back():
+    child = textwrap.dedent(
+        """
+        from keras_implicit import losses
+        for attempt in range(2):
+            try:
+                losses.panel_values([0, 1], [[2.0, 0.0], [0.0, 1.0]], [1.0], [1.0], [1.0], True)
+                print("COMPUTED")
+            except ValueError as error:
+                print("ERROR " + str(error))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_IMPLICIT_PURE_TF"}
+    env.update(KERAS_IMPLICIT_OP_VARIANT="fast", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("COMPUTED", "ERROR"))]
+    assert lines == ["ERROR KERAS_IMPLICIT_OP_VARIANT must be one of auto, portable, avx2, got 'fast'"] * 2
+
+
 def test_force_path_rejects_unknown_paths():
     with pytest.raises(ValueError, match="path"):
         with _op.force_path("gpu"):
@@ -436,3 +664,48 @@ def test_panel_benchmark_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     assert results[0]["rows"] == 2000 and {"separate", "vectorized", "forward"} <= set(results[0]["median_s"])
+    assert results[0]["min_s"]["forward"] == min(results[0]["all_s"]["forward"])
+
+
+def test_xla_context_detection():
+    """_op.in_xla_context rests on tf.__internal__.get_enclosing_xla_context (no public API exists): this
+    fails loudly if TensorFlow removes or changes it, instead of the op silently breaking XLA compilation."""
+    assert callable(tf.__internal__.get_enclosing_xla_context)
+    seen = {}
+
+    @tf.function(jit_compile=True)
+    def compiled(x):
+        seen["compiled"] = _op.in_xla_context()
+
+        @tf.function
+        def nested(y):
+            seen["nested in compiled"] = _op.in_xla_context()
+            return y
+
+        return nested(x)
+
+    @tf.function
+    def plain(x):
+        seen["plain"] = _op.in_xla_context()
+        return x
+
+    compiled(tf.constant(1.0))
+    plain(tf.constant(1.0))
+    seen["eager"] = _op.in_xla_context()
+    assert seen == {"compiled": True, "nested in compiled": True, "plain": False, "eager": False}
+
+
+@pytest.mark.benchmark
+def test_panel_benchmark_op_alone_compares_libraries(fused, tmp_path):
+    out = tmp_path / "op_alone.json"
+    libraries = ["portable"] + (["avx2"] if _CPU_RUNS_AVX2 and _op._LIBRARY_AVX2.exists() else [])
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "panel.py"), "--op-alone", "--libraries", *libraries,
+         "--panel", "gcdf", "--sizes", "500x10", "--repeats", "2", "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())["results"][0]
+    assert result["columns"] == 9 and list(result["libraries"]) == libraries
+    assert Path(result["libraries"]["portable"]["path"]).name == "_panel_op.so"
+    assert all(len(entry["all_s"]) == 2 and entry["min_s"] > 0 for entry in result["libraries"].values())

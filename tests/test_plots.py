@@ -1,11 +1,20 @@
-"""keras_implicit.plots: every figure kind renders from small synthetic runs."""
+"""keras_implicit.plots: every figure kind renders from small synthetic runs, with readable log ticks,
+and without touching matplotlib's backend."""
 
+import itertools
 import json
 import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from keras_implicit import analysis, plots
 
@@ -58,12 +67,7 @@ def check_image(path, kind):
         assert len(data) > 5_000
 
 
-def test_backend_is_agg():
-    assert matplotlib.get_backend().lower() == "agg"
-
-
 def test_loss_shapes_match_the_closed_forms():
-    pytest.importorskip("tensorflow")
     from scipy.stats import norm
 
     z = np.linspace(-3, 5, 17)
@@ -74,7 +78,6 @@ def test_loss_shapes_match_the_closed_forms():
     np.testing.assert_allclose(tce_axes.get_lines()[1].get_ydata(), np.log1p(np.exp(-z / 4.0)), rtol=1e-5)
     np.testing.assert_allclose(hinge_axes.get_lines()[0].get_ydata(), np.maximum(0, 1.0 - z), atol=1e-6)
     assert [a.get_xlabel() for a in fig.axes] == ["margin z = s_y − s_j"] * 3
-    matplotlib.pyplot.close(fig)
 
 
 def test_training_curves_one_panel_per_group_one_line_per_parameter(runs):
@@ -90,14 +93,12 @@ def test_training_curves_one_panel_per_group_one_line_per_parameter(runs):
     # The drawn line is the seed mean.
     mean = np.mean([r.series("gcdf@8")[1] for r in runs[:3]], axis=0)
     np.testing.assert_allclose(fig.axes[0].get_lines()[-1].get_ydata(), mean)
-    matplotlib.pyplot.close(fig)
 
 
 def test_training_curves_subset_step_axis_and_bad_parameter(runs):
     fig = plots.plot_training_curves(runs[:1], "hinge", x="step", parameters=[1, 4], split="test")
     assert len(fig.axes) == 1 and len(fig.axes[0].get_lines()) == 2 and fig.axes[0].get_xlabel() == "step"
     assert len(fig.axes[0].collections) == 0  # one seed: no band
-    matplotlib.pyplot.close(fig)
     with pytest.raises(ValueError, match="not all in the tracked grid"):
         plots.plot_training_curves(runs, "hinge", parameters=[3])
 
@@ -115,7 +116,6 @@ def test_against_train_loss(runs):
     levels = fig.axes[0].get_lines()[0].get_xdata()
     expected = np.mean([analysis.curve_at_levels(r, "gcdf@0.5", levels) for r in runs[:3]], axis=0)
     np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), expected)
-    matplotlib.pyplot.close(fig)
     with pytest.raises(KeyError, match="did not track 'gcdf@3'"):
         plots.plot_against_train_loss(runs, ("gcdf@3",))
 
@@ -134,13 +134,11 @@ def test_family_at_level(runs):
     ratio = fig.axes[3].get_lines()
     np.testing.assert_allclose(ratio[0].get_ydata(), 1.0)
     assert fig.axes[3].get_xlabel() == "σ"
-    matplotlib.pyplot.close(fig)
     with pytest.raises(analysis.LevelNotReachedError):
         plots.plot_family_at_level(runs, 1e-6)
 
 
 def test_plot_all_writes_png_and_pdf(runs, tmp_path):
-    pytest.importorskip("tensorflow")
     paths = plots.plot_all(runs, tmp_path / "figs", level=0.3)
     stems = sorted({p.stem for p in paths})
     assert stems == ["at_level", "curves_gcdf_train", "curves_hinge_train", "curves_tce_train", "fig1_loss_shapes",
@@ -163,6 +161,167 @@ def test_plot_all_without_tensorflow_figure(runs, tmp_path):
                                              "curves_tce_train.png", "vs_train_loss.png"]
     for path in paths:
         check_image(path, "png")
+
+
+def write_narrow_run(path, lr, ces):
+    """A short run whose training CE takes the values ``ces``; every tracked loss stays within 3.5-5.5."""
+    path.mkdir(parents=True)
+    config = {"model": "fc6", "dataset": "fashion_mnist", "lr": lr, "batch_size": 256, "seed": 0, "epochs": 1,
+              "sigmas": list(SIGMAS), "temperatures": list(TEMPERATURES), "margins": list(MARGINS)}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "status.json").write_text(json.dumps({"state": "finished", "epoch": 1, "step": len(ces) - 1}))
+    sign = 1.0 if lr > 0.01 else -1.0
+    with open(path / "metrics.jsonl", "w") as f:
+        for k, ce in enumerate(ces):
+            record = {"epoch": k / (len(ces) - 1), "step": k, "split": "train", "ce": ce, "error": 0.9 * ce / 2.3}
+            for family, grid in (("gcdf", SIGMAS), ("tce", TEMPERATURES), ("hinge", MARGINS)):
+                for p in grid:
+                    record[f"{family}@{fmt(p)}"] = 4.5 + sign * 0.1 * (k + 1) * math.log(p)
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+MATHTEXT_TICK = re.compile(r"\$\\mathdefault\{(?:([0-9.]+)\\times)?10\^\{(-?[0-9]+)\}\}\$")
+
+
+def tick_value(text):
+    """The number a tick label writes: a plain decimal or $\\mathdefault{m\\times10^{k}}$."""
+    match = MATHTEXT_TICK.fullmatch(text)
+    if match:
+        return float(match.group(1) or 1) * 10.0 ** int(match.group(2))
+    return float(text)
+
+
+def readable_tick_labels(fig, axis, min_labels=2):
+    """``axis``'s visible tick labels (major and minor) after drawing ``fig``, checked readable: ``min_labels``
+    to 8 labels, no two overlapping on the canvas, each writing its tick's value."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    low, high = sorted(axis.get_view_interval())
+    ticks = [*zip(axis.get_majorticklocs(), axis.get_major_ticks()),
+             *zip(axis.get_minorticklocs(), axis.get_minor_ticks())]
+    labelled = sorted((loc, tick.label1) for loc, tick in ticks
+                      if tick.label1.get_visible() and tick.label1.get_text() and low <= loc <= high)
+    assert min_labels <= len(labelled) <= 8, [label.get_text() for _, label in labelled]
+    boxes = [label.get_window_extent(renderer) for _, label in labelled]
+    for (a, box_a), (b, box_b) in itertools.combinations(zip(labelled, boxes), 2):
+        assert not box_a.overlaps(box_b), f"tick labels {a[1].get_text()!r} and {b[1].get_text()!r} overlap"
+    for loc, label in labelled:
+        assert tick_value(label.get_text()) == pytest.approx(loc, rel=1e-6), (label.get_text(), loc)
+    return [label.get_text() for _, label in labelled]
+
+
+def assert_plain(texts):
+    for text in texts:
+        assert "$" not in text and "×10" not in text and "10^{" not in text, texts
+
+
+def test_narrow_ce_range_has_plain_readable_ticks(tmp_path):
+    # Two short runs that share only training CE 2.30-2.29 (the log x axis spans 0.15% of a decade).
+    runs = analysis.load_runs([write_narrow_run(tmp_path / "fast", 0.1, [2.30, 2.295, 2.29, 2.2]),
+                               write_narrow_run(tmp_path / "slow", 0.001, [2.30, 2.29])])
+    fig = plots.plot_against_train_loss(runs, ("gcdf@0.5", "gcdf@1", "gcdf@8", "error"))
+    for ax in fig.axes:
+        texts = readable_tick_labels(fig, ax.xaxis, min_labels=3)
+        assert_plain(texts)
+        assert all(2.285 <= float(t) <= 2.305 for t in texts), texts
+        assert len({len(t) for t in texts}) == 1, texts  # evenly spaced: one number of decimals
+    # At that level each family lies within 3.5-5.5: plain "4.5", not "4.5×10⁰".
+    fig = plots.plot_family_at_level(runs, 2.29)
+    top, bottom = fig.axes[:3], fig.axes[3:]
+    for ax in top:
+        assert ax.get_yscale() == "log"
+        texts = readable_tick_labels(fig, ax.yaxis)
+        assert_plain(texts)
+        assert all(3 <= float(t) <= 6 for t in texts), texts
+    for ax, grid in zip(bottom, (SIGMAS, TEMPERATURES, MARGINS)):
+        texts = readable_tick_labels(fig, ax.xaxis)
+        assert_plain(texts)
+        assert {float(t) for t in texts} <= set(grid)
+        ticked = {*ax.xaxis.get_majorticklocs(), *ax.xaxis.get_minorticklocs()}
+        np.testing.assert_allclose(sorted(ticked), grid)  # every grid value has a tick, labelled or not
+
+
+def test_wide_ranges_have_readable_ticks(tmp_path):
+    runs = analysis.load_runs([write_run(tmp_path / f"lr{lr}", lr, 0, epochs=16) for lr in (0.1, 0.001)])
+    fig = plots.plot_against_train_loss(runs, ("gcdf@1", "error"))
+    for ax in fig.axes:
+        low, high = sorted(ax.get_xlim())
+        assert high / low > 1000  # several decades of training CE
+        texts = readable_tick_labels(fig, ax.xaxis, min_labels=3)
+        assert "1" in texts and "0.01" in texts
+    fig = plots.plot_training_curves(runs, "gcdf")
+    readable_tick_labels(fig, fig.axes[0].yaxis, min_labels=3)
+    fig = plots.plot_family_at_level(runs, 0.01)
+    for ax in fig.axes[:3]:
+        readable_tick_labels(fig, ax.yaxis)
+    for ax in fig.axes[3:]:
+        readable_tick_labels(fig, ax.xaxis)
+
+
+@pytest.mark.parametrize("low, high", [
+    (2.29, 2.2977), (0.999, 1.001), (100.0, 101.0), (4.2, 4.9), (0.3, 0.8), (0.1, 1.0), (2.0, 30.0),
+    (0.05, 0.6), (1e-3, 3.0), (3e-5, 8e-5), (1e4, 3e6), (1e-7, 3.0), (1e-12, 1e3)])
+@pytest.mark.parametrize("which", ["x", "y"])
+def test_readable_log_ticks_at_any_range(low, high, which):
+    fig = Figure(figsize=(3.6, 3.0), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([low, high], [low, high])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    plots.readable_log_ticks(axis)
+    texts = readable_tick_labels(fig, axis)
+    assert [t.get_text() for t in axis.get_minorticklabels() if t.get_text()] == []
+    if 1e-3 <= low and high < 1e5:
+        assert_plain(texts)
+    else:
+        assert all(MATHTEXT_TICK.fullmatch(t) for t in texts), texts  # one notation per axis
+
+
+def test_readable_log_ticks_on_a_parameter_grid():
+    grid = 2.0 ** np.arange(-6, 7)  # 13 values: not all labels fit
+    fig = Figure(figsize=(3.6, 3.0), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(grid, np.ones_like(grid))
+    ax.set_xscale("log")
+    plots.readable_log_ticks(ax.xaxis, at=grid)
+    texts = readable_tick_labels(fig, ax.xaxis, min_labels=3)
+    assert "1" in texts and {float(t) for t in texts} <= set(grid)
+    assert len(texts) < len(grid)
+    np.testing.assert_allclose(sorted({*ax.xaxis.get_majorticklocs(), *ax.xaxis.get_minorticklocs()}), grid)
+
+
+def test_plots_leave_the_backend_and_pyplot_alone(runs, tmp_path):
+    # A fresh interpreter, as a notebook is: it chose its backend before importing the library.
+    code = textwrap.dedent(f"""
+        import json, sys
+        import matplotlib
+        matplotlib.use("svg")
+        from keras_implicit import analysis, plots
+        runs = analysis.load_runs([{str(runs[0].path.parent)!r}])
+        paths = plots.plot_all(runs, {str(tmp_path / "figs")!r}, level=0.3, loss_shapes=False)
+        report = {{"pyplot": "matplotlib.pyplot" in sys.modules, "backend": matplotlib.get_backend(),
+                   "paths": [str(p) for p in paths]}}
+        # Fig. 1 imports TensorFlow, whose Keras loads pyplot itself: the backend must still be the user's.
+        paths = plots.save_figure(plots.plot_loss_shapes(), {str(tmp_path / "figs")!r}, "fig1")
+        report.update(fig1_backend=matplotlib.get_backend(), fig1_paths=[str(p) for p in paths])
+        print(json.dumps(report))
+    """)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                       os.environ.get("PYTHONPATH")]))}
+    env.pop("MPLBACKEND", None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["pyplot"] is False
+    assert report["backend"] == "svg" and report["fig1_backend"] == "svg"
+    paths = [Path(p) for p in report["paths"] + report["fig1_paths"]]
+    assert sorted(p.suffix for p in paths) == [".pdf"] * 6 + [".png"] * 6
+    for path in paths:
+        check_image(path, path.suffix[1:])
 
 
 def load_plot_script():

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from keras_implicit import analysis
+from keras_implicit.training import RunConfig, default_run_name
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -34,12 +37,14 @@ FAKE_RUN = textwrap.dedent('''
     parser = argparse.ArgumentParser()
     for flag in ("--model", "--dataset", "--out", "--track-schedule", "--data-dir"):
         parser.add_argument(flag)
+    parser.add_argument("--loss", default="ce")
+    parser.add_argument("--optimizer", default="sgd")
     for flag in ("--lr", "--target-train-loss"):
         parser.add_argument(flag, type=float)
     for flag in ("--batch-size", "--ghost-batch-size", "--seed", "--epochs", "--train-subset", "--track-every"):
         parser.add_argument(flag, type=int)
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--extra")
+    parser.add_argument("--deterministic", action="store_true")
     args = parser.parse_args()
     out = args.out
     os.makedirs(out, exist_ok=True)
@@ -51,6 +56,7 @@ FAKE_RUN = textwrap.dedent('''
     sigmas, temperatures, margins = [0.5, 1.0, 8.0], [1.0, 4.0], [1.0, 4.0]
     config = {"model": args.model, "dataset": args.dataset, "lr": args.lr, "batch_size": args.batch_size,
               "ghost_batch_size": args.ghost_batch_size, "seed": args.seed, "epochs": args.epochs,
+              "optimizer": args.optimizer, "loss": args.loss,
               "train_subset": args.train_subset, "sigmas": sigmas, "temperatures": temperatures, "margins": margins}
     json.dump(config, open(os.path.join(out, "config.json"), "w"))
     sign = 1.0 if (args.lr > 0.01 and args.batch_size < 1000) else -1.0
@@ -84,22 +90,39 @@ def invocations(run_dir):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def plan_names(*argv):
+    args = sweep.parse_args(["--runs-dir", "r", *argv])
+    return [name for name, _, _ in sweep.plan(sweep.grid(args.models, args.datasets, args.lrs, args.batch_sizes,
+                                                         args.seeds), args)]
+
+
 def test_grid_and_names():
     points = sweep.grid(["fc6", "c1"], ["fashion_mnist"], [0.1, 0.001], [256, 16384], [0, 1, 2])
     assert len(points) == 2 * 2 * 2 * 3
-    assert points[0].name == "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0"
-    assert sweep.run_name(points[0], 256, None) == "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0"
-    assert sweep.run_name(points[0], 128, 8192) == "fashion_mnist-fc6-ce-sgd-lr0.1-b256-g128-n8192-s0"
+    assert points[0] == sweep.GridPoint("fc6", "fashion_mnist", 0.1, 256, 0)
+    assert plan_names("--lrs", "0.1", "--seeds", "0")[0] == "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0"
+    assert plan_names("--lrs", "0.1", "--seeds", "0", "--ghost-batch-size", "128", "--train-subset", "8192") == [
+        "fashion_mnist-fc6-ce-sgd-lr0.1-b256-g128-n8192-s0"]
     with pytest.raises(ValueError, match="repeats a point"):
         sweep.grid(["fc6"], ["fashion_mnist"], [0.1, 0.1], [256], [0])
 
 
-def test_names_match_run_py_defaults():
-    training = pytest.importorskip("keras_implicit.training")
-    for ghost, subset in ((256, None), (128, 8192)):
-        config = training.RunConfig(lr=0.001, batch_size=16384, ghost_batch_size=ghost, seed=2, train_subset=subset)
-        point = sweep.GridPoint("fc6", "fashion_mnist", 0.001, 16384, 2)
-        assert sweep.run_name(point, ghost, subset) == training.default_run_name(config)
+@pytest.mark.parametrize("extra, config", [
+    ((), {}),
+    (("--ghost-batch-size", "128", "--train-subset", "32768"), {"ghost_batch_size": 128, "train_subset": 32768}),
+    (("--", "--loss", "gcdf@1"), {"loss": "gcdf@1"}),
+    (("--", "--optimizer", "adam", "--loss", "hinge@0.5"), {"optimizer": "adam", "loss": "hinge@0.5"}),
+])
+def test_names_are_run_py_default_names(extra, config):
+    # The sweep's configuration of a point is the one run.py builds from the same command line.
+    args = sweep.parse_args(["--lrs", "0.001", "--batch-sizes", "16384", "--seeds", "2", *extra])
+    point = sweep.GridPoint("fc6", "fashion_mnist", 0.001, 16384, 2)
+    expected = RunConfig(lr=0.001, batch_size=16384, seed=2, **config)
+    assert sweep.run_config(point, args) == expected
+    (name, cmd, run_dir), = sweep.plan([point], args)
+    assert name == default_run_name(expected) and run_dir.name == name
+    run = load_script("run")
+    assert run.config_from_args(run.build_parser().parse_args(cmd[2:])) == expected
 
 
 def test_commands_parse_with_run_py(tmp_path):
@@ -115,6 +138,59 @@ def test_commands_parse_with_run_py(tmp_path):
     assert (parsed.epochs, parsed.train_subset, parsed.target_train_loss, parsed.track_schedule) == (
         7, 8192, 0.3, "log")
     assert parsed.out == str(tmp_path / "r") and parsed.deterministic and parsed.no_progress
+
+
+SWEEP_WITHOUT_TENSORFLOW = textwrap.dedent("""
+    import json, runpy, sys
+    sys.argv = [sys.argv[1], *json.loads(sys.argv[2])]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as exited:
+        code = exited.code
+    else:
+        code = None
+    print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+""")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--models", "resnet50"], "unknown model 'resnet50'"),
+    (["--datasets", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--batch-sizes", "1000"], "batch_size 1000 is not a multiple of ghost_batch_size 256"),
+    (["--lrs", "0.1", "-1"], "argument --lrs: must be a finite number > 0, got -1"),
+    (["--jobs", "0"], "argument --jobs: must be a positive integer"),
+    (["--train-subset", "100"], "smaller than one batch"),
+    (["--", "--loss", "mse"], "unknown loss 'mse'"),
+    (["--", "--loss", "gcdf@0"], "gradient is zero almost everywhere"),
+    (["--", "--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'"),
+    (["--", "--learning-rate", "0.1"], "run.py: unrecognized arguments: --learning-rate 0.1"),
+    (["--", "--out", "elsewhere"], "--out cannot be passed on"),
+    (["--", "--lr", "0.5"], "are the same run fashion_mnist-fc6-ce-sgd-lr0.5-b256-s0"),
+])
+def test_bad_flags_are_refused_before_tensorflow_or_any_process(flags, message, tmp_path, fake_run):
+    runs = tmp_path / "runs"
+    argv = ["--runs-dir", str(runs), "--seeds", "0", "--run-script", str(fake_run), *flags]
+    result = subprocess.run([sys.executable, "-c", SWEEP_WITHOUT_TENSORFLOW, str(ROOT / "experiments" / "sweep.py"),
+                             json.dumps(argv)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["code"] == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("sweep.py: error: ") and message in errors[0], result.stderr
+    assert not {"tensorflow", "keras"} & set(report["modules"])
+    assert not runs.exists()  # no run directory, no log: nothing started
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--help"])
+    out = capsys.readouterr().out
+    # The docstring as written (not re-wrapped), then each flag's default.
+    assert "\n    python experiments/sweep.py --runs-dir runs/sweep --models fc6 --datasets fashion_mnist \\\n" in out
+    text = " ".join(out.split())
+    for default in ("(default: runs/sweep)", "(default: fc6)", "(default: fashion_mnist)", "(default: 0.1 0.001)",
+                    "(default: 256)", "(default: 0 1 2)", "(default: 1)"):
+        assert default in text
+    assert "(default: None)" not in text
 
 
 def test_dry_run_prints_every_command(capsys):
@@ -154,6 +230,43 @@ def test_sweep_runs_skips_and_resumes(tmp_path, fake_run, capsys):
     assert (runs / "logs" / "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s1.log").read_text().startswith("$ ")
 
 
+def test_loss_and_optimizer_passed_on_name_and_group_the_runs(tmp_path, fake_run):
+    runs = tmp_path / "runs"
+    assert run_sweep(tmp_path, fake_run, "--no-hparams") == 0
+    assert run_sweep(tmp_path, fake_run, "--no-hparams", "--summary-dir", str(tmp_path / "gcdf"),
+                     "--", "--loss", "gcdf@1", "--optimizer", "adam") == 0
+    settings = {"ce-sgd": ("ce", "sgd"), "gcdf1-adam": ("gcdf@1", "adam")}
+    expected = {f"fashion_mnist-fc6-{setting}-lr{lr}-b256-s{seed}"
+                for setting in settings for lr in ("0.1", "0.001") for seed in (0, 1)}
+    assert {p.name for p in runs.glob("fashion_mnist-*")} == expected
+    for name in expected:
+        config = json.loads((runs / name / "config.json").read_text())
+        assert (config["loss"], config["optimizer"]) == settings["gcdf1-adam" if "gcdf1-adam" in name else "ce-sgd"]
+        # The gcdf/adam sweep ran its own runs: it neither skipped nor resumed a CE/SGD one.
+        assert len([i for i in invocations(runs / name) if "start" in i]) == 1
+    # The second sweep's summary holds its four runs: two seeds per learning rate.
+    rows = list(csv.DictReader((tmp_path / "gcdf" / "summary.csv").open()))
+    assert sorted(r["run"] for r in rows) == sorted(n for n in expected if "gcdf1-adam" in n)
+    assert {(r["loss"], r["optimizer"]) for r in rows} == {("gcdf@1", "adam")}
+    markdown = (tmp_path / "gcdf" / "summary.md").read_text()
+    assert "| lr=0.1 | 2 |" in markdown and "| lr=0.001 | 2 |" in markdown
+    # All eight summarized together: four groups of two seeds, and lrs compared within a loss and optimizer.
+    everything = analysis.load_runs([runs])
+    groups = analysis.group_runs(everything)
+    assert sorted((g.label, g.seeds) for g in groups) == [
+        ("adam gcdf@1 lr=0.001", [0, 1]), ("adam gcdf@1 lr=0.1", [0, 1]),
+        ("sgd ce lr=0.001", [0, 1]), ("sgd ce lr=0.1", [0, 1])]
+    pairs = analysis.extreme_pairs(groups)
+    assert sorted(what for _, _, what in pairs) == [
+        "fc6 fashion_mnist adam gcdf@1 batch=256: lr 0.1 vs 0.001",
+        "fc6 fashion_mnist sgd ce batch=256: lr 0.1 vs 0.001"]
+    for a, b, _ in pairs:
+        assert (a.config["loss"], a.config["optimizer"]) == (b.config["loss"], b.config["optimizer"])
+        assert (a.config["lr"], b.config["lr"]) == (0.1, 0.001)
+    markdown = analysis.summary_markdown(everything, 0.5)
+    assert "| adam gcdf@1 lr=0.1 | 2 |" in markdown and "| sgd ce lr=0.1 | 2 |" in markdown
+
+
 def test_parallel_jobs_overlap_but_never_exceed(tmp_path, fake_run, monkeypatch):
     monkeypatch.setenv("FAKE_RUN_SECONDS", "1.5")
     assert run_sweep(tmp_path, fake_run, "--no-hparams", "--summary-only") == 0  # nothing run yet: no summary
@@ -173,7 +286,6 @@ def test_parallel_jobs_overlap_but_never_exceed(tmp_path, fake_run, monkeypatch)
 
 
 def test_summary_csv_markdown_and_hparams(tmp_path, fake_run):
-    pytest.importorskip("tensorflow")
     assert run_sweep(tmp_path, fake_run, "--batch-sizes", "256", "4096", "--level", "0.5") == 0
     runs = tmp_path / "runs"
     rows = list(csv.DictReader((runs / "summary.csv").open()))

@@ -388,3 +388,252 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(other_optimizer.iterations.numpy()) == 2
     assert not os.path.exists(os.path.join(tmp_path, "checkpoint.npz.tmp"))
+
+
+# --------------------------------------------------------------------------- #
+# Damaged run directories: one clear line per file, at most one epoch lost
+# --------------------------------------------------------------------------- #
+def damage(path, how):
+    """``truncated``: the first half of the file is left (a write cut short); ``garbage``: random bytes;
+    ``middle``: 64 random bytes in the middle (the rest intact)."""
+    content = open(path, "rb").read()
+    noise = np.random.default_rng(0).integers(0, 256, len(content), dtype=np.uint8).tobytes()
+    if how == "truncated":
+        content = content[: len(content) // 2]
+    elif how == "middle":
+        middle = len(content) // 2
+        content = content[:middle] + noise[:64] + content[middle + 64:]
+    else:
+        content = noise
+    with open(path, "wb") as handle:
+        handle.write(content)
+
+
+def tensorboard_points(run_dir):
+    """Sorted (tag, step, value) of every scalar in the run's event files (a point written twice shows twice)."""
+    points = []
+    tb = os.path.join(run_dir, "tb")
+    for name in sorted(os.listdir(tb)):
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(tb, name)):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "scalars":
+                    points.append((value.tag, event.step, float(tf.make_ndarray(value.tensor))))
+    return sorted(points)
+
+
+def warning_lines(captured):
+    return [line for line in captured.err.splitlines() if line.startswith("warning:")]
+
+
+@pytest.fixture(scope="module")
+def three_epochs(idx_dir, tmp_path_factory):
+    """An uninterrupted deterministic run of 3 epochs: (config, metrics records, TensorBoard points)."""
+    config = small_config(idx_dir, epochs=3, track_every=4, deterministic=True)
+    whole = str(tmp_path_factory.mktemp("whole") / "run")
+    training.train(config, whole, progress=False, verbose=False)
+    return config, read_metrics(whole), tensorboard_points(whole)
+
+
+def checkpoint_meta(run_dir, name="checkpoint.npz"):
+    with RunDirectory(run_dir) as run:
+        return run.load_checkpoint(name=name)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "middle"])
+def test_a_damaged_checkpoint_resumes_from_the_previous_one(how, three_epochs, tmp_path, capsys):
+    config, expected, expected_points = three_epochs
+    run_dir = str(tmp_path / "run")
+    training.train(dataclass_replace(config, epochs=2), run_dir, progress=False, verbose=False)
+    assert checkpoint_meta(run_dir)["epoch"] == 2
+    assert checkpoint_meta(run_dir, "checkpoint.prev.npz")["epoch"] == 1  # the one it replaced
+    damage(os.path.join(run_dir, "checkpoint.npz"), how)
+    capsys.readouterr()
+
+    result = training.train(config, run_dir, progress=False, verbose=False)
+    assert result.state == "finished" and result.epoch == 3
+    warnings = warning_lines(capsys.readouterr())
+    assert len(warnings) == 1
+    reason = {"truncated": "BadZipFile: File is not a zip file", "garbage": "not a checkpoint: it does not start "
+              "as an .npz (zip) archive", "middle": "BadZipFile: Bad CRC-32 for file '"}[how]
+    assert f"{run_dir}/checkpoint.npz is unreadable ({reason}" in warnings[0]
+    assert f"resuming from {run_dir}/checkpoint.prev.npz (epoch 1, step 9)" in warnings[0]
+    # Epoch 2 was trained again: nothing logged twice, in metrics.jsonl or in TensorBoard, and the same
+    # numbers as the uninterrupted run.
+    assert read_metrics(run_dir) == expected
+    assert tensorboard_points(run_dir) == expected_points
+    # The damaged file was replaced, not rotated over the good previous one.
+    assert checkpoint_meta(run_dir)["epoch"] == 3
+    assert checkpoint_meta(run_dir, "checkpoint.prev.npz")["epoch"] == 2
+
+
+def test_a_missing_latest_checkpoint_resumes_from_the_previous_one(three_epochs, tmp_path, capsys):
+    """A crash between the two renames of a checkpoint's rotation leaves only checkpoint.prev.npz."""
+    config, expected, _ = three_epochs
+    run_dir = str(tmp_path / "run")
+    training.train(dataclass_replace(config, epochs=2), run_dir, progress=False, verbose=False)
+    os.remove(os.path.join(run_dir, "checkpoint.npz"))
+    capsys.readouterr()
+    assert training.train(config, run_dir, progress=False, verbose=False).state == "finished"
+    assert f"{run_dir}/checkpoint.npz is missing: resuming from" in warning_lines(capsys.readouterr())[0]
+    assert read_metrics(run_dir) == expected
+
+
+@pytest.mark.parametrize("previous", ["garbage", "missing"])
+def test_no_readable_checkpoint_is_one_clear_error(previous, idx_dir, tmp_path, capsys):
+    config = small_config(idx_dir, epochs=1)
+    run_dir = str(tmp_path / "run")
+    training.train(config, run_dir, progress=False, verbose=False)
+    damage(os.path.join(run_dir, "checkpoint.npz"), "truncated")
+    previous_path = os.path.join(run_dir, "checkpoint.prev.npz")
+    if previous == "missing":
+        os.remove(previous_path)
+    else:
+        damage(previous_path, "garbage")
+    before = open(os.path.join(run_dir, "metrics.jsonl")).read()
+    more = dataclass_replace(config, epochs=2)
+    if previous == "missing":
+        match = (r"checkpoint.npz is unreadable \(BadZipFile: .*\) and there is no checkpoint.prev.npz to fall back "
+                 r"on: rerun with --overwrite to start again$")
+    else:
+        match = (r": no checkpoint can be read \(checkpoint.npz: BadZipFile: .*; checkpoint.prev.npz: .*\): "
+                 r"rerun with --overwrite to start again$")
+    with pytest.raises(RunError, match=match) as raised:
+        training.train(more, run_dir, progress=False, verbose=False)
+    assert "\n" not in str(raised.value)
+    assert open(os.path.join(run_dir, "metrics.jsonl")).read() == before  # nothing was touched
+    assert training.train(more, run_dir, overwrite=True, progress=False, verbose=False).state == "finished"
+
+
+def test_a_checkpoint_of_another_model_is_refused_and_restores_nothing(tmp_path):
+    from keras_implicit.models import make_model
+
+    model = make_model("fc6", (4, 4, 1), 3, seed=0)
+    optimizer = training.make_optimizer("sgd", 0.1)
+    optimizer.build(model.trainable_variables)
+    other = make_model("fc6", (5, 5, 1), 3, seed=1)
+    other_optimizer = training.make_optimizer("sgd", 0.1)
+    other_optimizer.build(other.trainable_variables)
+    before = [w.numpy().copy() for w in other.weights]
+    with RunDirectory(tmp_path) as run:
+        run.save_checkpoint(model, optimizer, {"epoch": 0, "step": 0, "metrics_bytes": 0})
+        with pytest.raises(RunError, match=r"checkpoint.npz: model_0 has shape \(16, "):
+            run.restore_checkpoint(other, other_optimizer)
+    for weight, value in zip(other.weights, before):
+        np.testing.assert_array_equal(weight.numpy(), value)
+
+
+@pytest.mark.parametrize("state", ["running", "finished"])
+def test_a_damaged_status_is_rebuilt_from_the_checkpoint(state, three_epochs, tmp_path, capsys):
+    config, expected, expected_points = three_epochs
+    run_dir = str(tmp_path / "run")
+    if state == "running":  # killed in epoch 3: the 3-epoch config, a point logged after the checkpoint
+        training.train(dataclass_replace(config, epochs=2), run_dir, progress=False, verbose=False)
+        stored = json.load(open(os.path.join(run_dir, "config.json")))
+        json.dump({**stored, "epochs": 3}, open(os.path.join(run_dir, "config.json"), "w"))
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as handle:
+            handle.write(json.dumps({**expected[-1], "step": 20, "ce": 123.0}) + "\n")
+    else:
+        training.train(config, run_dir, progress=False, verbose=False)
+    damage(os.path.join(run_dir, "status.json"), "garbage")
+    capsys.readouterr()
+
+    result = training.train(config, run_dir, progress=False, verbose=False)
+    assert result.state == "finished" and result.epoch == 3 and result.step == 27
+    warnings = warning_lines(capsys.readouterr())
+    assert len(warnings) == 1 and f"{run_dir}/status.json is unreadable (not UTF-8 text at byte " in warnings[0]
+    assert "resuming from the checkpoint" in warnings[0]
+    assert json.load(open(os.path.join(run_dir, "status.json"))) == {
+        "state": "finished", "epoch": 3, "step": 27, "message": "3 epochs"}
+    assert read_metrics(run_dir) == expected
+    assert tensorboard_points(run_dir) == expected_points
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing"])
+def test_a_damaged_config_is_restored_from_the_checkpoint(how, idx_dir, tmp_path, capsys):
+    config = small_config(idx_dir, epochs=1)
+    run_dir = str(tmp_path / "run")
+    training.train(config, run_dir, progress=False, verbose=False)
+    config_path = os.path.join(run_dir, "config.json")
+    original = open(config_path).read()
+    if how == "missing":
+        os.remove(config_path)
+    else:
+        damage(config_path, how)
+    capsys.readouterr()
+
+    again = training.train(config, run_dir, progress=False, verbose=False)
+    assert again.state == "already-finished"
+    warnings = warning_lines(capsys.readouterr())
+    assert len(warnings) == 1
+    problem = "is missing" if how == "missing" else "is unreadable (JSON error at line "
+    assert f"{config_path} {problem}" in warnings[0]
+    assert warnings[0].endswith(f": restored from the copy in {run_dir}/checkpoint.npz")
+    assert json.loads(open(config_path).read()) == json.loads(original)
+    # Restored, it still defines the run: another configuration is refused.
+    with pytest.raises(RunError, match=r"another run \(lr: 0.1 there, 0.2 asked\)"):
+        training.train(dataclass_replace(config, lr=0.2), run_dir, progress=False, verbose=False)
+
+
+def test_a_damaged_config_without_a_copy_is_one_clear_error(idx_dir, tmp_path):
+    config = small_config(idx_dir, epochs=1)
+    run_dir = str(tmp_path / "run")
+    training.train(config, run_dir, progress=False, verbose=False)
+    # Checkpoints written before copies were kept: the same files without the meta's "config".
+    for name in ("checkpoint.npz", "checkpoint.prev.npz"):
+        path = os.path.join(run_dir, name)
+        with np.load(path) as content:
+            arrays = {key: content[key] for key in content.files}
+        meta = json.loads(bytes(arrays["meta"]).decode())
+        del meta["config"]
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        np.savez(path, **arrays)
+    config_path = os.path.join(run_dir, "config.json")
+    with open(config_path, "w") as handle:
+        handle.write('{\n  "model": "fc6",\n  "lr": 0.1,,\n}\n')
+    with pytest.raises(RunError) as raised:
+        training.train(config, run_dir, progress=False, verbose=False)
+    assert str(raised.value) == (f"{config_path} is unreadable (JSON error at line 3 column 13: Expecting property "
+                                 "name enclosed in double quotes): restore it or rerun with --overwrite to start again")
+    assert training.train(config, run_dir, overwrite=True, progress=False, verbose=False).state == "finished"
+
+
+def test_a_torn_metrics_line_is_cut_on_resume_and_dropped_by_analysis(three_epochs, tmp_path, capsys):
+    from keras_implicit import analysis
+
+    config, expected, _ = three_epochs
+    run_dir = str(tmp_path / "run")
+    training.train(dataclass_replace(config, epochs=2), run_dir, progress=False, verbose=False)
+    complete = read_metrics(run_dir)
+    json.dump({"state": "running", "epoch": 2, "step": 18}, open(os.path.join(run_dir, "status.json"), "w"))
+    torn = json.dumps({**expected[-1], "step": 20})
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as handle:
+        handle.write(torn[: len(torn) // 2])  # killed in the middle of a write
+
+    with pytest.warns(RuntimeWarning, match="dropping a truncated last line"):
+        loaded = analysis.load_run(run_dir)
+    train_steps = [r["step"] for r in complete if r["split"] == "train"]
+    np.testing.assert_array_equal(loaded.splits["train"]["step"], train_steps)
+
+    capsys.readouterr()
+    assert training.train(config, run_dir, progress=False, verbose=False).state == "finished"
+    assert warning_lines(capsys.readouterr()) == []  # after the checkpoint: cut like any later point
+    assert read_metrics(run_dir) == expected
+
+
+@pytest.mark.parametrize("how", ["shorter", "malformed"])
+def test_metrics_damaged_before_the_checkpoint_is_one_clear_error(how, idx_dir, tmp_path):
+    config = small_config(idx_dir, epochs=1)
+    run_dir = str(tmp_path / "run")
+    training.train(config, run_dir, progress=False, verbose=False)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    lines = open(path).read().splitlines(keepends=True)
+    if how == "shorter":
+        open(path, "w").write("".join(lines[:2]))
+        match = r"metrics.jsonl holds \d+ bytes, fewer than the \d+ its checkpoint counted: .* --overwrite"
+    else:
+        lines[1] = "x" * (len(lines[1]) - 1) + "\n"  # the same length: only the content is damaged
+        open(path, "w").write("".join(lines))
+        match = (r"metrics.jsonl:2 is unreadable \(JSON error at line 1 column 1: .*\): restore it or rerun with "
+                 "--overwrite")
+    with pytest.raises(RunError, match=match):
+        training.train(dataclass_replace(config, epochs=2), run_dir, progress=False, verbose=False)

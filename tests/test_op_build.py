@@ -1,0 +1,327 @@
+"""Building the fused op on first use (keras_implicit/_op_build.py, keras_implicit/_op.py's loading order).
+
+Children run with the package's own libraries hidden (``_op._LIBRARY`` pointed elsewhere, as in
+tests/test_op.py) and a temporary ``KERAS_IMPLICIT_CACHE``, so they see exactly what a package installed
+without the op sees. One real build (two processes racing for it, which also tests the lock) is shared by
+the module's tests; a failing compiler (``CXX=false``) fails at once. The fresh-virtualenv test is slow.
+"""
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from keras_implicit import _op, _op_build
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILDING = "building the fused panel op"
+USES = "alternative-loss panel uses"
+
+_CHILD = textwrap.dedent(
+    """
+    import json, logging, os, sys
+    from pathlib import Path
+    logging.basicConfig(level=logging.INFO, format="LOG %(levelname)s %(message)s", stream=sys.stdout)
+    import numpy as np
+    from keras_implicit import _op, losses
+    packaged = os.environ.get("CHILD_PACKAGED", "")
+    if packaged:
+        _op._LIBRARY = _op._LIBRARY_AVX2 = Path(packaged)
+    path = _op.active_path()
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 12)) * 3.0
+    labels = rng.integers(0, 12, size=64)
+    values = {}
+    for which in ("tf", "op") if path == "op" else ("tf",):
+        with _op.force_path(which):
+            values[which] = losses.panel_values(
+                labels, logits, [0.0, 0.5, 1.0, 8.0], [0.5, 1.0, 4.0], [0.0, 1.0], True
+            ).numpy().tolist()
+    libraries = {}
+    for variant in ("auto", "portable"):
+        os.environ["KERAS_IMPLICIT_OP_VARIANT"] = variant
+        try:
+            libraries[variant] = str(_op.library_path())
+        except RuntimeError as error:  # a named variant that is built nowhere
+            libraries[variant] = f"RuntimeError: {error}"
+    print("RESULT " + json.dumps({"path": path, "load_error": _op.load_error(), "values": values,
+                                   "libraries": libraries}))
+    """
+)
+
+
+def _env(cache: Path, hide_package: bool = True, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KERAS_IMPLICIT_")}
+    env.update(
+        KERAS_IMPLICIT_CACHE=str(cache),
+        CHILD_PACKAGED=str(cache.parent / "hidden" / "_panel_op.so") if hide_package else "",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONPATH=str(ROOT),
+    )
+    env.update(extra)
+    return env
+
+
+def _parse(stdout: str) -> tuple[dict, list[str]]:
+    lines = stdout.splitlines()
+    result = json.loads(next(line for line in lines if line.startswith("RESULT "))[7:])
+    return result, [line for line in lines if line.startswith("LOG ")]
+
+
+def _child(env: dict) -> tuple[dict, list[str]]:
+    done = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=900,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return _parse(done.stdout)
+
+
+def _require_tools(compiler: str = "g++") -> None:
+    """Skips without make or the compiler (fails under KERAS_IMPLICIT_REQUIRE_OP=1, as CI sets)."""
+    missing = [tool for tool in ("make", compiler) if shutil.which(tool) is None]
+    if missing:
+        if os.environ.get("KERAS_IMPLICIT_REQUIRE_OP") == "1":
+            pytest.fail(f"KERAS_IMPLICIT_REQUIRE_OP=1 but {', '.join(missing)} missing")
+        pytest.skip(f"{', '.join(missing)} not on PATH: the op cannot be built here")
+
+
+def _expected_libraries() -> set[str]:
+    if platform.machine() == "x86_64":
+        return {_op_build.LIBRARY_NAME, _op_build.LIBRARY_AVX2_NAME}
+    return {_op_build.LIBRARY_NAME}
+
+
+# --------------------------------------------------------------------------- #
+# The cache key and directory
+# --------------------------------------------------------------------------- #
+_KEY_INPUTS = dict(
+    tf_version="2.21.0",
+    sources={"panel_op.cc": b"// the op\n", "Makefile": b"all:\n"},
+    compiler="g++\n/usr/bin/g++\ng++ (Debian 12.2.0-14) 12.2.0",
+    machine="x86_64",
+    flags=["-D_GLIBCXX_USE_CXX11_ABI=1", "--std=c++17", "CXXFLAGS="],
+)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"tf_version": "2.22.0"},
+        {"sources": {"panel_op.cc": b"// the op, edited\n", "Makefile": b"all:\n"}},
+        {"sources": {"panel_op.cc": b"// the op\n", "Makefile": b"all: x\n"}},
+        {"compiler": "g++\n/usr/bin/g++\ng++ (Debian 13.1.0) 13.1.0"},
+        {"compiler": "clang++\n/usr/bin/clang++\nclang version 16"},
+        {"machine": "aarch64"},
+        {"flags": ["-D_GLIBCXX_USE_CXX11_ABI=0", "--std=c++17", "CXXFLAGS="]},
+        {"flags": ["-D_GLIBCXX_USE_CXX11_ABI=1", "--std=c++17", "CXXFLAGS=-O2"]},
+    ],
+    ids=["tf_version", "source", "makefile", "compiler_version", "compiler", "machine", "abi", "cxxflags"],
+)
+def test_cache_key_changes_with_every_input(change):
+    base = _op_build.cache_key(**_KEY_INPUTS)
+    assert _op_build.cache_key(**{**_KEY_INPUTS, **change}) != base
+
+
+def test_cache_key_is_stable_and_readable():
+    key = _op_build.cache_key(**_KEY_INPUTS)
+    assert key == _op_build.cache_key(**{**_KEY_INPUTS, "sources": dict(reversed(_KEY_INPUTS["sources"].items()))})
+    assert key.startswith("tf2.21.0-x86_64-") and len(key.rsplit("-", 1)[1]) == 16
+    # Boundaries between inputs matter: moving bytes from one source file to the other changes the key.
+    moved = {"panel_op.cc": b"// the op\nall:\n", "Makefile": b""}
+    assert _op_build.cache_key(**{**_KEY_INPUTS, "sources": moved}) != key
+    assert "/" not in _op_build.cache_key(**{**_KEY_INPUTS, "tf_version": "2.21.0/../x"})
+
+
+def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("KERAS_IMPLICIT_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _op_build.cache_root() == tmp_path / "xdg" / "keras_implicit" / "op"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert _op_build.cache_root() == tmp_path / "home" / ".cache" / "keras_implicit" / "op"
+    monkeypatch.setenv("KERAS_IMPLICIT_CACHE", str(tmp_path / "mine"))
+    assert _op_build.cache_root() == tmp_path / "mine"
+
+
+def test_sources_come_from_the_checkout():
+    # In a checkout (editable install) the key follows custom_ops/ as it is edited.
+    assert _op_build.source_dir() == ROOT / "custom_ops"
+
+
+# --------------------------------------------------------------------------- #
+# One real build, raced for by two processes
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def first_use_build(tmp_path_factory):
+    """Two processes start at once on an empty cache, without the package's libraries: one builds, the other
+    waits on the lock; both must then use the op."""
+    _require_tools(os.environ.get("CXX") or "g++")
+    cache = tmp_path_factory.mktemp("first_use") / "cache"
+    env = _env(cache)
+    children = [
+        subprocess.Popen([sys.executable, "-c", _CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, cwd=ROOT)
+        for _ in range(2)
+    ]
+    outputs = [child.communicate(timeout=900) for child in children]
+    for child, (stdout, stderr) in zip(children, outputs):
+        assert child.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return cache, [_parse(stdout) for stdout, _ in outputs]
+
+
+def test_first_use_build_gives_the_op_with_the_pure_path_values(first_use_build):
+    cache, results = first_use_build
+    builders = [logs for _, logs in results if any(BUILDING in line for line in logs)]
+    assert len(builders) == 1, "exactly one of the two processes builds"
+    building = next(line for line in builders[0] if BUILDING in line)
+    assert building.startswith("LOG INFO") and "TensorFlow" in building and str(cache) in building
+    for result, logs in results:
+        assert result["path"] == "op" and result["load_error"] is None
+        uses = [line for line in logs if USES in line]
+        assert len(uses) == 1 and "fused C++ op" in uses[0] and str(cache) in uses[0]
+        assert not [line for line in logs if line.startswith("LOG WARNING")]
+        np.testing.assert_allclose(result["values"]["op"], result["values"]["tf"], rtol=1e-11, atol=1e-300)
+
+
+def test_first_use_build_is_complete_and_the_variant_rule_applies(first_use_build):
+    cache, results = first_use_build
+    entries = sorted(path.name for path in cache.iterdir())
+    (key,) = [name for name in entries if (cache / name).is_dir()]
+    assert entries == [key, f"{key}.lock"], "no temporary directory or failure log is left"
+    assert {path.name for path in (cache / key).glob("*.so")} == _expected_libraries()
+    assert "exit status 0" in (cache / key / "build.log").read_text()
+    for result, _ in results:
+        libraries = {variant: Path(path) for variant, path in result["libraries"].items()}
+        assert libraries["portable"] == cache / key / _op_build.LIBRARY_NAME
+        auto = _op_build.LIBRARY_AVX2_NAME if _op._cpu_has("avx2", "fma") else _op_build.LIBRARY_NAME
+        assert libraries["auto"] == cache / key / auto
+
+
+def test_this_process_computes_the_same_cache_directory(first_use_build, monkeypatch):
+    cache, _ = first_use_build
+    monkeypatch.setenv("KERAS_IMPLICIT_CACHE", str(cache))
+    _op_build._plan.cache_clear()
+    try:
+        assert _op_build.cache_dir().parent == cache and _op_build.cache_dir().is_dir()
+        assert _op_build.ensure_built() is None  # built already: nothing to do
+    finally:
+        _op_build._plan.cache_clear()
+
+
+def test_unloadable_package_library_falls_back_to_the_cached_build(first_use_build, tmp_path):
+    cache, _ = first_use_build
+    broken = tmp_path / "_panel_op.so"
+    broken.write_bytes(b"\x7fELF not a library built for this TensorFlow")
+    result, logs = _child(_env(cache, CHILD_PACKAGED=str(broken)))
+    assert result["path"] == "op" and result["load_error"] is None
+    assert not [line for line in logs if BUILDING in line], "the cached build is reused"
+    assert any("could not be loaded" in line and str(cache) in line for line in logs)
+    assert str(cache) in result["libraries"]["auto"]
+    np.testing.assert_allclose(result["values"]["op"], result["values"]["tf"], rtol=1e-11, atol=1e-300)
+
+
+# --------------------------------------------------------------------------- #
+# Failures and switches
+# --------------------------------------------------------------------------- #
+def test_failing_compiler_gives_the_pure_path_and_is_remembered(tmp_path):
+    _require_tools("false")
+    cache = tmp_path / "cache"
+    env = _env(cache, CXX="false")
+    first, first_logs = _child(env)
+    assert first["path"] == "tf" and "op" not in first["values"]
+    assert "not built" in first["load_error"] and "building it on first use failed" in first["load_error"]
+    (failure,) = cache.glob("*.failed.log")
+    assert str(failure) in first["load_error"] and "delete that file to retry" in first["load_error"]
+    assert "false " in failure.read_text() and "exit status 2" in failure.read_text()
+    assert not [path for path in cache.iterdir() if path.is_dir()], "no build directory, no temporary one"
+    assert sum(BUILDING in line for line in first_logs) == 1
+    warnings = [line for line in first_logs if line.startswith("LOG WARNING")]
+    assert len(warnings) == 1 and str(failure) in warnings[0]
+
+    # The next process does not try again: the remembered failure, one warning, no build.
+    second, second_logs = _child(env)
+    assert second["path"] == "tf" and second["load_error"] == first["load_error"]
+    assert not [line for line in second_logs if BUILDING in line]
+    assert len([line for line in second_logs if line.startswith("LOG WARNING")]) == 1
+
+
+def test_no_build_variable_disables_building(tmp_path):
+    cache = tmp_path / "cache"
+    result, logs = _child(_env(cache, KERAS_IMPLICIT_NO_BUILD="1"))
+    assert result["path"] == "tf"
+    assert "not built" in result["load_error"] and "KERAS_IMPLICIT_NO_BUILD=1" in result["load_error"]
+    assert not cache.exists()
+    uses = [line for line in logs if USES in line]
+    assert len(uses) == 1 and uses[0].startswith("LOG INFO") and "KERAS_IMPLICIT_NO_BUILD=1" in uses[0]
+
+
+def test_pure_tf_variable_wins_over_building(tmp_path):
+    cache = tmp_path / "cache"
+    result, logs = _child(_env(cache, KERAS_IMPLICIT_PURE_TF="1"))
+    assert result["path"] == "tf" and not cache.exists()
+    assert not [line for line in logs if BUILDING in line]
+
+
+# --------------------------------------------------------------------------- #
+# One `pip install` into a fresh virtualenv (downloads TensorFlow: minutes)
+# --------------------------------------------------------------------------- #
+_PROBE = textwrap.dedent(
+    """
+    import json, logging, sys, time
+    logging.basicConfig(level=logging.INFO, format="LOG %(levelname)s %(message)s", stream=sys.stdout)
+    import keras_implicit
+    from pathlib import Path
+    from keras_implicit import _op
+    package = Path(keras_implicit.__file__).parent
+    started = time.monotonic()
+    path = _op.active_path()
+    print("RESULT " + json.dumps({
+        "path": path, "library": str(_op.library_path()), "load_error": _op.load_error(),
+        "seconds": time.monotonic() - started, "package": str(package),
+        "packaged_libraries": sorted(p.name for p in package.glob("*.so")),
+        "shipped_sources": sorted(p.name for p in (package / "_custom_ops").glob("*")),
+    }))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("editable", [False, True], ids=["regular", "editable"])
+def test_one_pip_install_in_a_fresh_virtualenv_gives_the_op(tmp_path, editable):
+    """`python -m venv` without TensorFlow, one `pip install '<clone>[dev]'`, then the op is active."""
+    _require_tools()
+    clone = tmp_path / "clone"
+    unbuilt = shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "*.so", "__pycache__", ".pytest_cache", "runs", "figures", "_custom_ops"
+    )
+    shutil.copytree(ROOT, clone, ignore=unbuilt)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = str(venv / "bin" / "python")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("KERAS_IMPLICIT_") and k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(KERAS_IMPLICIT_CACHE=str(tmp_path / "cache"), PIP_DISABLE_PIP_VERSION_CHECK="1",
+               TF_CPP_MIN_LOG_LEVEL="3")
+    assert subprocess.run([python, "-c", "import tensorflow"], env=env, capture_output=True).returncode != 0
+    command = [python, "-m", "pip", "install", "-q", *(["-e"] if editable else []), f"{clone}[dev]"]
+    install = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=3000)
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    probe = subprocess.run([python, "-c", _PROBE], env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=900)
+    assert probe.returncode == 0, probe.stdout[-3000:] + probe.stderr[-3000:]
+    result, logs = _parse(probe.stdout)
+    print(json.dumps(result, indent=1), *logs, sep="\n")  # shown with -s: which way the op arrived, how fast
+    assert result["path"] == "op", result["load_error"]
+    if editable:
+        assert Path(result["package"]) == clone / "keras_implicit"
+    else:
+        assert result["shipped_sources"] == ["Makefile", "panel_op.cc"]
+    if not result["packaged_libraries"]:  # the install could not build the op: it was built on first use
+        assert result["library"].startswith(str(tmp_path / "cache"))
+        assert sum(BUILDING in line for line in logs) == 1
