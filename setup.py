@@ -116,10 +116,11 @@ setup(
     cmdclass={"build_ext": BuildPanelOp, "build_py": BuildPyWithOpSources},
     install_requires=[
         "tensorflow==2.21.*",
-        "keras>=3.10",
+        "keras>=3.15",  # keras.ops.erfc (Phi with its tail accuracy on every backend)
         "numpy",
         "matplotlib",
         "tensorboard",
+        "tensorboardX",  # TensorBoard event files on the backends without TensorFlow
         "tensorflow-datasets",
         "importlib_resources",
     ],
@@ -130,6 +131,8 @@ setup(
             # Only for cross-checking Phi in the tests; the library never imports it.
             "tensorflow-probability==0.25.*",
             "tf-keras==2.21.*",
+            # The JAX backend (CPU): the second backend the tests run on.
+            "jax",
         ],
     },
 )

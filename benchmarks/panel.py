@@ -5,7 +5,7 @@ interleaved repeat by repeat (the minimum of the repeats; the machine is shared 
 
   (a) separate: 24 separate Keras metrics, the plain way: keras_implicit.metrics.Gcdf / TemperedCrossentropy /
       MulticlassHinge / ZeroOneError, one per parameter, each computing its own margins (pure TensorFlow);
-  (b) vectorized: one AltLossPanel on the pure-TensorFlow path (margins shared, one [batch, classes] tensor
+  (b) vectorized: one AltLossPanel on the keras.ops path (margins shared, one [batch, classes] tensor
       per column);
   (c) op: one AltLossPanel on the fused C++ op (custom_ops/), if it is built;
   forward: one forward pass of fc6 (784 inputs, classes outputs) over the same number of examples.
@@ -75,7 +75,7 @@ def build(variant: str, classes: int, batch_size: int):
     """Returns run(labels, logits, images) -> None, which evaluates the variant over every batch."""
     import tensorflow as tf
 
-    from keras_implicit import _op, metrics, models
+    from keras_implicit import _dispatch, metrics, models
 
     if variant == "forward":
         model = models.make_model("fc6", (28, 28, 1), classes, seed=0)
@@ -95,10 +95,10 @@ def build(variant: str, classes: int, batch_size: int):
         metric_list += [metrics.TemperedCrossentropy(t) for t in metrics.DEFAULT_TEMPERATURES]
         metric_list += [metrics.MulticlassHinge(g) for g in metrics.DEFAULT_MARGINS]
         metric_list += [metrics.ZeroOneError()]
-        path = "tf"
+        path = "keras"
     else:
         metric_list = metrics.alt_loss_panel()
-        path = "tf" if variant == "vectorized" else "op"
+        path = "keras" if variant == "vectorized" else "op"
     assert sum(len(getattr(m, "names", [m.name])) for m in metric_list) == 24
 
     @tf.function(reduce_retracing=True)
@@ -109,7 +109,7 @@ def build(variant: str, classes: int, batch_size: int):
     def run(labels, logits, images):
         for metric in metric_list:
             metric.reset_state()
-        with _op.force_path(path):  # decides the path when update is traced
+        with _dispatch.force_path(path):  # decides the path when update is traced
             for start in range(0, int(logits.shape[0]), batch_size):
                 update(labels[start:start + batch_size], logits[start:start + batch_size])
         for metric in metric_list:
@@ -375,12 +375,12 @@ def main(argv=None) -> int:
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    from keras_implicit import _op
+    from keras_implicit import _dispatch, _op
 
     if args.libraries:
         _op.library_path()  # a named build that is missing or that this CPU cannot run: an error, not (c) left out
-    with _op.force_path(None):
-        op_available = _op.active_path() == "op"
+    with _dispatch.force_path(None):
+        op_available = _dispatch.active_path() == "op"
     variants = [v for v in VARIANTS if v != "op" or op_available]
     print(f"machine: {machine()}; TensorFlow {tf.__version__}; batch size {args.batch_size}; "
           f"minimum of {args.repeats} interleaved repeats; threads: {args.threads or 'default'}; "

@@ -7,7 +7,7 @@ the whole training and test splits at the end of the epoch: forward pass, cross-
 norms, metrics.jsonl and TensorBoard). Configurations, all in this process, interleaved round by round:
 
   plain-256:          batch 256 (ghost batch 256: no accumulation), the panel on the default path;
-  plain-256-pure-tf:  the same, with the panel forced onto the pure-TensorFlow path (only tracking differs);
+  plain-256-pure-tf:  the same, with the panel forced onto the keras.ops path (only tracking differs);
   ghost-16384:        batch 16384 in micro-batches of 256 (gradient accumulation, ghost batch norm).
 
 Printed: tracking / epoch for both panel paths (target <= 0.4), an inference pass over both splits / epoch
@@ -35,13 +35,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 CONFIGURATIONS = {
     "plain-256": {"batch_size": 256, "ghost_batch_size": 256, "path": None},
-    "plain-256-pure-tf": {"batch_size": 256, "ghost_batch_size": 256, "path": "tf"},
+    "plain-256-pure-tf": {"batch_size": 256, "ghost_batch_size": 256, "path": "keras"},
     "ghost-16384": {"batch_size": 16384, "ghost_batch_size": 256, "path": None},
 }
 
 
 def run_once(name: str, dataset, epochs: int, data_dir: str | None, train_subset: int | None):
-    from keras_implicit import _op
+    from keras_implicit import _dispatch
     from keras_implicit.training import RunConfig, train
 
     settings = CONFIGURATIONS[name]
@@ -50,7 +50,7 @@ def run_once(name: str, dataset, epochs: int, data_dir: str | None, train_subset
         ghost_batch_size=settings["ghost_batch_size"], epochs=epochs, seed=0, data_dir=data_dir,
         train_subset=train_subset,
     )
-    with tempfile.TemporaryDirectory() as run_dir, _op.force_path(settings["path"]):
+    with tempfile.TemporaryDirectory() as run_dir, _dispatch.force_path(settings["path"]):
         result = train(config, run_dir, progress=False, verbose=False, dataset=dataset)
     if result.state != "finished":
         raise RuntimeError(f"{name}: the run ended {result.state}: {result.message}")
@@ -94,12 +94,12 @@ def main(argv=None) -> int:
         parser.error("--epochs must be >= 2 and --rounds >= 1")
 
     from benchmarks.panel import machine
-    from keras_implicit import _op
+    from keras_implicit import _dispatch
     from keras_implicit.data import load_dataset
 
     dataset = load_dataset("fashion_mnist", args.data_dir, args.train_subset)
     print(f"machine: {machine()}; fc6 on Fashion-MNIST ({len(dataset.y_train)} train, {len(dataset.y_test)} test); "
-          f"{args.epochs} epochs per run, {args.rounds} round(s); default panel path: {_op.active_path()}")
+          f"{args.epochs} epochs per run, {args.rounds} round(s); default panel path: {_dispatch.active_path()}")
     epochs = {name: [] for name in args.only}
     tracking = {name: [] for name in args.only}
     for _ in range(args.rounds):
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         results["base_epoch_s"] = base
         print(f"batch-256 epoch without tracking (median of {sum(len(epochs[n]) for n in plain)}): {base:.2f} s")
         for name in plain:
-            label = "default path (" + _op.active_path() + ")" if name == "plain-256" else "pure-TF path"
+            label = "default path (" + _dispatch.active_path() + ")" if name == "plain-256" else "keras.ops path"
             ratio = median_tracking[name] / base
             results[f"tracking_ratio_{name}"] = ratio
             print(f"tracking / epoch, panel on the {label}: {ratio:.3f} ({median_tracking[name]:.2f} s; "

@@ -25,6 +25,23 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from keras_implicit.training import RunConfig, RunError, default_run_name  # noqa: E402  (no TensorFlow)
 
 EXIT_CANNOT_START, EXIT_BAD_FLAGS, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def choose_backend(flag: str | None) -> str:
+    """Sets ``KERAS_BACKEND`` from ``--backend`` before Keras is imported; returns the backend, or raises
+    ValueError with one line when it is unknown or not installed."""
+    import importlib.util
+
+    backend = flag or os.environ.get("KERAS_BACKEND") or "tensorflow"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown Keras backend {backend!r} (KERAS_BACKEND): choose one of {', '.join(BACKENDS)}")
+    if "keras" in sys.modules and sys.modules["keras"].backend.backend() != backend:
+        raise ValueError(f"Keras is already loaded with the {sys.modules['keras'].backend.backend()} backend")
+    if importlib.util.find_spec(backend) is None:
+        raise ValueError(f"the {backend} backend is not installed (pip install {backend})")
+    os.environ["KERAS_BACKEND"] = backend
+    return backend
 
 
 def _positive_int(text):
@@ -87,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace what the run directory holds instead of resuming")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="the Keras backend (default: $KERAS_BACKEND, else Keras' own default, tensorflow); "
+                             "the fused op and tf.distribute are TensorFlow-only")
     return parser
 
 
@@ -107,6 +127,7 @@ def main(argv=None) -> int:
     config = config_from_args(args)
     try:
         config.validate()  # imports no TensorFlow: bad flags are refused before anything is loaded
+        choose_backend(args.backend)
     except ValueError as error:
         parser.error(str(error))
     out = args.out or os.path.join("runs", default_run_name(config))

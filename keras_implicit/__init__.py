@@ -24,6 +24,8 @@ _EXPORTS = {
     "panel_values": "losses",
     "panel_names": "losses",
     "format_parameter": "losses",
+    "active_path": "losses",
+    "force_path": "losses",
     "AltLossPanel": "metrics",
     "alt_loss_panel": "metrics",
     "load_dataset": "data",

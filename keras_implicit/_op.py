@@ -1,9 +1,10 @@
-"""Loads the fused panel op (custom_ops/) or falls back to the pure-TensorFlow path.
+"""The TensorFlow seam: loads the fused panel op (custom_ops/), the TensorFlow backend's fast path.
 
-Interface used by keras_implicit.losses:
-    panel_op() -> callable(labels, logits, feature_norm, sigmas, temperatures, margins, error) or None
-    force_path("op" | "tf" | None): context manager for tests and benchmarks
-    active_path() -> "op" or "tf"
+Imported only on the TensorFlow backend, by :func:`keras_implicit._dispatch.panel_kernel`, which decides
+whether the op is wanted (``force_path``, ``path=``, ``KERAS_IMPLICIT_PANEL_PATH``); this module says
+whether it can run:
+    panel_op(required, source) -> callable(labels, logits, feature_norm, sigmas, temperatures, margins, error)
+                                  or None (take the keras.ops path)
 
 The op lives in ``keras_implicit/_panel_op.so`` (portable) and, on x86-64, ``_panel_op_avx2.so`` (built with
 ``-mavx2 -mfma``, 3.4-5x faster), both built by ``pip install -e .`` (setup.py) or ``make -C custom_ops``.
@@ -13,12 +14,13 @@ The op lives in ``keras_implicit/_panel_op.so`` (portable) and, on x86-64, ``_pa
   FMA, else the portable one;
 - ``portable`` or ``avx2``: that build and no other. An unknown value (ValueError), ``avx2`` on a CPU
   without AVX2 and FMA, or a named build that is missing (RuntimeError) is an error wherever the op would
-  be loaded, never a silent fallback to another build or to the pure-TensorFlow path.
+  be loaded, never a silent fallback to another build or to the keras.ops path.
 
-The op is loaded lazily, on the first panel computed, and the pure-TensorFlow path
-(``losses._panel_pure_tf``) is used instead when:
+The op is loaded lazily, on the first panel computed, and the ``keras.ops`` path
+(``losses._panel_keras``) is used instead when:
 
-- ``KERAS_IMPLICIT_PURE_TF=1`` is set;
+- the path is forced to ``"keras"`` (``keras_implicit.force_path``, ``KERAS_IMPLICIT_PANEL_PATH=keras`` or
+  its older name ``KERAS_IMPLICIT_PURE_TF=1``: see ``keras_implicit/_dispatch.py``);
 - the library is missing (not built) or cannot be loaded (built for another TensorFlow version, another
   ABI or another machine), and it cannot be built on first use either (below): the reason is logged;
 - the computation is being compiled by XLA (``tf.function(jit_compile=True)``, Keras' ``jit_compile``,
@@ -29,16 +31,15 @@ one-command install into a fresh virtualenv builds the package before pip instal
 panel builds the op with ``custom_ops/Makefile`` into a cache keyed by TensorFlow, the sources and the
 compiler (``$KERAS_IMPLICIT_CACHE``, else ``~/.cache/keras_implicit/op/<key>/``), once, with one INFO line;
 ``library_path()`` looks there after the package, with the same variant rule. ``KERAS_IMPLICIT_NO_BUILD=1``
-disables building; a failed build is remembered there with its log. ``KERAS_IMPLICIT_PURE_TF=1`` wins over
-all of it.
+disables building; a failed build is remembered there with its log. Forcing the ``keras`` path wins over
+all of it (nothing is loaded or built).
 
 One log line (logger ``keras_implicit``, INFO; WARNING when a built library fails to load or a build fails)
-says which path is in use, the first time it is decided. ``active_path()`` says it at any time.
+says which path is in use, the first time it is decided. ``keras_implicit.active_path()`` says it at any time.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -51,7 +52,7 @@ import tensorflow as tf
 from keras_implicit import _op_build
 
 __all__ = [
-    "panel_op", "force_path", "active_path", "library_path", "library_variant", "load_error", "in_xla_context",
+    "panel_op", "library_path", "library_variant", "load_error", "in_xla_context",
     "fused_panel",
 ]
 
@@ -61,11 +62,9 @@ _LIBRARY = Path(__file__).with_name("_panel_op.so")
 # 3.4-5x faster than the portable build (BUILD_NOTES.md, "Timings"). Loaded only on CPUs with both (it would
 # crash, not fail to load, elsewhere).
 _LIBRARY_AVX2 = Path(__file__).with_name("_panel_op_avx2.so")
-_ENV_PURE_TF = "KERAS_IMPLICIT_PURE_TF"
 _ENV_VARIANT = "KERAS_IMPLICIT_OP_VARIANT"
 _VARIANTS = ("auto", "portable", "avx2")
 
-_forced: str | None = None
 
 
 class _State:
@@ -111,7 +110,7 @@ def library_path() -> Path:
     ``keras_implicit/_panel_op_avx2.so`` or ``keras_implicit/_panel_op.so``, or the same names in the first-use
     build cache (``_op_build.cache_dir()``) where the package holds no build, or one that failed to load.
 
-    With ``auto`` the path may not exist (the op is then not built, and the pure-TensorFlow path is used).
+    With ``auto`` the path may not exist (the op is then not built, and the keras.ops path is used).
 
     Raises:
         ValueError, RuntimeError: see :func:`library_variant`.
@@ -157,10 +156,6 @@ def _cpu_has(*flags: str) -> bool:
     except OSError:
         pass
     return False
-
-
-def _pure_tf_requested() -> bool:
-    return os.environ.get(_ENV_PURE_TF, "") not in ("", "0")
 
 
 def _log_once(path: str, detail: str, level=logging.INFO) -> None:
@@ -223,7 +218,7 @@ def _load():
             warn = warn or _State.build_problem.failed
         _State.error = "; ".join(problems)
         if warn:
-            _log_once("the pure-TensorFlow path", _State.error, logging.WARNING)
+            _log_once("the keras.ops path", _State.error, logging.WARNING)
         return None
 
 
@@ -302,7 +297,8 @@ def fused_panel(labels, logits, feature_norm, sigmas, temperatures, margins, err
         labels: int32 [batch], each in [0, classes).
         logits: float32 or float64 [batch, classes].
         feature_norm: None (1), a scalar, [batch] or [batch, 1], in the dtype of the logits.
-        sigmas, temperatures, margins: sequences of numbers (validated by the caller).
+        sigmas, temperatures, margins: sequences of numbers. The op refuses bad values itself, as it
+            refuses a feature_norm that is not finite and > 0, fewer than 2 classes or a label out of range.
         error: whether to append the zero-one error column.
         reduce: sum over the batch inside the op.
     """
@@ -329,52 +325,20 @@ def fused_panel(labels, logits, feature_norm, sigmas, temperatures, margins, err
 
 
 @tf.autograph.experimental.do_not_convert
-def panel_op():
+def panel_op(required: bool = False, source: str = "default"):
     """The fused op as ``op(labels, logits, feature_norm, sigmas, temperatures, margins, error)``, or None.
 
-    None means: use the pure-TensorFlow path (forced with ``force_path("tf")``, disabled with
-    ``KERAS_IMPLICIT_PURE_TF=1``, not built or not loadable, or inside an XLA compilation).
-    Under ``force_path("op")`` a missing op raises RuntimeError instead of returning None (except under
-    XLA, where the op cannot run at all).
+    None means: take the ``keras.ops`` path (the op is not built, not loadable and cannot be built, or the
+    graph is being compiled by XLA, where the op has no kernel). With ``required`` (``source`` asked for the
+    op) a missing op raises RuntimeError instead, except under XLA.
     """
-    if _forced == "tf":
-        return None
-    if _pure_tf_requested():
-        if _forced == "op":
-            raise RuntimeError(f"the fused panel op is disabled by {_ENV_PURE_TF}=1")
-        _log_once("the pure-TensorFlow path", f"{_ENV_PURE_TF}=1")
-        return None
     module = _load()
     if module is None:
-        if _forced == "op":
-            raise RuntimeError(f"the fused panel op is not available: {_State.error}")
-        _log_once("the pure-TensorFlow path", _State.error or "the op is not available")
+        if required:
+            raise RuntimeError(f"the fused panel op was asked for ({source}) but is not available: {_State.error}")
+        _log_once("the keras.ops path", _State.error or "the op is not available")
         return None
     if in_xla_context():
         return None
     _log_once("the fused C++ op", str(library_path()))
     return fused_panel
-
-
-def active_path() -> str:
-    """``"op"`` or ``"tf"``: the path the next panel built here (eagerly or in a plain graph) takes."""
-    try:
-        return "op" if panel_op() is not None else "tf"
-    except RuntimeError:
-        return "tf"
-
-
-@contextlib.contextmanager
-def force_path(path: str | None):
-    """Forces the panel path within the block: ``"op"``, ``"tf"``, or None for the default.
-
-    Forcing ``"op"`` makes :func:`panel_op` raise RuntimeError when the op cannot be loaded.
-    """
-    global _forced
-    if path not in ("op", "tf", None):
-        raise ValueError(f"path must be 'op', 'tf' or None, got {path!r}")
-    previous, _forced = _forced, path
-    try:
-        yield
-    finally:
-        _forced = previous

@@ -32,8 +32,9 @@ from typing import Callable, Iterable, Optional
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from keras_implicit import _backend
 from keras_implicit import losses as _losses
 from keras_implicit import metrics as _metrics
 from keras_implicit import models as _models
@@ -205,8 +206,8 @@ class AltLossTracker(keras.callbacks.Callback):
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(f"{what}: x and y must hold the same, non-zero number of examples "
                              f"(got {len(x)} and {len(y)})")
-        x = x if isinstance(x, tf.Tensor) else tf.convert_to_tensor(np.asarray(x, np.float32))
-        y = y if isinstance(y, tf.Tensor) else tf.convert_to_tensor(np.asarray(y, np.int32))
+        x = x if ops.is_tensor(x) else ops.convert_to_tensor(np.asarray(x, np.float32))
+        y = y if ops.is_tensor(y) else ops.convert_to_tensor(np.asarray(y, np.int32))
         return x, y
 
     # ------------------------------------------------------------------ #
@@ -217,17 +218,17 @@ class AltLossTracker(keras.callbacks.Callback):
             return self._sums_fn
         two_outputs = _models.with_features(self.model)
         sigmas, temperatures, margins = self.sigmas, self.temperatures, self.margins
+        total_dtype = _backend.accumulation_dtype()
 
-        @tf.function(reduce_retracing=True)
-        def sums(x, y):
-            logits, features = two_outputs(x, training=False)
-            logits = tf.cast(logits, tf.float32)
+        def column_sums(logits, features, y):
+            logits = ops.cast(logits, "float32")
             panel = _losses.panel_values(y, logits, sigmas, temperatures, margins, error=True)
-            ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
-            norms = tf.norm(tf.cast(features, tf.float32), axis=-1)
-            columns = tf.concat([ce[:, None], tf.cast(panel, tf.float32), norms[:, None]], axis=-1)
-            return tf.reduce_sum(tf.cast(columns, tf.float64), axis=0)
+            ce = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+            norms = ops.norm(ops.cast(features, "float32"), axis=-1)
+            columns = ops.concatenate([ce[:, None], ops.cast(panel, "float32"), norms[:, None]], axis=-1)
+            return ops.sum(ops.cast(columns, total_dtype), axis=0)
 
+        sums = _backend.compile_inference(two_outputs, column_sums)
         self._sums_fn, self._sums_model = sums, self.model
         return sums
 
@@ -240,7 +241,7 @@ class AltLossTracker(keras.callbacks.Callback):
         for start in range(0, count, self.batch_size):
             part = sums_fn(x[start:start + self.batch_size], y[start:start + self.batch_size])
             total = part if total is None else total + part
-        means = total.numpy() / count
+        means = ops.convert_to_numpy(total).astype(np.float64) / count
         values = {"ce": float(means[0]), "error": float(means[-2])}
         values.update({name: float(v) for name, v in zip(self.panel_names[:-1], means[1:-2])})
         values["feature_norm"] = float(means[-1])
@@ -255,7 +256,7 @@ class AltLossTracker(keras.callbacks.Callback):
         self._tracked_steps.add(int(step))
 
     def optimizer_step(self) -> int:
-        return int(self.model.optimizer.iterations.numpy())
+        return int(ops.convert_to_numpy(self.model.optimizer.iterations))
 
     def _resolve_steps_per_epoch(self):
         if self.steps_per_epoch:
@@ -313,16 +314,15 @@ class AltLossTracker(keras.callbacks.Callback):
             self._pending.clear()
             return
         if self._writer is None:
-            self._writer = tf.summary.create_file_writer(str(self.log_dir))
-            from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
-
-            layout = custom_scalars_layout(["ce", *self.panel_names[:-1]], tuple(self.splits))
-            with self._writer.as_default():
-                tf.summary.experimental.write_raw_pb(custom_scalar_summary.pb(layout).SerializeToString(), step=0)
-        with self._writer.as_default():
-            for record in self._pending:
-                for name in self.metric_names:
-                    tf.summary.scalar(f"{record['split']}/{name}", record[name], step=record["step"])
+            self._writer = _backend.open_scalar_writer(str(self.log_dir))
+            if self._writer is None:  # no event writer on this backend (one warning said so)
+                self.log_dir = None
+                self._pending.clear()
+                return
+            self._writer.layout(custom_scalars_layout(["ce", *self.panel_names[:-1]], tuple(self.splits)))
+        for record in self._pending:
+            self._writer.scalars({f"{record['split']}/{name}": record[name] for name in self.metric_names},
+                                 record["step"])
         self._writer.flush()
         self._pending.clear()
 
@@ -394,7 +394,7 @@ class DivergenceMonitor(keras.callbacks.Callback):
             return
         value = float(loss)
         if not math.isfinite(value):
-            step = int(self.model.optimizer.iterations.numpy())
+            step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
             self.diverged = f"the training loss became {value} (optimizer step {step})"
             self.model.stop_training = True
 

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from keras_implicit import _op
+from keras_implicit import _checks, _dispatch
+from keras_implicit._dispatch import active_path, force_path
 
 __all__ = [
     "gcdf",
@@ -42,6 +43,8 @@ __all__ = [
     "panel_names",
     "format_parameter",
     "parameter_grid",
+    "active_path",
+    "force_path",
     "Gcdf",
     "TemperedCrossentropy",
     "MulticlassHinge",
@@ -69,7 +72,7 @@ def format_parameter(value: float) -> str:
 
 def _validate_parameters(values, name: str, *, allow_zero: bool):
     """Returns (float64 1-D array, was_scalar). Raises ValueError naming `name`."""
-    if isinstance(values, (tf.Tensor, tf.Variable)):
+    if ops.is_tensor(values) or isinstance(values, keras.Variable):
         raise TypeError(
             f"{name} must be a Python number or a sequence of numbers, not a tensor "
             "(parameters are fixed per loss so that metric names stay stable)."
@@ -92,6 +95,14 @@ def _validate_parameters(values, name: str, *, allow_zero: bool):
     return array, scalar
 
 
+def _one_parameter(value, name: str, *, allow_zero: bool) -> float:
+    """One validated number (the parameter of a Loss or a single Metric)."""
+    array, scalar = _validate_parameters(value, name, allow_zero=allow_zero)
+    if not scalar:
+        raise ValueError(f"{name} must be one number here, got {value!r}")
+    return float(array[0])
+
+
 def parameter_grid(values, name: str, *, allow_zero: bool) -> np.ndarray:
     """A validated float64 grid of one family's parameters; None or an empty sequence gives an empty grid."""
     if values is None or (not isinstance(values, numbers.Number) and np.size(values) == 0):
@@ -99,152 +110,198 @@ def parameter_grid(values, name: str, *, allow_zero: bool) -> np.ndarray:
     return _validate_parameters(values, name, allow_zero=allow_zero)[0]
 
 
-def _compute_dtype(logits: tf.Tensor) -> tf.DType:
+def _validate_feature_norm_number(feature_norm) -> None:
+    """A Loss's or Metric's ``feature_norm``: None or one finite number > 0."""
+    if feature_norm is None:
+        return
+    if not isinstance(feature_norm, numbers.Number) or isinstance(feature_norm, bool):
+        raise TypeError(f"feature_norm must be None or one number > 0, got {feature_norm!r}")
+    if not (math.isfinite(feature_norm) and feature_norm > 0):
+        raise ValueError(f"feature_norm must be a finite number > 0, got {feature_norm!r}")
+
+
+def _static_rank(x) -> Optional[int]:
+    try:
+        return len(x.shape)
+    except (TypeError, ValueError):  # a TensorFlow tensor of unknown rank
+        return None
+
+
+def _compute_dtype(dtype: str) -> str:
     # float16/bfloat16 logits are computed in float32: erfc and exp tails underflow in half precision.
-    if logits.dtype in (tf.float32, tf.float64):
-        return logits.dtype
-    return tf.float32
+    return dtype if dtype in ("float32", "float64") else "float32"
 
 
 def _prepare(y_true, y_pred):
-    """Validates shapes and returns (labels int32 [B], logits [B, C] float32/64)."""
-    logits = tf.convert_to_tensor(y_pred)
-    if not logits.dtype.is_floating:
-        logits = tf.cast(logits, tf.float32)
-    logits = tf.cast(logits, _compute_dtype(logits))
-    if logits.shape.rank is not None and logits.shape.rank != 2:
-        raise ValueError(
-            f"y_pred must be logits of rank 2 [batch, classes], got shape {logits.shape}"
-        )
-    classes = logits.shape[-1] if logits.shape.rank == 2 else None
+    """Validates shapes and values; returns (labels int32 [B], logits [B, C] float32/64)."""
+    logits = ops.convert_to_tensor(y_pred)
+    dtype = keras.backend.standardize_dtype(logits.dtype)
+    if _compute_dtype(dtype) != dtype:
+        logits = ops.cast(logits, _compute_dtype(dtype))
+    rank = _static_rank(logits)
+    if rank is not None and rank != 2:
+        raise ValueError(f"y_pred must be logits of rank 2 [batch, classes], got shape {tuple(logits.shape)}")
+    classes = logits.shape[-1] if rank == 2 else None
     if classes is not None and classes < 2:
-        raise ValueError(f"y_pred must have at least 2 classes, got shape {logits.shape}")
+        raise ValueError(f"y_pred must have at least 2 classes, got shape {tuple(logits.shape)}")
 
-    labels = tf.convert_to_tensor(y_true)
-    rank = labels.shape.rank
-    if rank == 2 and labels.shape[-1] == 1:
-        labels = tf.squeeze(labels, axis=-1)
-    elif rank == 2:
+    labels = ops.convert_to_tensor(y_true)
+    label_rank = _static_rank(labels)
+    if label_rank == 2 and labels.shape[-1] == 1:
+        labels = ops.squeeze(labels, axis=-1)
+    elif label_rank == 2:
         if classes is not None and labels.shape[-1] is not None and labels.shape[-1] != classes:
             raise ValueError(
-                f"y_true must be integer labels [batch] or [batch, 1], or one-hot [batch, classes]; "
-                f"got shape {labels.shape} for y_pred of shape {logits.shape}"
+                "y_true must be integer labels [batch] or [batch, 1], or one-hot [batch, classes]; "
+                f"got shape {tuple(labels.shape)} for y_pred of shape {tuple(logits.shape)}"
             )
-        labels = tf.argmax(labels, axis=-1, output_type=tf.int32)
-    elif rank is not None and rank != 1:
+        labels = ops.argmax(labels, axis=-1)
+    elif label_rank is not None and label_rank != 1:
         raise ValueError(
-            f"y_true must be integer labels [batch] or [batch, 1], or one-hot [batch, classes]; "
-            f"got shape {labels.shape}"
+            "y_true must be integer labels [batch] or [batch, 1], or one-hot [batch, classes]; "
+            f"got shape {tuple(labels.shape)}"
         )
-    if not labels.dtype.is_integer:
-        labels = tf.cast(labels, logits.dtype)
-    labels = tf.cast(labels, tf.int32)
-
-    static_batch = (labels.shape[0], logits.shape[0])
-    if None not in static_batch and static_batch[0] != static_batch[1]:
-        raise ValueError(
-            f"y_true and y_pred have different batch sizes: {static_batch[0]} and {static_batch[1]}"
-        )
-    num_classes = tf.shape(logits)[-1]
-    checks = [
-        tf.debugging.assert_equal(
-            tf.shape(labels)[0], tf.shape(logits)[0],
-            message="y_true and y_pred have different batch sizes",
-        ),
-        tf.debugging.assert_non_negative(labels, message="y_true: label outside [0, classes)"),
-        tf.debugging.assert_less(labels, num_classes, message="y_true: label outside [0, classes)"),
-    ]
-    with tf.control_dependencies(checks):
-        labels = tf.identity(labels)
-    return labels, logits
+    labels = ops.cast(labels, "int32")
+    labels = _checks.check_batch(labels, logits)
+    return labels, logits  # label values are checked in _panel, by the path that computes them
 
 
 def _feature_norm_tensor(feature_norm, dtype):
-    """None -> None; a positive scalar or one per sample -> tensor [B, 1] or scalar."""
+    """None -> None; a positive scalar or one per sample -> a scalar or a [B] tensor of ``dtype``."""
     if feature_norm is None:
         return None
     if isinstance(feature_norm, numbers.Number):
-        if not (math.isfinite(feature_norm) and feature_norm > 0):
-            raise ValueError(f"feature_norm must be a finite number > 0, got {feature_norm!r}")
-        return tf.constant(feature_norm, dtype)
-    norm = tf.cast(tf.convert_to_tensor(feature_norm), dtype)
-    if norm.shape.rank == 2:
-        norm = tf.squeeze(norm, axis=-1)
-    if norm.shape.rank not in (0, 1):
-        raise ValueError(f"feature_norm must be a scalar or one value per sample, got shape {norm.shape}")
-    check = tf.debugging.assert_positive(norm, message="feature_norm must be > 0")
-    with tf.control_dependencies([check]):
-        norm = tf.identity(norm)
-    return norm if norm.shape.rank == 0 else norm[:, None]
+        _validate_feature_norm_number(feature_norm)
+        return ops.convert_to_tensor(feature_norm, dtype)
+    norm = ops.cast(ops.convert_to_tensor(feature_norm), dtype)
+    if _static_rank(norm) == 2:
+        norm = ops.squeeze(norm, axis=-1)
+    if _static_rank(norm) not in (0, 1):
+        raise ValueError(f"feature_norm must be a scalar or one value per sample, got shape {tuple(norm.shape)}")
+    return norm  # values are checked in _panel, by the path that computes them
 
 
 class _Margins:
-    """The shared part of every family: d_j = s_j - s_y and the mask j != y."""
+    """The shared part of every family, computed once per batch.
 
-    def __init__(self, labels: tf.Tensor, logits: tf.Tensor):
+    ``d_j = s_j - s_y`` with the true class itself set to -inf (``others``): then Phi(-inf) = 0,
+    exp(-inf) = 0 and max(0, gamma - inf) = 0, so every family sums over j != y without a mask of its own.
+    ``invalid`` marks the rows whose values are NaN: NaN logits, and, where a compiled function cannot raise
+    (``jax.jit``: see ``keras_implicit/_checks.py``), a label outside ``[0, classes)``.
+    """
+
+    def __init__(self, labels, logits):
         self.labels = labels
-        self.logits = logits
-        true_score = tf.gather(logits, labels[:, None], axis=1, batch_dims=1)  # [B, 1]
+        classes = ops.shape(logits)[-1]
+        true_score = ops.take_along_axis(logits, labels[:, None], axis=1)  # [B, 1]
         self.d = logits - true_score  # [B, C]
-        classes = tf.shape(logits)[-1]
-        self.others = tf.logical_not(tf.one_hot(labels, classes, on_value=True, off_value=False, dtype=tf.bool))
-        self.has_nan = tf.reduce_any(tf.math.is_nan(logits), axis=-1)  # [B]
-
-    def masked_sum(self, values: tf.Tensor) -> tf.Tensor:
-        """Sum over j != y of a [B, C] tensor."""
-        return tf.reduce_sum(tf.where(self.others, values, tf.zeros_like(values)), axis=-1)
+        self.others = ops.not_equal(ops.arange(classes, dtype="int32")[None, :], labels[:, None])  # j != y
+        self.d_others = ops.where(self.others, self.d, ops.cast(-np.inf, self.d.dtype))
+        outside = ops.logical_or(labels < 0, labels >= classes)
+        self.invalid = ops.logical_or(ops.any(ops.isnan(logits), axis=-1), outside)  # [B]
 
 
 # --------------------------------------------------------------------------- #
-# The formulas: one definition each, per sample, on shared margins.
+# The formulas: one definition each, per sample, on shared margins, all parameters of a family at once.
 # --------------------------------------------------------------------------- #
-def _normal_cdf(x: tf.Tensor) -> tf.Tensor:
-    # Phi(x) = erfc(-x / sqrt 2) / 2 keeps relative accuracy in the lower tail, where 0.5 * (1 + erf) cancels.
-    return 0.5 * tf.math.erfc(-x / _SQRT2)
+def _each_parameter(formula, margins, values: np.ndarray):
+    """``formula(margins, p)`` (a reduction over the last axis) for every parameter ``p``: [B, K].
+
+    One formula, vectorized the way the backend runs it fastest (benchmarks/panel_backends.py): on JAX and
+    PyTorch one broadcast computation over [B, K, C] (margins [B, 1, C], parameters [1, K, 1]), which XLA
+    fuses; on TensorFlow K computations over [B, C], which its executor runs side by side (the broadcast form
+    was 1.2x slower than 24 hand-written metrics there, against 0.8x on JAX).
+    """
+    if keras.backend.backend() == "tensorflow":
+        return ops.stack([formula(margins, float(value)) for value in values], axis=-1)
+    parameters = ops.convert_to_tensor(np.asarray(values, np.float64).reshape(1, -1, 1), margins.dtype)
+    return formula(margins[:, None, :], parameters)
 
 
-def _gcdf_column(m: _Margins, sigma: float, norm) -> tf.Tensor:
-    d = m.d
-    if sigma == 0.0:
-        # The limit sigma -> 0: each class that beats y counts 1, a tie counts 1/2.
-        beats = tf.cast(d > 0, d.dtype) + 0.5 * tf.cast(tf.equal(d, 0), d.dtype)
-        return m.masked_sum(beats)
-    scale = _SQRT2 * sigma
-    z = d / scale if norm is None else d / (scale * norm)
-    return m.masked_sum(_normal_cdf(z))
+def _gcdf_columns(m: _Margins, sigmas: np.ndarray, norm):
+    """Gcdf (eq. 6) for every sigma: [B, K].
+
+    ``Phi(d / (sqrt 2 sigma ||x||)) = erfc(-d / (2 sigma ||x||)) / 2``: erfc keeps the relative accuracy of
+    the lower tail, where ``(1 + erf) / 2`` cancels (Phi(-10) = 7.6e-24 is 0 that way in float32).
+    """
+    dtype = m.d.dtype
+    columns = []
+    positive = sigmas[sigmas > 0]
+    if positive.size:
+        # The true class has d = -inf and adds erfc(+inf) = 0. The norm divides the finite margins before the
+        # mask: -inf / ||x|| would give the norm a NaN gradient (0 * inf).
+        d = m.d_others
+        if norm is not None:
+            d = ops.where(m.others, m.d / (norm[:, None] if _static_rank(norm) == 1 else norm),
+                          ops.cast(-np.inf, dtype))
+        positive_values = 0.5 * _each_parameter(lambda d, scale: ops.sum(ops.erfc(d * scale), axis=-1), d,
+                                                -0.5 / positive)
+    if not np.any(sigmas == 0):
+        return positive_values
+    # The limit sigma -> 0: each class that beats y counts 1, a tie counts 1/2.
+    beats = ops.cast(m.d_others > 0, dtype) + 0.5 * ops.cast(ops.equal(m.d_others, 0), dtype)
+    limit = ops.sum(beats, axis=-1)[:, None]
+    index = 0
+    for sigma in sigmas:
+        if sigma == 0:
+            columns.append(limit)
+        else:
+            columns.append(positive_values[:, index:index + 1])
+            index += 1
+    return ops.concatenate(columns, axis=-1)
 
 
-def _tce_column(m: _Margins, temperature: float) -> tf.Tensor:
-    # -log softmax(s/T)_y = log(1 + sum_{j!=y} exp(d_j / T)) = softplus(logsumexp_{j!=y} d_j / T):
-    # accurate both for tiny losses (softplus(x) ~ exp(x)) and for large logits (softplus(x) ~ x).
-    scaled = tf.where(m.others, m.d / temperature, tf.cast(-np.inf, m.d.dtype))
-    return tf.nn.softplus(tf.reduce_logsumexp(scaled, axis=-1))
+def _tce_columns(m: _Margins, temperatures: np.ndarray):
+    """Tempered cross-entropy (eq. 7) for every T: [B, K].
+
+    -log softmax(s/T)_y = log(1 + sum_{j!=y} exp(d_j / T)) = softplus(logsumexp_{j!=y} d_j / T): accurate
+    both for tiny losses (softplus(x) ~ exp(x)) and for large logits (softplus(x) ~ x). The logsumexp is
+    shifted by the largest margin M, found once for every T: M/T + log sum_{j!=y} exp((d_j - M) / T).
+    """
+    largest = ops.max(m.d_others, axis=-1, keepdims=True)  # [B, 1]
+    # As tf.reduce_logsumexp: an infinite largest margin (infinite logits) shifts by 0, not by inf - inf = NaN.
+    largest = ops.where(ops.isfinite(largest), largest, ops.zeros_like(largest))
+    inverse = 1.0 / temperatures
+    sums = _each_parameter(lambda d, scale: ops.sum(ops.exp(d * scale), axis=-1), m.d_others - largest, inverse)
+    return ops.softplus(largest * ops.convert_to_tensor(inverse[None, :], m.d.dtype) + ops.log(sums))
 
 
-def _hinge_column(m: _Margins, margin: float) -> tf.Tensor:
-    return m.masked_sum(tf.nn.relu(margin + m.d))
+def _hinge_columns(m: _Margins, margins: np.ndarray):
+    """Multi-class hinge (eq. 8) for every gamma: [B, K]."""
+    return _each_parameter(lambda d, margin: ops.sum(ops.relu(margin + d), axis=-1), m.d_others, margins)
 
 
-def _error_column(m: _Margins) -> tf.Tensor:
-    # 1 - [argmax s == y], with argmax's tie rule (the lowest index wins), from the margins:
-    # y loses to j < y on s_j >= s_y and to j > y on s_j > s_y.
-    classes = tf.shape(m.d)[-1]
-    before = tf.range(classes)[None, :] < m.labels[:, None]
-    loses = tf.logical_and(m.others, tf.logical_or(m.d > 0, tf.logical_and(tf.equal(m.d, 0), before)))
-    return tf.cast(tf.reduce_any(loses, axis=-1), m.d.dtype)
+def _error_column(m: _Margins):
+    """1 - [argmax s == y], with argmax's tie rule (the lowest index wins): [B, 1].
+
+    From the margins: y loses to j < y on s_j >= s_y and to j > y on s_j > s_y.
+    """
+    classes = ops.shape(m.d)[-1]
+    before = ops.arange(classes, dtype="int32")[None, :] < m.labels[:, None]
+    loses = ops.logical_and(m.others, ops.logical_or(m.d > 0, ops.logical_and(ops.equal(m.d, 0), before)))
+    return ops.cast(ops.any(loses, axis=-1), m.d.dtype)[:, None]
 
 
-def _panel_pure_tf(labels, logits, feature_norm, sigmas, temperatures, margins, error) -> tf.Tensor:
-    """The vectorized TensorFlow path: [B, K1 + K2 + K3 + error] from one set of margins."""
+def _panel_keras(labels, logits, feature_norm, sigmas, temperatures, margins, error):
+    """The ``keras.ops`` path: [B, K1 + K2 + K3 + error] from one set of margins."""
     m = _Margins(labels, logits)
-    columns = [_gcdf_column(m, float(s), feature_norm) for s in sigmas]
-    columns += [_tce_column(m, float(t)) for t in temperatures]
-    columns += [_hinge_column(m, float(g)) for g in margins]
+    columns = []
+    if sigmas.size:
+        columns.append(_gcdf_columns(m, sigmas, feature_norm))
+    if temperatures.size:
+        columns.append(_tce_columns(m, temperatures))
+    if margins.size:
+        columns.append(_hinge_columns(m, margins))
     if error:
         columns.append(_error_column(m))
-    values = tf.stack(columns, axis=-1)
-    # NaN logits give NaN in every column, never a silent 0 from a comparison.
-    return tf.where(m.has_nan[:, None], tf.cast(np.nan, values.dtype), values)
+    values = columns[0] if len(columns) == 1 else ops.concatenate(columns, axis=-1)
+    invalid = m.invalid
+    if feature_norm is not None and sigmas.size:
+        bad_norm = ops.logical_not(ops.logical_and(ops.isfinite(feature_norm), feature_norm > 0))
+        invalid = ops.logical_or(invalid, bad_norm)
+    # NaN logits (and values a compiled JAX function cannot refuse) give NaN in every column, never a
+    # silent 0 from a comparison.
+    return ops.where(invalid[:, None], ops.cast(np.nan, values.dtype), values)
 
 
 def panel_values(
@@ -255,7 +312,8 @@ def panel_values(
     margins: Parameters = (),
     error: bool = False,
     feature_norm=None,
-) -> tf.Tensor:
+    path: Optional[str] = None,
+):
     """Every loss of a panel, per sample, from one shared computation of the margins.
 
     Columns come in the order of :func:`panel_names`: one per sigma (Gcdf, eq. 6), one per
@@ -271,14 +329,16 @@ def panel_values(
         error: whether to append the zero-one error column.
         feature_norm: ||x|| of the top layer's input, a scalar or one per sample [batch];
             None means 1 (normalized features). Used by Gcdf only.
+        path: ``"op"``, ``"keras"`` or ``"auto"`` for this call; None follows :func:`force_path` and the
+            environment (see :mod:`keras_implicit._dispatch`).
 
     Returns:
-        Tensor [batch, K] in the dtype of the computation (float32 or float64).
+        A tensor of the backend, [batch, K], in the dtype of the computation (float32 or float64).
 
     Example:
         >>> values = panel_values([0, 1], [[2., 0.], [0., 1.]], sigmas=[0.5, 1], margins=[1])
-        >>> values.shape
-        TensorShape([2, 3])
+        >>> tuple(values.shape)
+        (2, 3)
     """
     sigmas = parameter_grid(sigmas, "sigma", allow_zero=True)
     temperatures = parameter_grid(temperatures, "temperature", allow_zero=False)
@@ -287,15 +347,25 @@ def panel_values(
         raise ValueError("the panel is empty: give sigmas, temperatures, margins or error=True")
     labels, logits = _prepare(y_true, y_pred)
     norm = _feature_norm_tensor(feature_norm, logits.dtype)
-    return _panel(labels, logits, norm, sigmas, temperatures, margins, bool(error))
+    return _panel(labels, logits, norm, sigmas, temperatures, margins, bool(error), path)
 
 
-def _panel(labels, logits, feature_norm, sigmas, temperatures, margins, error):
-    """Dispatch point between the fused op (custom_ops/) and the pure-TensorFlow path."""
-    op = _op.panel_op()
-    if op is not None:
-        return op(labels, logits, feature_norm, sigmas, temperatures, margins, error)
-    return _panel_pure_tf(labels, logits, feature_norm, sigmas, temperatures, margins, error)
+def _panel(labels, logits, feature_norm, sigmas, temperatures, margins, error, path=None):
+    """The dispatch point: the fused kernel where :mod:`keras_implicit._dispatch` picks it, else keras.ops.
+
+    Label and norm values are checked here: at once on concrete arrays (ValueError, either path); in a
+    compiled graph by the keras.ops path (``keras_implicit/_checks.py``), while the fused op refuses them
+    itself (``OP_REQUIRES``), so its graph carries no second check.
+    """
+    kernel = _dispatch.panel_kernel(path)
+    if kernel is None or _checks.is_concrete(labels, logits):
+        labels = _checks.check_labels(labels, ops.shape(logits)[-1])
+        if feature_norm is not None and _static_rank(feature_norm) is not None and not isinstance(
+                feature_norm, numbers.Number):
+            feature_norm = _checks.check_positive(feature_norm, "feature_norm must be finite and > 0")
+    if kernel is not None:
+        return kernel(labels, logits, feature_norm, sigmas, temperatures, margins, error)
+    return _panel_keras(labels, logits, feature_norm, sigmas, temperatures, margins, error)
 
 
 def panel_names(sigmas: Parameters = (), temperatures: Parameters = (), margins: Parameters = (), error=False):
@@ -319,7 +389,7 @@ def _single_family(y_true, y_pred, values, name, allow_zero, family, feature_nor
     return result[:, 0] if scalar else result
 
 
-def gcdf(y_true, y_pred, sigma: Parameters, feature_norm=None) -> tf.Tensor:
+def gcdf(y_true, y_pred, sigma: Parameters, feature_norm=None):
     """Gcdf loss, the paper's eq. 6, per sample.
 
     ``L_sigma = sum_{j != y} Phi((s_j - s_y) / (sqrt(2) * sigma * ||x||))``: an upper bound on the
@@ -343,7 +413,7 @@ def gcdf(y_true, y_pred, sigma: Parameters, feature_norm=None) -> tf.Tensor:
     return _single_family(y_true, y_pred, sigma, "sigma", True, GCDF, feature_norm)
 
 
-def tempered_crossentropy(y_true, y_pred, temperature: Parameters) -> tf.Tensor:
+def tempered_crossentropy(y_true, y_pred, temperature: Parameters):
     """Tempered cross-entropy, the paper's eq. 7, per sample: ``-log softmax(s / T)_y``.
 
     Computed as ``softplus(logsumexp_{j != y} (s_j - s_y) / T)``, which keeps relative accuracy
@@ -365,7 +435,7 @@ def tempered_crossentropy(y_true, y_pred, temperature: Parameters) -> tf.Tensor:
     return _single_family(y_true, y_pred, temperature, "temperature", False, TCE)
 
 
-def multiclass_hinge(y_true, y_pred, margin: Parameters) -> tf.Tensor:
+def multiclass_hinge(y_true, y_pred, margin: Parameters):
     """Multi-class hinge loss, the paper's eq. 8, per sample: ``sum_{j != y} max(0, gamma + s_j - s_y)``.
 
     This is not Keras' ``CategoricalHinge``, which computes ``max(0, 1 + max_{j != y} p_j - p_y)``
@@ -387,7 +457,7 @@ def multiclass_hinge(y_true, y_pred, margin: Parameters) -> tf.Tensor:
     return _single_family(y_true, y_pred, margin, "margin", True, HINGE)
 
 
-def zero_one_error(y_true, y_pred) -> tf.Tensor:
+def zero_one_error(y_true, y_pred):
     """Per-sample zero-one error ``1 - [argmax_j s_j == y]`` (ties: the lowest index wins, as argmax).
 
     Its mean is ``1 -`` Keras' sparse categorical accuracy.
@@ -407,32 +477,27 @@ def zero_one_error(y_true, y_pred) -> tf.Tensor:
 # --------------------------------------------------------------------------- #
 # Loss classes
 # --------------------------------------------------------------------------- #
-class _FamilyLoss(keras.losses.Loss):
-    _parameter = ""
-    _allow_zero = True
+class _LossFunctionWrapper(keras.losses.Loss):
+    """Keras' own pattern (``keras/src/losses/losses.py``, not exported by Keras): a Loss over a per-sample
+    function and its keyword arguments. Subclasses validate their arguments and return every one of them,
+    with the Loss's name, reduction and dtype, from ``get_config``."""
 
-    def __init__(self, fn, parameter_value, reduction, name, dtype, **fn_kwargs):
+    def __init__(self, fn, reduction="sum_over_batch_size", name=None, dtype=None, **fn_kwargs):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        array, scalar = _validate_parameters(parameter_value, self._parameter, allow_zero=self._allow_zero)
-        if not scalar:
-            raise ValueError(f"{self._parameter} of a Loss must be one number, got {parameter_value!r}")
-        self._parameter_value = float(array[0])
-        self._fn = fn
-        self._fn_kwargs = {self._parameter: self._parameter_value, **fn_kwargs}
+        self.fn = fn
+        self._fn_kwargs = fn_kwargs
 
     def call(self, y_true, y_pred):
-        return self._fn(y_true, y_pred, **self._fn_kwargs)
-
-    def get_config(self):
-        return {**super().get_config(), self._parameter: self._parameter_value}
+        return self.fn(y_true, y_pred, **self._fn_kwargs)
 
 
 @keras.saving.register_keras_serializable(package="keras_implicit")
-class Gcdf(_FamilyLoss):
+class Gcdf(_LossFunctionWrapper):
     """Gcdf loss (eq. 6) as a training objective; see :func:`gcdf`.
 
     Args:
-        sigma: the noise level, >= 0 (``sigma = 0`` has zero gradient almost everywhere).
+        sigma: the noise level, > 0 (``sigma = 0``, the count of classes that beat y, has zero gradient
+            almost everywhere: accepted, but nothing trains on it).
         feature_norm: ||x|| of the top layer's input as one positive number; None means 1.
         reduction: a Keras reduction, default ``"sum_over_batch_size"``.
         name: the loss name.
@@ -442,20 +507,19 @@ class Gcdf(_FamilyLoss):
         >>> model.compile("sgd", loss=Gcdf(sigma=1.0))
     """
 
-    _parameter = "sigma"
-
     def __init__(self, sigma=1.0, feature_norm=None, reduction="sum_over_batch_size", name="gcdf", dtype=None):
-        if feature_norm is not None:
-            _feature_norm_tensor(feature_norm, tf.float32)  # validates
+        self.sigma = _one_parameter(sigma, "sigma", allow_zero=True)
+        _validate_feature_norm_number(feature_norm)
         self.feature_norm = feature_norm
-        super().__init__(gcdf, sigma, reduction, name, dtype, feature_norm=feature_norm)
+        super().__init__(gcdf, reduction=reduction, name=name, dtype=dtype, sigma=self.sigma,
+                         feature_norm=feature_norm)
 
     def get_config(self):
-        return {**super().get_config(), "feature_norm": self.feature_norm}
+        return {**keras.losses.Loss.get_config(self), "sigma": self.sigma, "feature_norm": self.feature_norm}
 
 
 @keras.saving.register_keras_serializable(package="keras_implicit")
-class TemperedCrossentropy(_FamilyLoss):
+class TemperedCrossentropy(_LossFunctionWrapper):
     """Tempered cross-entropy (eq. 7) as a training objective; see :func:`tempered_crossentropy`.
 
     Args:
@@ -468,15 +532,17 @@ class TemperedCrossentropy(_FamilyLoss):
         >>> model.compile("sgd", loss=TemperedCrossentropy(temperature=2.0))
     """
 
-    _parameter = "temperature"
-    _allow_zero = False
-
     def __init__(self, temperature=1.0, reduction="sum_over_batch_size", name="tempered_crossentropy", dtype=None):
-        super().__init__(tempered_crossentropy, temperature, reduction, name, dtype)
+        self.temperature = _one_parameter(temperature, "temperature", allow_zero=False)
+        super().__init__(tempered_crossentropy, reduction=reduction, name=name, dtype=dtype,
+                         temperature=self.temperature)
+
+    def get_config(self):
+        return {**keras.losses.Loss.get_config(self), "temperature": self.temperature}
 
 
 @keras.saving.register_keras_serializable(package="keras_implicit")
-class MulticlassHinge(_FamilyLoss):
+class MulticlassHinge(_LossFunctionWrapper):
     """Multi-class hinge loss (eq. 8) as a training objective; see :func:`multiclass_hinge`.
 
     Args:
@@ -489,7 +555,9 @@ class MulticlassHinge(_FamilyLoss):
         >>> model.compile("sgd", loss=MulticlassHinge(margin=1.0))
     """
 
-    _parameter = "margin"
-
     def __init__(self, margin=1.0, reduction="sum_over_batch_size", name="multiclass_hinge", dtype=None):
-        super().__init__(multiclass_hinge, margin, reduction, name, dtype)
+        self.margin = _one_parameter(margin, "margin", allow_zero=True)
+        super().__init__(multiclass_hinge, reduction=reduction, name=name, dtype=dtype, margin=self.margin)
+
+    def get_config(self):
+        return {**keras.losses.Loss.get_config(self), "margin": self.margin}

@@ -9,7 +9,7 @@ computation of the margins per batch (:func:`keras_implicit.losses.panel_values`
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_implicit import losses as _losses
 
@@ -45,26 +45,11 @@ def _declare_lower_is_better(metric: keras.metrics.Metric) -> None:
     metric._direction = "down"
 
 
-class _FamilyMean(keras.metrics.MeanMetricWrapper):
-    _parameter = ""
-
-    def __init__(self, fn, parameter_value, name, dtype, allow_zero, **fn_kwargs):
-        array, scalar = _losses._validate_parameters(parameter_value, self._parameter, allow_zero=allow_zero)
-        if not scalar:
-            raise ValueError(f"{self._parameter} of a Metric must be one number, got {parameter_value!r}")
-        self._parameter_value = float(array[0])
-        if name is None:
-            name = _losses.panel_names(**{self._panel_keyword: [self._parameter_value]})[0]
-        super().__init__(fn, name=name, dtype=dtype, **{self._parameter: self._parameter_value}, **fn_kwargs)
-        _declare_lower_is_better(self)
-
-    def get_config(self):
-        return {"name": self.name, "dtype": self.dtype, self._parameter: self._parameter_value}
-
-
+# Keras' own pattern (keras/src/metrics/): a MeanMetricWrapper over the per-sample function, whose config is
+# the metric's name and dtype plus every argument of the function.
 # Registered as "GcdfMetric": the name "Gcdf" belongs to the loss of the same name.
 @keras.saving.register_keras_serializable(package="keras_implicit", name="GcdfMetric")
-class Gcdf(_FamilyMean):
+class Gcdf(keras.metrics.MeanMetricWrapper):
     """Mean Gcdf loss (eq. 6) over samples, with sample weights; see :func:`keras_implicit.losses.gcdf`.
 
     Args:
@@ -77,21 +62,21 @@ class Gcdf(_FamilyMean):
         >>> model.compile("sgd", "sparse_categorical_crossentropy", metrics=[Gcdf(sigma=1.0)])
     """
 
-    _parameter, _panel_keyword = "sigma", "sigmas"
-
     def __init__(self, sigma=1.0, feature_norm=None, name=None, dtype=None):
-        if feature_norm is not None:
-            _losses._feature_norm_tensor(feature_norm, tf.float32)  # validates
+        self.sigma = _losses._one_parameter(sigma, "sigma", allow_zero=True)
+        _losses._validate_feature_norm_number(feature_norm)
         self.feature_norm = feature_norm
-        super().__init__(_losses.gcdf, sigma, name, dtype, True, feature_norm=feature_norm)
+        name = name or _losses.panel_names(sigmas=[self.sigma])[0]
+        super().__init__(_losses.gcdf, name=name, dtype=dtype, sigma=self.sigma, feature_norm=feature_norm)
+        _declare_lower_is_better(self)
 
     def get_config(self):
-        return {**super().get_config(), "feature_norm": self.feature_norm}
+        return {"name": self.name, "dtype": self.dtype, "sigma": self.sigma, "feature_norm": self.feature_norm}
 
 
 # Registered as "TemperedCrossentropyMetric": the name "TemperedCrossentropy" belongs to the loss of the same name.
 @keras.saving.register_keras_serializable(package="keras_implicit", name="TemperedCrossentropyMetric")
-class TemperedCrossentropy(_FamilyMean):
+class TemperedCrossentropy(keras.metrics.MeanMetricWrapper):
     """Mean tempered cross-entropy (eq. 7); see :func:`keras_implicit.losses.tempered_crossentropy`.
 
     Args:
@@ -100,15 +85,19 @@ class TemperedCrossentropy(_FamilyMean):
         dtype: the dtype of the metric's variables.
     """
 
-    _parameter, _panel_keyword = "temperature", "temperatures"
-
     def __init__(self, temperature=1.0, name=None, dtype=None):
-        super().__init__(_losses.tempered_crossentropy, temperature, name, dtype, False)
+        self.temperature = _losses._one_parameter(temperature, "temperature", allow_zero=False)
+        name = name or _losses.panel_names(temperatures=[self.temperature])[0]
+        super().__init__(_losses.tempered_crossentropy, name=name, dtype=dtype, temperature=self.temperature)
+        _declare_lower_is_better(self)
+
+    def get_config(self):
+        return {"name": self.name, "dtype": self.dtype, "temperature": self.temperature}
 
 
 # Registered as "MulticlassHingeMetric": the name "MulticlassHinge" belongs to the loss of the same name.
 @keras.saving.register_keras_serializable(package="keras_implicit", name="MulticlassHingeMetric")
-class MulticlassHinge(_FamilyMean):
+class MulticlassHinge(keras.metrics.MeanMetricWrapper):
     """Mean multi-class hinge loss (eq. 8); see :func:`keras_implicit.losses.multiclass_hinge`.
 
     Args:
@@ -117,10 +106,14 @@ class MulticlassHinge(_FamilyMean):
         dtype: the dtype of the metric's variables.
     """
 
-    _parameter, _panel_keyword = "margin", "margins"
-
     def __init__(self, margin=1.0, name=None, dtype=None):
-        super().__init__(_losses.multiclass_hinge, margin, name, dtype, True)
+        self.margin = _losses._one_parameter(margin, "margin", allow_zero=True)
+        name = name or _losses.panel_names(margins=[self.margin])[0]
+        super().__init__(_losses.multiclass_hinge, name=name, dtype=dtype, margin=self.margin)
+        _declare_lower_is_better(self)
+
+    def get_config(self):
+        return {"name": self.name, "dtype": self.dtype, "margin": self.margin}
 
 
 @keras.saving.register_keras_serializable(package="keras_implicit")
@@ -178,8 +171,7 @@ class AltLossPanel(keras.metrics.Metric):
         self.temperatures = _parameter_list(temperatures, "temperature", allow_zero=False)
         self.margins = _parameter_list(margins, "margin", allow_zero=True)
         self.error = bool(error)
-        if feature_norm is not None:
-            _losses._feature_norm_tensor(feature_norm, tf.float32)  # validates
+        _losses._validate_feature_norm_number(feature_norm)
         self.feature_norm = feature_norm
         self.names = _losses.panel_names(self.sigmas, self.temperatures, self.margins, self.error)
         if not self.names:
@@ -193,24 +185,25 @@ class AltLossPanel(keras.metrics.Metric):
         values = _losses.panel_values(
             y_true, y_pred, self.sigmas, self.temperatures, self.margins, self.error, self.feature_norm
         )
-        values = tf.cast(values, self.dtype)
+        values = ops.cast(values, self.dtype)
         if sample_weight is None:
-            weights = tf.ones_like(values[:, 0])
-        else:
-            weights = tf.cast(tf.convert_to_tensor(sample_weight), self.dtype)
-            if weights.shape.rank == 2:
-                weights = tf.squeeze(weights, axis=-1)
-            weights = tf.broadcast_to(weights, tf.shape(values[:, 0]))
-        self.totals.assign_add(tf.reduce_sum(values * weights[:, None], axis=0))
-        self.count.assign_add(tf.reduce_sum(weights))
+            self.totals.assign_add(ops.sum(values, axis=0))
+            self.count.assign_add(ops.cast(ops.shape(values)[0], self.dtype))
+            return
+        weights = ops.cast(ops.convert_to_tensor(sample_weight), self.dtype)
+        if len(weights.shape) == 2:
+            weights = ops.squeeze(weights, axis=-1)
+        weights = ops.broadcast_to(weights, ops.shape(values)[:1])
+        self.totals.assign_add(ops.sum(values * weights[:, None], axis=0))
+        self.count.assign_add(ops.sum(weights))
 
     def result(self):
-        means = tf.math.divide_no_nan(self.totals, self.count)
+        means = ops.divide_no_nan(self.totals, self.count)
         return {name: means[i] for i, name in enumerate(self.names)}
 
     def reset_state(self):
-        self.totals.assign(tf.zeros_like(self.totals))
-        self.count.assign(tf.zeros_like(self.count))
+        self.totals.assign(ops.zeros(self.totals.shape, dtype=self.dtype))
+        self.count.assign(ops.zeros((), dtype=self.dtype))
 
     def get_config(self):
         return {

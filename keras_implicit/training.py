@@ -34,7 +34,7 @@ twice, TensorBoard points are written only at checkpoints. A finished run is lef
 configuration is refused unless ``overwrite``, except for ``epochs`` and ``target_train_loss``, which only
 say when to stop: changing them continues the run from its checkpoint (``config.json`` then holds the new
 values), as if it had been started with them. A second process on the same directory is refused
-(``fcntl.flock``). With ``deterministic=True`` (``tf.config.experimental.enable_op_determinism``)
+(``fcntl.flock``). With ``deterministic=True`` (``tf.config.experimental.enable_op_determinism`` on TensorFlow)
 the resumed run's metrics equal an uninterrupted run's bit for bit (see the README's Experiments
 section for what was measured).
 
@@ -286,29 +286,30 @@ def epoch_order(num_examples: int, batch_size: int, seed: int, epoch: int) -> np
 
 
 def epoch_batches(x, y, batch_size: int, ghost_batch_size: int, seed: int, epoch: int, skip_steps: int = 0):
-    """A ``tf.data.Dataset`` of the micro-batches of one epoch (see :func:`epoch_order`).
+    """The micro-batches of one epoch (see :func:`epoch_order`), for ``model.fit``: a ``tf.data.Dataset`` on
+    TensorFlow, a ``keras.utils.PyDataset`` on the other backends (``keras_implicit._backend.micro_batches``).
 
-    ``x`` and ``y`` are tensors (converted once); batches are gathered from them. ``skip_steps`` leaves out
-    the epoch's first large batches (continuing a run stopped inside an epoch by its target loss).
+    ``x`` and ``y`` come from ``keras_implicit._backend.training_arrays`` (converted once); batches are
+    gathered from them. ``skip_steps`` leaves out the epoch's first large batches (continuing a run stopped
+    inside an epoch by its target loss).
     """
-    import tensorflow as tf
+    from keras_implicit import _backend
 
     order = epoch_order(int(x.shape[0]), batch_size, seed, epoch)[int(skip_steps) * batch_size:]
-    dataset = tf.data.Dataset.from_tensor_slices(order.astype(np.int64)).batch(ghost_batch_size)
-    dataset = dataset.map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
-    return dataset.prefetch(2)
+    return _backend.micro_batches(x, y, order, ghost_batch_size)
 
 
 def library_versions() -> dict:
+    """Python, Keras, the backend (``"backend"``) and its packages' versions, NumPy and this package."""
     import keras
-    import tensorflow as tf
 
     import keras_implicit
+    from keras_implicit import _backend
 
     return {
         "python": platform.python_version(),
-        "tensorflow": tf.__version__,
         "keras": keras.__version__,
+        **_backend.versions(),
         "numpy": np.__version__,
         "keras_implicit": keras_implicit.__version__,
     }
@@ -787,6 +788,17 @@ def _read_status(run: RunDirectory) -> dict:
         return {}
 
 
+def _check_same_backend(run: RunDirectory, existing: dict) -> None:
+    """A run continues on the Keras backend it started on (a resume is then the run it would have been)."""
+    import keras
+
+    started_on = (existing.get("versions") or {}).get("backend", "tensorflow")  # older runs: TensorFlow only
+    if started_on != keras.backend.backend():
+        raise RunError(f"{run.path} was trained on the {started_on} backend, this process runs Keras on "
+                       f"{keras.backend.backend()}: resume it with KERAS_BACKEND={started_on} (run.py --backend "
+                       f"{started_on}), or use --out for another directory")
+
+
 def _train_locked(config, run, overwrite, progress, stream, dataset, tracking_batch_size):
     from keras_implicit import metrics as ki_metrics
 
@@ -802,6 +814,7 @@ def _train_locked(config, run, overwrite, progress, stream, dataset, tracking_ba
             differences = [f"{k}: {existing.get(k)!r} there, {wanted.get(k)!r} asked" for k in changed]
             raise RunError(f"{run.path} holds another run ({'; '.join(differences)}); use --overwrite to replace it "
                            "or --out for another directory")
+        _check_same_backend(run, existing)
         status = _read_status(run)
         if changed and status.get("state") != "diverged":
             _print(stream, f"{run.path}: continuing with " + ", ".join(
@@ -816,14 +829,13 @@ def _train_locked(config, run, overwrite, progress, stream, dataset, tracking_ba
         raise RunError(f"{run.path} is not empty and holds no config.json (not a run directory); use --overwrite "
                        "to replace its contents or --out for another directory")
 
-    import tensorflow as tf
-
+    from keras_implicit import _backend
     from keras_implicit import callbacks as ki_callbacks
     from keras_implicit import data as ki_data
     from keras_implicit import models as ki_models
 
     if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
+        _backend.enable_determinism()
     if dataset is None:
         try:
             dataset = ki_data.load_dataset(config.dataset, config.data_dir, config.train_subset)
@@ -859,8 +871,7 @@ def _train_locked(config, run, overwrite, progress, stream, dataset, tracking_ba
                               and last_train[0]["ce"] < config.target_train_loss)
         _print(stream, f"resuming {run.path} from epoch {start_epoch} (step {step})")
 
-    x_train = tf.convert_to_tensor(dataset.x_train)
-    y_train = tf.convert_to_tensor(dataset.y_train)
+    x_train, y_train = _backend.training_arrays(dataset.x_train, dataset.y_train)
     tracker = ki_callbacks.AltLossTracker(
         (x_train, y_train), (dataset.x_test, dataset.y_test), metrics_path=run.metrics_path,
         log_dir=run.tensorboard_dir, track_every=config.track_every, schedule=config.track_schedule,
@@ -883,7 +894,7 @@ def _train_locked(config, run, overwrite, progress, stream, dataset, tracking_ba
                                                "tensorboard_bytes": run.tensorboard_sizes(), "config": stored_config})
 
     def diverged(epoch, message):
-        step_now = int(optimizer.iterations.numpy())
+        step_now = int(np.asarray(optimizer.iterations))
         tracker.flush_summaries()
         run.write_status("diverged", epoch, step_now, message)
         return dataclasses.replace(result, state="diverged", epoch=epoch, step=step_now, message=message,
@@ -891,7 +902,7 @@ def _train_locked(config, run, overwrite, progress, stream, dataset, tracking_ba
 
     run.write_status("running", start_epoch, step)
     if meta is None:
-        if step != 0 or int(optimizer.iterations.numpy()) != 0:
+        if step != 0 or int(np.asarray(optimizer.iterations)) != 0:
             raise RunError("internal error: a fresh run must start at step 0")
         tracker.track(0)
         if tracker.diverged:
@@ -909,7 +920,7 @@ def _train_locked(config, run, overwrite, progress, stream, dataset, tracking_ba
         model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, verbose=0, callbacks=callbacks, shuffle=False)
         elapsed = time.perf_counter() - started
         tracking = tracker.tracking_seconds - tracking_before
-        step = int(optimizer.iterations.numpy())
+        step = int(np.asarray(optimizer.iterations))
         if monitor.diverged or tracker.diverged:
             message = monitor.diverged or tracker.diverged
             return diverged(epoch, f"diverged in epoch {epoch + 1}: {message}")

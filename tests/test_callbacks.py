@@ -7,11 +7,12 @@ import os
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from scipy import special
+from tensorboard.util.tensor_util import make_ndarray
 
 from keras_implicit import callbacks, losses, metrics
 from keras_implicit.models import make_model
+from tests.backend import to_numpy
 from tests.references import ref_error, ref_gcdf, ref_hinge, ref_tce
 
 SIGMAS, TEMPERATURES, MARGINS = (0.0, 0.25, 1.0, 8.0), (0.5, 1.0, 4.0), (0.0, 1.0, 4.0)
@@ -23,12 +24,12 @@ def _numpy_fc6(model, x):
     h = x.reshape(len(x), -1).astype(np.float64)
     for index in range(1, 6):
         dense, bn = model.get_layer(f"dense_{index}"), model.get_layer(f"batch_norm_{index}")
-        h = h @ dense.kernel.numpy() + dense.bias.numpy()
-        h = (h - bn.moving_mean.numpy()) / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
-        h = np.maximum(h * bn.gamma.numpy() + bn.beta.numpy(), 0.0)
+        h = h @ to_numpy(dense.kernel) + to_numpy(dense.bias)
+        h = (h - to_numpy(bn.moving_mean)) / np.sqrt(to_numpy(bn.moving_variance) + bn.epsilon)
+        h = np.maximum(h * to_numpy(bn.gamma) + to_numpy(bn.beta), 0.0)
     features = h / np.linalg.norm(h, axis=1, keepdims=True)
     top = model.get_layer("logits")
-    return features @ top.kernel.numpy() + top.bias.numpy(), features
+    return features @ to_numpy(top.kernel) + to_numpy(top.bias), features
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,8 @@ def test_evaluate_matches_an_independent_forward_pass_and_references(trained):
                 np.mean(ref_hinge(ys, logits, g)), rel=1e-4, abs=1e-6)
         assert values["feature_norm"] == pytest.approx(np.mean(np.linalg.norm(features, axis=1)), abs=1e-6)
         top = model.get_layer("logits")
-        assert values["top_kernel_norm"] == pytest.approx(np.sqrt(np.sum(top.kernel.numpy() ** 2.0)), rel=1e-6)
-        assert values["top_bias_norm"] == pytest.approx(np.linalg.norm(top.bias.numpy()), rel=1e-6, abs=1e-12)
+        assert values["top_kernel_norm"] == pytest.approx(np.sqrt(np.sum(to_numpy(top.kernel) ** 2.0)), rel=1e-6)
+        assert values["top_bias_norm"] == pytest.approx(np.linalg.norm(to_numpy(top.bias)), rel=1e-6, abs=1e-12)
     # The model learned: the error is not that of chance, so the comparison above is not trivial.
     assert tracker.evaluate("train")["error"] < 0.5
 
@@ -145,16 +146,20 @@ def test_tensorboard_scalars_and_custom_scalars_layout(tmp_path, trained):
     tracker.close()
     accumulator = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
     accumulator.Reload()
-    tags = set(accumulator.Tags()["tensors"])
+    # tf.summary (TensorFlow) writes tensor summaries, tensorboardX (other backends) simple scalars.
+    tags = set(accumulator.Tags()["tensors"]) | set(accumulator.Tags()["scalars"])
     names = ["ce", "error", *losses.panel_names(SIGMAS, TEMPERATURES, MARGINS), "feature_norm", "top_kernel_norm",
              "top_bias_norm"]
     assert {f"{split}/{name}" for split in ("train", "test") for name in names} <= tags
-    events = accumulator.Tensors("train/gcdf@1")
-    assert [e.step for e in events] == [0, 7]
-    assert float(tf.make_ndarray(events[0].tensor_proto)) == pytest.approx(tracker.records[0]["gcdf@1"], rel=1e-6)
+    if "train/gcdf@1" in accumulator.Tags()["tensors"]:
+        events = [(e.step, float(make_ndarray(e.tensor_proto))) for e in accumulator.Tensors("train/gcdf@1")]
+    else:
+        events = [(e.step, e.value) for e in accumulator.Scalars("train/gcdf@1")]
+    assert [step for step, _ in events] == [0, 7]
+    assert events[0][1] == pytest.approx(tracker.records[0]["gcdf@1"], rel=1e-6)
 
     layout = layout_pb2.Layout()
-    layout.ParseFromString(tf.make_ndarray(accumulator.Tensors(metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto).item())
+    layout.ParseFromString(make_ndarray(accumulator.Tensors(metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto).item())
     charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
     import re
 

@@ -1,6 +1,6 @@
 """The fused panel op (custom_ops/, keras_implicit/_op.py): values, gradients, loading and fallbacks.
 
-The op is compared with the pure-TensorFlow path (the one TF definition of the formulas) and with the
+The op is compared with the keras.ops path (the one definition of the formulas) and with the
 independent float64 references of tests/references.py. Tests that need the compiled op skip when it is not
 built, unless KERAS_IMPLICIT_REQUIRE_OP=1 (CI), where they fail. Loading and fallback tests run in child
 processes: a process loads the library (and registers its gradient) once.
@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 import keras_implicit as ki
-from keras_implicit import _op, losses
+from keras_implicit import _dispatch, _op, losses
 from tests.references import ref_error, ref_gcdf, ref_hinge
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,11 +30,10 @@ MARGINS = (0.0, 0.25, 1.0, 16.0)
 
 def _op_unavailable() -> str | None:
     """Why the op cannot be used here, or None."""
-    with _op.force_path("op"):
-        try:
-            return None if _op.panel_op() is not None else "inside XLA"
-        except RuntimeError as error:
-            return str(error)
+    try:
+        return None if _dispatch.panel_kernel("op") is not None else "inside XLA"
+    except RuntimeError as error:
+        return str(error)
 
 
 def _op_loaded() -> bool:
@@ -55,12 +54,12 @@ def fused():
 def _both_paths(labels, logits, feature_norm=None, sigmas=SIGMAS, temperatures=TEMPERATURES, margins=MARGINS,
                 error=True):
     values = {}
-    for path in ("tf", "op"):
-        with _op.force_path(path):
+    for path in ("keras", "op"):
+        with _dispatch.force_path(path):
             values[path] = losses.panel_values(
                 labels, logits, sigmas, temperatures, margins, error, feature_norm=feature_norm
             ).numpy()
-    return values["tf"], values["op"]
+    return values["keras"], values["op"]
 
 
 def ref_tce(labels, logits, temperature):
@@ -310,7 +309,7 @@ def test_op_validates_inputs_in_float64_too(fused):
 def _gradients(path, labels, logits, feature_norm, weights):
     logits = tf.constant(logits)
     norm = None if feature_norm is None else tf.constant(feature_norm)
-    with _op.force_path(path), tf.GradientTape() as tape:
+    with _dispatch.force_path(path), tf.GradientTape() as tape:
         tape.watch(logits)
         if norm is not None:
             tape.watch(norm)
@@ -330,7 +329,7 @@ def test_op_gradient_equals_tensorflow_path(fused, classes, norm_form):
     norm = None if norm_form is None else rng.uniform(0.5, 2.0, 32)
     columns = len(SIGMAS) + len(TEMPERATURES) + len(MARGINS) + 1
     weights = tf.constant(rng.uniform(-1, 1, (32, columns)))
-    expected = _gradients("tf", labels, logits, norm, weights)
+    expected = _gradients("keras", labels, logits, norm, weights)
     actual = _gradients("op", labels, logits, norm, weights)
     for a, e in zip(actual, expected):
         np.testing.assert_allclose(a, e, rtol=1e-9, atol=1e-12)
@@ -374,7 +373,7 @@ def test_losses_train_on_the_op(fused):
     y = (x[:, :3].argmax(-1)).astype(np.int32)
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
-    with _op.force_path("op"):
+    with _dispatch.force_path("op"):
         model.compile(keras.optimizers.SGD(0.5), loss=ki.losses.Gcdf(sigma=1.0), jit_compile=False)
         first = model.evaluate(x, y, verbose=0)
         model.fit(x, y, epochs=5, batch_size=32, verbose=0)
@@ -383,12 +382,12 @@ def test_losses_train_on_the_op(fused):
 
 
 # --------------------------------------------------------------------------- #
-# XLA: the pure-TensorFlow path is taken automatically
+# XLA: the keras.ops path is taken automatically
 # --------------------------------------------------------------------------- #
 def test_xla_takes_the_tensorflow_path_even_when_the_op_is_forced():
     labels, logits = _special_batch(10, np.float32, seed=4)
     labels, logits = labels[:-1], logits[:-1]
-    with _op.force_path("tf"):
+    with _dispatch.force_path("keras"):
         expected = losses.panel_values(labels, logits, SIGMAS, TEMPERATURES, MARGINS, True).numpy()
     for path in [None] + (["op"] if _op_loaded() else []):
 
@@ -397,7 +396,7 @@ def test_xla_takes_the_tensorflow_path_even_when_the_op_is_forced():
             assert _op.in_xla_context()
             return losses.panel_values(labels, logits, SIGMAS, TEMPERATURES, MARGINS, True)
 
-        with _op.force_path(path):
+        with _dispatch.force_path(path):
             np.testing.assert_allclose(panel(labels, logits).numpy(), expected, rtol=1e-5, atol=1e-30)
     assert not _op.in_xla_context()
 
@@ -417,7 +416,7 @@ def test_keras_jit_compile_trains_with_the_panel():
     history = model.fit(x, y, epochs=3, batch_size=64, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
     logs = model.evaluate(x, y, verbose=0, return_dict=True)
-    with _op.force_path("tf"):
+    with _dispatch.force_path("keras"):
         expected = losses.panel_values(y, model.predict(x, verbose=0), *_default_grid(), error=True).numpy().mean(0)
     names = losses.panel_names(*_default_grid(), error=True)
     np.testing.assert_allclose([logs[name] for name in names], expected, rtol=1e-4, atol=1e-6)
@@ -437,7 +436,7 @@ _CHILD = textwrap.dedent(
     import json, logging, os, sys
     from pathlib import Path
     logging.basicConfig(level=logging.INFO, format="LOG %(levelname)s %(message)s", stream=sys.stdout)
-    from keras_implicit import _op, losses
+    from keras_implicit import _dispatch, _op, losses
     setup = os.environ.get("CHILD_SETUP", "")
     if setup:
         _op._LIBRARY = _op._LIBRARY_AVX2 = Path(setup)
@@ -445,11 +444,11 @@ _CHILD = textwrap.dedent(
               for _ in range(3)]
     forced = None
     try:
-        with _op.force_path("op"):
-            _op.panel_op()
+        with _dispatch.force_path("op"):
+            _dispatch.panel_kernel()
     except RuntimeError as error:
         forced = str(error)
-    print("RESULT " + json.dumps({"path": _op.active_path(), "values": values, "forced_error": forced,
+    print("RESULT " + json.dumps({"path": _dispatch.active_path(), "values": values, "forced_error": forced,
                                    "load_error": _op.load_error()}))
     """
 )
@@ -471,18 +470,19 @@ def _child(env_extra, setup=""):
     return result, logs
 
 
-def test_pure_tf_environment_variable_selects_the_tensorflow_path():
-    result, logs = _child({"KERAS_IMPLICIT_PURE_TF": "1"})
-    assert result["path"] == "tf"
-    assert "KERAS_IMPLICIT_PURE_TF" in result["forced_error"]
-    assert len(logs) == 1 and "pure-TensorFlow" in logs[0] and "KERAS_IMPLICIT_PURE_TF=1" in logs[0]
+@pytest.mark.parametrize("variable,value", [("KERAS_IMPLICIT_PANEL_PATH", "keras"), ("KERAS_IMPLICIT_PURE_TF", "1")])
+def test_environment_variable_selects_the_keras_path(variable, value, fused):
+    result, logs = _child({variable: value})
+    assert result["path"] == "keras"
+    assert result["forced_error"] is None  # force_path("op") is explicit: it wins over the environment
+    assert "keras.ops path" in logs[0] and f"{variable}={value}" in logs[0]
 
 
 def test_missing_library_falls_back_with_one_log_line(tmp_path):
     result, logs = _child({}, setup=str(tmp_path / "missing_panel_op.so"))
-    assert result["path"] == "tf"
+    assert result["path"] == "keras"
     assert "not built" in result["forced_error"]
-    assert len(logs) == 1 and logs[0].startswith("LOG INFO") and "pure-TensorFlow" in logs[0]
+    assert len(logs) == 1 and logs[0].startswith("LOG INFO") and "keras.ops path" in logs[0]
     from scipy import stats
 
     np.testing.assert_allclose(result["values"][0][0][0], stats.norm.cdf(-2 / np.sqrt(2)), rtol=1e-6)
@@ -492,7 +492,7 @@ def test_library_that_does_not_load_falls_back_with_a_warning(tmp_path):
     broken = tmp_path / "_panel_op.so"
     broken.write_bytes(b"\x7fELF not a library built for this TensorFlow")
     result, logs = _child({}, setup=str(broken))
-    assert result["path"] == "tf"
+    assert result["path"] == "keras"
     assert "could not be loaded" in result["load_error"]
     assert "could not be loaded" in result["forced_error"]
     assert len(logs) == 1 and logs[0].startswith("LOG WARNING")
@@ -646,7 +646,7 @@ def test_unknown_variant_fails_every_panel_instead_of_falling_back():
 
 def test_force_path_rejects_unknown_paths():
     with pytest.raises(ValueError, match="path"):
-        with _op.force_path("gpu"):
+        with _dispatch.force_path("gpu"):
             pass
 
 

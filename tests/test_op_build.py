@@ -30,17 +30,17 @@ _CHILD = textwrap.dedent(
     from pathlib import Path
     logging.basicConfig(level=logging.INFO, format="LOG %(levelname)s %(message)s", stream=sys.stdout)
     import numpy as np
-    from keras_implicit import _op, losses
+    from keras_implicit import _dispatch, _op, losses
     packaged = os.environ.get("CHILD_PACKAGED", "")
     if packaged:
         _op._LIBRARY = _op._LIBRARY_AVX2 = Path(packaged)
-    path = _op.active_path()
+    path = _dispatch.active_path()
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(64, 12)) * 3.0
     labels = rng.integers(0, 12, size=64)
     values = {}
-    for which in ("tf", "op") if path == "op" else ("tf",):
-        with _op.force_path(which):
+    for which in ("keras", "op") if path == "op" else ("keras",):
+        with _dispatch.force_path(which):
             values[which] = losses.panel_values(
                 labels, logits, [0.0, 0.5, 1.0, 8.0], [0.5, 1.0, 4.0], [0.0, 1.0], True
             ).numpy().tolist()
@@ -186,7 +186,7 @@ def test_first_use_build_gives_the_op_with_the_pure_path_values(first_use_build)
         uses = [line for line in logs if USES in line]
         assert len(uses) == 1 and "fused C++ op" in uses[0] and str(cache) in uses[0]
         assert not [line for line in logs if line.startswith("LOG WARNING")]
-        np.testing.assert_allclose(result["values"]["op"], result["values"]["tf"], rtol=1e-11, atol=1e-300)
+        np.testing.assert_allclose(result["values"]["op"], result["values"]["keras"], rtol=1e-11, atol=1e-300)
 
 
 def test_first_use_build_is_complete_and_the_variant_rule_applies(first_use_build):
@@ -223,7 +223,7 @@ def test_unloadable_package_library_falls_back_to_the_cached_build(first_use_bui
     assert not [line for line in logs if BUILDING in line], "the cached build is reused"
     assert any("could not be loaded" in line and str(cache) in line for line in logs)
     assert str(cache) in result["libraries"]["auto"]
-    np.testing.assert_allclose(result["values"]["op"], result["values"]["tf"], rtol=1e-11, atol=1e-300)
+    np.testing.assert_allclose(result["values"]["op"], result["values"]["keras"], rtol=1e-11, atol=1e-300)
 
 
 # --------------------------------------------------------------------------- #
@@ -234,7 +234,7 @@ def test_failing_compiler_gives_the_pure_path_and_is_remembered(tmp_path):
     cache = tmp_path / "cache"
     env = _env(cache, CXX="false")
     first, first_logs = _child(env)
-    assert first["path"] == "tf" and "op" not in first["values"]
+    assert first["path"] == "keras" and "op" not in first["values"]
     assert "not built" in first["load_error"] and "building it on first use failed" in first["load_error"]
     (failure,) = cache.glob("*.failed.log")
     assert str(failure) in first["load_error"] and "delete that file to retry" in first["load_error"]
@@ -246,7 +246,7 @@ def test_failing_compiler_gives_the_pure_path_and_is_remembered(tmp_path):
 
     # The next process does not try again: the remembered failure, one warning, no build.
     second, second_logs = _child(env)
-    assert second["path"] == "tf" and second["load_error"] == first["load_error"]
+    assert second["path"] == "keras" and second["load_error"] == first["load_error"]
     assert not [line for line in second_logs if BUILDING in line]
     assert len([line for line in second_logs if line.startswith("LOG WARNING")]) == 1
 
@@ -254,7 +254,7 @@ def test_failing_compiler_gives_the_pure_path_and_is_remembered(tmp_path):
 def test_no_build_variable_disables_building(tmp_path):
     cache = tmp_path / "cache"
     result, logs = _child(_env(cache, KERAS_IMPLICIT_NO_BUILD="1"))
-    assert result["path"] == "tf"
+    assert result["path"] == "keras"
     assert "not built" in result["load_error"] and "KERAS_IMPLICIT_NO_BUILD=1" in result["load_error"]
     assert not cache.exists()
     uses = [line for line in logs if USES in line]
@@ -264,7 +264,7 @@ def test_no_build_variable_disables_building(tmp_path):
 def test_pure_tf_variable_wins_over_building(tmp_path):
     cache = tmp_path / "cache"
     result, logs = _child(_env(cache, KERAS_IMPLICIT_PURE_TF="1"))
-    assert result["path"] == "tf" and not cache.exists()
+    assert result["path"] == "keras" and not cache.exists()
     assert not [line for line in logs if BUILDING in line]
 
 
@@ -277,10 +277,10 @@ _PROBE = textwrap.dedent(
     logging.basicConfig(level=logging.INFO, format="LOG %(levelname)s %(message)s", stream=sys.stdout)
     import keras_implicit
     from pathlib import Path
-    from keras_implicit import _op
+    from keras_implicit import _dispatch, _op
     package = Path(keras_implicit.__file__).parent
     started = time.monotonic()
-    path = _op.active_path()
+    path = _dispatch.active_path()
     print("RESULT " + json.dumps({
         "path": path, "library": str(_op.library_path()), "load_error": _op.load_error(),
         "seconds": time.monotonic() - started, "package": str(package),

@@ -3,16 +3,13 @@
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
-import numpy as np
 import pytest
 
-from keras_implicit import data as ki_data
 from keras_implicit.training import RunDirectory
+from tests.runs import kill_9_after_the_first_epoch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "run.py")
@@ -26,21 +23,6 @@ def _load_script():
 
 
 run_script = _load_script()
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("idx")
-    rng = np.random.default_rng(0)
-    prototypes = rng.uniform(0, 255, size=(10, 10, 10))
-    for split, count in (("train", 1200), ("test", 200)):
-        labels = (np.arange(count) % 10).astype(np.uint8)
-        rng.shuffle(labels)
-        images = np.clip(prototypes[labels] + rng.normal(0, 60, (count, 10, 10)), 0, 255).astype(np.uint8)
-        images_name, labels_name = ki_data.IDX_FILES[split]
-        ki_data.write_idx(os.path.join(directory, images_name + ".gz"), images)
-        ki_data.write_idx(os.path.join(directory, labels_name + ".gz"), labels)
-    return str(directory)
 
 
 def _records(run_dir):
@@ -163,21 +145,7 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(idx_dir, tmp_path, capsys
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     process = subprocess.Popen([sys.executable, SCRIPT, *args, "--out", killed], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
-    deadline = time.time() + 180
-    while time.time() < deadline and process.poll() is None:
-        try:
-            status = _status(killed)
-        except (FileNotFoundError, json.JSONDecodeError):
-            status = None
-        if status and status["state"] == "running" and status["epoch"] >= 1:
-            time.sleep(0.2)  # into the next epoch: records after the checkpoint are being written
-            break
-        time.sleep(0.02)
-    if process.poll() is not None:
-        pytest.fail("the run finished before it could be killed; make the fixture run longer")
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert _status(killed)["state"] == "running"
+    kill_9_after_the_first_epoch(process, killed, timeout=180)
     before = _records(killed)
 
     capsys.readouterr()

@@ -220,7 +220,8 @@ def test_train_writes_the_run_directory(idx_dir, tmp_path):
     assert stored["sigmas"] == list(metrics.DEFAULT_SIGMAS)
     assert stored["temperatures"] == list(metrics.DEFAULT_TEMPERATURES)
     assert stored["margins"] == list(metrics.DEFAULT_MARGINS)
-    assert set(stored["versions"]) == {"python", "tensorflow", "keras", "numpy", "keras_implicit"}
+    assert set(stored["versions"]) == {"python", "keras", "backend", "tensorflow", "numpy", "keras_implicit"}
+    assert stored["versions"]["backend"] == "tensorflow"
     assert "git_commit" in stored
     assert json.load(open(os.path.join(run_dir, "status.json"))) == {
         "state": "finished", "epoch": 2, "step": 18, "message": "2 epochs"}

@@ -1,0 +1,241 @@
+"""What differs between Keras backends outside the formulas: the one place that names a backend.
+
+Everything else in the library is written once in ``keras.ops``. This module is where
+
+- the tracker's measurement is compiled the way each backend compiles (``tf.function`` on TensorFlow,
+  ``jax.jit`` over the model's ``stateless_call`` on JAX, eager under ``torch.no_grad`` on PyTorch);
+- TensorBoard scalars are written: through ``tf.summary`` on TensorFlow, through ``tensorboardX`` (a
+  TensorBoard event writer that needs no TensorFlow) on the other backends, or not at all, with one
+  warning, when neither is there;
+- the training protocol feeds its micro-batches (a ``tf.data`` pipeline gathering from tensors on
+  TensorFlow, a ``keras.utils.PyDataset`` over NumPy arrays elsewhere), asks for deterministic kernels and
+  records the backend's versions.
+
+The fused C++ op has its own TensorFlow seam, :mod:`keras_implicit._op`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+from typing import Callable, Optional
+
+import keras
+import numpy as np
+
+__all__ = [
+    "compile_inference", "accumulation_dtype", "ScalarWriter", "open_scalar_writer", "training_arrays",
+    "micro_batches", "enable_determinism", "versions",
+]
+
+_LOGGER = logging.getLogger("keras_implicit")
+
+
+def accumulation_dtype() -> str:
+    """float64 where the backend computes it (JAX only with ``JAX_ENABLE_X64=1``), else float32."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return "float64" if jax.config.jax_enable_x64 else "float32"
+    return "float64"
+
+
+def compile_inference(model: keras.Model, fn: Callable) -> Callable:
+    """``run(x, y) = fn(*model(x, training=False), y)``, compiled for the backend, with the model's current
+    weights at each call (JAX: the variables are passed in, never captured as constants)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(reduce_retracing=True)
+        def run_tf(x, y):
+            return fn(*model(x, training=False), y)
+
+        return run_tf
+    if backend == "jax":
+        import jax
+
+        @jax.jit
+        def stateless(trainable, non_trainable, x, y):
+            outputs, _ = model.stateless_call(trainable, non_trainable, x, training=False)
+            return fn(*outputs, y)
+
+        def run_jax(x, y):
+            return stateless([v.value for v in model.trainable_variables],
+                             [v.value for v in model.non_trainable_variables], x, y)
+
+        return run_jax
+
+    def run_eager(x, y):
+        if backend == "torch":
+            import torch
+
+            with torch.no_grad():
+                return fn(*model(x, training=False), y)
+        return fn(*model(x, training=False), y)
+
+    return run_eager
+
+
+class ScalarWriter:
+    """Scalars and one custom-scalars layout into a TensorBoard event file (see :func:`open_scalar_writer`)."""
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def layout(self, layout_proto) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _TFWriter(ScalarWriter):
+    def __init__(self, log_dir: str):
+        import tensorflow as tf
+
+        self._tf = tf
+        self._writer = tf.summary.create_file_writer(log_dir)
+
+    def scalars(self, values, step):
+        with self._writer.as_default():
+            for tag, value in values.items():
+                self._tf.summary.scalar(tag, value, step=step)
+
+    def layout(self, layout_proto):
+        from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
+
+        with self._writer.as_default():
+            self._tf.summary.experimental.write_raw_pb(custom_scalar_summary.pb(layout_proto).SerializeToString(),
+                                                       step=0)
+
+    def flush(self):
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+class _TensorboardXWriter(ScalarWriter):
+    # tensorboardX's FileWriter and Summary protos directly: its SummaryWriter.add_scalar rewrites tags,
+    # turning "train/gcdf@1" into "train/gcdf_1", and the logs must carry the same tags on every backend.
+    def __init__(self, log_dir: str):
+        import tensorboardX
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        self._summary = Summary
+        self._custom_scalars = tensorboardX.summary.custom_scalars
+        self._writer = tensorboardX.FileWriter(log_dir)
+
+    def scalars(self, values, step):
+        summary = self._summary(value=[self._summary.Value(tag=tag, simple_value=float(value))
+                                       for tag, value in values.items()])
+        self._writer.add_summary(summary, global_step=int(step))
+
+    def layout(self, layout_proto):
+        # tensorboardX takes the layout as {category: {chart: ["Multiline", [tag regexes]]}}.
+        self._writer.add_summary(self._custom_scalars({
+            category.title: {chart.title: ["Multiline", list(chart.multiline.tag)] for chart in category.chart}
+            for category in layout_proto.category
+        }))
+
+    def flush(self):
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+_warned_no_writer = False
+
+
+def open_scalar_writer(log_dir: str) -> Optional[ScalarWriter]:
+    """A writer for ``log_dir``: tf.summary on TensorFlow, tensorboardX elsewhere, None (one warning) without."""
+    global _warned_no_writer
+    if keras.backend.backend() == "tensorflow":
+        return _TFWriter(log_dir)
+    try:
+        return _TensorboardXWriter(log_dir)
+    except ImportError:
+        if not _warned_no_writer:
+            _warned_no_writer = True
+            _LOGGER.warning("keras_implicit: no TensorBoard event files on the %s backend without TensorFlow: "
+                            "pip install tensorboardX (metrics.jsonl is written all the same)",
+                            keras.backend.backend())
+        return None
+
+
+def training_arrays(x, y):
+    """The training set as the micro-batch pipeline wants it: tensors on TensorFlow (gathered by tf.data),
+    NumPy arrays elsewhere (sliced on the host, sent to the device batch by batch)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(x), tf.convert_to_tensor(y)
+    return np.asarray(x), np.asarray(y)
+
+
+class _MicroBatches(keras.utils.PyDataset):
+    """``(x[order[i*g:(i+1)*g]], y[...])`` for each micro-batch ``i`` of one epoch, in order."""
+
+    def __init__(self, x, y, order, ghost_batch_size):
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.x, self.y, self.order, self.ghost_batch_size = x, y, order, int(ghost_batch_size)
+
+    def __len__(self):
+        return len(self.order) // self.ghost_batch_size
+
+    def __getitem__(self, index):
+        indices = self.order[index * self.ghost_batch_size:(index + 1) * self.ghost_batch_size]
+        return self.x[indices], self.y[indices]
+
+
+def micro_batches(x, y, order: np.ndarray, ghost_batch_size: int):
+    """The micro-batches of one epoch, ``order`` cut into groups of ``ghost_batch_size``, for ``model.fit``."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        dataset = tf.data.Dataset.from_tensor_slices(order.astype(np.int64)).batch(ghost_batch_size)
+        dataset = dataset.map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
+        return dataset.prefetch(2)
+    return _MicroBatches(x, y, order, ghost_batch_size)
+
+
+def enable_determinism() -> str:
+    """Deterministic kernels where the backend has a switch; returns what was done, for the logs."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+        return "tf.config.experimental.enable_op_determinism()"
+    if backend == "torch":
+        import torch
+
+        torch.use_deterministic_algorithms(True)
+        return "torch.use_deterministic_algorithms(True)"
+    # XLA's CPU kernels are deterministic; on GPUs, XLA_FLAGS must be set before JAX starts.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_gpu_deterministic_ops" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " --xla_gpu_deterministic_ops=true").strip()
+    return "XLA_FLAGS=--xla_gpu_deterministic_ops=true (CPU kernels are deterministic already)"
+
+
+_BACKEND_PACKAGES = {"tensorflow": ("tensorflow",), "jax": ("jax", "jaxlib"), "torch": ("torch",)}
+
+
+def versions() -> dict:
+    """The backend's name and the versions of its packages (read from the installed metadata: nothing is
+    imported, so a JAX run never loads TensorFlow to say which version is installed)."""
+    backend = keras.backend.backend()
+    found = {"backend": backend}
+    for package in _BACKEND_PACKAGES.get(backend, ()):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found

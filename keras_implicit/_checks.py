@@ -1,0 +1,115 @@
+"""Checks of input *values* (labels in range, positive feature norms) on every Keras backend.
+
+Shapes and parameters are checked in Python when a loss is built. Values are only known when it runs:
+
+- on concrete arrays (eager TensorFlow, JAX outside ``jit``, PyTorch, NumPy) they are checked at once
+  and a bad value raises ``ValueError``, on every backend;
+- inside a ``tf.function`` the check runs with the computation and fails it with
+  ``tf.errors.InvalidArgumentError`` carrying the same message (an ``Assert`` op);
+- under ``jax.jit`` nothing can raise without a round trip to the host on every batch (a
+  ``jax.debug.callback`` in a ``lax.cond`` cost 0.22 ms per call here, 45 % of the whole 24-loss panel on
+  1024 x 10 logits), so the rows with a bad value come out NaN in every column, as rows of NaN logits do
+  (``keras_implicit.losses._panel_keras``): never a silent number.
+
+:func:`runtime_errors` is the tuple of exception types a caller can catch.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+__all__ = ["is_concrete", "check_labels", "check_positive", "check_batch", "runtime_errors"]
+
+
+def is_concrete(*tensors) -> bool:
+    """Whether the values of every tensor are known now (not symbolic, not traced)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.executing_eagerly() and not any(isinstance(t, keras.KerasTensor) for t in tensors)
+    if backend == "jax":
+        import jax
+
+        return not any(isinstance(t, jax.core.Tracer) for t in tensors)
+    return not any(isinstance(t, keras.KerasTensor) for t in tensors)
+
+
+def runtime_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a failed value check raises on the current backend (ValueError everywhere)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return (ValueError, tf.errors.InvalidArgumentError)
+    return (ValueError,)
+
+
+def _labels_message(labels: np.ndarray, classes: int) -> str | None:
+    bad = (labels < 0) | (labels >= classes)
+    if bad.any():
+        return (f"y_true: label outside [0, classes): {labels[bad][:5].tolist()} with {classes} classes "
+                f"({int(bad.sum())} of {labels.size})")
+    return None
+
+
+def _positive_message(values: np.ndarray, message: str) -> str | None:
+    good = np.isfinite(values) & (values > 0)
+    if not np.all(good):
+        return f"{message}, got {np.atleast_1d(values)[~np.atleast_1d(good)][:5].tolist()}"
+    return None
+
+
+def _raise_if(message_fn, *args):
+    message = message_fn(*(np.asarray(a) for a in args))
+    if message:
+        raise ValueError(message)
+
+
+def check_labels(labels, classes):
+    """Returns ``labels`` (int32 [batch]) once every one lies in ``[0, classes)``."""
+    if is_concrete(labels, classes):
+        _raise_if(_labels_message, labels, classes)
+        return labels
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        # One Assert op (assert_non_negative and assert_less would build two, with their own reductions).
+        inside = tf.reduce_all(tf.logical_and(labels >= 0, labels < tf.cast(classes, labels.dtype)))
+        with tf.control_dependencies([tf.debugging.Assert(inside, ["y_true: label outside [0, classes)"])]):
+            return tf.identity(labels)
+    return labels  # jax.jit: the panel makes the row NaN
+
+
+def check_positive(values, message: str):
+    """Returns ``values`` once every element is finite and > 0 (``message`` names the argument)."""
+    if is_concrete(values):
+        _raise_if(lambda v: _positive_message(v, message), values)
+        return values
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        good = tf.reduce_all(tf.logical_and(tf.math.is_finite(values), values > 0))
+        with tf.control_dependencies([tf.debugging.Assert(good, [message])]):
+            return tf.identity(values)
+    return values  # jax.jit: the panel makes the row NaN
+
+
+def check_batch(labels, logits):
+    """Raises when the batch sizes of labels and logits differ (statically now, dynamically when run)."""
+    static = (labels.shape[0], logits.shape[0])
+    if None not in static:
+        if static[0] != static[1]:
+            raise ValueError(f"y_true and y_pred have different batch sizes: {static[0]} and {static[1]}")
+        return labels
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        check = tf.debugging.assert_equal(tf.shape(labels)[0], tf.shape(logits)[0],
+                                          message="y_true and y_pred have different batch sizes")
+        with tf.control_dependencies([check]):
+            return tf.identity(labels)
+    return labels  # JAX and PyTorch shapes are always static
