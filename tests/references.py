@@ -1,4 +1,4 @@
-"""Independent float64 references for the loss families: explicit loops, SciPy's normal CDF."""
+"""Independent float64 references for the loss families: explicit loops over samples, SciPy's normal CDF."""
 
 import math
 
@@ -10,18 +10,17 @@ from scipy import special, stats
 # Independent references: explicit loops over samples and classes, float64.
 # --------------------------------------------------------------------------- #
 def ref_gcdf(labels, logits, sigma, feature_norm=None):
+    # A loop over samples; within a sample, SciPy's normal CDF over the classes j != y (not erfc, as the library).
     logits = np.asarray(logits, np.float64)
+    norms = np.ones(len(labels)) if feature_norm is None else np.broadcast_to(feature_norm, (len(labels),))
     out = np.zeros(len(labels))
     for b, y in enumerate(labels):
-        norm = 1.0 if feature_norm is None else np.broadcast_to(feature_norm, (len(labels),))[b]
-        for j in range(logits.shape[1]):
-            if j == y:
-                continue
-            diff = logits[b, j] - logits[b, y]
-            if sigma == 0:
-                out[b] += 1.0 if diff > 0 else (0.5 if diff == 0 else 0.0)
-            else:
-                out[b] += stats.norm.cdf(diff / (math.sqrt(2) * sigma * norm))
+        others = np.arange(logits.shape[1]) != y
+        diff = logits[b, others] - logits[b, y]
+        if sigma == 0:
+            out[b] = np.sum(diff > 0) + 0.5 * np.sum(diff == 0)
+        else:
+            out[b] = np.sum(stats.norm.cdf(diff / (math.sqrt(2) * sigma * norms[b])))
     return out
 
 
@@ -34,9 +33,8 @@ def ref_hinge(labels, logits, margin):
     logits = np.asarray(logits, np.float64)
     out = np.zeros(len(labels))
     for b, y in enumerate(labels):
-        for j in range(logits.shape[1]):
-            if j != y:
-                out[b] += max(0.0, margin + logits[b, j] - logits[b, y])
+        others = np.arange(logits.shape[1]) != y
+        out[b] = np.sum(np.maximum(0.0, margin + logits[b, others] - logits[b, y]))
     return out
 
 
