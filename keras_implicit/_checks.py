@@ -46,31 +46,14 @@ def runtime_errors() -> tuple[type[BaseException], ...]:
     return (ValueError,)
 
 
-def _labels_message(labels: np.ndarray, classes: int) -> str | None:
-    bad = (labels < 0) | (labels >= classes)
-    if bad.any():
-        return (f"y_true: label outside [0, classes): {labels[bad][:5].tolist()} with {classes} classes "
-                f"({int(bad.sum())} of {labels.size})")
-    return None
-
-
-def _positive_message(values: np.ndarray, message: str) -> str | None:
-    good = np.isfinite(values) & (values > 0)
-    if not np.all(good):
-        return f"{message}, got {np.atleast_1d(values)[~np.atleast_1d(good)][:5].tolist()}"
-    return None
-
-
-def _raise_if(message_fn, *args):
-    message = message_fn(*(np.asarray(a) for a in args))
-    if message:
-        raise ValueError(message)
-
-
 def check_labels(labels, classes):
     """Returns ``labels`` (int32 [batch]) once every one lies in ``[0, classes)``."""
     if is_concrete(labels, classes):
-        _raise_if(_labels_message, labels, classes)
+        values, classes = np.asarray(labels), int(classes)
+        bad = (values < 0) | (values >= classes)
+        if bad.any():
+            raise ValueError(f"y_true: label outside [0, classes): {values[bad][:5].tolist()} with {classes} "
+                             f"classes ({int(bad.sum())} of {values.size})")
         return labels
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -86,7 +69,10 @@ def check_labels(labels, classes):
 def check_positive(values, message: str):
     """Returns ``values`` once every element is finite and > 0 (``message`` names the argument)."""
     if is_concrete(values):
-        _raise_if(lambda v: _positive_message(v, message), values)
+        array = np.atleast_1d(np.asarray(values))
+        good = np.isfinite(array) & (array > 0)
+        if not good.all():
+            raise ValueError(f"{message}, got {array[~good][:5].tolist()}")
         return values
     backend = keras.backend.backend()
     if backend == "tensorflow":

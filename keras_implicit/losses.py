@@ -133,7 +133,7 @@ def _compute_dtype(dtype: str) -> str:
 
 
 def _prepare(y_true, y_pred):
-    """Validates shapes and values; returns (labels int32 [B], logits [B, C] float32/64)."""
+    """Validates shapes (values are checked in ``_panel``); returns (labels int32 [B], logits [B, C] float32/64)."""
     logits = ops.convert_to_tensor(y_pred)
     dtype = keras.backend.standardize_dtype(logits.dtype)
     if _compute_dtype(dtype) != dtype:
@@ -360,8 +360,7 @@ def _panel(labels, logits, feature_norm, sigmas, temperatures, margins, error, p
     kernel = _dispatch.panel_kernel(path)
     if kernel is None or _checks.is_concrete(labels, logits):
         labels = _checks.check_labels(labels, ops.shape(logits)[-1])
-        if feature_norm is not None and _static_rank(feature_norm) is not None and not isinstance(
-                feature_norm, numbers.Number):
+        if feature_norm is not None:  # a tensor of rank 0 or 1 (_feature_norm_tensor)
             feature_norm = _checks.check_positive(feature_norm, "feature_norm must be finite and > 0")
     if kernel is not None:
         return kernel(labels, logits, feature_norm, sigmas, temperatures, margins, error)
@@ -407,7 +406,7 @@ def gcdf(y_true, y_pred, sigma: Parameters, feature_norm=None):
         [batch] for a number ``sigma``, [batch, K] for a sequence.
 
     Example:
-        >>> gcdf([0], [[1.0, 0.0]], sigma=1.0).numpy()  # Phi(-1 / sqrt 2)
+        >>> keras.ops.convert_to_numpy(gcdf([0], [[1.0, 0.0]], sigma=1.0))  # Phi(-1 / sqrt 2)
         array([0.23975...], dtype=float32)
     """
     return _single_family(y_true, y_pred, sigma, "sigma", True, GCDF, feature_norm)
@@ -429,7 +428,7 @@ def tempered_crossentropy(y_true, y_pred, temperature: Parameters):
         [batch] for a number ``temperature``, [batch, K] for a sequence.
 
     Example:
-        >>> tempered_crossentropy([0], [[2.0, 0.0]], temperature=2.0).numpy()  # log(1 + e^-1)
+        >>> keras.ops.convert_to_numpy(tempered_crossentropy([0], [[2.0, 0.0]], temperature=2.0))  # log(1 + e^-1)
         array([0.31326...], dtype=float32)
     """
     return _single_family(y_true, y_pred, temperature, "temperature", False, TCE)
@@ -451,7 +450,7 @@ def multiclass_hinge(y_true, y_pred, margin: Parameters):
         [batch] for a number ``margin``, [batch, K] for a sequence.
 
     Example:
-        >>> multiclass_hinge([0], [[2.0, 0.5, 1.5]], margin=1.0).numpy()  # 0 + 0.5
+        >>> keras.ops.convert_to_numpy(multiclass_hinge([0], [[2.0, 0.5, 1.5]], margin=1.0))  # 0 + 0.5
         array([0.5], dtype=float32)
     """
     return _single_family(y_true, y_pred, margin, "margin", True, HINGE)

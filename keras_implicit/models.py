@@ -35,7 +35,7 @@ class L2Normalization(keras.layers.Layer):
         epsilon: the smallest norm divided by, so that a zero vector stays zero.
 
     Example:
-        >>> L2Normalization()(np.array([[3.0, 4.0]])).numpy()
+        >>> keras.ops.convert_to_numpy(L2Normalization()(np.array([[3.0, 4.0]])))
         array([[0.6, 0.8]], dtype=float32)
     """
 

@@ -3,6 +3,8 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -36,3 +38,30 @@ def kill_9_after_the_first_epoch(process, run_dir, timeout: float) -> None:
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert read_json(run_dir, "status.json")["state"] == "running"
+
+
+# A script's main in a fresh interpreter, then its exit code and every module it imported (the last line).
+_SCRIPT_AND_MODULES = """
+import json, runpy, sys
+sys.argv = [sys.argv[1], *json.loads(sys.argv[2])]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exited:
+    code = exited.code
+else:
+    code = None
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+
+
+def assert_refused_before_tensorflow(script, argv, cwd, message: str) -> None:
+    """``script argv`` exits 2 with exactly one ``<script>: error: ...`` line holding ``message``, before
+    TensorFlow or Keras was imported (a fresh interpreter; nothing is timed)."""
+    result = subprocess.run([sys.executable, "-c", _SCRIPT_AND_MODULES, str(script), json.dumps(argv)],
+                            capture_output=True, text=True, timeout=120, cwd=cwd)
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["code"] == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    prefix = f"{os.path.basename(str(script))}: error: "
+    assert len(errors) == 1 and errors[0].startswith(prefix) and message in errors[0], result.stderr
+    assert not {"tensorflow", "keras"} & set(report["modules"])

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from keras_implicit.training import RunDirectory
-from tests.runs import kill_9_after_the_first_epoch
+from tests.runs import assert_refused_before_tensorflow, kill_9_after_the_first_epoch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "run.py")
@@ -65,19 +65,6 @@ def test_bad_flags_fail_before_any_work(flags, message, tmp_path, capsys):
     assert not out.exists()
 
 
-RUN_WITHOUT_TENSORFLOW = """
-import json, runpy, sys
-sys.argv = [sys.argv[1], *json.loads(sys.argv[2])]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-except SystemExit as exited:
-    code = exited.code
-else:
-    code = None
-print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
-"""
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--model", "resnet50"], "unknown model 'resnet50'"),
@@ -95,14 +82,7 @@ print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
 def test_bad_flags_are_refused_before_tensorflow_is_imported(flags, message, tmp_path):
     # run.py's main in a fresh interpreter: after the refusal, neither TensorFlow nor Keras has been imported.
     out = tmp_path / "run"
-    argv = json.dumps([*flags, "--out", str(out)])
-    result = subprocess.run([sys.executable, "-c", RUN_WITHOUT_TENSORFLOW, SCRIPT, argv], capture_output=True,
-                            text=True, timeout=120, cwd=tmp_path)
-    report = json.loads(result.stdout.splitlines()[-1])
-    assert report["code"] == 2, result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and errors[0].startswith("run.py: error: ") and message in errors[0], result.stderr
-    assert not {"tensorflow", "keras"} & set(report["modules"])
+    assert_refused_before_tensorflow(SCRIPT, [*flags, "--out", str(out)], tmp_path, message)
     assert not out.exists()
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from keras_implicit import analysis
 from keras_implicit.training import RunConfig, default_run_name
+from tests.runs import assert_refused_before_tensorflow
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,19 +141,6 @@ def test_commands_parse_with_run_py(tmp_path):
     assert parsed.out == str(tmp_path / "r") and parsed.deterministic and parsed.no_progress
 
 
-SWEEP_WITHOUT_TENSORFLOW = textwrap.dedent("""
-    import json, runpy, sys
-    sys.argv = [sys.argv[1], *json.loads(sys.argv[2])]
-    try:
-        runpy.run_path(sys.argv[0], run_name="__main__")
-    except SystemExit as exited:
-        code = exited.code
-    else:
-        code = None
-    print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
-""")
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--models", "resnet50"], "unknown model 'resnet50'"),
     (["--datasets", "imagenet"], "unknown dataset 'imagenet'"),
@@ -170,13 +158,7 @@ SWEEP_WITHOUT_TENSORFLOW = textwrap.dedent("""
 def test_bad_flags_are_refused_before_tensorflow_or_any_process(flags, message, tmp_path, fake_run):
     runs = tmp_path / "runs"
     argv = ["--runs-dir", str(runs), "--seeds", "0", "--run-script", str(fake_run), *flags]
-    result = subprocess.run([sys.executable, "-c", SWEEP_WITHOUT_TENSORFLOW, str(ROOT / "experiments" / "sweep.py"),
-                             json.dumps(argv)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    report = json.loads(result.stdout.splitlines()[-1])
-    assert report["code"] == 2, result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and errors[0].startswith("sweep.py: error: ") and message in errors[0], result.stderr
-    assert not {"tensorflow", "keras"} & set(report["modules"])
+    assert_refused_before_tensorflow(ROOT / "experiments" / "sweep.py", argv, tmp_path, message)
     assert not runs.exists()  # no run directory, no log: nothing started
 
 
