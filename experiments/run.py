@@ -5,11 +5,13 @@
     python experiments/run.py --lr 0.001 --target-train-loss 0.1 --epochs 200
     python experiments/run.py --batch-size 16384   # ghost batch norm over micro-batches of 256
     python experiments/run.py --model c1 --dataset cifar10
+    python experiments/run.py --strategy mirrored   # every GPU of this machine (tf.distribute)
 
 Writes runs/NAME/ (config.json, status.json, metrics.jsonl, tb/, checkpoint.npz and checkpoint.prev.npz);
 rerunning the same command resumes an interrupted run. Everything here is ``keras_implicit.training.train``; this script
 only parses flags. Exit codes: 0 finished (or already finished), 1 the run cannot start (locked
-directory, another configuration, missing data), 2 bad flags, 3 diverged, 130 interrupted (Ctrl-C).
+directory, another configuration, missing data), 2 bad flags, 3 diverged, 4 another worker of a
+multi-worker run stopped (rerun every worker's command to resume), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -22,9 +24,30 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from keras_implicit.training import RunConfig, RunError, default_run_name  # noqa: E402  (no TensorFlow)
+from keras_implicit.training import (  # noqa: E402  (no TensorFlow)
+    STRATEGIES,
+    RunConfig,
+    RunError,
+    WorkerLostError,
+    default_run_name,
+)
 
-EXIT_CANNOT_START, EXIT_BAD_FLAGS, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_CANNOT_START, EXIT_BAD_FLAGS, EXIT_DIVERGED, EXIT_WORKER_LOST, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+# The library's errors name its settings; a user of this script knows them as flags.
+SETTINGS_AS_FLAGS = {
+    "overwrite=True": "--overwrite",
+    "another run_dir": "--out for another directory",
+    "cpu_replicas": "--cpu-replicas",
+    "ghost_batch_size": "--ghost-batch-size",
+    "KERAS_BACKEND=": "--backend ",
+}
+
+
+def as_flags(message: str) -> str:
+    """A library message in this script's words (``overwrite=True`` -> ``--overwrite``, ...)."""
+    for setting, flag in SETTINGS_AS_FLAGS.items():
+        message = message.replace(setting, flag)
+    return message
 BACKENDS = ("tensorflow", "jax", "torch")
 
 
@@ -77,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
                         help="examples per optimizer step (a multiple of --ghost-batch-size)")
     parser.add_argument("--ghost-batch-size", type=_positive_int, default=defaults.ghost_batch_size,
-                        help="micro-batch size: BatchNorm normalizes this many examples; gradients are "
-                             "accumulated over batch-size / ghost-batch-size micro-batches")
+                        help="micro-batch size: BatchNorm normalizes this many examples; the optimizer steps "
+                             "once per batch, with the mean gradient of its batch-size / ghost-batch-size "
+                             "micro-batches")
     parser.add_argument("--epochs", type=_positive_int, default=defaults.epochs,
                         help="number of epochs (the cap with --target-train-loss); an epoch is "
                              "n_train // batch-size whole batches")
@@ -107,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="the Keras backend (default: $KERAS_BACKEND, else Keras' own default, tensorflow); "
                              "the fused op and tf.distribute are TensorFlow-only")
+    parser.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy,
+                        help="default: one device; mirrored: every GPU of this machine (tf.distribute."
+                             "MirroredStrategy); multiworker: every machine of the cluster in $TF_CONFIG "
+                             "(MultiWorkerMirroredStrategy, run the same command on each). TensorFlow only")
+    parser.add_argument("--cpu-replicas", type=_positive_int, default=None,
+                        help="with --strategy mirrored on a machine without GPUs: split the CPU into this many "
+                             "devices (the batch must be a multiple of replicas x --ghost-batch-size)")
     return parser
 
 
@@ -117,7 +148,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         ghost_batch_size=args.ghost_batch_size, epochs=args.epochs, seed=args.seed, optimizer=args.optimizer,
         loss=args.loss, train_subset=args.train_subset, track_every=args.track_every,
         track_schedule=args.track_schedule, target_train_loss=args.target_train_loss,
-        data_dir=args.data_dir, deterministic=args.deterministic,
+        data_dir=args.data_dir, deterministic=args.deterministic, strategy=args.strategy,
+        cpu_replicas=args.cpu_replicas,
     )
 
 
@@ -127,17 +159,23 @@ def main(argv=None) -> int:
     config = config_from_args(args)
     try:
         config.validate()  # imports no TensorFlow: bad flags are refused before anything is loaded
-        choose_backend(args.backend)
+        backend = choose_backend(args.backend)
+        if config.strategy != "default" and backend != "tensorflow":
+            raise ValueError(f"--strategy {config.strategy} is tf.distribute: it needs --backend tensorflow, "
+                             f"not {backend}")
     except ValueError as error:
-        parser.error(str(error))
+        parser.error(as_flags(str(error)))
     out = args.out or os.path.join("runs", default_run_name(config))
 
     from keras_implicit.training import train
 
     try:
         result = train(config, out, overwrite=args.overwrite, progress=not args.no_progress)
+    except WorkerLostError as error:
+        print(f"error: {as_flags(str(error))}", file=sys.stderr)
+        return EXIT_WORKER_LOST
     except RunError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {as_flags(str(error))}", file=sys.stderr)
         return EXIT_CANNOT_START
     except KeyboardInterrupt:
         print(f"\ninterrupted: rerun the same command to resume {out} from its last completed epoch", file=sys.stderr)

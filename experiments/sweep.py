@@ -97,6 +97,9 @@ def run_config(point: GridPoint, args) -> RunConfig:
     parsed = parser.parse_args(run_flags(point, args))
     if parsed.out is not None:
         raise ValueError("--out cannot be passed on: the sweep names each run's directory")
+    if parsed.strategy == "multiworker":
+        raise ValueError("--strategy multiworker cannot be passed on: each worker of a cluster runs run.py with "
+                         "its own TF_CONFIG (README, \"More than one GPU or machine\"); --strategy mirrored can")
     return run.config_from_args(parsed).validate()
 
 

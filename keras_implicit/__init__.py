@@ -31,12 +31,14 @@ _EXPORTS = {
     "load_dataset": "data",
     "make_model": "models",
     "with_features": "models",
+    "GhostBatchModel": "ghost",
+    "ghost_batch_model": "ghost",
     "AltLossTracker": "callbacks",
     "RunConfig": "training",
     "RunDirectory": "training",
     "train": "training",
 }
-_SUBMODULES = ("losses", "metrics", "analysis", "plots", "data", "models", "callbacks", "training")
+_SUBMODULES = ("losses", "metrics", "analysis", "plots", "data", "models", "ghost", "callbacks", "training")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 

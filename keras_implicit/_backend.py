@@ -25,8 +25,9 @@ import keras
 import numpy as np
 
 __all__ = [
-    "compile_inference", "accumulation_dtype", "ScalarWriter", "open_scalar_writer", "training_arrays",
-    "micro_batches", "enable_determinism", "versions",
+    "compile_inference", "compile_batch_sums",
+    "accumulation_dtype", "ScalarWriter", "open_scalar_writer", "training_arrays",
+    "batches", "enable_determinism", "versions",
 ]
 
 _LOGGER = logging.getLogger("keras_implicit")
@@ -76,6 +77,19 @@ def compile_inference(model: keras.Model, fn: Callable) -> Callable:
         return fn(*model(x, training=False), y)
 
     return run_eager
+
+
+def compile_batch_sums(model: keras.Model, fn: Callable, trained_model: Optional[keras.Model] = None) -> Callable:
+    """:func:`compile_inference` for an ``fn`` that returns sums over the batch. When ``trained_model`` (default
+    ``model``) was built under a ``tf.distribute`` strategy with several replicas, the batch is split over the
+    replicas and their sums added (``keras_implicit._distribute.summed_over_replicas``)."""
+    if keras.backend.backend() == "tensorflow":
+        strategy = (trained_model or model).distribute_strategy
+        if strategy.num_replicas_in_sync > 1:
+            from keras_implicit import _distribute
+
+            return _distribute.summed_over_replicas(strategy, model, fn)
+    return compile_inference(model, fn)
 
 
 class ScalarWriter:
@@ -179,30 +193,30 @@ def training_arrays(x, y):
     return np.asarray(x), np.asarray(y)
 
 
-class _MicroBatches(keras.utils.PyDataset):
-    """``(x[order[i*g:(i+1)*g]], y[...])`` for each micro-batch ``i`` of one epoch, in order."""
+class _Batches(keras.utils.PyDataset):
+    """``(x[order[i*b:(i+1)*b]], y[...])`` for each batch ``i`` of one epoch, in order."""
 
-    def __init__(self, x, y, order, ghost_batch_size):
+    def __init__(self, x, y, order, batch_size):
         super().__init__(workers=1, use_multiprocessing=False)
-        self.x, self.y, self.order, self.ghost_batch_size = x, y, order, int(ghost_batch_size)
+        self.x, self.y, self.order, self.batch_size = x, y, order, int(batch_size)
 
     def __len__(self):
-        return len(self.order) // self.ghost_batch_size
+        return len(self.order) // self.batch_size
 
     def __getitem__(self, index):
-        indices = self.order[index * self.ghost_batch_size:(index + 1) * self.ghost_batch_size]
+        indices = self.order[index * self.batch_size:(index + 1) * self.batch_size]
         return self.x[indices], self.y[indices]
 
 
-def micro_batches(x, y, order: np.ndarray, ghost_batch_size: int):
-    """The micro-batches of one epoch, ``order`` cut into groups of ``ghost_batch_size``, for ``model.fit``."""
+def batches(x, y, order: np.ndarray, batch_size: int):
+    """The batches of one epoch, ``order`` cut into whole groups of ``batch_size``, for ``model.fit``."""
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        dataset = tf.data.Dataset.from_tensor_slices(order.astype(np.int64)).batch(ghost_batch_size)
+        dataset = tf.data.Dataset.from_tensor_slices(order.astype(np.int64)).batch(batch_size, drop_remainder=True)
         dataset = dataset.map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
         return dataset.prefetch(2)
-    return _MicroBatches(x, y, order, ghost_batch_size)
+    return _Batches(x, y, order, batch_size)
 
 
 def enable_determinism() -> str:

@@ -26,6 +26,16 @@ and so are the epoch and the step of the crossing. CE falls roughly exponentiall
 log CE is close to linear in time between two points. A run whose CE never gets down to the level
 (or that starts below it) raises :class:`LevelNotReachedError`.
 
+**A settled crossing** (``hold=k``). Near convergence the tracked CE of a large learning rate is far from
+monotone (0.25, 0.35, 0.16, 0.29 at four consecutive points of one run): its first crossing of a level can land
+on a dip. With ``hold=k`` the crossing used is the first one after which the CE stays at or below the level
+for the next ``k`` tracking points (the run's last points count as holding when fewer than ``k`` remain);
+the interpolation is the same, between that crossing's two points.
+
+**The ladder** (:func:`loss_ladder`). Two settings (seed groups) compared at a ladder of levels: at each level
+and parameter, the ratio of the seed means ``a / b``, the spread of the seed-paired ratios ``a_s / b_s``,
+the crossovers, and the test error of both at the crossing.
+
 **Crossover** (:func:`crossovers`). For one family tracked by two runs at one level, the
 difference ``a(p) - b(p)`` is followed along the parameter grid; where it changes sign between
 ``p_k`` and ``p_{k+1}`` the crossover is interpolated linearly in ``log p``::
@@ -37,8 +47,8 @@ two sides. Parameters <= 0 (sigma = 0) have no place on a log axis and are left 
 
 **Seeds** (:func:`group_runs`, :func:`aggregate`). Runs whose configs are equal except for the seed
 (and what does not change the experiment: data_dir, versions, git_commit, the tracking schedule, the epoch
-cap and target, determinism) form one group; values are reported as the mean and
-the sample standard deviation (ddof = 1; NaN for a single seed) over its seeds.
+cap and target, determinism, the tf.distribute strategy and its replicas) form one group; values are
+reported as the mean and the sample standard deviation (ddof = 1; NaN for a single seed) over its seeds.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -62,6 +72,10 @@ __all__ = [
     "RunDirectoryError",
     "GridMismatchError",
     "LevelNotReachedError",
+    "DEFAULT_LADDER",
+    "Ladder",
+    "loss_ladder",
+    "ladder_markdown",
     "Run",
     "RunGroup",
     "LevelPoint",
@@ -96,7 +110,7 @@ FAMILY_TITLE = {"gcdf": "Gcdf loss", "tce": "tempered cross-entropy", "hinge": "
 
 # Config keys that do not make two runs different experiments.
 _BOOKKEEPING = ("seed", "data_dir", "versions", "git_commit", "run_dir", "name", "track_every",
-                "track_schedule", "target_train_loss", "epochs", "deterministic")
+                "track_schedule", "target_train_loss", "epochs", "deterministic", "strategy", "cpu_replicas")
 # Config keys that identify an experiment, in the order labels list them.
 _LABEL_KEYS = ("model", "dataset", "optimizer", "loss", "lr", "batch_size", "ghost_batch_size", "train_subset")
 _LABEL_SHORT = {"lr": "lr", "batch_size": "batch", "ghost_batch_size": "ghost", "train_subset": "subset"}
@@ -358,15 +372,19 @@ class LevelPoint:
     test: dict[str, float]
 
 
-def _crossing(ce: np.ndarray, level: float, run_name: str, state: str = "unknown") -> tuple[int, float]:
-    """(i, t): the first crossing is between points i-1 and i at fraction t (t = 1 at point i)."""
+def _crossing(ce: np.ndarray, level: float, run_name: str, state: str = "unknown",
+              hold: int = 0) -> tuple[int, float]:
+    """(i, t): the crossing is between points i-1 and i at fraction t (t = 1 at point i). With ``hold`` > 0,
+    the first crossing after which the CE stays at or below the level for the next ``hold`` points."""
+    if int(hold) != hold or hold < 0:
+        raise ValueError(f"hold must be a whole number of tracking points >= 0, got {hold!r}")
     if not (level > 0 and math.isfinite(level)):
         raise ValueError(f"the level must be a finite CE > 0, got {level!r}")
     if ce.size == 0:
         raise LevelNotReachedError(f"run {run_name!r} has no training points")
     if not np.isfinite(ce[0]) or ce[0] <= 0:
         raise LevelNotReachedError(f"run {run_name!r} starts at a training CE of {ce[0]}")
-    if ce[0] == level:
+    if ce[0] == level and _holds(ce, 0, level, hold):
         return 0, 1.0
     if ce[0] < level:
         raise LevelNotReachedError(
@@ -375,18 +393,26 @@ def _crossing(ce: np.ndarray, level: float, run_name: str, state: str = "unknown
     for i in range(1, ce.size):
         if not np.isfinite(ce[i]):
             break  # diverged: nothing after a NaN counts
-        if ce[i] <= level:
+        if ce[i] <= level and ce[i - 1] > level and _holds(ce, i, level, hold):
             high, low = math.log(ce[i - 1]), math.log(ce[i]) if ce[i] > 0 else -math.inf
             t = 1.0 if low == -math.inf else (high - math.log(level)) / (high - low)
             return i, t
     finite = ce[np.isfinite(ce)]
+    settled = f" and stays there for {hold} more points" if hold and finite.min() <= level else ""
     raise LevelNotReachedError(
-        f"run {run_name!r} never reaches a training CE of {level:.6g}: its lowest is {finite.min():.6g} "
+        f"run {run_name!r} never reaches a training CE of {level:.6g}{settled}: its lowest is {finite.min():.6g} "
         f"over {ce.size} points (state {state}); choose a higher level or train longer"
     )
 
 
-def at_level(run: Run, level: float) -> LevelPoint:
+def _holds(ce: np.ndarray, i: int, level: float, hold: int) -> bool:
+    """The CE stays at or below ``level`` at the ``hold`` points after point ``i`` (those that exist: the end of
+    a run counts as holding, a NaN as not)."""
+    after = ce[i + 1:i + 1 + hold]
+    return bool(np.all(np.isfinite(after)) and np.all(after <= level))
+
+
+def at_level(run: Run, level: float, hold: int = 0) -> LevelPoint:
     """Every tracked quantity of ``run`` where its training CE first comes down to ``level``.
 
     Interpolation is linear in log CE between the two tracking points around the first crossing
@@ -395,6 +421,9 @@ def at_level(run: Run, level: float) -> LevelPoint:
     Args:
         run: a loaded run.
         level: the training cross-entropy, > 0.
+        hold: 0 for the first crossing; k > 0 for the first crossing after which the training CE stays at or
+            below ``level`` for the next k tracking points (a *settled* crossing: a noisy CE that dips below
+            the level and comes back up does not count; see the module docstring).
 
     Returns:
         A :class:`LevelPoint`.
@@ -407,7 +436,7 @@ def at_level(run: Run, level: float) -> LevelPoint:
         >>> point.values["gcdf@1"], point.epoch
     """
     train = run.columns("train")
-    i, t = _crossing(train["ce"], float(level), run.name, run.state)
+    i, t = _crossing(train["ce"], float(level), run.name, run.state, hold)
     values = {}
     for key, column in train.items():
         values[key] = float(column[i]) if i == 0 else float(column[i - 1] + t * (column[i] - column[i - 1]))
@@ -545,8 +574,9 @@ def _lower(x: float, y: float) -> str:
     return "a" if x < y else "b" if y < x else "tie"
 
 
-def compare_at_level(a, b, family: str, level: float) -> Crossover:
-    """Compares one family of two runs or two :class:`RunGroup` (seed means) at one level.
+def compare_at_level(a, b, family: str, level: float, hold: int = 0) -> Crossover:
+    """Compares one family of two runs or two :class:`RunGroup` (seed means) at one level (``hold``: see
+    :func:`at_level`).
 
     Raises GridMismatchError when they tracked different grids of ``family``.
     """
@@ -556,8 +586,8 @@ def compare_at_level(a, b, family: str, level: float) -> Crossover:
     params, names = runs_a[0].family(family)
     if params.size == 0:
         raise ValueError(f"run {runs_a[0].name!r} tracked no {family} losses")
-    agg_a = aggregate(runs_a, level)
-    agg_b = aggregate(runs_b, level)
+    agg_a = aggregate(runs_a, level, hold)
+    agg_b = aggregate(runs_b, level, hold)
     values_a = np.array([agg_a.mean[n] for n in names])
     values_b = np.array([agg_b.mean[n] for n in names])
     label_a = a.label if isinstance(a, RunGroup) else a.name
@@ -568,7 +598,7 @@ def compare_at_level(a, b, family: str, level: float) -> Crossover:
         for point_a in agg_a.points:
             run_a = next(r for r in runs_a if r.name == point_a.run)
             if run_a.seed in by_seed:
-                point_b = at_level(by_seed[run_a.seed], level)
+                point_b = at_level(by_seed[run_a.seed], level, hold)
                 seed_crossings[run_a.seed] = crossovers(
                     params, [point_a.values[n] for n in names], [point_b.values[n] for n in names])
     return Crossover(
@@ -586,6 +616,153 @@ def compare_at_level(a, b, family: str, level: float) -> Crossover:
         b_std=np.array([agg_b.std[n] for n in names]),
         seed_crossings=seed_crossings,
     )
+
+
+# --------------------------------------------------------------------------- #
+# The ladder: gaps against the training-loss level
+# --------------------------------------------------------------------------- #
+DEFAULT_LADDER = (1.0, 0.5, 0.3, 0.15, 0.08, 0.04)
+
+
+@dataclasses.dataclass
+class Ladder:
+    """Two seed groups compared at a ladder of training-CE levels (:func:`loss_ladder`).
+
+    Attributes:
+        a, b: the two groups' labels.
+        levels: the levels [L], descending: those every run of both groups reaches.
+        skipped: the asked levels some run does not reach, with the reason.
+        hold: the crossing definition (see :func:`at_level`).
+        families: ``{family: parameters [K]}``.
+        ratio: ``{family: [L, K]}``, the seed means' ratio ``mean_a / mean_b``.
+        ratio_std: ``{family: [L, K]}``, the sample standard deviation of the seed-paired ratios ``a_s / b_s``
+            (seeds both groups have; NaN with fewer than 2).
+        crossings: ``{family: [L lists]}``, the crossovers of the seed means at each level.
+        seed_crossings: ``{family: [L dicts {seed: crossings}]}``.
+        test_error: ``{"a": [L], "b": [L], "a_std": [L], "b_std": [L]}``, the test error at the crossing (seed
+            mean and std; NaN where the test points do not bracket it).
+        train_error: the same for the training error.
+        epochs: ``{"a": [L], "b": [L]}``, the mean epoch of the crossing.
+    """
+
+    a: str
+    b: str
+    levels: list
+    skipped: dict
+    hold: int
+    families: dict
+    ratio: dict
+    ratio_std: dict
+    crossings: dict
+    seed_crossings: dict
+    test_error: dict
+    train_error: dict
+    epochs: dict
+
+
+def _reached(runs: Sequence[Run], level: float, hold: int) -> Optional[str]:
+    for run in runs:
+        try:
+            at_level(run, level, hold)
+        except LevelNotReachedError as error:
+            return str(error)
+    return None
+
+
+def loss_ladder(a: RunGroup, b: RunGroup, levels: Sequence[float] = DEFAULT_LADDER,
+                families: Sequence[str] = FAMILIES, hold: int = 0) -> Ladder:
+    """Every family of two seed groups compared at each training-CE level of ``levels``.
+
+    Args:
+        a, b: the two settings, e.g. lr 0.1 and lr 0.001 (:func:`group_runs`).
+        levels: the ladder; levels some run does not reach (or starts below) are left out and listed in
+            ``Ladder.skipped``.
+        families: the families to compare (tracked on the same grids by every run).
+        hold: the crossing definition: 0 the first crossing, k the first one that holds for k more points.
+
+    Returns:
+        A :class:`Ladder` (the ratio ``a / b``: below 1 where ``a`` is lower).
+
+    Raises:
+        LevelNotReachedError: no level of the ladder is reached by every run.
+        GridMismatchError: the runs tracked different grids.
+
+    Example:
+        >>> large_lr, small_lr = group_runs(load_runs(["runs/"]))
+        >>> ladder = loss_ladder(large_lr, small_lr, levels=(1.0, 0.3, 0.08), hold=2)
+        >>> ladder.ratio["gcdf"][-1], ladder.crossings["gcdf"][-1]
+    """
+    runs = [*a.runs, *b.runs]
+    check_same_grids(runs, families=families)
+    kept, skipped = [], {}
+    for level in sorted((float(v) for v in levels), reverse=True):
+        problem = _reached(runs, level, hold)
+        if problem is None:
+            kept.append(level)
+        else:
+            skipped[level] = problem
+    if not kept:
+        raise LevelNotReachedError("no level of the ladder is reached by every run: " + "; ".join(
+            f"{level:g}: {problem}" for level, problem in skipped.items()))
+    params = {family: runs[0].family(family)[0] for family in families}
+    names = {family: runs[0].family(family)[1] for family in families}
+    ratio = {f: np.full((len(kept), params[f].size), np.nan) for f in families}
+    ratio_std = {f: np.full((len(kept), params[f].size), np.nan) for f in families}
+    crossings = {f: [] for f in families}
+    seed_crossings = {f: [] for f in families}
+    errors = {key: {"a": [], "b": [], "a_std": [], "b_std": []} for key in ("test", "train")}
+    epochs = {"a": [], "b": []}
+    b_by_seed = {run.seed: run for run in b.runs}
+    for row, level in enumerate(kept):
+        agg_a, agg_b = aggregate(a, level, hold), aggregate(b, level, hold)
+        pairs = [(at_level(run, level, hold), at_level(b_by_seed[run.seed], level, hold))
+                 for run in a.runs if run.seed in b_by_seed]
+        for family in families:
+            mean_a = np.array([agg_a.mean[n] for n in names[family]])
+            mean_b = np.array([agg_b.mean[n] for n in names[family]])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio[family][row] = mean_a / mean_b
+                paired = np.array([[pa.values[n] / pb.values[n] for n in names[family]] for pa, pb in pairs])
+            if len(pairs) > 1:
+                ratio_std[family][row] = np.std(paired, axis=0, ddof=1)
+            crossings[family].append(crossovers(params[family], mean_a, mean_b))
+            seed_crossings[family].append({
+                run_a: crossovers(params[family], [pa.values[n] for n in names[family]],
+                                  [pb.values[n] for n in names[family]])
+                for run_a, (pa, pb) in zip([r.seed for r in a.runs if r.seed in b_by_seed], pairs)})
+        for side, agg in (("a", agg_a), ("b", agg_b)):
+            for key in ("test", "train"):
+                values = [(p.test if key == "test" else p.values).get("error", math.nan) for p in agg.points]
+                mean, std = _mean_std(values)
+                errors[key][side].append(mean)
+                errors[key][side + "_std"].append(std)
+            epochs[side].append(agg.epoch_mean)
+    return Ladder(a=a.label, b=b.label, levels=kept, skipped=skipped, hold=int(hold), families=params, ratio=ratio,
+                  ratio_std=ratio_std, crossings=crossings, seed_crossings=seed_crossings,
+                  test_error=errors["test"], train_error=errors["train"], epochs=epochs)
+
+
+def ladder_markdown(ladder: Ladder, family: str, parameters: Optional[Sequence[float]] = None) -> str:
+    """A Markdown table of one family of a :class:`Ladder`: a row per level with the ratio ``a / b`` (± the
+    seed-paired spread) at ``parameters`` (default: the whole grid), the crossover(s) and both test errors."""
+    grid = ladder.families[family]
+    wanted = grid if parameters is None else [p for p in grid if any(math.isclose(p, q) for q in parameters)]
+    columns = [int(np.argmin(np.abs(grid - p))) for p in wanted]
+    symbol = FAMILY_PARAMETER.get(family, "p")
+    header = (["train CE", "epoch a / b"] + [f"{family} {symbol}={grid[k]:g}" for k in columns]
+              + ["crossover", "test error a / b"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, level in enumerate(ladder.levels):
+        cells = [f"{level:g}", f"{ladder.epochs['a'][row]:.3g} / {ladder.epochs['b'][row]:.3g}"]
+        for k in columns:
+            value, spread = ladder.ratio[family][row, k], ladder.ratio_std[family][row, k]
+            cells.append(f"{value:.3f}" + (f" ± {spread:.3f}" if math.isfinite(spread) else ""))
+        found = ladder.crossings[family][row]
+        cells.append(", ".join(f"{c:.3g}" for c in found) if found else "none")
+        test = ladder.test_error
+        cells.append(f"{100 * test['a'][row]:.2f}% / {100 * test['b'][row]:.2f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- #
@@ -679,7 +856,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
-def aggregate(runs: Sequence[Run] | RunGroup, level: float) -> Aggregate:
+def aggregate(runs: Sequence[Run] | RunGroup, level: float, hold: int = 0) -> Aggregate:
     """Mean and standard deviation over seeds of every quantity at ``level``.
 
     Raises:
@@ -689,7 +866,7 @@ def aggregate(runs: Sequence[Run] | RunGroup, level: float) -> Aggregate:
     runs = runs.runs if isinstance(runs, RunGroup) else list(runs)
     if not runs:
         raise ValueError("no runs given")
-    points = [at_level(run, level) for run in runs]
+    points = [at_level(run, level, hold) for run in runs]
     names = list(points[0].values)
     for point in points[1:]:
         if set(point.values) != set(names):

@@ -11,8 +11,8 @@ float64. Each tracking point gives one record per split::
      "tce@0.25": ..., ..., "hinge@0.25": ..., ..., "feature_norm": ..., "top_kernel_norm": ...,
      "top_bias_norm": ...}
 
-``step`` counts optimizer updates (large batches: with gradient accumulation, one step per
-``gradient_accumulation_steps`` micro-batches), ``epoch`` is ``step / steps_per_epoch`` (0 before
+``step`` counts optimizer updates (large batches: with ghost batches or Keras' gradient accumulation, one
+step per batch of micro-batches), ``epoch`` is ``step / steps_per_epoch`` (0 before
 training). ``feature_norm`` is the mean L2 norm of the top layer's input (1 for the library's models,
 whose features are normalized), ``top_kernel_norm`` / ``top_bias_norm`` the Frobenius norms of the top
 Dense layer's weights.
@@ -228,7 +228,7 @@ class AltLossTracker(keras.callbacks.Callback):
             columns = ops.concatenate([ce[:, None], ops.cast(panel, "float32"), norms[:, None]], axis=-1)
             return ops.sum(ops.cast(columns, total_dtype), axis=0)
 
-        sums = _backend.compile_inference(two_outputs, column_sums)
+        sums = _backend.compile_batch_sums(two_outputs, column_sums, trained_model=self.model)
         self._sums_fn, self._sums_model = sums, self.model
         return sums
 

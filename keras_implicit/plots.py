@@ -52,6 +52,7 @@ __all__ = [
     "plot_training_curves",
     "plot_against_train_loss",
     "plot_family_at_level",
+    "plot_ladder",
     "readable_log_ticks",
     "save_figure",
     "plot_all",
@@ -535,6 +536,46 @@ def plot_family_at_level(runs, level: float, families: Sequence[str] = analysis.
             axes[1][col].set_ylabel(f"ratio to {groups[0].label}", fontsize=8)
             axes[1][col].grid(True, which="major", alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    return fig
+
+
+def plot_ladder(ladder: analysis.Ladder, families: Sequence[str] | None = None):
+    """The gap between two settings against the training-CE level (:func:`keras_implicit.analysis.loss_ladder`):
+    for each family, the ratio ``a / b`` of the seed means against the parameter, one line per level (darker:
+    lower CE), with a band of ± the seed-paired ratios' standard deviation; a line crossing 1 marks a crossover.
+    Both axes are logarithmic; parameters <= 0 are left out.
+
+    Returns:
+        A Figure with one column per family.
+    """
+    families = list(families or ladder.families)
+    fig = Figure(figsize=(4.2 * len(families), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(families), squeeze=False)[0]
+    count = len(ladder.levels)
+    for col, family in enumerate(families):
+        params = ladder.families[family]
+        keep = params > 0
+        axis = axes[col]
+        for row, level in enumerate(ladder.levels):
+            shade = 0.75 - 0.75 * (row / max(count - 1, 1))  # from light grey (high CE) to black (low CE)
+            colour = (shade, shade, shade) if count > 1 else (0, 0, 0)
+            ratio, spread = ladder.ratio[family][row][keep], ladder.ratio_std[family][row][keep]
+            style, marker = RUN_STYLES[row % len(RUN_STYLES)][1:]
+            axis.plot(params[keep], ratio, color=colour, linestyle=style, marker=marker, markersize=4,
+                      label=f"train CE {level:g}")
+            if np.all(np.isfinite(spread)):
+                _band(axis, params[keep], ratio, spread, colour)
+        axis.axhline(1.0, color="#d55e00", linewidth=0.9)
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        readable_log_ticks(axis.xaxis, at=params[keep])
+        readable_log_ticks(axis.yaxis)
+        axis.set_xlabel(analysis.FAMILY_PARAMETER[family])
+        axis.set_ylabel(f"{family}: {ladder.a} / {ladder.b}", fontsize=8)
+        axis.set_title(f"({'abc'[col] if col < 3 else col}) {analysis.FAMILY_TITLE[family]}", fontsize=10)
+        axis.grid(True, which="major", alpha=0.3)
+    crossing = "first crossing" if ladder.hold == 0 else f"crossing held {ladder.hold} points"
+    axes[0].legend(fontsize=7, title=crossing, title_fontsize=7)
     return fig
 
 

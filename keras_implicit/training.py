@@ -15,13 +15,21 @@ and writes the run directory:
   ``config.json``; replaced atomically at each epoch end, the one it replaces kept as
   ``checkpoint.prev.npz``.
 
-**Ghost batches** (the paper's section 4.2): a batch larger than ``ghost_batch_size`` is applied
-as gradient accumulation over micro-batches of ``ghost_batch_size`` (Keras 3's optimizer argument
-``gradient_accumulation_steps = batch_size // ghost_batch_size``): each BatchNormalization normalizes
-(and updates its moving statistics with) its own micro-batch, and the optimizer takes one step per
-large batch with the mean of the micro-batch gradients (equal to the gradient of the mean loss over
-the large batch). ``optimizer.iterations`` then counts large-batch steps (Adam's bias correction too);
-a learning-rate *schedule* would count micro-batches, which is why only constant rates are offered.
+**Ghost batches** (the paper's section 4.2): the model is a :class:`~keras_implicit.ghost.GhostBatchModel`,
+which applies each batch as micro-batches of ``ghost_batch_size``: each BatchNormalization normalizes its
+own micro-batch, the optimizer takes one step per batch with the mean of the micro-batch gradients (equal
+to the gradient of the mean loss over the batch), and the moving statistics take one update per step with
+the mean of the micro-batches' moments. ``optimizer.iterations`` counts batches.
+
+**Several devices or machines** (``strategy``, TensorFlow only): ``"mirrored"`` trains on every GPU of the
+machine (or on ``cpu_replicas`` logical CPU devices), ``"multiworker"`` on every machine of ``TF_CONFIG``'s
+cluster. Each replica holds a contiguous ``batch_size / replicas`` of every batch, in micro-batches of
+``ghost_batch_size`` (``batch_size`` must be a multiple of ``replicas * ghost_batch_size``); gradients and
+moving statistics are averaged over all of them, so the run is the same run as on one device (to float
+rounding). The tracker's sums are split over the replicas and added up. Only the chief (worker 0, or the task
+of type ``"chief"``) reads and writes the run directory; it tells the other workers whether and from which
+checkpoint to train, and sends them its restored weights. A worker that stops makes the others stop with a
+:class:`WorkerLostError`; rerunning the same commands resumes from the last checkpoint.
 
 **An epoch** is ``steps_per_epoch = n_train // batch_size`` whole large batches: the training set is
 shuffled with a generator seeded by ``(seed, epoch)`` and the ``n_train % batch_size`` examples left
@@ -70,6 +78,9 @@ from typing import Optional
 
 import numpy as np
 
+from keras_implicit._distribute import STRATEGIES
+from keras_implicit._distribute import check_divides as _check_divides
+from keras_implicit._distribute import cluster_role as _cluster_role
 from keras_implicit.analysis import parse_name
 
 __all__ = [
@@ -80,6 +91,8 @@ __all__ = [
     "RunConfig",
     "RunError",
     "RunLockedError",
+    "WorkerLostError",
+    "STRATEGIES",
     "RunDirectory",
     "TrainResult",
     "parse_loss",
@@ -169,6 +182,9 @@ class RunConfig:
         target_train_loss: stop once the tracked training cross-entropy is below this.
         data_dir: a directory with the dataset's files (see :func:`keras_implicit.data.load_dataset`).
         deterministic: ``tf.config.experimental.enable_op_determinism()`` (bit-exact resume).
+        strategy: ``"default"`` (one device), ``"mirrored"`` or ``"multiworker"`` (TensorFlow only; see the
+            module docstring). How the run is spread, not what it is: a run may resume under another strategy.
+        cpu_replicas: with ``"mirrored"`` on a machine without GPUs, split the CPU into this many devices.
     """
 
     model: str = "fc6"
@@ -186,6 +202,8 @@ class RunConfig:
     target_train_loss: Optional[float] = None
     data_dir: Optional[str] = None
     deterministic: bool = False
+    strategy: str = "default"
+    cpu_replicas: Optional[int] = None
 
     def validate(self) -> "RunConfig":
         """Raises ValueError with a clear message on any bad setting; returns self. Imports no TensorFlow."""
@@ -222,10 +240,30 @@ class RunConfig:
             math.isfinite(self.target_train_loss) and self.target_train_loss > 0
         ):
             raise ValueError(f"target_train_loss must be a finite number > 0, got {self.target_train_loss}")
+        self._validate_strategy()
         return self
 
+    def _validate_strategy(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.cpu_replicas is not None:
+            if not isinstance(self.cpu_replicas, int) or self.cpu_replicas < 1:
+                raise ValueError(f"cpu_replicas must be a positive integer, got {self.cpu_replicas!r}")
+            if self.strategy != "mirrored":
+                raise ValueError("cpu_replicas splits this machine's CPU for strategy 'mirrored' only")
+            if os.path.isdir("/proc/driver/nvidia/gpus") and os.listdir("/proc/driver/nvidia/gpus"):
+                raise ValueError("cpu_replicas is for machines without a GPU; this one has NVIDIA GPUs: leave it "
+                                 "out and strategy 'mirrored' uses every GPU")
+        if self.strategy == "multiworker" and not os.environ.get("TF_CONFIG"):
+            raise ValueError("strategy 'multiworker' needs TF_CONFIG (the cluster and this worker's task) in the "
+                             "environment of every worker")
+        # The replicas known before TensorFlow starts (GPUs are counted once it has: train() checks again).
+        replicas = self.cpu_replicas or (_cluster_role()[0] if self.strategy == "multiworker" else 1)
+        _check_divides(self.batch_size, self.ghost_batch_size, replicas)
+
     @property
-    def accumulation_steps(self) -> int:
+    def micro_batches(self) -> int:
+        """Micro-batches of ``ghost_batch_size`` per optimizer step (over all replicas)."""
         return self.batch_size // self.ghost_batch_size
 
     def flags(self) -> dict:
@@ -265,17 +303,16 @@ def make_loss(loss: str):
     return losses.MulticlassHinge(margin=parameter)
 
 
-def make_optimizer(name: str, lr: float, accumulation_steps: int = 1):
-    """SGD with momentum 0.9 (or Adam), constant ``lr``, no weight decay; gradient accumulation over
-    ``accumulation_steps`` micro-batches when > 1 (ghost batches)."""
+def make_optimizer(name: str, lr: float):
+    """SGD with momentum 0.9 (or Adam), constant ``lr``, no weight decay. Ghost batches are the model's
+    business (:class:`~keras_implicit.ghost.GhostBatchModel`), not the optimizer's."""
     import keras
 
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
-    accumulation = int(accumulation_steps) if accumulation_steps and accumulation_steps > 1 else None
     if name == "sgd":
-        return keras.optimizers.SGD(learning_rate=lr, momentum=MOMENTUM, gradient_accumulation_steps=accumulation)
-    return keras.optimizers.Adam(learning_rate=lr, gradient_accumulation_steps=accumulation)
+        return keras.optimizers.SGD(learning_rate=lr, momentum=MOMENTUM)
+    return keras.optimizers.Adam(learning_rate=lr)
 
 
 def epoch_order(num_examples: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
@@ -285,9 +322,9 @@ def epoch_order(num_examples: int, batch_size: int, seed: int, epoch: int) -> np
     return permutation[: steps * batch_size]
 
 
-def epoch_batches(x, y, batch_size: int, ghost_batch_size: int, seed: int, epoch: int, skip_steps: int = 0):
-    """The micro-batches of one epoch (see :func:`epoch_order`), for ``model.fit``: a ``tf.data.Dataset`` on
-    TensorFlow, a ``keras.utils.PyDataset`` on the other backends (``keras_implicit._backend.micro_batches``).
+def epoch_batches(x, y, batch_size: int, seed: int, epoch: int, skip_steps: int = 0):
+    """The batches of one epoch (see :func:`epoch_order`), for ``model.fit``: a ``tf.data.Dataset`` on
+    TensorFlow, a ``keras.utils.PyDataset`` on the other backends (``keras_implicit._backend.batches``).
 
     ``x`` and ``y`` come from ``keras_implicit._backend.training_arrays`` (converted once); batches are
     gathered from them. ``skip_steps`` leaves out the epoch's first large batches (continuing a run stopped
@@ -296,7 +333,7 @@ def epoch_batches(x, y, batch_size: int, ghost_batch_size: int, seed: int, epoch
     from keras_implicit import _backend
 
     order = epoch_order(int(x.shape[0]), batch_size, seed, epoch)[int(skip_steps) * batch_size:]
-    return _backend.micro_batches(x, y, order, ghost_batch_size)
+    return _backend.batches(x, y, order, batch_size)
 
 
 def library_versions() -> dict:
@@ -368,7 +405,7 @@ class _UnreadableFile(RunError):
     def __init__(self, path: str, reason: str):
         self.path, self.reason = path, reason
         self.problem = f"{path} is unreadable ({reason})"
-        super().__init__(f"{self.problem}: restore it or rerun with --overwrite to start again")
+        super().__init__(f"{self.problem}: restore it or rerun with overwrite=True to start again")
 
 
 def _problem(error: BaseException) -> str:
@@ -509,7 +546,7 @@ class RunDirectory:
         return sorted(n for n in os.listdir(self.path) if n != self.LOCK) if os.path.isdir(self.path) else []
 
     def clear(self):
-        """Removes everything but the lock (``--overwrite``)."""
+        """Removes everything but the lock (``overwrite=True``)."""
         for name in self.contents():
             target = self.file(name)
             if os.path.isdir(target) and not os.path.islink(target):
@@ -544,7 +581,7 @@ class RunDirectory:
         if held < size:
             raise RunError(
                 f"{self.metrics_path} holds {held} bytes, fewer than the {size} its checkpoint counted: tracking "
-                "points were lost; restore it or rerun with --overwrite to start again")
+                "points were lost; restore it or rerun with overwrite=True to start again")
         if os.path.exists(self.metrics_path):
             with open(self.metrics_path, "r+b") as handle:
                 handle.truncate(size)
@@ -617,7 +654,7 @@ class RunDirectory:
 
         Raises:
             RunError: no checkpoint can be read (one clear line naming both files: rerun with
-                ``--overwrite``), or one holds another model's variables.
+                ``overwrite=True``), or one holds another model's variables.
         """
         latest, previous = self.file(self.CHECKPOINT), self.file(self.PREVIOUS_CHECKPOINT)
 
@@ -640,12 +677,12 @@ class RunDirectory:
         except _UnreadableFile as error:
             raise RunError(
                 f"{self.path}: no checkpoint can be read ({self.CHECKPOINT}: {latest_problem}; "
-                f"{self.PREVIOUS_CHECKPOINT}: {error.reason}): rerun with --overwrite to start again") from None
+                f"{self.PREVIOUS_CHECKPOINT}: {error.reason}): rerun with overwrite=True to start again") from None
         if meta is None:
             if latest_problem == "missing":
                 return None
             raise RunError(f"{latest} is unreadable ({latest_problem}) and there is no {self.PREVIOUS_CHECKPOINT} "
-                           "to fall back on: rerun with --overwrite to start again")
+                           "to fall back on: rerun with overwrite=True to start again")
         self._latest_checkpoint_damaged = latest_problem != "missing"
         _warn(f"{latest} is " + ("missing" if latest_problem == "missing" else f"unreadable ({latest_problem})")
               + f": resuming from {previous} (epoch {meta['epoch']}, step {meta['step']}); the epoch after it is "
@@ -729,7 +766,9 @@ def train(config: RunConfig, run_dir, overwrite: bool = False, progress: bool = 
 
     Args:
         config: the :class:`RunConfig` (validated first: bad settings raise ValueError before any work).
-        run_dir: the run directory (created if needed).
+            With ``strategy="mirrored"`` or ``"multiworker"``, call ``train`` before any other TensorFlow work
+            in the process (the strategy is set up first: logical CPU devices, the multi-worker runtime).
+        run_dir: the run directory (created if needed). On several workers only the chief writes it.
         overwrite: start again in a directory that holds another configuration (or any finished run).
         progress: draw a progress bar per epoch (on a terminal only).
         verbose: print one summary line per epoch.
@@ -744,14 +783,27 @@ def train(config: RunConfig, run_dir, overwrite: bool = False, progress: bool = 
 
     Raises:
         ValueError: bad configuration. RunError: the directory is locked or holds another run,
-        the data is unavailable.
+        the data is unavailable. WorkerLostError (a RunError): another worker of a multi-worker run stopped.
     """
     config.validate()
+    if config.strategy != "default":
+        import keras
+
+        if keras.backend.backend() != "tensorflow":
+            raise ValueError(f"strategy {config.strategy!r} is tf.distribute: it needs the tensorflow backend, "
+                             f"this process runs Keras on {keras.backend.backend()}")
     stream = (stream or sys.stdout) if verbose else None
     if tracking_batch_size is None:
         tracking_batch_size = TRACKING_BATCH_SIZES.get(config.model, 1024)
+    session = _Training(config, stream, progress, dataset, tracking_batch_size)
+    if not session.chief:
+        return session.run(None, overwrite)
     with RunDirectory(run_dir) as run:
-        return _train_locked(config, run, overwrite, progress, stream, dataset, tracking_batch_size)
+        return session.run(run, overwrite)
+
+
+class WorkerLostError(RunError):
+    """Another worker of a multi-worker run stopped (or cannot be reached): this one stopped too."""
 
 
 def _comparable(content: dict) -> dict:
@@ -772,7 +824,7 @@ def _read_config(run: RunDirectory) -> Optional[dict]:
     copy, source = run.config_from_checkpoint()
     if copy is None:
         if damaged is not None:
-            raise damaged  # "<path> is unreadable (<reason>): restore it or rerun with --overwrite ..."
+            raise damaged  # "<path> is unreadable (<reason>): restore it or rerun with overwrite=True ..."
         return None
     _warn(f"{problem}: restored from the copy in {source}")
     run.write_json(run.CONFIG, copy)
@@ -795,152 +847,319 @@ def _check_same_backend(run: RunDirectory, existing: dict) -> None:
     started_on = (existing.get("versions") or {}).get("backend", "tensorflow")  # older runs: TensorFlow only
     if started_on != keras.backend.backend():
         raise RunError(f"{run.path} was trained on the {started_on} backend, this process runs Keras on "
-                       f"{keras.backend.backend()}: resume it with KERAS_BACKEND={started_on} (run.py --backend "
-                       f"{started_on}), or use --out for another directory")
+                       f"{keras.backend.backend()}: resume it with KERAS_BACKEND={started_on}, or use another "
+                       "run_dir")
 
 
-def _train_locked(config, run, overwrite, progress, stream, dataset, tracking_batch_size):
+def _grids() -> dict:
     from keras_implicit import metrics as ki_metrics
 
-    grids = {"sigmas": list(ki_metrics.DEFAULT_SIGMAS), "temperatures": list(ki_metrics.DEFAULT_TEMPERATURES),
-             "margins": list(ki_metrics.DEFAULT_MARGINS)}
-    wanted = {**config.flags(), **grids}
-    existing = None if overwrite else _read_config(run)
-    if overwrite:
-        run.clear()
-    elif existing is not None:
-        changed = [k for k in _comparable(wanted) if existing.get(k) != wanted.get(k)]
-        if any(k not in EXTENDABLE for k in changed):
-            differences = [f"{k}: {existing.get(k)!r} there, {wanted.get(k)!r} asked" for k in changed]
-            raise RunError(f"{run.path} holds another run ({'; '.join(differences)}); use --overwrite to replace it "
-                           "or --out for another directory")
-        _check_same_backend(run, existing)
+    return {"sigmas": list(ki_metrics.DEFAULT_SIGMAS), "temperatures": list(ki_metrics.DEFAULT_TEMPERATURES),
+            "margins": list(ki_metrics.DEFAULT_MARGINS)}
+
+
+# What the chief tells the other workers before training (broadcast_from_chief): one number each.
+_PLAN_FIELDS = ("action", "resumed", "epoch", "step", "target_reached")
+_TRAIN, _ALREADY_FINISHED, _ALREADY_DIVERGED, _REFUSED = 0, 1, 2, 3
+
+
+class _Training:
+    """One call of :func:`train`, in the order it happens: :meth:`reconcile` the run directory with the
+    config, :meth:`load_data`, :meth:`build` the model, :meth:`restore` the checkpoint, :meth:`make_tracker`,
+    :meth:`train_epochs`, :meth:`finish`. On several workers only the chief has a run directory (``run``);
+    the others get its decisions and restored weights through :meth:`share_plan`."""
+
+    def __init__(self, config: RunConfig, stream, progress: bool, dataset, tracking_batch_size: int):
+        self.config, self.stream, self.progress = config, stream, progress
+        self.dataset, self.tracking_batch_size = dataset, tracking_batch_size
+        self.strategy = None
+        if config.strategy != "default":
+            from keras_implicit import _distribute
+
+            try:
+                self.strategy = _distribute.make_strategy(config.strategy, config.cpu_replicas)
+            except ValueError as error:
+                raise RunError(str(error)) from None
+        self.multiworker = config.strategy == "multiworker"
+        self.chief = _cluster_role()[2] if self.multiworker else True
+        self.run_dir: Optional[RunDirectory] = None
+        self.existing: Optional[dict] = None
+        self.stored_config: Optional[dict] = None
+
+    # ------------------------------------------------------------------ #
+    def run(self, run: Optional[RunDirectory], overwrite: bool) -> TrainResult:
+        from keras_implicit import _distribute
+
+        self.run_dir = run
+        try:
+            plan, refusal = self.reconcile(overwrite) if self.chief else (None, None)
+            if not self.multiworker:  # one process: nobody else to tell
+                if refusal is not None:
+                    raise refusal
+                if plan is not None:
+                    return plan
+            self.load_data()
+            self.build()
+            meta = None
+            if self.chief and plan is None and refusal is None:
+                try:
+                    meta = self.restore()
+                except RunError as error:
+                    refusal = error
+            action, meta = self.share_plan(plan, refusal, meta)
+            if action != _TRAIN:
+                if refusal is not None:
+                    raise refusal
+                if plan is not None:
+                    return plan
+                if action == _REFUSED:
+                    raise RunError("the chief refused the run (its output says why); this worker stops too")
+                state = "finished" if action == _ALREADY_FINISHED else "diverged"
+                return TrainResult("already-" + state, meta["epoch"], meta["step"], "the chief's run is " + state)
+            self.make_tracker(meta)
+            result = self.train_epochs(meta)
+            if not self.chief:
+                result.message += f" (worker {_cluster_role()[1]}: the chief writes the run directory)"
+            return result
+        except _distribute.WorkerLostError as error:
+            raise WorkerLostError(
+                f"{error}; the run stopped. Rerun the same command on every worker to resume from the last "
+                "checkpoint") from None
+
+    # ------------------------------------------------------------------ #
+    def reconcile(self, overwrite: bool):
+        """(a TrainResult when there is nothing to do, None) or (None, a RunError refusing the run) or
+        (None, None): compares the run directory with the config, clears it for ``overwrite``."""
+        config, run = self.config, self.run_dir
+        wanted = {**config.flags(), **_grids()}
+        try:
+            self.existing = None if overwrite else _read_config(run)
+            if overwrite:
+                run.clear()
+                return None, None
+            if self.existing is None:
+                if run.contents():
+                    raise RunError(f"{run.path} is not empty and holds no config.json (not a run directory); use "
+                                   "overwrite=True to replace its contents or another run_dir")
+                return None, None
+            existing = self.existing
+            changed = [k for k in _comparable(wanted) if existing.get(k) != wanted.get(k)]
+            if any(k not in EXTENDABLE for k in changed):
+                differences = [f"{k}: {existing.get(k)!r} there, {wanted.get(k)!r} asked" for k in changed]
+                raise RunError(f"{run.path} holds another run ({'; '.join(differences)}); use overwrite=True to "
+                               "replace it or another run_dir")
+            _check_same_backend(run, existing)
+        except RunError as error:  # the other workers must hear of it before the chief stops
+            return None, error
         status = _read_status(run)
         if changed and status.get("state") != "diverged":
-            _print(stream, f"{run.path}: continuing with " + ", ".join(
+            _print(self.stream, f"{run.path}: continuing with " + ", ".join(
                 f"{k} {wanted[k]} (was {existing.get(k)})" for k in changed))
             run.write_json(run.CONFIG, {**existing, **{k: wanted[k] for k in changed}})
         elif status.get("state") in ("finished", "diverged"):
             message = (f"{run.path}: run already {status['state']} at epoch {status.get('epoch')}, step "
                        f"{status.get('step')}; nothing to do"
                        + (f" ({status['message']})" if status.get("message") else ""))
-            return TrainResult("already-" + status["state"], status.get("epoch", 0), status.get("step", 0), message)
-    elif run.contents():
-        raise RunError(f"{run.path} is not empty and holds no config.json (not a run directory); use --overwrite "
-                       "to replace its contents or --out for another directory")
+            return TrainResult("already-" + status["state"], status.get("epoch", 0), status.get("step", 0),
+                               message), None
+        return None, None
 
-    from keras_implicit import _backend
-    from keras_implicit import callbacks as ki_callbacks
-    from keras_implicit import data as ki_data
-    from keras_implicit import models as ki_models
+    def load_data(self):
+        from keras_implicit import _backend
+        from keras_implicit import data as ki_data
 
-    if config.deterministic:
-        _backend.enable_determinism()
-    if dataset is None:
+        config = self.config
+        if config.deterministic:
+            _backend.enable_determinism()
+        if self.dataset is None:
+            try:
+                self.dataset = ki_data.load_dataset(config.dataset, config.data_dir, config.train_subset)
+            except ki_data.DatasetUnavailableError as error:
+                raise RunError(str(error)) from None
+        n_train = len(self.dataset.y_train)
+        self.steps_per_epoch = n_train // config.batch_size
+        if self.steps_per_epoch < 1:
+            raise RunError(f"the training set has {n_train} examples, fewer than one batch of {config.batch_size}")
+        self.x_train, self.y_train = _backend.training_arrays(self.dataset.x_train, self.dataset.y_train)
+
+    def build(self):
+        """The model (a :class:`~keras_implicit.ghost.GhostBatchModel`), its optimizer, compiled and built;
+        under a strategy, inside its scope (the variables mirrored on every replica)."""
+        import contextlib
+
+        from keras_implicit import ghost
+        from keras_implicit import models as ki_models
+
+        config, dataset = self.config, self.dataset
+        replicas = self.strategy.num_replicas_in_sync if self.strategy is not None else 1
         try:
-            dataset = ki_data.load_dataset(config.dataset, config.data_dir, config.train_subset)
-        except ki_data.DatasetUnavailableError as error:
+            _check_divides(config.batch_size, config.ghost_batch_size, replicas)
+        except ValueError as error:
             raise RunError(str(error)) from None
-    n_train = len(dataset.y_train)
-    steps_per_epoch = n_train // config.batch_size
-    if steps_per_epoch < 1:
-        raise RunError(f"the training set has {n_train} examples, fewer than one batch of {config.batch_size}")
+        with self.strategy.scope() if self.strategy is not None else contextlib.nullcontext():
+            network = ki_models.make_model(config.model, dataset.input_shape, dataset.num_classes, seed=config.seed)
+            self.model = ghost.ghost_batch_model(network, config.ghost_batch_size)
+            self.optimizer = make_optimizer(config.optimizer, config.lr)
+            self.model.compile(optimizer=self.optimizer, loss=make_loss(config.loss))
+            self.optimizer.build(self.model.trainable_variables)
 
-    if existing is None:
-        run.write_json(run.CONFIG, {**wanted, "versions": library_versions(), "git_commit": git_commit()})
-    stored_config = run.config()  # each checkpoint keeps a copy: a damaged config.json is restored from it
-
-    model = ki_models.make_model(config.model, dataset.input_shape, dataset.num_classes, seed=config.seed)
-    optimizer = make_optimizer(config.optimizer, config.lr, config.accumulation_steps)
-    model.compile(optimizer=optimizer, loss=make_loss(config.loss))
-    optimizer.build(model.trainable_variables)
-
-    meta = run.restore_checkpoint(model, optimizer)  # checkpoint.prev.npz, with a warning, if the latest is damaged
-    if meta is None:
-        run.truncate_metrics(0)
-        start_epoch, step, target_reached = 0, 0, False
-    else:
+    def restore(self) -> Optional[dict]:
+        """The chief's checkpoint restored into the model and optimizer (None: a fresh run); writes
+        ``config.json`` for a fresh run and cuts ``metrics.jsonl`` and TensorBoard back to the checkpoint."""
+        run, config = self.run_dir, self.config
+        if self.existing is None:
+            run.write_json(run.CONFIG, {**config.flags(), **_grids(), "versions": library_versions(),
+                                        "git_commit": git_commit()})
+        self.stored_config = run.config()  # each checkpoint keeps a copy: a damaged config.json is restored from it
+        meta = run.restore_checkpoint(self.model, self.optimizer)  # .prev, with a warning, if the latest is damaged
+        if meta is None:
+            run.truncate_metrics(0)
+            return None
         # Cut what was written after the checkpoint (a torn last line too): it is tracked again.
         run.truncate_metrics(meta["metrics_bytes"])
         if isinstance(meta.get("tensorboard_bytes"), dict):  # checkpoints from before it was kept hold none
             run.truncate_tensorboard(meta["tensorboard_bytes"])
-        start_epoch, step = meta["epoch"], meta["step"]
         # Against the target asked now (it may have changed): the last training point before the checkpoint.
         last_train = [r for r in run.read_metrics() if r.get("split") == "train"][-1:]
-        target_reached = bool(config.target_train_loss is not None and last_train
-                              and last_train[0]["ce"] < config.target_train_loss)
-        _print(stream, f"resuming {run.path} from epoch {start_epoch} (step {step})")
+        meta["target_reached"] = bool(self.config.target_train_loss is not None and last_train
+                                      and last_train[0]["ce"] < self.config.target_train_loss)
+        _print(self.stream, f"resuming {run.path} from epoch {meta['epoch']} (step {meta['step']})")
+        return meta
 
-    x_train, y_train = _backend.training_arrays(dataset.x_train, dataset.y_train)
-    tracker = ki_callbacks.AltLossTracker(
-        (x_train, y_train), (dataset.x_test, dataset.y_test), metrics_path=run.metrics_path,
-        log_dir=run.tensorboard_dir, track_every=config.track_every, schedule=config.track_schedule,
-        steps_per_epoch=steps_per_epoch, batch_size=tracking_batch_size,
-        target_train_loss=config.target_train_loss, buffer_summaries=True,
-    )
-    tracker.set_model(model)
-    if meta is not None:
-        tracker.mark_tracked(step)  # tracked before the checkpoint was written
-    monitor = ki_callbacks.DivergenceMonitor()
-    callbacks = [tracker, monitor]
-    if progress:
-        callbacks.append(ki_callbacks.ProgressBar(config.epochs, stream=sys.stdout))
-    result = TrainResult("finished", start_epoch, step)
+    def share_plan(self, plan: Optional[TrainResult], refusal: Optional[RunError], meta: Optional[dict]):
+        """(action, meta): on several workers, the chief's decision and restored weights on every worker;
+        with one process, what the chief decided."""
+        from keras_implicit import _distribute
 
-    def checkpoint(epoch, step, target_reached):
-        tracker.flush_summaries()
-        run.save_checkpoint(model, optimizer, {"epoch": epoch, "step": step, "target_reached": target_reached,
-                                               "metrics_bytes": run.metrics_size(), "steps_per_epoch": steps_per_epoch,
-                                               "tensorboard_bytes": run.tensorboard_sizes(), "config": stored_config})
+        if not self.multiworker:
+            return _TRAIN, meta
+        if plan is not None:
+            action = _ALREADY_FINISHED if plan.state == "already-finished" else _ALREADY_DIVERGED
+        else:
+            action = _REFUSED if refusal is not None else _TRAIN
+        numbers = {**dict.fromkeys(_PLAN_FIELDS, 0), "action": action}
+        if plan is not None:
+            numbers.update(epoch=plan.epoch, step=plan.step)
+        if meta is not None:
+            numbers.update(resumed=1, epoch=meta["epoch"], step=meta["step"],
+                           target_reached=int(meta["target_reached"]))
+        variables = [*self.model.weights, *self.optimizer.variables]
+        arrays = [np.array([float(numbers[k]) for k in _PLAN_FIELDS])] + [np.asarray(v) for v in variables]
+        shared = _distribute.broadcast_from_chief(self.strategy, arrays)
+        received = dict(zip(_PLAN_FIELDS, (int(v) for v in shared[0])))
+        if received["action"] == _TRAIN:
+            for variable, value in zip(variables, shared[1:]):
+                variable.assign(value)
+            if received["resumed"]:
+                meta = {**(meta or {}), "epoch": received["epoch"], "step": received["step"],
+                        "target_reached": bool(received["target_reached"])}
+        else:
+            meta = {"epoch": received["epoch"], "step": received["step"]}
+        return received["action"], meta
 
-    def diverged(epoch, message):
-        step_now = int(np.asarray(optimizer.iterations))
-        tracker.flush_summaries()
-        run.write_status("diverged", epoch, step_now, message)
+    def make_tracker(self, meta: Optional[dict]):
+        from keras_implicit import callbacks as ki_callbacks
+
+        run, dataset = self.run_dir, self.dataset
+        self.tracker = ki_callbacks.AltLossTracker(
+            (self.x_train, self.y_train), (dataset.x_test, dataset.y_test),
+            metrics_path=run.metrics_path if run is not None else None,
+            log_dir=run.tensorboard_dir if run is not None else None,
+            track_every=self.config.track_every, schedule=self.config.track_schedule,
+            steps_per_epoch=self.steps_per_epoch, batch_size=self.tracking_batch_size,
+            target_train_loss=self.config.target_train_loss, buffer_summaries=True,
+        )
+        self.tracker.set_model(self.model)
+        if meta is not None:
+            self.tracker.mark_tracked(meta["step"])  # tracked before the checkpoint was written
+        self.monitor = ki_callbacks.DivergenceMonitor()
+        self.callbacks = [self.tracker, self.monitor]
+        if self.progress and self.chief:
+            self.callbacks.append(ki_callbacks.ProgressBar(self.config.epochs, stream=sys.stdout))
+
+    # ------------------------------------------------------------------ #
+    def checkpoint(self, epoch: int, step: int, target_reached: bool):
+        self.tracker.flush_summaries()
+        run = self.run_dir
+        if run is None:
+            return
+        run.save_checkpoint(self.model, self.optimizer, {
+            "epoch": epoch, "step": step, "target_reached": target_reached, "metrics_bytes": run.metrics_size(),
+            "steps_per_epoch": self.steps_per_epoch, "tensorboard_bytes": run.tensorboard_sizes(),
+            "config": self.stored_config})
+
+    def write_status(self, state, epoch, step, message=None):
+        if self.run_dir is not None:
+            self.run_dir.write_status(state, epoch, step, message)
+
+    def diverged(self, result: TrainResult, epoch: int, message: str) -> TrainResult:
+        step_now = int(np.asarray(self.optimizer.iterations))
+        self.tracker.flush_summaries()
+        self.write_status("diverged", epoch, step_now, message)
         return dataclasses.replace(result, state="diverged", epoch=epoch, step=step_now, message=message,
-                                   records=tracker.records)
+                                   records=self.tracker.records)
 
-    run.write_status("running", start_epoch, step)
-    if meta is None:
-        if step != 0 or int(np.asarray(optimizer.iterations)) != 0:
-            raise RunError("internal error: a fresh run must start at step 0")
-        tracker.track(0)
-        if tracker.diverged:
-            return diverged(0, tracker.diverged)
-        checkpoint(0, 0, tracker.target_reached)
-        target_reached = tracker.target_reached
-        _print(stream, _summary_line(0, config.epochs, 0, tracker, 0.0, tracker.tracking_seconds))
+    def fit_epoch(self, epoch: int, step: int):
+        """One epoch (from ``step``, which may lie inside it after a target stop) with the callbacks."""
+        from keras_implicit import _distribute
 
-    epoch = start_epoch
-    while epoch < config.epochs and not target_reached:
-        tracking_before = tracker.tracking_seconds
-        started = time.perf_counter()
-        batches = epoch_batches(x_train, y_train, config.batch_size, config.ghost_batch_size, config.seed, epoch,
-                                skip_steps=step - epoch * steps_per_epoch)
-        model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, verbose=0, callbacks=callbacks, shuffle=False)
-        elapsed = time.perf_counter() - started
-        tracking = tracker.tracking_seconds - tracking_before
-        step = int(np.asarray(optimizer.iterations))
-        if monitor.diverged or tracker.diverged:
-            message = monitor.diverged or tracker.diverged
-            return diverged(epoch, f"diverged in epoch {epoch + 1}: {message}")
-        target_reached = tracker.target_reached
-        if step != (epoch + 1) * steps_per_epoch and not target_reached:
-            raise RunError(f"epoch {epoch + 1} ended at step {step}, not {(epoch + 1) * steps_per_epoch}: training was "
-                           "stopped by something else than divergence or the target loss")
-        completed = epoch + 1 if step == (epoch + 1) * steps_per_epoch else epoch
-        checkpoint(completed, step, target_reached)
-        result.epoch_seconds.append(elapsed - tracking)
-        result.tracking_seconds.append(tracking)
-        _print(stream, _summary_line(epoch + 1, config.epochs, step, tracker, elapsed - tracking, tracking))
-        run.write_status("running", completed, step)
-        epoch += 1
+        config = self.config
+        skip_steps = step - epoch * self.steps_per_epoch
+        batches = epoch_batches(self.x_train, self.y_train, config.batch_size, config.seed, epoch, skip_steps)
+        if self.strategy is None:
+            self.model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, verbose=0, callbacks=self.callbacks,
+                           shuffle=False)
+        else:
+            _distribute.run_epoch(self.model, self.strategy, batches, self.callbacks, epoch,
+                                  self.steps_per_epoch - skip_steps)
 
-    epochs_done = int(step // steps_per_epoch)
-    message = (f"target train loss {config.target_train_loss} reached at step {step} "
-               f"(epoch {step / steps_per_epoch:.3g})"
-               if target_reached else f"{epochs_done} epochs")
-    run.write_status("finished", epochs_done, step, message)
-    tracker.close()
-    return dataclasses.replace(result, state="finished", epoch=epochs_done, step=step, message=message,
-                               records=tracker.records)
+    def train_epochs(self, meta: Optional[dict]) -> TrainResult:
+        config, tracker, steps_per_epoch = self.config, self.tracker, self.steps_per_epoch
+        start_epoch, step = (meta["epoch"], meta["step"]) if meta is not None else (0, 0)
+        target_reached = bool(meta["target_reached"]) if meta is not None else False
+        result = TrainResult("finished", start_epoch, step)
+        self.write_status("running", start_epoch, step)
+        if meta is None:
+            if int(np.asarray(self.optimizer.iterations)) != 0:
+                raise RunError("internal error: a fresh run must start at step 0")
+            tracker.track(0)
+            if tracker.diverged:
+                return self.diverged(result, 0, tracker.diverged)
+            self.checkpoint(0, 0, tracker.target_reached)
+            target_reached = tracker.target_reached
+            _print(self.stream, _summary_line(0, config.epochs, 0, tracker, 0.0, tracker.tracking_seconds))
+
+        epoch = start_epoch
+        while epoch < config.epochs and not target_reached:
+            tracking_before = tracker.tracking_seconds
+            started = time.perf_counter()
+            self.fit_epoch(epoch, step)
+            elapsed = time.perf_counter() - started
+            tracking = tracker.tracking_seconds - tracking_before
+            step = int(np.asarray(self.optimizer.iterations))
+            if self.monitor.diverged or tracker.diverged:
+                message = self.monitor.diverged or tracker.diverged
+                return self.diverged(result, epoch, f"diverged in epoch {epoch + 1}: {message}")
+            target_reached = tracker.target_reached
+            if step != (epoch + 1) * steps_per_epoch and not target_reached:
+                raise RunError(f"epoch {epoch + 1} ended at step {step}, not {(epoch + 1) * steps_per_epoch}: "
+                               "training was stopped by something else than divergence or the target loss")
+            completed = epoch + 1 if step == (epoch + 1) * steps_per_epoch else epoch
+            self.checkpoint(completed, step, target_reached)
+            result.epoch_seconds.append(elapsed - tracking)
+            result.tracking_seconds.append(tracking)
+            _print(self.stream, _summary_line(epoch + 1, config.epochs, step, tracker, elapsed - tracking, tracking))
+            self.write_status("running", completed, step)
+            epoch += 1
+        return self.finish(result, step, target_reached)
+
+    def finish(self, result: TrainResult, step: int, target_reached: bool) -> TrainResult:
+        config = self.config
+        epochs_done = int(step // self.steps_per_epoch)
+        message = (f"target train loss {config.target_train_loss} reached at step {step} "
+                   f"(epoch {step / self.steps_per_epoch:.3g})"
+                   if target_reached else f"{epochs_done} epochs")
+        self.write_status("finished", epochs_done, step, message)
+        self.tracker.close()
+        return dataclasses.replace(result, state="finished", epoch=epochs_done, step=step, message=message,
+                                   records=self.tracker.records)

@@ -362,6 +362,17 @@ def test_group_runs_and_aggregate(tmp_path):
     assert (result.a, result.b) == ("lr=0.1", "lr=0.001")
 
 
+def test_runs_spread_over_devices_are_one_experiment(tmp_path):
+    # The strategy says how a run was spread over devices, not what it is: seeds run on 1 device and on 2
+    # replicas are one group; another learning rate is another.
+    records = records_from([2.3, 0.2], lambda f, p, ce: 2.0 * (3 + math.log(ce)))
+    runs = [analysis.load_run(write_run(tmp_path / "one", records, seed=0)),
+            analysis.load_run(write_run(tmp_path / "two", records, seed=1, strategy="mirrored", cpu_replicas=2)),
+            analysis.load_run(write_run(tmp_path / "other", records, seed=0, lr=0.001, strategy="multiworker"))]
+    groups = analysis.group_runs(runs)
+    assert sorted(len(g.runs) for g in groups) == [1, 2]
+
+
 def test_crossover_spread_over_seeds(tmp_path):
     # Run a with seed k crosses the constant run b at sigma = c_k; the seed means cross at their geometric mean.
     crossings = {0: 0.5, 1: 2.0, 2: 1.0}
@@ -492,3 +503,97 @@ def test_hparams_records(tmp_path):
 def test_no_tensorflow_import():
     code = "import sys, keras_implicit.analysis; sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# --------------------------------------------------------------------------- #
+# The ladder: gaps against the level, with known answers
+# --------------------------------------------------------------------------- #
+def _ladder_runs(tmp_path, offsets_a=(0.0, 0.1, -0.05), offsets_b=(0.0, -0.1, 0.2)):
+    """Two groups of three seeds whose CE falls from 2.3 to about 0.02. b = 8 + log ce + p; a = b + log p - (-0.5
+    log ce), so a and b cross at p* = ce^-0.5 (1 at CE 1, 2 at CE 0.25, 5 at CE 0.04); every value is linear in
+    log CE, so the interpolation at a level is exact. Seeds add constant offsets."""
+    ce = 2.3 * 0.6 ** np.arange(10)
+
+    def b_value(family, p, c):
+        return 8.0 + math.log(c) + p
+
+    def a_value(family, p, c):
+        return b_value(family, p, c) + math.log(p) + 0.5 * math.log(c)
+
+    runs = []
+    for seed, (oa, ob) in enumerate(zip(offsets_a, offsets_b)):
+        runs.append(analysis.load_run(write_run(tmp_path / f"a{seed}", records_from(
+            ce, lambda f, p, c, oa=oa: a_value(f, p, c) + oa), seed=seed)))
+        runs.append(analysis.load_run(write_run(tmp_path / f"b{seed}", records_from(
+            ce, lambda f, p, c, ob=ob: b_value(f, p, c) + ob), seed=seed, lr=0.001)))
+    a, b = analysis.group_runs(runs)
+    return a, b, a_value, b_value, offsets_a, offsets_b, ce
+
+
+@pytest.mark.parametrize("family, grid", [("gcdf", SIGMAS), ("tce", TEMPERATURES), ("hinge", MARGINS)])
+def test_ladder_gaps_and_crossovers_are_the_constructed_ones(tmp_path, family, grid):
+    a, b, a_value, b_value, offsets_a, offsets_b, ce = _ladder_runs(tmp_path)
+    ladder = analysis.loss_ladder(a, b, levels=(1.0, 0.25, 0.04, 0.01))
+    assert ladder.levels == [1.0, 0.25, 0.04]  # CE ends at 2.3 * 0.6^9 = 0.023: 0.01 is not reached
+    assert list(ladder.skipped) == [0.01] and "never reaches a training CE of 0.01" in ladder.skipped[0.01]
+    assert (ladder.a, ladder.b) == ("lr=0.1", "lr=0.001")
+    for row, level in enumerate(ladder.levels):
+        mean_a = np.array([np.mean([a_value(family, p, level) + o for o in offsets_a]) for p in grid])
+        mean_b = np.array([np.mean([b_value(family, p, level) + o for o in offsets_b]) for p in grid])
+        np.testing.assert_allclose(ladder.ratio[family][row], mean_a / mean_b, rtol=1e-12)
+        paired = np.array([[(a_value(family, p, level) + oa) / (b_value(family, p, level) + ob) for p in grid]
+                           for oa, ob in zip(offsets_a, offsets_b)])
+        np.testing.assert_allclose(ladder.ratio_std[family][row], paired.std(axis=0, ddof=1), rtol=1e-10)
+        # With the offsets, the seed means cross where mean(a) = mean(b); without them at level^-0.5.
+        expected = analysis.crossovers(grid, mean_a, mean_b)
+        assert ladder.crossings[family][row] == pytest.approx(expected)
+        assert set(ladder.seed_crossings[family][row]) == {0, 1, 2}
+        np.testing.assert_allclose(ladder.epochs["a"][row], math.log(level / 2.3) / math.log(0.6), rtol=1e-12)
+
+
+def test_ladder_crossover_moves_with_the_level(tmp_path):
+    a, b, *_ = _ladder_runs(tmp_path, offsets_a=(0.0, 0.0), offsets_b=(0.0, 0.0))
+    ladder = analysis.loss_ladder(a, b, levels=(1.0, 0.25), families=("gcdf",))
+    assert ladder.crossings["gcdf"][0] == pytest.approx([1.0])
+    assert ladder.crossings["gcdf"][1] == pytest.approx([2.0])
+    assert np.all(ladder.ratio_std["gcdf"] == 0)  # identical seeds: no spread
+    # Below the crossover a (the large rate here) is lower: ratio < 1; above it, higher.
+    assert ladder.ratio["gcdf"][1][SIGMAS.index(0.5)] < 1 < ladder.ratio["gcdf"][1][SIGMAS.index(4.0)]
+    table = analysis.ladder_markdown(ladder, "gcdf", parameters=(0.5, 4.0))
+    lines = table.splitlines()
+    assert lines[0] == "| train CE | epoch a / b | gcdf σ=0.5 | gcdf σ=4 | crossover | test error a / b |"
+    assert lines[2].startswith("| 1 | ") and "| 1 |" in lines[2] and lines[3].split(" | ")[-2] == "2"
+
+
+def test_ladder_test_error_is_interpolated_at_the_crossing(tmp_path):
+    a, b, *_, ce = _ladder_runs(tmp_path)
+    ladder = analysis.loss_ladder(a, b, levels=(0.3,), families=("gcdf",))
+    steps = np.arange(10) * 10.0
+    step = 10 * math.log(0.3 / 2.3) / math.log(0.6)  # where log CE crosses log 0.3
+    assert ladder.test_error["a"][0] == pytest.approx(np.interp(step, steps, ce / 3))
+    assert ladder.train_error["a"][0] == pytest.approx(np.interp(step, steps, ce / 4))
+    assert ladder.test_error["a_std"][0] == pytest.approx(0.0)
+
+
+def test_no_level_reached_by_every_run_is_an_error(tmp_path):
+    a, b, *_ = _ladder_runs(tmp_path)
+    with pytest.raises(analysis.LevelNotReachedError, match="no level of the ladder is reached by every run"):
+        analysis.loss_ladder(a, b, levels=(0.001, 5.0))
+
+
+def test_a_settled_crossing_skips_a_dip(tmp_path):
+    ce = [2.3, 1.0, 0.5, 0.2, 0.4, 0.3, 0.15, 0.1]
+    run = analysis.load_run(write_run(tmp_path / "noisy", records_from(ce, linear_in_log_ce)))
+    first = analysis.at_level(run, 0.3)
+    assert first.epoch == pytest.approx(2 + math.log(0.5 / 0.3) / math.log(0.5 / 0.2))
+    settled = analysis.at_level(run, 0.3, hold=2)
+    assert settled.epoch == pytest.approx(5.0) and settled.values["ce"] == pytest.approx(0.3)
+    # hold=1 also skips the dip (the next point, 0.4, is above); the level 0.45 is crossed at 0.2 and holds.
+    assert analysis.at_level(run, 0.3, hold=1).epoch == pytest.approx(5.0)
+    assert analysis.at_level(run, 0.45, hold=2).epoch == analysis.at_level(run, 0.45).epoch
+    rising = analysis.load_run(write_run(tmp_path / "rising", records_from([2.3, 1.0, 0.2, 0.5], linear_in_log_ce)))
+    assert analysis.at_level(rising, 0.3).epoch < 2
+    with pytest.raises(analysis.LevelNotReachedError, match="reaches a training CE of 0.3 and stays there for 1 more"):
+        analysis.at_level(rising, 0.3, hold=1)
+    with pytest.raises(ValueError, match="hold must be a whole number"):
+        analysis.at_level(run, 0.3, hold=-1)

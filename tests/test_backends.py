@@ -4,11 +4,14 @@ Keras picks its backend once per process, so each case runs in a child process w
 formula, panel, metric and tracker tests themselves run on JAX in a second pytest session: see .ci/run).
 """
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
+
+import keras
 
 from tests.runs import kill_9_after_the_first_epoch, read_json, read_records
 
@@ -17,7 +20,7 @@ SCRIPT = os.path.join(ROOT, "experiments", "run.py")
 
 # run.py's main in a child where TensorFlow cannot be imported (as on the GPU machines, which have JAX but
 # no TensorFlow; Keras' own set_random_seed imports TensorFlow whenever it is installed), then whether
-# anything imported it (the last line of stdout).
+# anything imported it (a REPORT line); for each list of flags in the JSON list argv[2], one run after another.
 RUN_AND_REPORT = textwrap.dedent(
     """
     import importlib.abc, importlib.util, json, sys
@@ -32,8 +35,9 @@ RUN_AND_REPORT = textwrap.dedent(
     spec = importlib.util.spec_from_file_location("run", sys.argv[1])
     run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run)
-    code = run.main(json.loads(sys.argv[2]))
-    print("REPORT " + json.dumps({"code": code, "tensorflow": "tensorflow" in sys.modules}))
+    for args in json.loads(sys.argv[2]):
+        code = run.main(args)
+        print("REPORT " + json.dumps({"code": code, "tensorflow": "tensorflow" in sys.modules}), flush=True)
     """
 )
 
@@ -43,15 +47,27 @@ def _env(**extra):
     return {**env, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT, **extra}
 
 
-def _run(args, timeout=300):
-    done = subprocess.run([sys.executable, "-c", RUN_AND_REPORT, SCRIPT, json.dumps(args)], capture_output=True,
-                          text=True, timeout=timeout, env=_env(), cwd=ROOT)
+def _run_each(*arg_lists, timeout=300):
+    """run.py's main on each of ``arg_lists`` in turn, in one child: [(report, the lines it printed), ...]."""
+    done = subprocess.run([sys.executable, "-c", RUN_AND_REPORT, SCRIPT, json.dumps(arg_lists)],
+                          capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
-    return json.loads(lines[-1][len("REPORT "):]), lines[:-1]
+    results, lines = [], []
+    for line in done.stdout.splitlines():
+        if line.startswith("REPORT "):
+            results.append((json.loads(line[len("REPORT "):]), lines))
+            lines = []
+        else:
+            lines.append(line)
+    assert len(results) == len(arg_lists) and not lines, done.stdout[-3000:]
+    return results
 
 
-def test_run_py_on_jax_end_to_end_without_tensorflow(idx_dir, tmp_path):
+def _run(args, timeout=300):
+    return _run_each(args, timeout=timeout)[0]
+
+
+def test_run_py_on_jax_end_to_end_without_tensorflow(idx_dir, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "run")
     args = ["--backend", "jax", "--dataset", "mnist", "--data-dir", idx_dir, "--epochs", "2", "--batch-size", "128",
             "--ghost-batch-size", "64", "--no-progress", "--out", out]
@@ -67,92 +83,49 @@ def test_run_py_on_jax_end_to_end_without_tensorflow(idx_dir, tmp_path):
     assert versions["backend"] == "jax" and versions["jax"] and "tensorflow" not in versions
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(out, "tb")))
 
-    # The same directory on another backend is refused with one line, before anything is trained.
-    done = subprocess.run([sys.executable, SCRIPT, *args[2:]], capture_output=True, text=True, timeout=300,
-                          env=_env(KERAS_BACKEND="tensorflow"), cwd=ROOT)
-    assert done.returncode == 1 and "was trained on the jax backend" in done.stderr
+    # The same directory on another backend is refused with one line, before anything is trained: run.py's
+    # main in this process when this process runs Keras on TensorFlow (the main test session: no interpreter to
+    # start for it), else in a child with KERAS_BACKEND=tensorflow.
+    if keras.backend.backend() == "tensorflow":
+        spec = importlib.util.spec_from_file_location("experiments_run", SCRIPT)
+        run_script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(run_script)
+        monkeypatch.setenv("KERAS_BACKEND", "tensorflow")  # as the child had it; restored after the test
+        capsys.readouterr()
+        code, stderr = run_script.main(args[2:]), capsys.readouterr().err
+    else:
+        done = subprocess.run([sys.executable, SCRIPT, *args[2:]], capture_output=True, text=True, timeout=300,
+                              env=_env(KERAS_BACKEND="tensorflow"), cwd=ROOT)
+        code, stderr = done.returncode, done.stderr
+    assert code == 1 and "was trained on the jax backend" in stderr
     assert len(read_records(out)) == 6
 
 
 def test_kill_9_and_resume_on_jax_equals_an_uninterrupted_run(idx_dir, tmp_path):
-    args = ["--backend", "jax", "--dataset", "mnist", "--data-dir", idx_dir, "--epochs", "4", "--batch-size", "32",
-            "--ghost-batch-size", "32", "--track-every", "5", "--deterministic", "--no-progress"]
+    # 640 of the fixture's examples, 3 epochs of 20 steps: killed in epoch 2, resumed for two epochs.
+    args = ["--backend", "jax", "--dataset", "mnist", "--data-dir", idx_dir, "--epochs", "3", "--batch-size", "32",
+            "--ghost-batch-size", "32", "--train-subset", "640", "--track-every", "5", "--deterministic",
+            "--no-progress"]
     killed = str(tmp_path / "killed")
     process = subprocess.Popen([sys.executable, SCRIPT, *args, "--out", killed], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
     kill_9_after_the_first_epoch(process, killed, timeout=240)
     before = read_records(killed)
 
-    report, lines = _run([*args, "--out", killed])
+    # The resume, then the uninterrupted run, in one child (as tests/test_run.py runs both in its process): the
+    # second run reuses the first one's JAX compilations instead of starting a third interpreter.
+    whole = str(tmp_path / "whole")
+    (report, lines), (whole_report, _) = _run_each([*args, "--out", killed], [*args, "--out", whole])
     assert report["code"] == 0 and lines[0].startswith(f"resuming {killed} from epoch ")
     after = read_records(killed)
     assert len(before) < len(after)
     steps = [(r["step"], r["split"]) for r in after]
     assert len(steps) == len(set(steps))  # nothing logged twice
-    whole = str(tmp_path / "whole")
-    assert _run([*args, "--out", whole])[0]["code"] == 0
+    assert whole_report["code"] == 0
     assert after == read_records(whole)  # bit for bit
 
 
-GHOST_BATCHES = textwrap.dedent(
-    """
-    import json
-    import keras, numpy as np
-    from keras_implicit import training
-
-    def mlp(seed, batch_norm):
-        keras.utils.set_random_seed(seed)
-        inputs = keras.Input((20,))
-        x = keras.layers.Dense(32)(inputs)
-        if batch_norm:
-            x = keras.layers.BatchNormalization()(x)
-        return keras.Model(inputs, keras.layers.Dense(10)(keras.layers.ReLU()(x)))
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(3 * 1024, 20)).astype(np.float32)
-    y = rng.integers(0, 10, 3 * 1024).astype(np.int32)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    out = {"backend": keras.backend.backend()}
-    for optimizer in ("sgd", "adam"):
-        accumulated, large = mlp(1, False), mlp(1, False)
-        accumulated.compile(training.make_optimizer(optimizer, 0.05, accumulation_steps=4), loss)
-        large.compile(training.make_optimizer(optimizer, 0.05), loss)
-        accumulated.fit(x, y, batch_size=256, epochs=1, shuffle=False, verbose=0)
-        large.fit(x, y, batch_size=1024, epochs=1, shuffle=False, verbose=0)
-        out[optimizer] = {
-            "iterations": [int(np.asarray(m.optimizer.iterations)) for m in (accumulated, large)],
-            "max_difference": max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                                  for a, b in zip(accumulated.weights, large.weights)),
-            "moved": max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                         for a, b in zip(accumulated.weights, mlp(1, False).weights)),
-        }
-    # Ghost batch norm: with BatchNormalization each micro-batch of 256 is normalized on its own, so the
-    # accumulated step differs from one step on 1024 (the point of ghost batches), and its moving statistics
-    # are updated once per micro-batch.
-    ghost, large = mlp(2, True), mlp(2, True)
-    ghost.compile(training.make_optimizer("sgd", 0.05, accumulation_steps=4), loss)
-    large.compile(training.make_optimizer("sgd", 0.05), loss)
-    ghost.fit(x[:1024], y[:1024], batch_size=256, epochs=1, shuffle=False, verbose=0)
-    large.fit(x[:1024], y[:1024], batch_size=1024, epochs=1, shuffle=False, verbose=0)
-    out["batch_norm_difference"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                                       for a, b in zip(ghost.trainable_weights, large.trainable_weights))
-    print("REPORT " + json.dumps(out))
-    """
-)
-
-
-def test_ghost_batches_on_jax_are_accumulated_gradients():
-    done = subprocess.run([sys.executable, "-c", GHOST_BATCHES], capture_output=True, text=True, timeout=300,
-                          env=_env(KERAS_BACKEND="jax"), cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.splitlines()[-1][len("REPORT "):])
-    assert report["backend"] == "jax"
-    for optimizer in ("sgd", "adam"):
-        # Three updates each: iterations counts large-batch steps; the weights agree to float32 round-off.
-        assert report[optimizer]["iterations"] == [3, 3]
-        assert report[optimizer]["moved"] > 1e-3
-        assert report[optimizer]["max_difference"] < 2e-5 * max(1.0, report[optimizer]["moved"]) + 2e-6
-    assert report["batch_norm_difference"] > 1e-4
+# Ghost batches on JAX: tests/test_ghost.py, which .ci/run runs on the JAX backend too.
 
 
 def test_gpu_script_rehearses_on_cpu(tmp_path):

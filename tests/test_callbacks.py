@@ -108,23 +108,41 @@ def test_schedules():
         callbacks.AltLossTracker((np.zeros((2, 3)), np.zeros(2)), track_every=0)
 
 
-@pytest.mark.parametrize("track_every, schedule, expected", [
+_SCHEDULES = [
     (None, "epoch", [0, 4, 8]),
     (3, "epoch", [0, 3, 4, 6, 8]),
     (None, "log", [0, 1, 2, 3, 4, 6, 8]),
-])
-def test_tracker_in_a_users_fit_with_gradient_accumulation(tmp_path, track_every, schedule, expected):
+]
+
+
+@pytest.fixture(scope="module")
+def users_fit(tmp_path_factory):
+    """One user's fit with gradient accumulation, watched by one tracker per (track_every, schedule) of
+    _SCHEDULES, each with its own metrics file and TensorBoard folder: {(track_every, schedule): (tracker,
+    metrics path)}. A tracker only evaluates the model, so each one sees the training it would see alone (the
+    same fit three times over, less two compilations of the same model)."""
     rng = np.random.default_rng(1)
     x = rng.random((512, 3, 3, 1)).astype(np.float32)
     y = rng.integers(0, 3, 512).astype(np.int32)
     model = make_model("fc6", (3, 3, 1), 3, seed=1)
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9, gradient_accumulation_steps=2),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    path = tmp_path / "metrics.jsonl"
-    tracker = callbacks.AltLossTracker((x, y), (x[:64], y[:64]), metrics_path=str(path), track_every=track_every,
-                                       schedule=schedule, log_dir=str(tmp_path / "tb"))
+    trackers = {}
+    for track_every, schedule, _ in _SCHEDULES:
+        folder = tmp_path_factory.mktemp(f"tracker_{track_every}_{schedule}")
+        path = folder / "metrics.jsonl"
+        tracker = callbacks.AltLossTracker((x, y), (x[:64], y[:64]), metrics_path=str(path),
+                                           track_every=track_every, schedule=schedule, log_dir=str(folder / "tb"))
+        trackers[track_every, schedule] = (tracker, path)
     # 512 / 32 = 16 micro-batches = 8 optimizer steps per epoch... in 2 epochs of 4 steps each:
-    model.fit(x[:256], y[:256], batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[tracker])
+    model.fit(x[:256], y[:256], batch_size=32, epochs=2, shuffle=False, verbose=0,
+              callbacks=[tracker for tracker, _ in trackers.values()])
+    return trackers
+
+
+@pytest.mark.parametrize("track_every, schedule, expected", _SCHEDULES)
+def test_tracker_in_a_users_fit_with_gradient_accumulation(users_fit, track_every, schedule, expected):
+    tracker, path = users_fit[track_every, schedule]
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in records[::2]] == expected
     assert [r["split"] for r in records] == ["train", "test"] * len(expected)

@@ -5,10 +5,12 @@ through the ``panel_path`` fixture of conftest.py, and on whichever Keras backen
 (CI runs this file on TensorFlow and on JAX).
 """
 
+import functools
 import math
 import os
 import subprocess
 import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -198,9 +200,11 @@ def test_hinge_differs_from_keras_categorical_hinge():
 # --------------------------------------------------------------------------- #
 # The Monte Carlo meaning of Gcdf: noise N(0, sigma^2 I) on the top layer's weights.
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("classes", [2, 5])
-@pytest.mark.parametrize("sigma", [0.5, 2.0])
-def test_gcdf_bounds_the_rate_of_prediction_changes_under_weight_noise(classes, sigma):
+@functools.cache
+def _prediction_changes_under_weight_noise(classes, sigma):
+    """A top layer, 12 inputs of norm 1 and, for each input, the rate at which N(0, sigma^2 I) noise on the
+    layer's weights changes its prediction (20000 draws): (scores, predictions, rates, draws). NumPy only: the
+    keras and op parametrizations of the test below share it."""
     rng = np.random.default_rng(7)
     features, samples, draws = 16, 12, 20000
     kernel = rng.standard_normal((features, classes))
@@ -209,11 +213,20 @@ def test_gcdf_bounds_the_rate_of_prediction_changes_under_weight_noise(classes, 
     x /= np.linalg.norm(x, axis=1, keepdims=True)  # ||x|| = 1 as in the paper
     scores = x @ kernel + bias
     predicted = scores.argmax(axis=1)
-    bound = to_numpy(ki.gcdf(predicted, scores.astype(np.float32), sigma)).astype(np.float64)
+    rates = []
     for i in range(samples):
         noise = sigma * rng.standard_normal((draws, features, classes))
         noisy = np.einsum("f,dfc->dc", x[i], kernel[None] + noise) + bias
-        rate = np.mean(noisy.argmax(axis=1) != predicted[i])
+        rates.append(np.mean(noisy.argmax(axis=1) != predicted[i]))
+    return scores, predicted, rates, draws
+
+
+@pytest.mark.parametrize("classes", [2, 5])
+@pytest.mark.parametrize("sigma", [0.5, 2.0])
+def test_gcdf_bounds_the_rate_of_prediction_changes_under_weight_noise(classes, sigma):
+    scores, predicted, rates, draws = _prediction_changes_under_weight_noise(classes, sigma)
+    bound = to_numpy(ki.gcdf(predicted, scores.astype(np.float32), sigma)).astype(np.float64)
+    for i, rate in enumerate(rates):
         standard_error = math.sqrt(max(rate * (1 - rate), 1e-4) / draws)
         assert rate <= bound[i] + 4 * standard_error
         if classes == 2:
@@ -479,10 +492,31 @@ def test_nan_logits_give_nan_never_zero():
     assert np.all(np.isfinite(values[2]))
 
 
+@functools.cache
+def _fresh_interpreter(code: str, backend: str | None = None) -> str:
+    """The stdout of ``code`` in a fresh interpreter (with ``KERAS_BACKEND=backend`` where given), run once per
+    session: the child does not see the parent's forced panel path, so the ``keras`` and ``op``
+    parametrizations of a test check the same child (instead of starting TensorFlow twice for one answer)."""
+    env = dict(os.environ) if backend is None else {**os.environ, "KERAS_BACKEND": backend}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+
+
+_NO_TFP = textwrap.dedent(
+    """
+    import sys
+    import keras_implicit as ki
+    ki.alt_loss_panel()
+    ki.gcdf([0], [[1.0, 0.0]], 1.0)  # the default path
+    for path in ["keras"] + (["op"] if ki.active_path() == "op" else []):  # each path this process has
+        with ki.force_path(path):
+            ki.gcdf([0], [[1.0, 0.0]], 1.0)
+    print('tensorflow_probability' in sys.modules)
+    """
+)
+
+
 def test_library_does_not_import_tensorflow_probability():
-    code = "import keras_implicit as ki, sys; ki.alt_loss_panel(); ki.gcdf([0], [[1.0, 0.0]], 1.0); " \
-           "print('tensorflow_probability' in sys.modules)"
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    output = _fresh_interpreter(_NO_TFP)
     assert output.strip().endswith("False")
 
 
@@ -493,8 +527,7 @@ def test_importing_on_another_backend_does_not_import_tensorflow(backend):
     code = ("import sys, keras, keras_implicit as ki; from keras_implicit import losses, metrics; "
             "ki.alt_loss_panel(); ki.gcdf([0], [[1.0, 0.0]], 1.0); "
             "print(keras.backend.backend(), ki.active_path(), 'tensorflow' in sys.modules)")
-    env = {**os.environ, "KERAS_BACKEND": backend}
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    output = _fresh_interpreter(code, backend)
     assert output.strip().splitlines()[-1] == f"{backend} keras False"
 
 

@@ -67,9 +67,11 @@ def test_panel_equals_individual_metrics(classes):
     (panel,) = ki.alt_loss_panel(sigmas=sigmas, temperatures=temperatures, margins=margins)
     singles = [metrics.Gcdf(s) for s in sigmas] + [metrics.TemperedCrossentropy(t) for t in temperatures]
     singles += [metrics.MulticlassHinge(g) for g in margins] + [metrics.ZeroOneError()]
+    # Batches of 64, 65 and 64 examples: of two sizes (not three: on JAX each new shape compiles every op again).
     for seed in range(3):
-        labels, logits = random_batch(64 + seed, classes, seed=seed)
-        weights = np.random.default_rng(seed).uniform(0, 1, (64 + seed, 1)).astype(np.float32)
+        batch = 64 + seed % 2
+        labels, logits = random_batch(batch, classes, seed=seed)
+        weights = np.random.default_rng(seed).uniform(0, 1, (batch, 1)).astype(np.float32)
         panel.update_state(labels, logits, sample_weight=weights)
         for metric in singles:
             metric.update_state(labels, logits, sample_weight=weights)
@@ -202,21 +204,44 @@ def test_panel_under_distribution_strategy():
     assert logs["tce@1"] == pytest.approx(logs["loss"], rel=1e-4)
 
 
-@pytest.mark.parametrize("metric,monitor", [
+_MONITOR_CASES = [
     (metrics.Gcdf(sigma=1.0), "gcdf@1"),
     (metrics.TemperedCrossentropy(temperature=2.0), "val_tce@2"),
     (metrics.MulticlassHinge(margin=1.0), "hinge@1"),
     (metrics.ZeroOneError(), "val_error"),
-])
-def test_monitor_callbacks_minimize_the_family_metrics(metric, monitor):
+]
+
+
+@pytest.fixture(scope="module")
+def monitor_fits():
+    """{panel path: {monitor: its EarlyStopping}}, filled by _stoppers."""
+    return {}
+
+
+def _stoppers(monitor_fits):
+    """One fit per panel path with every metric of _MONITOR_CASES and one EarlyStopping(mode="auto") on each
+    monitored name (patience 5 in 2 epochs: none stops, each infers its direction on its own), instead of one
+    fit per metric: {monitor: stopper}."""
+    path = ki.active_path()
+    if path not in monitor_fits:
+        labels, logits = random_batch(64, 4, seed=0)
+        features = np.random.default_rng(1).normal(size=(64, 5)).astype(np.float32)
+        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4)])
+        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=[metric for metric, _ in _MONITOR_CASES])
+        stoppers = {monitor: keras.callbacks.EarlyStopping(monitor=monitor, mode="auto", patience=5)
+                    for _, monitor in _MONITOR_CASES}
+        model.fit(features, labels, validation_data=(features, labels), epochs=2, verbose=0,
+                  callbacks=list(stoppers.values()))
+        monitor_fits[path] = stoppers
+    return monitor_fits[path]
+
+
+@pytest.mark.parametrize("metric,monitor", _MONITOR_CASES)
+def test_monitor_callbacks_minimize_the_family_metrics(metric, monitor, monitor_fits):
     """EarlyStopping(mode="auto") learns from the metric that lower is better (metrics._declare_lower_is_better):
     if Keras changes how MonitorCallback infers the direction, this fails instead of silently maximizing."""
-    labels, logits = random_batch(64, 4, seed=0)
-    features = np.random.default_rng(1).normal(size=(64, 5)).astype(np.float32)
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4)])
-    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=[metric])
-    stopper = keras.callbacks.EarlyStopping(monitor=monitor, mode="auto", patience=5)
-    model.fit(features, labels, validation_data=(features, labels), epochs=2, verbose=0, callbacks=[stopper])
+    stopper = _stoppers(monitor_fits)[monitor]
     assert stopper.monitor_op is keras.ops.less
 
 

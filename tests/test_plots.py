@@ -195,8 +195,10 @@ def tick_value(text):
 def readable_tick_labels(fig, axis, min_labels=2):
     """``axis``'s visible tick labels (major and minor) after drawing ``fig``, checked readable: ``min_labels``
     to 8 labels, no two overlapping on the canvas, each writing its tick's value."""
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
+    canvas = fig.canvas
+    if not isinstance(canvas, FigureCanvasAgg) or fig.stale:  # drawn once for all the axes a test checks
+        canvas = canvas if isinstance(canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+        canvas.draw()
     renderer = canvas.get_renderer()
     low, high = sorted(axis.get_view_interval())
     ticks = [*zip(axis.get_majorticklocs(), axis.get_major_ticks()),
@@ -351,3 +353,41 @@ def test_plot_script(runs, tmp_path, capsys):
     assert "never reaches a training CE of 1e-09" in capsys.readouterr().err
     assert script.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "bad")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_ladder_one_line_per_level_ratio_and_band(tmp_path):
+    from tests.test_analysis import _ladder_runs
+
+    a, b, *_ = _ladder_runs(tmp_path)
+    ladder = analysis.loss_ladder(a, b, levels=(1.0, 0.25, 0.04))
+    fig = plots.plot_ladder(ladder)
+    axes = fig.axes
+    assert len(axes) == 3
+    for axis, family in zip(axes, analysis.FAMILIES):
+        curves = [line for line in axis.get_lines() if len(line.get_xdata()) > 2]
+        assert [line.get_label() for line in curves] == ["train CE 1", "train CE 0.25", "train CE 0.04"]
+        for line, row in zip(curves, range(3)):
+            np.testing.assert_allclose(line.get_ydata(), ladder.ratio[family][row])
+        assert any(list(line.get_ydata()) == [1.0, 1.0] for line in axis.get_lines())  # the line at 1
+        assert len(axis.collections) == 3  # one seed band per level
+        assert axis.get_xscale() == "log" and axis.get_yscale() == "log"
+    paths = plots.save_figure(fig, tmp_path / "out", "ladder", formats=("png",))
+    assert paths[0].stat().st_size > 10_000
+
+
+def test_ladder_script_writes_figures_and_tables(tmp_path):
+    from tests.test_analysis import _ladder_runs
+
+    _ladder_runs(tmp_path / "runs")
+    script = Path(__file__).resolve().parent.parent / "experiments" / "ladder.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "runs"), "--a", "lr=0.1", "--b", "lr=0.001",
+                           "--levels", "1", "0.25", "0.001", "--holds", "0", "1", "--formats", "png",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"ladder_hold0.png", "ladder_hold1.png", "ladder.md"}
+    table = (tmp_path / "out" / "ladder.md").read_text()
+    assert table.count("### gcdf: lr=0.1 / lr=0.001") == 2 and "Levels left out: 0.001" in table
+    assert "| 0.25 |" in table
+    wrong = subprocess.run([sys.executable, str(script), str(tmp_path / "runs"), "--a", "lr=1", "--b", "lr=0.001",
+                            "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 1 and "no group 'lr=1' among the runs: 'lr=0.1', 'lr=0.001'" in wrong.stderr

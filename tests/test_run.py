@@ -47,7 +47,7 @@ def _cli(args, timeout=240):
     (["--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'"),
     (["--loss", "mse"], "unknown loss 'mse'"),
     (["--loss", "tce@0"], "parameter must be finite and > 0"),
-    (["--batch-size", "1000"], "not a multiple of ghost_batch_size 256"),
+    (["--batch-size", "1000"], "not a multiple of --ghost-batch-size 256"),
     (["--lr", "0"], "--lr: must be a finite number > 0"),
     (["--lr", "-0.1"], "--lr: must be a finite number > 0"),
     (["--lr", "fast"], "--lr: 'fast' is not a number"),
@@ -74,7 +74,7 @@ def test_bad_flags_fail_before_any_work(flags, message, tmp_path, capsys):
                            "is zero almost everywhere"),
     (["--loss", "tce@0"], "must be finite and > 0"),
     (["--loss", "hinge@-1"], "must be finite and >= 0"),
-    (["--batch-size", "1000"], "not a multiple of ghost_batch_size 256"),
+    (["--batch-size", "1000"], "not a multiple of --ghost-batch-size 256"),
     (["--lr", "-1"], "--lr: must be a finite number > 0"),
     (["--track-schedule", "cosine"], "unknown tracking schedule 'cosine'"),
     (["--train-subset", "100"], "smaller than one batch"),
@@ -86,13 +86,14 @@ def test_bad_flags_are_refused_before_tensorflow_is_imported(flags, message, tmp
     assert not out.exists()
 
 
-def test_hinge_at_zero_margin_trains(idx_dir, tmp_path):
+def test_hinge_at_zero_margin_trains(idx_dir, tmp_path, capsys):
     # hinge@0 (the multi-class perceptron loss) is allowed, unlike gcdf@0: its gradient is nonzero on every
     # misclassified example, so training lowers the error (though its minimum is also reached at s = 0).
+    # In this process (the command line itself is run in a child by the end-to-end test below).
     out = str(tmp_path / "run")
-    done = _cli(["--loss", "hinge@0", "--dataset", "mnist", "--data-dir", idx_dir, "--epochs", "2", "--batch-size",
-                 "128", "--ghost-batch-size", "128", "--lr", "0.01", "--out", out])
-    assert done.returncode == 0, done.stderr[-2000:]
+    code = run_script.main(["--loss", "hinge@0", "--dataset", "mnist", "--data-dir", idx_dir, "--epochs", "2",
+                            "--batch-size", "128", "--ghost-batch-size", "128", "--lr", "0.01", "--out", out])
+    assert code == 0, capsys.readouterr().err[-2000:]
     assert json.load(open(os.path.join(out, "config.json")))["loss"] == "hinge@0"
     train = [r for r in _records(out) if r["split"] == "train"]
     assert train[-1]["error"] < 0.7 * train[0]["error"]  # measured here: 93 % -> 46 % in 18 steps
@@ -117,10 +118,26 @@ def test_end_to_end_on_an_idx_fixture_then_rerun(idx_dir, tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().out
     assert len(_records(out)) == 6
 
+    # Another configuration in the same directory: the library's error, in the script's words.
+    capsys.readouterr()
+    assert run_script.main([*args, "--lr", "0.05"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "lr: 0.1 there, 0.05 asked" in error
+    assert "use --overwrite to replace it or --out for another directory" in error and "overwrite=True" not in error
+
+
+def test_library_settings_read_as_flags():
+    assert run_script.as_flags("rerun with overwrite=True to start again") == "rerun with --overwrite to start again"
+    assert run_script.as_flags("or another run_dir") == "or --out for another directory"
+    assert run_script.as_flags("resume it with KERAS_BACKEND=jax") == "resume it with --backend jax"
+    assert run_script.as_flags("ghost_batch_size 256; cpu_replicas") == "--ghost-batch-size 256; --cpu-replicas"
+
 
 def test_kill_9_and_resume_equals_an_uninterrupted_run(idx_dir, tmp_path, capsys):
-    args = ["--dataset", "mnist", "--data-dir", idx_dir, "--epochs", "4", "--batch-size", "32",
-            "--ghost-batch-size", "32", "--track-every", "5", "--deterministic", "--no-progress"]
+    # 640 of the fixture's examples, 3 epochs of 20 steps: killed in epoch 2, resumed for two epochs.
+    args = ["--dataset", "mnist", "--data-dir", idx_dir, "--epochs", "3", "--batch-size", "32",
+            "--ghost-batch-size", "32", "--train-subset", "640", "--track-every", "5", "--deterministic",
+            "--no-progress"]
     killed = str(tmp_path / "killed")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     process = subprocess.Popen([sys.executable, SCRIPT, *args, "--out", killed], stdout=subprocess.DEVNULL,

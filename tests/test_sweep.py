@@ -153,6 +153,7 @@ def test_commands_parse_with_run_py(tmp_path):
     (["--", "--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'"),
     (["--", "--learning-rate", "0.1"], "run.py: unrecognized arguments: --learning-rate 0.1"),
     (["--", "--out", "elsewhere"], "--out cannot be passed on"),
+    (["--", "--strategy", "multiworker"], "--strategy multiworker cannot be passed on"),
     (["--", "--lr", "0.5"], "are the same run fashion_mnist-fc6-ce-sgd-lr0.5-b256-s0"),
 ])
 def test_bad_flags_are_refused_before_tensorflow_or_any_process(flags, message, tmp_path, fake_run):

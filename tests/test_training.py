@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -48,93 +49,8 @@ def read_metrics(run_dir):
 
 
 # --------------------------------------------------------------------------- #
-# Ghost batches: gradient accumulation
+# Epochs and batches (ghost batches: tests/test_ghost.py)
 # --------------------------------------------------------------------------- #
-def _mlp(seed, batch_norm=False):
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((20,))
-    x = keras.layers.Dense(32)(inputs)
-    if batch_norm:
-        x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.ReLU()(x)
-    return keras.Model(inputs, keras.layers.Dense(10)(x))
-
-
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_four_micro_batches_of_256_equal_one_step_on_1024(optimizer):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(3 * 1024, 20)).astype(np.float32)
-    y = rng.integers(0, 10, 3 * 1024).astype(np.int32)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    accumulated, large = _mlp(1), _mlp(1)
-    for weight_a, weight_b in zip(accumulated.weights, large.weights):
-        np.testing.assert_array_equal(weight_a.numpy(), weight_b.numpy())
-    accumulated.compile(training.make_optimizer(optimizer, 0.05, accumulation_steps=4), loss)
-    large.compile(training.make_optimizer(optimizer, 0.05), loss)
-    accumulated.fit(x, y, batch_size=256, epochs=1, shuffle=False, verbose=0)
-    large.fit(x, y, batch_size=1024, epochs=1, shuffle=False, verbose=0)
-    # Three updates each: iterations counts large-batch steps (momentum / Adam's bias correction too).
-    assert int(accumulated.optimizer.iterations.numpy()) == 3
-    assert int(large.optimizer.iterations.numpy()) == 3
-    moved = 0.0
-    for initial, weight_a, weight_b in zip(_mlp(1).weights, accumulated.weights, large.weights):
-        np.testing.assert_allclose(weight_a.numpy(), weight_b.numpy(), rtol=2e-5, atol=2e-6)
-        moved = max(moved, float(np.abs(weight_a.numpy() - initial.numpy()).max()))
-    assert moved > 1e-2  # the steps were real
-
-
-def test_ghost_batch_norm_normalizes_each_micro_batch_with_its_own_statistics():
-    rng = np.random.default_rng(1)
-    ghost, steps = 16, 4
-    x = (rng.normal(size=(ghost * steps, 20)) * rng.uniform(0.5, 3, (ghost * steps, 1))).astype(np.float32)
-    y = rng.integers(0, 10, ghost * steps).astype(np.int32)
-    model = _mlp(2, batch_norm=True)
-    reference = _mlp(2, batch_norm=True)
-    initial = [w.numpy().copy() for w in reference.weights]
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    lr = 0.1
-
-    # Reference: gradients of each micro-batch in training mode (its own batch statistics), averaged,
-    # then the first SGD-with-momentum step (velocity starts at zero): w - lr * mean gradient.
-    gradients = []
-    for k in range(steps):
-        with tf.GradientTape() as tape:
-            value = loss(y[k * ghost:(k + 1) * ghost], reference(x[k * ghost:(k + 1) * ghost], training=True))
-        gradients.append([g.numpy() for g in tape.gradient(value, reference.trainable_variables)])
-    mean_gradient = [np.mean([g[i] for g in gradients], axis=0) for i in range(len(gradients[0]))]
-    whole = _mlp(2, batch_norm=True)
-    with tf.GradientTape() as tape:
-        value = loss(y, whole(x, training=True))
-    full_batch_gradient = [g.numpy() for g in tape.gradient(value, whole.trainable_variables)]
-
-    model.compile(training.make_optimizer("sgd", lr, accumulation_steps=steps), loss)
-    model.fit(x, y, batch_size=ghost, epochs=1, shuffle=False, verbose=0)
-    assert int(model.optimizer.iterations.numpy()) == 1
-    trainable_names = {v.path for v in model.trainable_variables}
-    trained = {v.path: v.numpy() for v in model.trainable_variables}
-    start = {w.path: value for w, value in zip(model.weights, initial)}
-    for variable, gradient, full in zip(model.trainable_variables, mean_gradient, full_batch_gradient):
-        expected = start[variable.path] - lr * gradient
-        np.testing.assert_allclose(trained[variable.path], expected, rtol=1e-4, atol=1e-6)
-    # Normalizing the 64 examples together would give another gradient: the test can tell them apart.
-    kernel_index = 0
-    assert np.abs(mean_gradient[kernel_index] - full_batch_gradient[kernel_index]).max() > 1e-3
-
-    # Moving statistics: four sequential updates with each micro-batch's own mean and variance,
-    # all computed with the initial weights (the weights do not change inside a window).
-    bn = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)][0]
-    dense = model.layers[1]
-    kernel, bias = start[dense.kernel.path], start[dense.bias.path]
-    moving_mean, moving_variance = np.zeros(32), np.ones(32)
-    for k in range(steps):
-        h = x[k * ghost:(k + 1) * ghost].astype(np.float64) @ kernel + bias
-        moving_mean = bn.momentum * moving_mean + (1 - bn.momentum) * h.mean(axis=0)
-        moving_variance = bn.momentum * moving_variance + (1 - bn.momentum) * h.var(axis=0)
-    np.testing.assert_allclose(bn.moving_mean.numpy(), moving_mean, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(bn.moving_variance.numpy(), moving_variance, rtol=1e-4, atol=1e-5)
-    assert trainable_names  # the model trained something
-
-
 def test_epoch_order_uses_whole_batches_reproducibly():
     first = training.epoch_order(1000, 256, seed=3, epoch=0)
     assert len(first) == 768 and len(set(first.tolist())) == 768 and first.max() < 1000
@@ -146,14 +62,16 @@ def test_epoch_order_uses_whole_batches_reproducibly():
     assert used == set(range(1000))
 
 
-def test_epoch_batches_are_micro_batches_of_the_epoch_order():
+def test_epoch_batches_are_whole_batches_of_the_epoch_order():
     x = tf.constant(np.arange(100, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32))
     y = tf.constant(np.arange(100, dtype=np.int32))
-    batches = list(training.epoch_batches(x, y, batch_size=40, ghost_batch_size=20, seed=0, epoch=2))
-    assert [len(b[1]) for b in batches] == [20, 20, 20, 20]
+    batches = list(training.epoch_batches(x, y, batch_size=40, seed=0, epoch=2))
+    assert [len(b[1]) for b in batches] == [40, 40]
     order = training.epoch_order(100, 40, 0, 2)
     np.testing.assert_array_equal(np.concatenate([b[1].numpy() for b in batches]), order)
-    np.testing.assert_array_equal(batches[0][0].numpy()[:, 0], order[:20].astype(np.float32))
+    np.testing.assert_array_equal(batches[0][0].numpy()[:, 0], order[:40].astype(np.float32))
+    skipped = list(training.epoch_batches(x, y, batch_size=40, seed=0, epoch=2, skip_steps=1))
+    np.testing.assert_array_equal(skipped[0][1].numpy(), order[40:])
 
 
 # --------------------------------------------------------------------------- #
@@ -176,6 +94,11 @@ def test_epoch_batches_are_micro_batches_of_the_epoch_order():
     ({"track_every": 0}, "track_every"),
     ({"target_train_loss": -1.0}, "target_train_loss"),
     ({"train_subset": 100}, "smaller than one batch"),
+    ({"strategy": "horovod"}, "unknown strategy"),
+    ({"cpu_replicas": 2}, "for strategy 'mirrored' only"),
+    ({"cpu_replicas": 0, "strategy": "mirrored"}, "cpu_replicas must be a positive integer"),
+    ({"cpu_replicas": 2, "strategy": "mirrored"}, "multiple of replicas x ghost_batch_size = 512"),
+    ({"strategy": "multiworker"}, "needs TF_CONFIG"),
 ])
 def test_bad_settings_are_refused_with_a_clear_message(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -192,9 +115,9 @@ def test_parse_and_make_loss():
     assert training.make_loss("gcdf@0.5").get_config()["sigma"] == 0.5
     assert isinstance(training.make_loss("tce@4"), losses.TemperedCrossentropy)
     assert isinstance(training.make_loss("hinge@1"), losses.MulticlassHinge)
-    optimizer = training.make_optimizer("sgd", 0.3, 64)
-    assert optimizer.gradient_accumulation_steps == 64 and math.isclose(optimizer.momentum, 0.9)
-    assert training.make_optimizer("sgd", 0.3, 1).gradient_accumulation_steps is None
+    optimizer = training.make_optimizer("sgd", 0.3)
+    assert math.isclose(optimizer.momentum, 0.9) and optimizer.gradient_accumulation_steps is None
+    assert math.isclose(float(np.asarray(optimizer.learning_rate)), 0.3, rel_tol=1e-7)
 
 
 def test_default_run_name():
@@ -246,19 +169,34 @@ def test_train_writes_the_run_directory(idx_dir, tmp_path):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(run_dir, "tb")))
 
 
-def test_rerunning_a_finished_run_does_nothing(idx_dir, tmp_path):
+def copy_run(source, tmp_path):
+    """A copy of the run directory ``source`` (a module fixture's) for one test to continue or damage."""
     run_dir = str(tmp_path / "run")
+    shutil.copytree(source, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_epoch(idx_dir, tmp_path_factory):
+    """A finished run of small_config(idx_dir, epochs=1): (config, its directory). The tests that continue,
+    replace or damage such a run take a copy (copy_run) instead of training the same run again each."""
     config = small_config(idx_dir, epochs=1)
+    run_dir = str(tmp_path_factory.mktemp("one_epoch") / "run")
     training.train(config, run_dir, progress=False, verbose=False)
+    return config, run_dir
+
+
+def test_rerunning_a_finished_run_does_nothing(one_epoch, tmp_path):
+    config, source = one_epoch
+    run_dir = copy_run(source, tmp_path)
     before = open(os.path.join(run_dir, "metrics.jsonl")).read()
     again = training.train(config, run_dir, progress=False, verbose=False)
     assert again.state == "already-finished" and "nothing to do" in again.message
     assert open(os.path.join(run_dir, "metrics.jsonl")).read() == before
 
 
-def test_another_config_is_refused_unless_overwrite(idx_dir, tmp_path):
-    run_dir = str(tmp_path / "run")
-    training.train(small_config(idx_dir, epochs=1), run_dir, progress=False, verbose=False)
+def test_another_config_is_refused_unless_overwrite(idx_dir, one_epoch, tmp_path):
+    run_dir = copy_run(one_epoch[1], tmp_path)  # a finished run of small_config(idx_dir, epochs=1)
     with pytest.raises(RunError, match=r"another run \(lr: 0.1 there, 0.2 asked\)"):
         training.train(small_config(idx_dir, epochs=1, lr=0.2), run_dir, progress=False, verbose=False)
     result = training.train(small_config(idx_dir, epochs=1, lr=0.2), run_dir, overwrite=True, progress=False,
@@ -314,12 +252,11 @@ def test_same_seed_same_metrics_other_seed_other_metrics(idx_dir, tmp_path):
     assert runs["a"][-2]["ce"] != runs["c"][-2]["ce"]
 
 
-def test_resume_from_a_checkpoint_truncates_later_records(idx_dir, tmp_path):
+def test_resume_from_a_checkpoint_truncates_later_records(idx_dir, two_epochs, tmp_path):
     """A crash after the epoch-1 checkpoint: the records written after it are cut and recomputed."""
     config = small_config(idx_dir, epochs=2, track_every=4, deterministic=True)
-    whole = str(tmp_path / "whole")
-    training.train(config, whole, progress=False, verbose=False)
-    expected = read_metrics(whole)
+    assert dataclass_replace(resume_config(idx_dir), epochs=2) == config
+    expected = read_metrics(two_epochs)  # the uninterrupted run of this config
 
     partial = str(tmp_path / "partial")
     training.train(dataclass_replace(config, epochs=1), partial, progress=False, verbose=False)
@@ -372,15 +309,15 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path):
     from keras_implicit.models import make_model
 
     model = make_model("fc6", (4, 4, 1), 3, seed=0)
-    optimizer = training.make_optimizer("sgd", 0.1, 2)
+    optimizer = training.make_optimizer("sgd", 0.1)
     model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x = np.random.default_rng(0).random((32, 4, 4, 1)).astype(np.float32)
     y = np.arange(32) % 3
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     with RunDirectory(tmp_path) as run:
         run.save_checkpoint(model, optimizer, {"epoch": 1, "step": 2})
         other = make_model("fc6", (4, 4, 1), 3, seed=1)
-        other_optimizer = training.make_optimizer("sgd", 0.1, 2)
+        other_optimizer = training.make_optimizer("sgd", 0.1)
         other_optimizer.build(other.trainable_variables)
         assert run.load_checkpoint(other, other_optimizer) == {"epoch": 1, "step": 2}
     for a, b in zip(model.weights, other.weights):
@@ -426,13 +363,33 @@ def warning_lines(captured):
     return [line for line in captured.err.splitlines() if line.startswith("warning:")]
 
 
+def resume_config(idx_dir):
+    return small_config(idx_dir, epochs=3, track_every=4, deterministic=True)
+
+
 @pytest.fixture(scope="module")
-def three_epochs(idx_dir, tmp_path_factory):
-    """An uninterrupted deterministic run of 3 epochs: (config, metrics records, TensorBoard points)."""
-    config = small_config(idx_dir, epochs=3, track_every=4, deterministic=True)
+def three_epochs_run(idx_dir, tmp_path_factory):
+    """An uninterrupted deterministic run of 3 epochs: (config, its directory)."""
+    config = resume_config(idx_dir)
     whole = str(tmp_path_factory.mktemp("whole") / "run")
     training.train(config, whole, progress=False, verbose=False)
+    return config, whole
+
+
+@pytest.fixture(scope="module")
+def three_epochs(three_epochs_run):
+    """An uninterrupted deterministic run of 3 epochs: (config, metrics records, TensorBoard points)."""
+    config, whole = three_epochs_run
     return config, read_metrics(whole), tensorboard_points(whole)
+
+
+@pytest.fixture(scope="module")
+def two_epochs(idx_dir, tmp_path_factory):
+    """The directory of a finished run of resume_config with 2 epochs (the first two of three_epochs' three):
+    the tests that damage it and resume it for the third epoch take a copy (copy_run)."""
+    run_dir = str(tmp_path_factory.mktemp("two_epochs") / "run")
+    training.train(dataclass_replace(resume_config(idx_dir), epochs=2), run_dir, progress=False, verbose=False)
+    return run_dir
 
 
 def checkpoint_meta(run_dir, name="checkpoint.npz"):
@@ -441,10 +398,9 @@ def checkpoint_meta(run_dir, name="checkpoint.npz"):
 
 
 @pytest.mark.parametrize("how", ["truncated", "garbage", "middle"])
-def test_a_damaged_checkpoint_resumes_from_the_previous_one(how, three_epochs, tmp_path, capsys):
+def test_a_damaged_checkpoint_resumes_from_the_previous_one(how, three_epochs, two_epochs, tmp_path, capsys):
     config, expected, expected_points = three_epochs
-    run_dir = str(tmp_path / "run")
-    training.train(dataclass_replace(config, epochs=2), run_dir, progress=False, verbose=False)
+    run_dir = copy_run(two_epochs, tmp_path)  # dataclass_replace(config, epochs=2), trained
     assert checkpoint_meta(run_dir)["epoch"] == 2
     assert checkpoint_meta(run_dir, "checkpoint.prev.npz")["epoch"] == 1  # the one it replaced
     damage(os.path.join(run_dir, "checkpoint.npz"), how)
@@ -467,11 +423,10 @@ def test_a_damaged_checkpoint_resumes_from_the_previous_one(how, three_epochs, t
     assert checkpoint_meta(run_dir, "checkpoint.prev.npz")["epoch"] == 2
 
 
-def test_a_missing_latest_checkpoint_resumes_from_the_previous_one(three_epochs, tmp_path, capsys):
+def test_a_missing_latest_checkpoint_resumes_from_the_previous_one(three_epochs, two_epochs, tmp_path, capsys):
     """A crash between the two renames of a checkpoint's rotation leaves only checkpoint.prev.npz."""
     config, expected, _ = three_epochs
-    run_dir = str(tmp_path / "run")
-    training.train(dataclass_replace(config, epochs=2), run_dir, progress=False, verbose=False)
+    run_dir = copy_run(two_epochs, tmp_path)  # dataclass_replace(config, epochs=2), trained
     os.remove(os.path.join(run_dir, "checkpoint.npz"))
     capsys.readouterr()
     assert training.train(config, run_dir, progress=False, verbose=False).state == "finished"
@@ -480,10 +435,9 @@ def test_a_missing_latest_checkpoint_resumes_from_the_previous_one(three_epochs,
 
 
 @pytest.mark.parametrize("previous", ["garbage", "missing"])
-def test_no_readable_checkpoint_is_one_clear_error(previous, idx_dir, tmp_path, capsys):
-    config = small_config(idx_dir, epochs=1)
-    run_dir = str(tmp_path / "run")
-    training.train(config, run_dir, progress=False, verbose=False)
+def test_no_readable_checkpoint_is_one_clear_error(previous, one_epoch, tmp_path, capsys):
+    config, source = one_epoch
+    run_dir = copy_run(source, tmp_path)
     damage(os.path.join(run_dir, "checkpoint.npz"), "truncated")
     previous_path = os.path.join(run_dir, "checkpoint.prev.npz")
     if previous == "missing":
@@ -494,10 +448,10 @@ def test_no_readable_checkpoint_is_one_clear_error(previous, idx_dir, tmp_path, 
     more = dataclass_replace(config, epochs=2)
     if previous == "missing":
         match = (r"checkpoint.npz is unreadable \(BadZipFile: .*\) and there is no checkpoint.prev.npz to fall back "
-                 r"on: rerun with --overwrite to start again$")
+                 r"on: rerun with overwrite=True to start again$")
     else:
         match = (r": no checkpoint can be read \(checkpoint.npz: BadZipFile: .*; checkpoint.prev.npz: .*\): "
-                 r"rerun with --overwrite to start again$")
+                 r"rerun with overwrite=True to start again$")
     with pytest.raises(RunError, match=match) as raised:
         training.train(more, run_dir, progress=False, verbose=False)
     assert "\n" not in str(raised.value)
@@ -524,17 +478,17 @@ def test_a_checkpoint_of_another_model_is_refused_and_restores_nothing(tmp_path)
 
 
 @pytest.mark.parametrize("state", ["running", "finished"])
-def test_a_damaged_status_is_rebuilt_from_the_checkpoint(state, three_epochs, tmp_path, capsys):
+def test_a_damaged_status_is_rebuilt_from_the_checkpoint(state, three_epochs, three_epochs_run, two_epochs, tmp_path,
+                                                         capsys):
     config, expected, expected_points = three_epochs
-    run_dir = str(tmp_path / "run")
     if state == "running":  # killed in epoch 3: the 3-epoch config, a point logged after the checkpoint
-        training.train(dataclass_replace(config, epochs=2), run_dir, progress=False, verbose=False)
+        run_dir = copy_run(two_epochs, tmp_path)  # dataclass_replace(config, epochs=2), trained
         stored = json.load(open(os.path.join(run_dir, "config.json")))
         json.dump({**stored, "epochs": 3}, open(os.path.join(run_dir, "config.json"), "w"))
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as handle:
             handle.write(json.dumps({**expected[-1], "step": 20, "ce": 123.0}) + "\n")
     else:
-        training.train(config, run_dir, progress=False, verbose=False)
+        run_dir = copy_run(three_epochs_run[1], tmp_path)  # config, trained
     damage(os.path.join(run_dir, "status.json"), "garbage")
     capsys.readouterr()
 
@@ -550,10 +504,9 @@ def test_a_damaged_status_is_rebuilt_from_the_checkpoint(state, three_epochs, tm
 
 
 @pytest.mark.parametrize("how", ["truncated", "missing"])
-def test_a_damaged_config_is_restored_from_the_checkpoint(how, idx_dir, tmp_path, capsys):
-    config = small_config(idx_dir, epochs=1)
-    run_dir = str(tmp_path / "run")
-    training.train(config, run_dir, progress=False, verbose=False)
+def test_a_damaged_config_is_restored_from_the_checkpoint(how, one_epoch, tmp_path, capsys):
+    config, source = one_epoch
+    run_dir = copy_run(source, tmp_path)
     config_path = os.path.join(run_dir, "config.json")
     original = open(config_path).read()
     if how == "missing":
@@ -575,10 +528,9 @@ def test_a_damaged_config_is_restored_from_the_checkpoint(how, idx_dir, tmp_path
         training.train(dataclass_replace(config, lr=0.2), run_dir, progress=False, verbose=False)
 
 
-def test_a_damaged_config_without_a_copy_is_one_clear_error(idx_dir, tmp_path):
-    config = small_config(idx_dir, epochs=1)
-    run_dir = str(tmp_path / "run")
-    training.train(config, run_dir, progress=False, verbose=False)
+def test_a_damaged_config_without_a_copy_is_one_clear_error(one_epoch, tmp_path):
+    config, source = one_epoch
+    run_dir = copy_run(source, tmp_path)
     # Checkpoints written before copies were kept: the same files without the meta's "config".
     for name in ("checkpoint.npz", "checkpoint.prev.npz"):
         path = os.path.join(run_dir, name)
@@ -594,16 +546,16 @@ def test_a_damaged_config_without_a_copy_is_one_clear_error(idx_dir, tmp_path):
     with pytest.raises(RunError) as raised:
         training.train(config, run_dir, progress=False, verbose=False)
     assert str(raised.value) == (f"{config_path} is unreadable (JSON error at line 3 column 13: Expecting property "
-                                 "name enclosed in double quotes): restore it or rerun with --overwrite to start again")
+                                 "name enclosed in double quotes): restore it or rerun with overwrite=True to start "
+                                 "again")
     assert training.train(config, run_dir, overwrite=True, progress=False, verbose=False).state == "finished"
 
 
-def test_a_torn_metrics_line_is_cut_on_resume_and_dropped_by_analysis(three_epochs, tmp_path, capsys):
+def test_a_torn_metrics_line_is_cut_on_resume_and_dropped_by_analysis(three_epochs, two_epochs, tmp_path, capsys):
     from keras_implicit import analysis
 
     config, expected, _ = three_epochs
-    run_dir = str(tmp_path / "run")
-    training.train(dataclass_replace(config, epochs=2), run_dir, progress=False, verbose=False)
+    run_dir = copy_run(two_epochs, tmp_path)  # dataclass_replace(config, epochs=2), trained
     complete = read_metrics(run_dir)
     json.dump({"state": "running", "epoch": 2, "step": 18}, open(os.path.join(run_dir, "status.json"), "w"))
     torn = json.dumps({**expected[-1], "step": 20})
@@ -622,19 +574,18 @@ def test_a_torn_metrics_line_is_cut_on_resume_and_dropped_by_analysis(three_epoc
 
 
 @pytest.mark.parametrize("how", ["shorter", "malformed"])
-def test_metrics_damaged_before_the_checkpoint_is_one_clear_error(how, idx_dir, tmp_path):
-    config = small_config(idx_dir, epochs=1)
-    run_dir = str(tmp_path / "run")
-    training.train(config, run_dir, progress=False, verbose=False)
+def test_metrics_damaged_before_the_checkpoint_is_one_clear_error(how, one_epoch, tmp_path):
+    config, source = one_epoch
+    run_dir = copy_run(source, tmp_path)
     path = os.path.join(run_dir, "metrics.jsonl")
     lines = open(path).read().splitlines(keepends=True)
     if how == "shorter":
         open(path, "w").write("".join(lines[:2]))
-        match = r"metrics.jsonl holds \d+ bytes, fewer than the \d+ its checkpoint counted: .* --overwrite"
+        match = r"metrics.jsonl holds \d+ bytes, fewer than the \d+ its checkpoint counted: .* overwrite=True"
     else:
         lines[1] = "x" * (len(lines[1]) - 1) + "\n"  # the same length: only the content is damaged
         open(path, "w").write("".join(lines))
         match = (r"metrics.jsonl:2 is unreadable \(JSON error at line 1 column 1: .*\): restore it or rerun with "
-                 "--overwrite")
+                 "overwrite=True")
     with pytest.raises(RunError, match=match):
         training.train(dataclass_replace(config, epochs=2), run_dir, progress=False, verbose=False)

@@ -38,20 +38,18 @@ def steps_per_second(model_name, input_shape, batch_size, ghost_batch_size, step
     import keras
     import numpy as np
 
-    from keras_implicit import models, training
+    from keras_implicit import ghost, models, training
 
-    accumulation = batch_size // ghost_batch_size
-    micro_batches = steps * accumulation
     rng = np.random.default_rng(seed)
-    x = rng.random((micro_batches * ghost_batch_size, *input_shape), dtype=np.float32)
+    x = rng.random((steps * batch_size, *input_shape), dtype=np.float32)
     y = rng.integers(0, 10, len(x)).astype(np.int32)
-    model = models.make_model(model_name, input_shape, 10, seed=seed)
-    model.compile(training.make_optimizer("sgd", 0.1, accumulation),
+    model = ghost.ghost_batch_model(models.make_model(model_name, input_shape, 10, seed=seed), ghost_batch_size)
+    model.compile(training.make_optimizer("sgd", 0.1),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   steps_per_execution=steps_per_execution)
-    model.fit(x, y, batch_size=ghost_batch_size, epochs=1, shuffle=False, verbose=0)  # compile
+    model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)  # compile
     started = time.perf_counter()
-    model.fit(x, y, batch_size=ghost_batch_size, epochs=1, shuffle=False, verbose=0)
+    model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
     elapsed = time.perf_counter() - started
     return {"batch_size": batch_size, "ghost_batch_size": ghost_batch_size, "steps_per_execution":
             steps_per_execution, "optimizer_steps": steps, "seconds": elapsed, "steps_per_second": steps / elapsed}

@@ -1,0 +1,188 @@
+"""Ghost batches (the paper's section 4.2): large batches whose BatchNorm statistics come from micro-batches.
+
+A batch of ``B`` examples is applied as ``B / ghost_batch_size`` micro-batches (on ``R`` replicas of a
+``tf.distribute`` strategy, ``B / (R * ghost_batch_size)`` per replica, each replica holding a contiguous
+``B / R`` slice of the batch):
+
+- each micro-batch goes through the network on its own, so every BatchNormalization normalizes with
+  the mean and variance of ``ghost_batch_size`` examples, whatever ``B`` and ``R`` are;
+- the gradients of all micro-batches (of all replicas) are averaged, and the optimizer takes **one step
+  per batch** with that mean (the gradient of the mean loss over the batch): ``optimizer.iterations``
+  counts batches;
+- every float non-trainable variable (BatchNorm's moving mean and variance) ends the step at the **mean of
+  the values the micro-batches would have given it**, ``moving = m * moving + (1 - m) * mean_k(stat_k)``:
+  one moving-average update per step with the mean of the micro-batches' moments, as tf.keras 2's
+  ``BatchNormalization(virtual_batch_size=...)`` did. Unlike a sequential update per micro-batch, this
+  does not depend on how micro-batches are spread over replicas, so 1 device and N replicas end with the
+  same moving statistics on every replica (and evaluation gives the same logits). Non-float state
+  (random seeds) is carried from one micro-batch to the next.
+
+Micro-batches run one after another (a ``tf.while_loop`` / ``jax.lax.scan``): memory is that of one
+micro-batch, whatever the batch size. Keras 3's ``BatchNormalization`` has no ``virtual_batch_size`` and its
+optimizer's ``gradient_accumulation_steps`` fails under ``tf.distribute.MirroredStrategy``, hence this
+class. TensorFlow and JAX are supported.
+
+Example:
+    >>> model = ghost_batch_model(make_model("fc6", (28, 28, 1), 10, seed=0), ghost_batch_size=256)
+    >>> model.compile(keras.optimizers.SGD(0.1, momentum=0.9),
+    ...               keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> model.fit(x, y, batch_size=4096, shuffle=False)  # 16 micro-batches of 256 per optimizer step
+"""
+
+from __future__ import annotations
+
+import keras
+
+from keras_implicit._distribute import check_divides
+
+__all__ = ["GhostBatchModel", "ghost_batch_model", "check_divides"]
+
+
+@keras.saving.register_keras_serializable(package="keras_implicit")
+class GhostBatchModel(keras.Model):
+    """A functional model whose ``train_step`` applies each batch as micro-batches of ``ghost_batch_size``
+    (see the module docstring). Build it with :func:`ghost_batch_model`, or as
+    ``GhostBatchModel(inputs, outputs, ghost_batch_size=256)``.
+
+    Args:
+        ghost_batch_size: examples per micro-batch (what BatchNorm normalizes). Each replica's batch
+            must be a whole number of micro-batches (:func:`check_divides`).
+        *args, **kwargs: those of a functional ``keras.Model`` (``inputs``, ``outputs``, ``name``).
+    """
+
+    def __init__(self, *args, ghost_batch_size: int = 256, **kwargs):
+        super().__init__(*args, **kwargs)
+        if int(ghost_batch_size) < 1:
+            raise ValueError(f"ghost_batch_size must be >= 1, got {ghost_batch_size!r}")
+        if keras.backend.backend() not in ("tensorflow", "jax"):
+            raise ValueError(f"ghost batches run on the tensorflow and jax backends, not {keras.backend.backend()}")
+        self.ghost_batch_size = int(ghost_batch_size)
+
+    def get_config(self):
+        return {**super().get_config(), "ghost_batch_size": self.ghost_batch_size}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        ghost_batch_size = config.pop("ghost_batch_size", 256)
+        return ghost_batch_model(keras.Model.from_config(config, custom_objects=custom_objects), ghost_batch_size)
+
+    def _floats(self):
+        return [keras.backend.is_float_dtype(v.dtype) for v in self.non_trainable_variables]
+
+    def train_step(self, *args):
+        data = args[-1]
+        if data[0].shape[0] == self.ghost_batch_size and _one_replica():
+            # One micro-batch on one device: Keras' own step is the same step (one moving-average update with
+            # the micro-batch's moments), without the loop's overhead (run.py's default, batch 256).
+            return super().train_step(*args)
+        if keras.backend.backend() == "jax":
+            return self._jax_train_step(*args)
+        return self._tf_train_step(*args)
+
+    # ------------------------------------------------------------------ #
+    def _tf_train_step(self, data):
+        import tensorflow as tf
+
+        from keras_implicit import _distribute
+
+        x, y = data[0], data[1]
+        micro = self.ghost_batch_size
+        message = f"a replica's batch is not a whole number of micro-batches of {micro} (see check_divides)"
+        if x.shape[0] is not None and x.shape[0] % micro:
+            raise ValueError(f"{message}: it holds {x.shape[0]} examples")
+        tf.debugging.assert_equal(tf.shape(x)[0] % micro, 0, message=message)
+        count = tf.shape(x)[0] // micro
+        xs = tf.reshape(x, tf.concat([[count, micro], tf.shape(x)[1:]], 0))
+        ys = tf.reshape(y, tf.concat([[count, micro], tf.shape(y)[1:]], 0))
+        trainable = [v.value for v in self.trainable_variables]
+        initial = [v.value for v in self.non_trainable_variables]
+        floats = self._floats()
+
+        def micro_batch(index, gradient_sums, state, state_sums, loss_sum):
+            inputs = [s if f else c for s, c, f in zip(initial, state, floats)]
+            with tf.GradientTape() as tape:
+                tape.watch(trainable)
+                y_pred, updated = self.stateless_call(trainable, inputs, xs[index], training=True)
+                loss = self.compute_loss(x=xs[index], y=ys[index], y_pred=y_pred, training=True)
+            gradients = tape.gradient(loss, trainable)
+            return (index + 1, [a + b for a, b in zip(gradient_sums, gradients)], list(updated),
+                    [a + b for a, b in zip(state_sums, updated)], loss_sum + tf.cast(loss, "float32"))
+
+        zeros = [tf.zeros_like(v) for v in trainable]
+        _, gradient_sums, state, state_sums, loss_sum = tf.while_loop(
+            lambda index, *_: index < count, micro_batch,
+            (tf.constant(0), zeros, initial, [tf.zeros_like(v) for v in initial], tf.zeros((), "float32")))
+        gradients = [g / tf.cast(count, g.dtype) for g in gradient_sums]
+        # compute_loss divides by the number of replicas and the optimizer sums over them: the mean gradient.
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        means = iter(_distribute.mean_over_replicas(
+            [t / tf.cast(count, t.dtype) for t, f in zip(state_sums, floats) if f]))
+        _distribute.assign_on_every_replica(self.non_trainable_variables,
+                                            [next(means) if f else s for s, f in zip(state, floats)])
+        # The replica's mean loss, unscaled (compute_loss divided it by the number of replicas).
+        return {"loss": loss_sum / tf.cast(count, "float32") * _distribute.replicas_in_sync()}
+
+    # ------------------------------------------------------------------ #
+    def _jax_train_step(self, state, data):
+        import jax
+        import jax.numpy as jnp
+
+        trainable, non_trainable, optimizer_variables, metrics_variables = state
+        x, y = data[0], data[1]
+        micro = self.ghost_batch_size
+        if x.shape[0] % micro:
+            raise ValueError(f"a batch of {x.shape[0]} is not a whole number of micro-batches of {micro} "
+                             "(see check_divides)")
+        count = x.shape[0] // micro
+        xs = jnp.reshape(x, (count, micro) + tuple(x.shape[1:]))
+        ys = jnp.reshape(y, (count, micro) + tuple(y.shape[1:]))
+        floats = self._floats()
+
+        def loss_and_state(trainable, inputs, x_micro, y_micro):
+            y_pred, updated = self.stateless_call(trainable, inputs, x_micro, training=True)
+            loss, _ = self.stateless_compute_loss(trainable, updated, metrics_variables, x=x_micro, y=y_micro,
+                                                  y_pred=y_pred, training=True)
+            return loss, updated
+
+        gradient_of = jax.value_and_grad(loss_and_state, has_aux=True)
+
+        def micro_batch(carry, batch):
+            gradient_sums, carried, state_sums, loss_sum = carry
+            inputs = [s if f else c for s, c, f in zip(non_trainable, carried, floats)]
+            (loss, updated), gradients = gradient_of(trainable, inputs, *batch)
+            return ([a + b for a, b in zip(gradient_sums, gradients)], list(updated),
+                    [a + b for a, b in zip(state_sums, updated)], loss_sum + loss.astype("float32")), None
+
+        start = ([jnp.zeros_like(v) for v in trainable], list(non_trainable),
+                 [jnp.zeros_like(v) for v in non_trainable], jnp.zeros((), "float32"))
+        (gradient_sums, carried, state_sums, loss_sum), _ = jax.lax.scan(micro_batch, start, (xs, ys))
+        gradients = [g / count for g in gradient_sums]
+        trainable, optimizer_variables = self.optimizer.stateless_apply(optimizer_variables, gradients, trainable)
+        non_trainable = [(t / count).astype(t.dtype) if f else c for t, c, f in zip(state_sums, carried, floats)]
+        return {"loss": loss_sum / count}, (trainable, non_trainable, optimizer_variables, metrics_variables)
+
+
+def _one_replica() -> bool:
+    if keras.backend.backend() != "tensorflow":
+        return True
+    from keras_implicit import _distribute
+
+    return _distribute.replicas_in_sync() == 1
+
+
+def ghost_batch_model(model: keras.Model, ghost_batch_size: int) -> GhostBatchModel:
+    """A :class:`GhostBatchModel` over the layers of the functional ``model`` (the same weights, shared).
+
+    Args:
+        model: a functional ``keras.Model`` (as :func:`keras_implicit.models.make_model` returns).
+        ghost_batch_size: examples per micro-batch.
+
+    Returns:
+        The model to compile and fit; ``model`` itself is unchanged and shares its variables.
+    """
+    if not getattr(model, "inputs", None):
+        raise ValueError("ghost_batch_model needs a functional model with known inputs (make_model returns one)")
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
+    return GhostBatchModel(inputs, outputs, name=model.name, ghost_batch_size=ghost_batch_size)

@@ -1,0 +1,180 @@
+"""GhostBatchModel (keras_implicit/ghost.py) against independent references: Keras' own step on the whole
+batch (no BatchNorm), per-micro-batch gradients from plain training-mode calls, and the moving statistics
+computed in NumPy. Runs on TensorFlow and on JAX (.ci/run runs this file on both backends)."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_implicit import ghost, training
+from keras_implicit._distribute import check_divides
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _mlp(seed, batch_norm=False, dropout=False):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((20,))
+    x = keras.layers.Dense(32, name="dense")(inputs)
+    if batch_norm:
+        x = keras.layers.BatchNormalization(name="batch_norm")(x)
+    x = keras.layers.ReLU()(x)
+    if dropout:
+        x = keras.layers.Dropout(0.5, seed=seed)(x)
+    return keras.Model(inputs, keras.layers.Dense(10, name="top")(x))
+
+
+def _data(count, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(count, 20)) * rng.uniform(0.5, 3, (count, 1))).astype(np.float32)
+    return x, rng.integers(0, 10, count).astype(np.int32)
+
+
+def _weight_gradients(model, x, y):
+    """d mean-loss / d trainable weights of a training-mode call on (x, y), by the backend's autodiff."""
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def value(weights):
+            outputs, _ = model.stateless_call(weights, non_trainable, x, training=True)
+            return LOSS(y, outputs)
+
+        return [np.asarray(g) for g in jax.grad(value)(trainable)]
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        value = LOSS(y, model(x, training=True))
+    return [g.numpy() for g in tape.gradient(value, model.trainable_variables)]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("batch_size, ghost_batch_size", [(1024, 256), (768, 128), (512, 512)])
+def test_without_batch_norm_micro_batches_equal_one_step_on_the_batch(optimizer, batch_size, ghost_batch_size):
+    x, y = _data(3 * batch_size)
+    micro, whole = ghost.ghost_batch_model(_mlp(1), ghost_batch_size), _mlp(1)
+    for a, b in zip(micro.weights, whole.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    micro.compile(training.make_optimizer(optimizer, 0.05), LOSS)
+    whole.compile(training.make_optimizer(optimizer, 0.05), LOSS)
+    micro.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
+    whole.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
+    # Three updates each: iterations counts batches (momentum / Adam's bias correction too).
+    assert int(np.asarray(micro.optimizer.iterations)) == int(np.asarray(whole.optimizer.iterations)) == 3
+    moved = 0.0
+    for initial, a, b in zip(_mlp(1).weights, micro.weights, whole.weights):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+        moved = max(moved, float(np.abs(np.asarray(a) - np.asarray(initial)).max()))
+    assert moved > 1e-2  # the steps were real
+
+
+@pytest.mark.parametrize("ghost_batch_size, micro_batches", [(16, 4), (32, 2), (8, 8)])
+def test_batch_norm_normalizes_each_micro_batch_and_averages_its_moments(ghost_batch_size, micro_batches):
+    x, y = _data(ghost_batch_size * micro_batches, seed=1)
+    lr = 0.1
+    model = ghost.ghost_batch_model(_mlp(2, batch_norm=True), ghost_batch_size)
+    start = {v.path: np.asarray(v).copy() for v in model.weights}
+
+    # Reference gradients: each micro-batch through a plain model in training mode (its own statistics),
+    # averaged; the first SGD-with-momentum step (velocity zero) is w - lr * mean gradient.
+    reference = _mlp(2, batch_norm=True)
+    per_micro_batch = [_weight_gradients(reference, x[k * ghost_batch_size:(k + 1) * ghost_batch_size],
+                                         y[k * ghost_batch_size:(k + 1) * ghost_batch_size])
+                       for k in range(micro_batches)]
+    mean_gradient = [np.mean(parts, axis=0) for parts in zip(*per_micro_batch)]
+    whole_batch = _weight_gradients(_mlp(2, batch_norm=True), x, y)
+    # Normalizing all examples together would give another gradient: the test can tell them apart.
+    assert np.abs(mean_gradient[0] - whole_batch[0]).max() > 1e-3
+
+    model.compile(training.make_optimizer("sgd", lr), LOSS)
+    model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
+    assert int(np.asarray(model.optimizer.iterations)) == 1
+    for variable, gradient in zip(model.trainable_variables, mean_gradient):
+        np.testing.assert_allclose(np.asarray(variable), start[variable.path] - lr * gradient, rtol=1e-4, atol=1e-6)
+
+    # Moving statistics: one update with the mean of the micro-batches' moments (in NumPy, float64), from the
+    # initial weights (they do not change within a step).
+    bn = model.get_layer("batch_norm")
+    dense = model.get_layer("dense")
+    kernel, bias = start[dense.kernel.path].astype(np.float64), start[dense.bias.path].astype(np.float64)
+    moments = [x[k * ghost_batch_size:(k + 1) * ghost_batch_size].astype(np.float64) @ kernel + bias
+               for k in range(micro_batches)]
+    mean = np.mean([h.mean(axis=0) for h in moments], axis=0)
+    variance = np.mean([h.var(axis=0) for h in moments], axis=0)
+    np.testing.assert_allclose(np.asarray(bn.moving_mean), (1 - bn.momentum) * mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(bn.moving_variance), bn.momentum + (1 - bn.momentum) * variance,
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_seed_state_is_carried_from_one_micro_batch_to_the_next():
+    x, y = _data(64, seed=3)
+    model = ghost.ghost_batch_model(_mlp(4, dropout=True), 16)
+    seeds = [v for v in model.non_trainable_variables if not keras.backend.is_float_dtype(v.dtype)]
+    assert seeds, "Dropout's seed generator should hold integer state"
+    reference = _mlp(4, dropout=True)
+    for k in range(4):  # four training-mode calls: four draws of Dropout's mask
+        reference(x[k * 16:(k + 1) * 16], training=True)
+    expected = [np.asarray(v) for v in reference.non_trainable_variables if not keras.backend.is_float_dtype(v.dtype)]
+    model.compile(training.make_optimizer("sgd", 0.1), LOSS)
+    model.fit(x, y, batch_size=64, epochs=1, shuffle=False, verbose=0)
+    for state, want in zip(seeds, expected):
+        np.testing.assert_array_equal(np.asarray(state), want)
+
+
+def test_shares_the_layers_of_the_model_it_wraps():
+    network = _mlp(5, batch_norm=True)
+    model = ghost.ghost_batch_model(network, 8)
+    assert [v.path for v in model.weights] == [v.path for v in network.weights]
+    model.compile(training.make_optimizer("sgd", 0.1), LOSS)
+    x, y = _data(32)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    for a, b in zip(model.weights, network.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_config_round_trip():
+    model = ghost.ghost_batch_model(_mlp(6, batch_norm=True), 64)
+    config = model.get_config()
+    assert config["ghost_batch_size"] == 64
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
+    assert isinstance(again, ghost.GhostBatchModel) and again.ghost_batch_size == 64
+    assert [tuple(v.shape) for v in again.weights] == [tuple(v.shape) for v in model.weights]
+    x = _data(8)[0]
+    again.set_weights(model.get_weights())
+    np.testing.assert_allclose(np.asarray(again(x)), np.asarray(model(x)), rtol=1e-6)
+
+
+def test_a_batch_that_is_not_whole_micro_batches_is_refused():
+    model = ghost.ghost_batch_model(_mlp(7), 32)
+    model.compile(training.make_optimizer("sgd", 0.1), LOSS)
+    x, y = _data(48)
+    with pytest.raises(Exception, match="whole number of micro-batches of 32"):
+        model.fit(x, y, batch_size=48, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="ghost_batch_size must be >= 1"):
+        ghost.ghost_batch_model(_mlp(7), 0)
+
+
+@pytest.mark.parametrize("batch_size, ghost_batch_size, replicas, expected", [
+    (16384, 256, 1, 64), (16384, 256, 2, 32), (16384, 256, 8, 8), (512, 256, 2, 1), (256, 128, 2, 1),
+])
+def test_check_divides_counts_micro_batches_per_replica(batch_size, ghost_batch_size, replicas, expected):
+    assert check_divides(batch_size, ghost_batch_size, replicas) == expected
+
+
+@pytest.mark.parametrize("batch_size, ghost_batch_size, replicas, message", [
+    (256, 256, 2, "on 2 replicas \\(128 examples each\\).*multiple of replicas x ghost_batch_size = 512"),
+    (300, 256, 1, "not a whole number of micro-batches of ghost_batch_size 256"),
+    (1024, 256, 3, "multiple of replicas x ghost_batch_size = 768"),
+    (1024, 0, 1, "must be >= 1"),
+])
+def test_check_divides_says_how_batch_replicas_and_ghost_combine(batch_size, ghost_batch_size, replicas, message):
+    with pytest.raises(ValueError, match=message):
+        check_divides(batch_size, ghost_batch_size, replicas)
+
+
+def test_exported_at_the_top_of_the_package():
+    import keras_implicit as ki
+
+    assert ki.GhostBatchModel is ghost.GhostBatchModel and ki.ghost_batch_model is ghost.ghost_batch_model
+    assert {"GhostBatchModel", "ghost_batch_model", "check_divides"} <= set(ghost.__all__)
