@@ -905,7 +905,9 @@ class _Training:
                 try:
                     meta = self.restore()
                 except RunError as error:
-                    refusal = error
+                    if not self.multiworker:
+                        raise
+                    refusal = error  # the other workers must hear of it before the chief stops
             action, meta = self.share_plan(plan, refusal, meta)
             if action != _TRAIN:
                 if refusal is not None:
