@@ -7,21 +7,25 @@
 #     sh experiments/regime.sh                    # RUNS=runs/regime FIGURES=docs/figures/regime JOBS=2
 #
 # Scale, chosen to finish on a 2-core CPU: a class-balanced subset of 4096 training images (4 batches of
-# 1024 per epoch, so the large-batch epoch is not full-batch descent), the whole test set, tracking every 4
-# optimizer steps (lr 0.1's CE is noisy near convergence: see the crossing definitions). Rerunning resumes
-# unfinished runs and skips finished ones.
+# 1024 per epoch, so the large-batch epoch is not full-batch descent), the whole test set; runs stop at the
+# target CE (the epoch cap is only a bound). Measured: lr 0.1 at batch 256 reaches CE 0.04 in about 800 steps
+# (1.5 minutes). Rerunning resumes unfinished runs and skips finished ones.
 set -e
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/regime}
 FIGURES=${FIGURES:-docs/figures/regime}
 JOBS=${JOBS:-2}
-COMMON="--train-subset 4096 --target-train-loss 0.04 --epochs 5000 --track-every 4 --no-hparams"
+COMMON="--train-subset 4096 --target-train-loss 0.04 --epochs 100000 --no-hparams"
 
+# Tracking every 4 steps at lr 0.1 (its CE is noisy near convergence) and every 32 at lr 0.001, which needs
+# about 100 times more steps to reach the same CE and moves less per step: the points per unit of loss decrease
+# are then comparable, and tracking does not dominate the small rate's hours.
 # shellcheck disable=SC2086
-python experiments/sweep.py --runs-dir "$RUNS" --lrs 0.1 0.001 --batch-sizes 256 --seeds 0 1 2 --jobs "$JOBS" $COMMON
+python experiments/sweep.py --runs-dir "$RUNS" --lrs 0.1 --batch-sizes 256 1024 --ghost-batch-size 256 \
+    --seeds 0 1 2 --jobs "$JOBS" --track-every 4 $COMMON
 # shellcheck disable=SC2086
-python experiments/sweep.py --runs-dir "$RUNS" --lrs 0.1 --batch-sizes 1024 --ghost-batch-size 256 --seeds 0 1 2 \
-    --jobs "$JOBS" $COMMON
+python experiments/sweep.py --runs-dir "$RUNS" --lrs 0.001 --batch-sizes 256 --seeds 0 1 2 --jobs "$JOBS" \
+    --track-every 32 $COMMON
 
 python experiments/ladder.py "$RUNS"/*-lr0.1-b256-* "$RUNS"/*-lr0.001-b256-* --a lr=0.1 --b lr=0.001 \
     --levels 1 0.5 0.3 0.15 0.08 0.04 --holds 0 2 --out "$FIGURES/lr"
