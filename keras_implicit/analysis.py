@@ -722,7 +722,8 @@ def loss_ladder(a: RunGroup, b: RunGroup, levels: Sequence[float] = DEFAULT_LADD
             mean_b = np.array([agg_b.mean[n] for n in names[family]])
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio[family][row] = mean_a / mean_b
-                paired = np.array([[pa.values[n] / pb.values[n] for n in names[family]] for pa, pb in pairs])
+                paired = (np.array([[pa.values[n] for n in names[family]] for pa, _ in pairs], np.float64)
+                          / np.array([[pb.values[n] for n in names[family]] for _, pb in pairs], np.float64))
             if len(pairs) > 1:
                 ratio_std[family][row] = np.std(paired, axis=0, ddof=1)
             crossings[family].append(crossovers(params[family], mean_a, mean_b))
@@ -742,6 +743,10 @@ def loss_ladder(a: RunGroup, b: RunGroup, levels: Sequence[float] = DEFAULT_LADD
                   test_error=errors["test"], train_error=errors["train"], epochs=epochs)
 
 
+def _ratio_text(value: float) -> str:
+    return f"{value:.3f}" if abs(value) < 100 else f"{value:.3g}"
+
+
 def ladder_markdown(ladder: Ladder, family: str, parameters: Optional[Sequence[float]] = None) -> str:
     """A Markdown table of one family of a :class:`Ladder`: a row per level with the ratio ``a / b`` (± the
     seed-paired spread) at ``parameters`` (default: the whole grid), the crossover(s) and both test errors."""
@@ -756,7 +761,7 @@ def ladder_markdown(ladder: Ladder, family: str, parameters: Optional[Sequence[f
         cells = [f"{level:g}", f"{ladder.epochs['a'][row]:.3g} / {ladder.epochs['b'][row]:.3g}"]
         for k in columns:
             value, spread = ladder.ratio[family][row, k], ladder.ratio_std[family][row, k]
-            cells.append(f"{value:.3f}" + (f" ± {spread:.3f}" if math.isfinite(spread) else ""))
+            cells.append(_ratio_text(value) + (f" ± {_ratio_text(spread)}" if math.isfinite(spread) else ""))
         found = ladder.crossings[family][row]
         cells.append(", ".join(f"{c:.3g}" for c in found) if found else "none")
         test = ladder.test_error
