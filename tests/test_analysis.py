@@ -597,3 +597,15 @@ def test_a_settled_crossing_skips_a_dip(tmp_path):
         analysis.at_level(rising, 0.3, hold=1)
     with pytest.raises(ValueError, match="hold must be a whole number"):
         analysis.at_level(run, 0.3, hold=-1)
+
+
+def test_ladder_ratio_over_a_zero_is_inf_not_an_error(tmp_path):
+    # A hinge loss that has reached 0 in b (every margin met) while a still has some: the ratio is inf.
+    ce = [2.3, 1.0, 0.5]
+    a = analysis.load_run(write_run(tmp_path / "a", records_from(ce, lambda f, p, c: 1.0 + p), seed=0))
+    b = analysis.load_run(write_run(tmp_path / "b", records_from(
+        ce, lambda f, p, c: 0.0 if (f, p) == ("hinge", 0.5) else 1.0 + p), seed=0, lr=0.001))
+    group_a, group_b = analysis.group_runs([a, b])
+    ladder = analysis.loss_ladder(group_a, group_b, levels=(1.0,), families=("hinge",))
+    assert ladder.ratio["hinge"][0].tolist() == [math.inf, 1.0, 1.0]
+    assert "| inf |" in analysis.ladder_markdown(ladder, "hinge")
