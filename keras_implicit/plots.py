@@ -539,11 +539,13 @@ def plot_family_at_level(runs, level: float, families: Sequence[str] = analysis.
     return fig
 
 
-def plot_ladder(ladder: analysis.Ladder, families: Sequence[str] | None = None):
+def plot_ladder(ladder: analysis.Ladder, families: Sequence[str] | None = None, limit: float = 100.0):
     """The gap between two settings against the training-CE level (:func:`keras_implicit.analysis.loss_ladder`):
     for each family, the ratio ``a / b`` of the seed means against the parameter, one line per level (darker:
     lower CE), with a band of ± the seed-paired ratios' standard deviation; a line crossing 1 marks a crossover.
-    Both axes are logarithmic; parameters <= 0 are left out.
+    Both axes are logarithmic; parameters <= 0 are left out. The ratio axis shows at most [1 / ``limit``,
+    ``limit``] (near convergence a loss that reaches 0 in one setting makes the ratio run off to 1e25 and
+    flatten every other line); a clipped axis says so in its label.
 
     Returns:
         A Figure with one column per family.
@@ -568,10 +570,16 @@ def plot_ladder(ladder: analysis.Ladder, families: Sequence[str] | None = None):
         axis.axhline(1.0, color="#d55e00", linewidth=0.9)
         axis.set_xscale("log")
         axis.set_yscale("log")
+        ratios = ladder.ratio[family][:, keep]
+        shown = ratios[np.isfinite(ratios) & (ratios > 0)]
+        low, high = (float(shown.min()), float(shown.max())) if shown.size else (1.0, 1.0)
+        clipped = low < 1 / limit or high > limit or shown.size < ratios.size
+        axis.set_ylim(max(min(low, 1.0), 1 / limit) / 1.15, min(max(high, 1.0), limit) * 1.15)
         readable_log_ticks(axis.xaxis, at=params[keep])
         readable_log_ticks(axis.yaxis)
         axis.set_xlabel(analysis.FAMILY_PARAMETER[family])
-        axis.set_ylabel(f"{family}: {ladder.a} / {ladder.b}", fontsize=8)
+        axis.set_ylabel(f"{family}: {ladder.a} / {ladder.b}" + (f" (axis clipped at ×{limit:g})" if clipped else ""),
+                        fontsize=8)
         axis.set_title(f"({'abc'[col] if col < 3 else col}) {analysis.FAMILY_TITLE[family]}", fontsize=10)
         axis.grid(True, which="major", alpha=0.3)
     crossing = "first crossing" if ladder.hold == 0 else f"crossing held {ladder.hold} points"

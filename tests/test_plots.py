@@ -391,3 +391,15 @@ def test_ladder_script_writes_figures_and_tables(tmp_path):
     wrong = subprocess.run([sys.executable, str(script), str(tmp_path / "runs"), "--a", "lr=1", "--b", "lr=0.001",
                             "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 1 and "no group 'lr=1' among the runs: 'lr=0.1', 'lr=0.001'" in wrong.stderr
+
+
+def test_ladder_axis_is_clipped_when_a_ratio_runs_off(tmp_path):
+    from tests.test_analysis import _ladder_runs
+
+    a, b, *_ = _ladder_runs(tmp_path)
+    ladder = analysis.loss_ladder(a, b, levels=(1.0, 0.25))
+    ladder.ratio["gcdf"][1, 0] = 1e25  # as a loss that reached 0 in b makes it
+    fig = plots.plot_ladder(ladder, families=("gcdf", "tce"), limit=100)
+    clipped, normal = fig.axes
+    assert clipped.get_ylim()[1] == pytest.approx(100 * 1.15) and "axis clipped at ×100" in clipped.get_ylabel()
+    assert normal.get_ylim()[1] < 100 and "clipped" not in normal.get_ylabel()
