@@ -261,11 +261,6 @@ class RunConfig:
         replicas = self.cpu_replicas or (_cluster_role()[0] if self.strategy == "multiworker" else 1)
         _check_divides(self.batch_size, self.ghost_batch_size, replicas)
 
-    @property
-    def micro_batches(self) -> int:
-        """Micro-batches of ``ghost_batch_size`` per optimizer step (over all replicas)."""
-        return self.batch_size // self.ghost_batch_size
-
     def flags(self) -> dict:
         return dataclasses.asdict(self)
 
