@@ -8,7 +8,9 @@ Writes PNG and PDF files under --out (see ``keras_implicit.plots.plot_all``):
 - ``fig1_loss_shapes``: each family's binary loss against the margin z (fig. 1);
 - ``curves_<family>_<split>``: the family tracked during training, one panel per run (figs. 2-5, 8-11, 13-14);
 - ``vs_train_loss``: chosen losses and the train error against the training CE, runs overlaid (figs. 6, 15);
-- ``at_level``: each family against its parameter at the training CE ``--level`` (figs. 7, 12, 16).
+- ``at_level``: each family against its parameter at the training CE ``--level`` (figs. 7, 12, 16);
+- ``sharpness``: Gcdf, the noisy error it bounds and eq. 9 against sigma at ``--level`` (runs trained with
+  ``run.py --noisy-error-draws``), and ``--sharpness-levels L1 L2 ...`` draws it at several levels instead.
 
 Runs that differ only by seed are drawn as one line with a ± std band. ``--level`` defaults to the
 lowest training CE that every run reaches. Only fig. 1 imports TensorFlow (``--no-loss-shapes`` skips it).
@@ -38,6 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--formats", nargs="+", default=["png", "pdf"])
     parser.add_argument("--kinds", nargs="+", default=list(plots.KINDS), choices=plots.KINDS,
                         help="which figures to write")
+    parser.add_argument("--sharpness-levels", type=float, nargs="+",
+                        help="training CEs of the sharpness figure (default: --level)")
     parser.add_argument("--dpi", type=int, default=110)
     parser.add_argument("--no-loss-shapes", action="store_true", help="skip fig. 1 (which needs TensorFlow)")
     parser.add_argument("--strict", action="store_true", help="a truncated metrics.jsonl line is an error")
@@ -48,10 +52,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         runs = analysis.load_runs(args.runs, strict=args.strict)
+        kinds = [k for k in args.kinds if not (k == "sharpness" and args.sharpness_levels)]
         paths = plots.plot_all(runs, args.out, level=args.level, split=args.split, x=args.x,
                                quantities=args.quantities, formats=args.formats,
-                               loss_shapes=not args.no_loss_shapes, dpi=args.dpi, kinds=args.kinds)
-    except (analysis.RunDirectoryError, analysis.GridMismatchError, analysis.LevelNotReachedError) as error:
+                               loss_shapes=not args.no_loss_shapes, dpi=args.dpi, kinds=kinds)
+        if args.sharpness_levels and "sharpness" in args.kinds:
+            paths += plots.save_figure(plots.plot_sharpness(runs, args.sharpness_levels), args.out, "sharpness",
+                                       args.formats, args.dpi)
+    except (analysis.RunDirectoryError, analysis.GridMismatchError, analysis.LevelNotReachedError,
+            ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     for group in analysis.group_runs(runs):

@@ -77,6 +77,16 @@ def _positive_int(text):
     return value
 
 
+def _draws(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or at least 2 (the standard error needs two), got {value}")
+    return value
+
+
 def _positive_float(text):
     try:
         value = float(text)
@@ -138,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu-replicas", type=_positive_int, default=None,
                         help="with --strategy mirrored on a machine without GPUs: split the CPU into this many "
                              "devices (the batch must be a multiple of replicas x --ghost-batch-size)")
+    parser.add_argument("--noisy-error-draws", type=_draws, default=defaults.noisy_error_draws, metavar="DRAWS",
+                        help="also measure, at every tracking point, the noisy error (Monte Carlo with DRAWS draws "
+                             "per example, e.g. 64; 0: off), the noisy cross-entropy and eq. 9 for each sigma "
+                             "(keras_implicit.sharpness)")
     return parser
 
 
@@ -149,7 +163,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         loss=args.loss, train_subset=args.train_subset, track_every=args.track_every,
         track_schedule=args.track_schedule, target_train_loss=args.target_train_loss,
         data_dir=args.data_dir, deterministic=args.deterministic, strategy=args.strategy,
-        cpu_replicas=args.cpu_replicas,
+        cpu_replicas=args.cpu_replicas, noisy_error_draws=args.noisy_error_draws,
     )
 
 

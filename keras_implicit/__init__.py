@@ -26,6 +26,11 @@ _EXPORTS = {
     "format_parameter": "losses",
     "active_path": "losses",
     "force_path": "losses",
+    "noisy_error": "sharpness",
+    "noisy_crossentropy": "sharpness",
+    "crossentropy_hessian_trace": "sharpness",
+    "eq9": "sharpness",
+    "evaluate_sharpness": "sharpness",
     "AltLossPanel": "metrics",
     "alt_loss_panel": "metrics",
     "load_dataset": "data",
@@ -38,7 +43,8 @@ _EXPORTS = {
     "RunDirectory": "training",
     "train": "training",
 }
-_SUBMODULES = ("losses", "metrics", "analysis", "plots", "data", "models", "ghost", "callbacks", "training")
+_SUBMODULES = ("losses", "metrics", "sharpness", "analysis", "plots", "data", "models", "ghost", "callbacks",
+               "training")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 

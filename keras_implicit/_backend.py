@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 __all__ = [
-    "compile_inference", "compile_batch_sums",
+    "compile_inference", "compile_batch_sums", "fused",
     "accumulation_dtype", "ScalarWriter", "open_scalar_writer", "training_arrays",
     "batches", "enable_determinism", "versions",
 ]
@@ -43,38 +43,40 @@ def accumulation_dtype() -> str:
 
 
 def compile_inference(model: keras.Model, fn: Callable) -> Callable:
-    """``run(x, y) = fn(*model(x, training=False), y)``, compiled for the backend, with the model's current
-    weights at each call (JAX: the variables are passed in, never captured as constants)."""
+    """``run(x, y, *per_example) = fn(*model(x, training=False), y, *per_example)``, compiled for the backend,
+    with the model's current weights at each call (JAX: the variables are passed in, never captured as
+    constants). ``per_example``: more tensors with one row per example of ``x`` (the noise draws of
+    :mod:`keras_implicit.sharpness`)."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
         @tf.function(reduce_retracing=True)
-        def run_tf(x, y):
-            return fn(*model(x, training=False), y)
+        def run_tf(x, y, *per_example):
+            return fn(*model(x, training=False), y, *per_example)
 
         return run_tf
     if backend == "jax":
         import jax
 
         @jax.jit
-        def stateless(trainable, non_trainable, x, y):
+        def stateless(trainable, non_trainable, x, y, *per_example):
             outputs, _ = model.stateless_call(trainable, non_trainable, x, training=False)
-            return fn(*outputs, y)
+            return fn(*outputs, y, *per_example)
 
-        def run_jax(x, y):
+        def run_jax(x, y, *per_example):
             return stateless([v.value for v in model.trainable_variables],
-                             [v.value for v in model.non_trainable_variables], x, y)
+                             [v.value for v in model.non_trainable_variables], x, y, *per_example)
 
         return run_jax
 
-    def run_eager(x, y):
+    def run_eager(x, y, *per_example):
         if backend == "torch":
             import torch
 
             with torch.no_grad():
-                return fn(*model(x, training=False), y)
-        return fn(*model(x, training=False), y)
+                return fn(*model(x, training=False), y, *per_example)
+        return fn(*model(x, training=False), y, *per_example)
 
     return run_eager
 
@@ -82,7 +84,8 @@ def compile_inference(model: keras.Model, fn: Callable) -> Callable:
 def compile_batch_sums(model: keras.Model, fn: Callable, trained_model: Optional[keras.Model] = None) -> Callable:
     """:func:`compile_inference` for an ``fn`` that returns sums over the batch. When ``trained_model`` (default
     ``model``) was built under a ``tf.distribute`` strategy with several replicas, the batch is split over the
-    replicas and their sums added (``keras_implicit._distribute.summed_over_replicas``)."""
+    replicas (``per_example`` tensors cut the same way) and their sums added
+    (``keras_implicit._distribute.summed_over_replicas``)."""
     if keras.backend.backend() == "tensorflow":
         strategy = (trained_model or model).distribute_strategy
         if strategy.num_replicas_in_sync > 1:
@@ -90,6 +93,17 @@ def compile_batch_sums(model: keras.Model, fn: Callable, trained_model: Optional
 
             return _distribute.summed_over_replicas(strategy, model, fn)
     return compile_inference(model, fn)
+
+
+def fused(fn: Callable) -> Callable:
+    """``fn`` compiled by XLA where that is a separate choice: ``tf.function(jit_compile=True)`` on TensorFlow
+    (called inside another ``tf.function``, it becomes one XLA cluster of that graph); unchanged on JAX, whose
+    ``jax.jit`` around the caller compiles everything with XLA already, and on PyTorch."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True, reduce_retracing=True)
+    return fn
 
 
 class ScalarWriter:

@@ -225,33 +225,33 @@ def run_epoch(model, strategy, dataset, callbacks, epoch: int, steps: int) -> No
 
 
 def summed_over_replicas(strategy, model, fn: Callable) -> Callable:
-    """``run(x, y)`` = ``fn(*model(x, training=False), y)`` where ``fn`` returns sums over the batch: the batch
-    is cut into one contiguous part per replica and the parts' sums are added over all replicas (every
-    worker gets the total)."""
+    """``run(x, y, *per_example)`` = ``fn(*model(x, training=False), y, *per_example)`` where ``fn`` returns sums
+    over the batch: the batch (``x``, ``y`` and every ``per_example`` tensor) is cut into one contiguous part per
+    replica and the parts' sums are added over all replicas (every worker gets the total)."""
     import tensorflow as tf
 
     replicas = strategy.num_replicas_in_sync
 
     @tf.function(reduce_retracing=True)
-    def replica_sums(x, y):
-        return fn(*model(x, training=False), y)
+    def replica_sums(x, y, *per_example):
+        return fn(*model(x, training=False), y, *per_example)
 
     @tf.function(reduce_retracing=True)
-    def run(x, y):
+    def run(x, y, *per_example):
         size = tf.shape(x)[0]
 
         def part(context):
             start = size * context.replica_id_in_sync_group // replicas
             end = size * (context.replica_id_in_sync_group + 1) // replicas
-            return x[start:end], y[start:end]
+            return tuple(t[start:end] for t in (x, y, *per_example))
 
         parts = strategy.experimental_distribute_values_from_function(part)
         sums = strategy.run(replica_sums, args=parts)
         return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
 
-    def guarded(x, y):
+    def guarded(x, y, *per_example):
         try:
-            return run(x, y)
+            return run(x, y, *per_example)
         except _collective_errors() as error:
             raise _lost(error) from None
 

@@ -38,6 +38,7 @@ from keras_implicit import _backend
 from keras_implicit import losses as _losses
 from keras_implicit import metrics as _metrics
 from keras_implicit import models as _models
+from keras_implicit import sharpness as _sharpness
 from keras_implicit.training import SCHEDULES  # the one list of schedule names (TensorFlow-free)
 
 __all__ = [
@@ -55,6 +56,10 @@ FAMILY_TITLES = {
     "gcdf": "Gcdf(sigma), eq. 6",
     "tce": "tempered cross-entropy(T), eq. 7",
     "hinge": "multi-class hinge(gamma), eq. 8",
+    "noisy_error": "noisy error(sigma), eq. 3 (Monte Carlo)",
+    "noisy_error_se": "noisy error's standard error(sigma)",
+    "noisy_ce": "noisy cross-entropy(sigma) (Monte Carlo)",
+    "eq9": "eq. 9 (CE + sigma^2/2 Tr H) / log 2",
 }
 
 
@@ -142,6 +147,10 @@ class AltLossTracker(keras.callbacks.Callback):
         buffer_summaries: if true, TensorBoard scalars wait for :meth:`flush_summaries` (the training
             loop calls it just before each checkpoint, so a resumed run never writes a point twice).
         on_record: called with each record after it is written.
+        noisy_error_draws: 0 (off), or the Monte Carlo draws per example of the noisy error: each record then
+            also holds ``noisy_error@s``, ``noisy_error_se@s``, ``noisy_ce@s``, ``eq9@s`` for every sigma of
+            the Gcdf grid and ``hessian_trace`` (:mod:`keras_implicit.sharpness`), from the same forward pass.
+        noise_seed: the draws' seed (each tracking step, split and batch gets its own draws from it).
 
     After training, ``records`` holds every record written, ``diverged`` a message or None and
     ``target_reached`` whether the target loss was reached.
@@ -156,7 +165,8 @@ class AltLossTracker(keras.callbacks.Callback):
                  metrics_path=None, log_dir=None, track_every: Optional[int] = None, schedule: str = "epoch",
                  steps_per_epoch: Optional[int] = None, batch_size: int = 4096,
                  target_train_loss: Optional[float] = None, buffer_summaries: bool = False,
-                 on_record: Optional[Callable[[dict], None]] = None):
+                 on_record: Optional[Callable[[dict], None]] = None, noisy_error_draws: int = 0,
+                 noise_seed: int = 0):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown tracking schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
@@ -173,8 +183,13 @@ class AltLossTracker(keras.callbacks.Callback):
         self.temperatures = _metrics._parameter_list(temperatures, "temperature", allow_zero=False)
         self.margins = _metrics._parameter_list(margins, "margin", allow_zero=True)
         self.panel_names = _losses.panel_names(self.sigmas, self.temperatures, self.margins, error=True)
-        self.metric_names = ["ce", "error", *self.panel_names[:-1], "feature_norm", "top_kernel_norm",
-                             "top_bias_norm"]
+        self.noisy_error_draws = 0 if not noisy_error_draws else _sharpness._validate_draws(noisy_error_draws)
+        self.noise_seed = _sharpness._validate_seed(noise_seed)
+        if self.noisy_error_draws and not self.sigmas:
+            raise ValueError("noisy_error_draws needs sigmas: the noisy error is measured on the Gcdf grid")
+        self.sharpness_names = _sharpness.sharpness_names(self.sigmas) if self.noisy_error_draws else []
+        self.metric_names = ["ce", "error", *self.panel_names[:-1], *self.sharpness_names, "feature_norm",
+                             "top_kernel_norm", "top_bias_norm"]
         self.metrics_path = metrics_path
         self.log_dir = log_dir
         self.track_every = None if track_every is None else int(track_every)
@@ -219,31 +234,52 @@ class AltLossTracker(keras.callbacks.Callback):
         two_outputs = _models.with_features(self.model)
         sigmas, temperatures, margins = self.sigmas, self.temperatures, self.margins
         total_dtype = _backend.accumulation_dtype()
+        sigma_grid = np.asarray(sigmas, np.float64)
 
-        def column_sums(logits, features, y):
+        def column_sums(logits, features, y, *noise):
             logits = ops.cast(logits, "float32")
             panel = _losses.panel_values(y, logits, sigmas, temperatures, margins, error=True)
             ce = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
             norms = ops.norm(ops.cast(features, "float32"), axis=-1)
             columns = ops.concatenate([ce[:, None], ops.cast(panel, "float32"), norms[:, None]], axis=-1)
-            return ops.sum(ops.cast(columns, total_dtype), axis=0)
+            sums = ops.sum(ops.cast(columns, total_dtype), axis=0)
+            if noise:  # the noisy error and eq. 9 from the same logits and features
+                sums = ops.concatenate([sums, _sharpness.column_sums(y, logits, features, noise[0], sigma_grid,
+                                                                     total_dtype)])
+            return sums
 
         sums = _backend.compile_batch_sums(two_outputs, column_sums, trained_model=self.model)
         self._sums_fn, self._sums_model = sums, self.model
         return sums
 
-    def evaluate(self, split: str = "train") -> dict:
-        """The means over one whole split with the current weights: ``{"ce": ..., "error": ..., ...}``."""
+    def evaluate(self, split: str = "train", step: int = 0) -> dict:
+        """The means over one whole split with the current weights: ``{"ce": ..., "error": ..., ...}``.
+
+        ``step`` (the optimizer step) only chooses the noise draws when the noisy error is on."""
         x, y = self.splits[split]
         sums_fn = self._build_sums()
         total = None
         count = int(x.shape[0])
-        for start in range(0, count, self.batch_size):
-            part = sums_fn(x[start:start + self.batch_size], y[start:start + self.batch_size])
+        draws = self.noisy_error_draws
+        size = self.batch_size
+        if draws:
+            classes = int(_models.top_layer(self.model).units)
+            size = _sharpness.noise_batch_size(size, draws, classes)
+            split_index = list(self.splits).index(split)
+        for index, start in enumerate(range(0, count, size)):
+            arguments = [x[start:start + size], y[start:start + size]]
+            if draws:
+                seed = _sharpness.batch_seed(self.noise_seed, step, split_index, index)
+                arguments.append(_sharpness.draw_noise(int(arguments[0].shape[0]), draws, classes, seed))
+            part = sums_fn(*arguments)
             total = part if total is None else total + part
-        means = ops.convert_to_numpy(total).astype(np.float64) / count
+        sums = ops.convert_to_numpy(total).astype(np.float64)
+        panel_width = len(self.panel_names) + 2  # ce, the panel with the error, the feature norm
+        means = sums[:panel_width] / count
         values = {"ce": float(means[0]), "error": float(means[-2])}
         values.update({name: float(v) for name, v in zip(self.panel_names[:-1], means[1:-2])})
+        if draws:
+            values.update(_sharpness.from_sums(sums[panel_width:], count, self.sigmas, draws))
         values["feature_norm"] = float(means[-1])
         top = _models.top_layer(self.model)
         values["top_kernel_norm"] = float(np.linalg.norm(np.asarray(top.kernel, np.float64)))
@@ -275,7 +311,7 @@ class AltLossTracker(keras.callbacks.Callback):
         steps_per_epoch = self._resolve_steps_per_epoch()
         records = []
         for split in self.splits:
-            values = self.evaluate(split)
+            values = self.evaluate(split, step)
             if not all(math.isfinite(v) for v in values.values()):
                 bad = [k for k, v in values.items() if not math.isfinite(v)]
                 self.diverged = (f"non-finite {split} {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} "
@@ -319,7 +355,8 @@ class AltLossTracker(keras.callbacks.Callback):
                 self.log_dir = None
                 self._pending.clear()
                 return
-            self._writer.layout(custom_scalars_layout(["ce", *self.panel_names[:-1]], tuple(self.splits)))
+            self._writer.layout(custom_scalars_layout(["ce", *self.panel_names[:-1], *self.sharpness_names],
+                                                      tuple(self.splits)))
         for record in self._pending:
             self._writer.scalars({f"{record['split']}/{name}": record[name] for name in self.metric_names},
                                  record["step"])

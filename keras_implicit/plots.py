@@ -10,6 +10,10 @@ paper figure           what                                             function
                        training CE, runs overlaid
 7, 12, 16              each family against its parameter at a fixed     :func:`plot_family_at_level`
                        training CE, runs overlaid, log parameter axis
+(beyond the paper)     the ratio of two settings against the parameter  :func:`plot_ladder`
+                       at a ladder of training-CE levels
+(beyond the paper)     Gcdf, the noisy error it bounds (eq. 3) and eq.  :func:`plot_sharpness`
+                       9 against sigma at training-CE levels
 =====================  ===============================================  =================================
 
 Runs are seed groups (:func:`keras_implicit.analysis.group_runs`): a line is the mean over seeds and
@@ -38,6 +42,7 @@ from typing import Sequence
 import matplotlib
 import matplotlib.axis
 import matplotlib.font_manager
+import matplotlib.lines
 import matplotlib.ticker
 import numpy as np
 from matplotlib.figure import Figure
@@ -53,6 +58,7 @@ __all__ = [
     "plot_against_train_loss",
     "plot_family_at_level",
     "plot_ladder",
+    "plot_sharpness",
     "readable_log_ticks",
     "save_figure",
     "plot_all",
@@ -69,7 +75,7 @@ RUN_STYLES = (
 )
 _PARAMETER_STYLES = ("-", "--", ":", "-.")
 # The figure kinds of plot_all.
-KINDS = ("loss_shapes", "curves", "vs_train_loss", "at_level")
+KINDS = ("loss_shapes", "curves", "vs_train_loss", "at_level", "sharpness")
 _PARAMETER_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h")
 
 
@@ -587,6 +593,106 @@ def plot_ladder(ladder: analysis.Ladder, families: Sequence[str] | None = None, 
     return fig
 
 
+# (name prefix, legend label, line style, marker) of the quantities of plot_sharpness.
+_SHARPNESS_LINES = (
+    ("gcdf", "Gcdf (eq. 6), the bound", "-", "o"),
+    ("noisy_error", "noisy error (eq. 3), Monte Carlo ± 2 s.e.", "--", "s"),
+    ("eq9", "eq. 9: (CE + σ²/2 Tr H) / log 2", ":", "^"),
+    ("noisy_ce", "E[CE under noise] / log 2, Monte Carlo", "-.", None),
+)
+
+
+def _mean_at_level(runs: Sequence[analysis.Run], level: float, hold: int, names: Sequence[str]):
+    points = [analysis.at_level(run, level, hold) for run in runs]
+    stack = np.array([[p.values[n] for n in names] for p in points])
+    return _mean_std(stack)
+
+
+def plot_sharpness(runs, levels: Sequence[float], hold: int = 0):
+    """Gcdf against what it bounds: for each training-CE level (a column), Gcdf (eq. 6), the Monte Carlo noisy
+    error (eq. 3, the rate at which N(0, σ²I) noise on the top layer's weights makes the prediction wrong),
+    eq. 9 and the noisy CE / log 2 (the quantity eq. 9 expands), against σ, one colour per setting (seed
+    means). The second row is noisy error / Gcdf: how tight the union bound is (1: tight).
+
+    The runs must have tracked the noisy error (``run.py --noisy-error-draws``, or ``AltLossTracker(...,
+    noisy_error_draws=...)``). Values are read at each level as :func:`keras_implicit.analysis.at_level`
+    with ``hold``; the noisy error's band is ± 2 Monte Carlo standard errors (at least the seeds' spread).
+    A noisy error of 0 (no draw changed a prediction) is left off the log axis.
+
+    Raises:
+        ValueError: a run did not track the noisy error.
+        LevelNotReachedError: a run does not reach a level.
+
+    Returns:
+        A Figure with one column per level and two rows.
+    """
+    groups = _as_groups(runs)
+    levels = [float(level) for level in levels]
+    if not levels:
+        raise ValueError("give at least one training-CE level")
+    first = groups[0].runs[0]
+    sigmas, noisy_names = analysis.family_names(first.quantities(), "noisy_error")
+    if not noisy_names:
+        raise ValueError(f"run {first.name!r} did not track the noisy error: train with --noisy-error-draws "
+                         "(or AltLossTracker(noisy_error_draws=...))")
+    keep = sigmas > 0
+    sigmas = sigmas[keep]
+    suffixes = [n.partition("@")[2] for n, k in zip(noisy_names, keep) if k]
+    for group in groups:
+        for run in group.runs:
+            missing = [f"{prefix}@{s}" for prefix in ("gcdf", "noisy_error", "noisy_error_se", "eq9", "noisy_ce")
+                       for s in suffixes if f"{prefix}@{s}" not in run.quantities()]
+            if missing:
+                raise ValueError(f"run {run.name!r} did not track {', '.join(missing[:3])}"
+                                 f"{' ...' if len(missing) > 3 else ''}: every run needs the same σ grid and "
+                                 "--noisy-error-draws")
+    fig = Figure(figsize=(4.6 * len(levels), 6.2), layout="constrained")
+    axes = fig.subplots(2, len(levels), squeeze=False, sharex=True, height_ratios=(2.2, 1))
+    log2 = math.log(2.0)
+    for col, level in enumerate(levels):
+        top, bottom = axes[0][col], axes[1][col]
+        for g, group in enumerate(groups):
+            colour = RUN_STYLES[g % len(RUN_STYLES)][0]
+            values = {}
+            for prefix, *_ in (*_SHARPNESS_LINES, ("noisy_error_se",)):
+                values[prefix] = _mean_at_level(group.runs, level, hold, [f"{prefix}@{s}" for s in suffixes])
+            for prefix, _, style, marker in _SHARPNESS_LINES:
+                mean, std = values[prefix]
+                if prefix == "noisy_ce":
+                    mean = mean / log2
+                shown = np.where(mean > 0, mean, np.nan)
+                top.plot(sigmas, shown, color=colour, linestyle=style, marker=marker, markersize=4,
+                         linewidth=1.0 if prefix == "noisy_ce" else 1.4)
+                if prefix == "noisy_error":
+                    spread = 2 * values["noisy_error_se"][0]
+                    if std is not None:
+                        spread = np.maximum(spread, std)
+                    _band(top, sigmas, shown, spread, colour)
+            ratio = values["noisy_error"][0] / values["gcdf"][0]
+            bottom.plot(sigmas, np.where(ratio > 0, ratio, np.nan), color=colour, linestyle="--", marker="s",
+                        markersize=4, label=group.label)
+        top.set_xscale("log")
+        top.set_yscale("log")
+        bottom.set_xscale("log")
+        bottom.set_yscale("log")
+        readable_log_ticks(top.yaxis)
+        readable_log_ticks(bottom.yaxis)
+        readable_log_ticks(bottom.xaxis, at=sigmas)
+        bottom.axhline(1.0, color="0.5", linewidth=0.8)
+        top.set_title(f"({'abcdef'[col] if col < 6 else col}) train CE = {level:g}"
+                      + (f", crossing held {hold} points" if hold else ""), fontsize=10)
+        top.set_ylabel("value at this training CE")
+        bottom.set_ylabel("noisy error / Gcdf", fontsize=8)
+        bottom.set_xlabel("σ")
+        for axis in (top, bottom):
+            axis.grid(True, which="major", alpha=0.3)
+    quantity_handles = [matplotlib.lines.Line2D([], [], color="0.2", linestyle=style, marker=marker, markersize=4,
+                                                label=label) for _, label, style, marker in _SHARPNESS_LINES]
+    axes[0][0].legend(handles=quantity_handles, fontsize=7, loc="lower right")
+    axes[1][0].legend(fontsize=7, loc="lower right")
+    return fig
+
+
 # --------------------------------------------------------------------------- #
 # Saving
 # --------------------------------------------------------------------------- #
@@ -617,10 +723,11 @@ def plot_all(runs, out_dir: str | os.PathLike, level: float | None = None, split
     """Every figure kind for a set of runs, written under ``out_dir``.
 
     Writes ``fig1_loss_shapes``, ``curves_<family>`` (one per family), and, for the comparison of
-    runs, ``vs_train_loss`` and ``at_level`` (at ``level``, default: the lowest training CE that every
-    run reaches, :func:`keras_implicit.analysis.common_level`). Quantities of ``quantities`` that the
+    runs, ``vs_train_loss``, ``at_level`` and, when every run tracked the noisy error, ``sharpness`` (at
+    ``level``, default: the lowest training CE that every run reaches,
+    :func:`keras_implicit.analysis.common_level`). Quantities of ``quantities`` that the
     runs did not track are skipped. ``kinds`` chooses among :data:`KINDS` (``"loss_shapes"``, ``"curves"``,
-    ``"vs_train_loss"``, ``"at_level"``); ``loss_shapes=False`` also leaves fig. 1 out.
+    ``"vs_train_loss"``, ``"at_level"``, ``"sharpness"``); ``loss_shapes=False`` also leaves fig. 1 out.
 
     Returns:
         The paths written.
@@ -644,4 +751,7 @@ def plot_all(runs, out_dir: str | os.PathLike, level: float | None = None, split
     families = [f for f in analysis.FAMILIES if all_runs[0].family(f)[1]]
     if families and "at_level" in kinds:
         paths += save_figure(plot_family_at_level(groups, level, families), out_dir, "at_level", formats, dpi)
+    noisy = all(analysis.family_names(run.quantities(), "noisy_error")[1] for run in all_runs)
+    if noisy and "sharpness" in kinds:
+        paths += save_figure(plot_sharpness(groups, [level]), out_dir, "sharpness", formats, dpi)
     return paths

@@ -117,6 +117,7 @@ MOMENTUM = 0.9
 CONFIG_FLAGS = (
     "model", "dataset", "lr", "batch_size", "ghost_batch_size", "epochs", "seed", "optimizer", "loss",
     "train_subset", "track_every", "track_schedule", "target_train_loss", "data_dir", "deterministic",
+    "noisy_error_draws",
 )
 EXTENDABLE = ("epochs", "target_train_loss")
 # Examples per forward pass when tracking (inference only: large batches amortize the per-call cost).
@@ -185,6 +186,9 @@ class RunConfig:
         strategy: ``"default"`` (one device), ``"mirrored"`` or ``"multiworker"`` (TensorFlow only; see the
             module docstring). How the run is spread, not what it is: a run may resume under another strategy.
         cpu_replicas: with ``"mirrored"`` on a machine without GPUs, split the CPU into this many devices.
+        noisy_error_draws: 0 (off), or the Monte Carlo draws per example with which every tracking point also
+            measures the noisy error, the noisy CE and eq. 9 for each sigma of the Gcdf grid
+            (:mod:`keras_implicit.sharpness`; the draws' seed is ``seed``).
     """
 
     model: str = "fc6"
@@ -204,6 +208,7 @@ class RunConfig:
     deterministic: bool = False
     strategy: str = "default"
     cpu_replicas: Optional[int] = None
+    noisy_error_draws: int = 0
 
     def validate(self) -> "RunConfig":
         """Raises ValueError with a clear message on any bad setting; returns self. Imports no TensorFlow."""
@@ -240,6 +245,9 @@ class RunConfig:
             math.isfinite(self.target_train_loss) and self.target_train_loss > 0
         ):
             raise ValueError(f"target_train_loss must be a finite number > 0, got {self.target_train_loss}")
+        if (isinstance(self.noisy_error_draws, bool) or not isinstance(self.noisy_error_draws, int)
+                or self.noisy_error_draws == 1 or self.noisy_error_draws < 0):
+            raise ValueError(f"noisy_error_draws must be 0 (off) or an integer >= 2, got {self.noisy_error_draws!r}")
         self._validate_strategy()
         return self
 
@@ -801,8 +809,12 @@ class WorkerLostError(RunError):
     """Another worker of a multi-worker run stopped (or cannot be reached): this one stopped too."""
 
 
+# Settings added after runs were made: a config.json without them had the default.
+_ADDED_LATER = {"noisy_error_draws": RunConfig.noisy_error_draws}
+
+
 def _comparable(content: dict) -> dict:
-    return {k: content.get(k) for k in (*CONFIG_FLAGS, "sigmas", "temperatures", "margins")}
+    return {k: content.get(k, _ADDED_LATER.get(k)) for k in (*CONFIG_FLAGS, "sigmas", "temperatures", "margins")}
 
 
 def _read_config(run: RunDirectory) -> Optional[dict]:
@@ -940,9 +952,10 @@ class _Training:
                                    "overwrite=True to replace its contents or another run_dir")
                 return None, None
             existing = self.existing
-            changed = [k for k in _comparable(wanted) if existing.get(k) != wanted.get(k)]
+            before = _comparable(existing)
+            changed = [k for k in _comparable(wanted) if before[k] != wanted.get(k)]
             if any(k not in EXTENDABLE for k in changed):
-                differences = [f"{k}: {existing.get(k)!r} there, {wanted.get(k)!r} asked" for k in changed]
+                differences = [f"{k}: {before[k]!r} there, {wanted.get(k)!r} asked" for k in changed]
                 raise RunError(f"{run.path} holds another run ({'; '.join(differences)}); use overwrite=True to "
                                "replace it or another run_dir")
             _check_same_backend(run, existing)
@@ -951,7 +964,7 @@ class _Training:
         status = _read_status(run)
         if changed and status.get("state") != "diverged":
             _print(self.stream, f"{run.path}: continuing with " + ", ".join(
-                f"{k} {wanted[k]} (was {existing.get(k)})" for k in changed))
+                f"{k} {wanted[k]} (was {before[k]})" for k in changed))
             run.write_json(run.CONFIG, {**existing, **{k: wanted[k] for k in changed}})
         elif status.get("state") in ("finished", "diverged"):
             message = (f"{run.path}: run already {status['state']} at epoch {status.get('epoch')}, step "
@@ -1065,6 +1078,7 @@ class _Training:
             track_every=self.config.track_every, schedule=self.config.track_schedule,
             steps_per_epoch=self.steps_per_epoch, batch_size=self.tracking_batch_size,
             target_train_loss=self.config.target_train_loss, buffer_summaries=True,
+            noisy_error_draws=self.config.noisy_error_draws, noise_seed=self.config.seed % 2 ** 32,
         )
         self.tracker.set_model(self.model)
         if meta is not None:

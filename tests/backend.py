@@ -67,6 +67,31 @@ def gradient(fn, x: np.ndarray) -> np.ndarray:
     raise NotImplementedError(BACKEND)
 
 
+def hessian(fn, x: np.ndarray) -> np.ndarray:
+    """The Hessian of the scalar ``fn(x)`` with respect to ``x`` (flattened: [x.size, x.size]) by the backend's
+    automatic differentiation (second derivatives, not finite differences), as a NumPy array."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        variable = tf.constant(x)
+        with tf.GradientTape() as outer:
+            outer.watch(variable)
+            with tf.GradientTape() as inner:
+                inner.watch(variable)
+                value = fn(variable)
+            grad = inner.gradient(value, variable)
+        return outer.jacobian(grad, variable).numpy().reshape(x.size, x.size)
+    if BACKEND == "jax":
+        import jax
+
+        return np.asarray(jax.hessian(fn)(x)).reshape(x.size, x.size)
+    if BACKEND == "torch":
+        import torch
+
+        return torch.autograd.functional.hessian(fn, torch.tensor(x)).numpy().reshape(x.size, x.size)
+    raise NotImplementedError(BACKEND)
+
+
 def assert_refused_when_compiled(compute, match: str, bad_rows) -> None:
     """A bad value inside a compiled function: TensorFlow raises with ``match`` in the message (an Assert op);
     under jax.jit nothing can raise (keras_implicit/_checks.py), so the rows ``bad_rows`` are NaN in every

@@ -3,7 +3,7 @@
 import math
 
 import numpy as np
-from scipy import special, stats
+from scipy import integrate, special, stats
 
 
 # --------------------------------------------------------------------------- #
@@ -47,3 +47,34 @@ def random_batch(batch, classes, scale=3.0, seed=0):
     logits = (scale * rng.standard_normal((batch, classes))).astype(np.float32)
     labels = rng.integers(0, classes, size=batch)
     return labels, logits
+
+
+def ref_noisy_error(labels, logits, sigma, feature_norm=None):
+    """The exact noisy error per sample by 1-D quadrature (not Monte Carlo): with noisy logits s + c z,
+    c = sigma ||x||, y stays the argmax iff z_j < (s_y - s_j) / c + z_y for every j != y, so
+    P(wrong) = 1 - integral phi(t) prod_{j != y} Phi((s_y - s_j) / c + t) dt."""
+    logits = np.asarray(logits, np.float64)
+    norms = np.ones(len(labels)) if feature_norm is None else np.broadcast_to(feature_norm, (len(labels),))
+    out = np.zeros(len(labels))
+    for b, y in enumerate(labels):
+        gaps = (logits[b, y] - np.delete(logits[b], y)) / (sigma * norms[b])
+        correct, _ = integrate.quad(lambda t: stats.norm.pdf(t) * np.prod(stats.norm.cdf(gaps + t)), -np.inf, np.inf,
+                                    epsabs=1e-12, epsrel=1e-10, limit=200)
+        out[b] = 1.0 - correct
+    return out
+
+
+def numpy_fc6(model, x):
+    """fc6 in inference mode in float64 from its weights: Dense, BatchNorm (moving statistics), ReLU x 5,
+    L2 normalization, top Dense. Returns (logits, features)."""
+    from keras import ops
+
+    h = x.reshape(len(x), -1).astype(np.float64)
+    for index in range(1, 6):
+        dense, bn = model.get_layer(f"dense_{index}"), model.get_layer(f"batch_norm_{index}")
+        h = h @ ops.convert_to_numpy(dense.kernel) + ops.convert_to_numpy(dense.bias)
+        h = (h - ops.convert_to_numpy(bn.moving_mean)) / np.sqrt(ops.convert_to_numpy(bn.moving_variance) + bn.epsilon)
+        h = np.maximum(h * ops.convert_to_numpy(bn.gamma) + ops.convert_to_numpy(bn.beta), 0.0)
+    features = h / np.linalg.norm(h, axis=1, keepdims=True)
+    top = model.get_layer("logits")
+    return features @ ops.convert_to_numpy(top.kernel) + ops.convert_to_numpy(top.bias), features

@@ -61,7 +61,7 @@ def assert_refused_before_tensorflow(script, argv, cwd, message: str) -> None:
                             capture_output=True, text=True, timeout=120, cwd=cwd)
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["code"] == 2, result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
     prefix = f"{os.path.basename(str(script))}: error: "
     assert len(errors) == 1 and errors[0].startswith(prefix) and message in errors[0], result.stderr
     assert not {"tensorflow", "keras"} & set(report["modules"])

@@ -13,23 +13,9 @@ from tensorboard.util.tensor_util import make_ndarray
 from keras_implicit import callbacks, losses, metrics
 from keras_implicit.models import make_model
 from tests.backend import to_numpy
-from tests.references import ref_error, ref_gcdf, ref_hinge, ref_tce
+from tests.references import numpy_fc6, ref_error, ref_gcdf, ref_hinge, ref_tce
 
 SIGMAS, TEMPERATURES, MARGINS = (0.0, 0.25, 1.0, 8.0), (0.5, 1.0, 4.0), (0.0, 1.0, 4.0)
-
-
-def _numpy_fc6(model, x):
-    """fc6 in inference mode in float64 from its weights: Dense, BatchNorm (moving statistics), ReLU x 5,
-    L2 normalization, top Dense. Returns (logits, features)."""
-    h = x.reshape(len(x), -1).astype(np.float64)
-    for index in range(1, 6):
-        dense, bn = model.get_layer(f"dense_{index}"), model.get_layer(f"batch_norm_{index}")
-        h = h @ to_numpy(dense.kernel) + to_numpy(dense.bias)
-        h = (h - to_numpy(bn.moving_mean)) / np.sqrt(to_numpy(bn.moving_variance) + bn.epsilon)
-        h = np.maximum(h * to_numpy(bn.gamma) + to_numpy(bn.beta), 0.0)
-    features = h / np.linalg.norm(h, axis=1, keepdims=True)
-    top = model.get_layer("logits")
-    return features @ to_numpy(top.kernel) + to_numpy(top.bias), features
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +37,7 @@ def test_evaluate_matches_an_independent_forward_pass_and_references(trained):
     tracker.set_model(model)
     for split, (xs, ys) in (("train", (x, y)), ("test", (x[:77], y[:77]))):
         values = tracker.evaluate(split)
-        logits, features = _numpy_fc6(model, xs)
+        logits, features = numpy_fc6(model, xs)
         assert values["ce"] == pytest.approx(np.mean(-special.log_softmax(logits, axis=1)[np.arange(len(ys)), ys]),
                                              rel=1e-4)
         assert values["error"] == pytest.approx(np.mean(ref_error(ys, logits)), abs=1e-9)

@@ -403,3 +403,58 @@ def test_ladder_axis_is_clipped_when_a_ratio_runs_off(tmp_path):
     clipped, normal = fig.axes
     assert clipped.get_ylim()[1] == pytest.approx(100 * 1.15) and "axis clipped at ×100" in clipped.get_ylabel()
     assert normal.get_ylim()[1] < 100 and "clipped" not in normal.get_ylabel()
+
+
+def write_noisy_run(path, lr, seed, noisy_scale):
+    """A run with the sharpness quantities: noisy_error = noisy_scale x Gcdf (a known tightness), eq9 and
+    noisy_ce known functions of the CE, and a noisy error of 0 at the smallest sigma (left off the log axis)."""
+    write_run(path, lr, seed)
+    records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    with open(path / "metrics.jsonl", "w") as f:
+        for record in records:
+            for s in SIGMAS:
+                gcdf = record[f"gcdf@{fmt(s)}"]
+                record[f"noisy_error@{fmt(s)}"] = 0.0 if s == SIGMAS[0] else noisy_scale * gcdf
+                record[f"noisy_error_se@{fmt(s)}"] = 0.001
+                record[f"noisy_ce@{fmt(s)}"] = record["ce"] * (1 + s)
+                record[f"eq9@{fmt(s)}"] = (record["ce"] + s * s / 2 * 0.1) / math.log(2)
+            record["hessian_trace"] = 0.1
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def test_sharpness_figure_lines_values_and_tightness(tmp_path):
+    runs = analysis.load_runs([write_noisy_run(tmp_path / f"lr{lr}_s{seed}", lr, seed, scale)
+                               for lr, scale in ((0.1, 0.5), (0.001, 0.25)) for seed in (0, 1)])
+    levels = (0.5, 0.2)
+    fig = plots.plot_sharpness(runs, levels)
+    assert len(fig.axes) == 4  # two levels, values and tightness rows
+    groups = analysis.group_runs(runs)
+    for col, level in enumerate(levels):
+        top, bottom = fig.axes[col], fig.axes[len(levels) + col]
+        assert top.get_xscale() == "log" and top.get_yscale() == "log" and f"train CE = {level:g}" in top.get_title()
+        lines = top.get_lines()
+        assert len(lines) == 4 * len(groups)  # Gcdf, noisy error, eq9, noisy CE per setting
+        for g, group in enumerate(groups):
+            gcdf, noisy, eq9, noisy_ce = lines[4 * g:4 * g + 4]
+            np.testing.assert_allclose(gcdf.get_xdata(), SIGMAS)
+            means = [np.mean([analysis.at_level(r, level).values[f"{q}@{fmt(s)}"] for r in group.runs])
+                     for q in ("gcdf", "eq9") for s in SIGMAS]
+            np.testing.assert_allclose(gcdf.get_ydata(), means[:len(SIGMAS)], rtol=1e-12)
+            np.testing.assert_allclose(eq9.get_ydata(), means[len(SIGMAS):], rtol=1e-12)
+            assert np.isnan(noisy.get_ydata()[0])  # 0 is left off the log axis
+            # Interpolated linearly in log CE between tracking points, so within 0.5 % of CE (1 + s) / log 2.
+            np.testing.assert_allclose(noisy_ce.get_ydata(), level * (1 + np.array(SIGMAS)) / math.log(2), rtol=5e-3)
+        scale = {group.label: 0.5 if "0.1" in group.label else 0.25 for group in groups}
+        for line in bottom.get_lines()[:len(groups)]:
+            np.testing.assert_allclose(line.get_ydata()[1:], scale[line.get_label()], rtol=1e-12)
+    paths = plots.save_figure(fig, tmp_path / "out", "sharpness", formats=("png",))
+    check_image(paths[0], "png")
+    assert "sharpness.png" in [p.name for p in plots.plot_all(runs, tmp_path / "all", level=0.3, formats=("png",),
+                                                               kinds=("sharpness",))]
+
+
+def test_sharpness_figure_needs_the_noisy_error(runs):
+    with pytest.raises(ValueError, match="did not track the noisy error: train with --noisy-error-draws"):
+        plots.plot_sharpness(runs, [0.3])
+    assert plots.plot_all(runs, "/nonexistent", formats=("png",), kinds=("sharpness",)) == []

@@ -55,6 +55,8 @@ def _cli(args, timeout=240):
     (["--track-schedule", "cosine"], "unknown tracking schedule 'cosine'"),
     (["--train-subset", "100"], "smaller than one batch"),
     (["--learning-rate", "0.1"], "unrecognized arguments"),
+    (["--noisy-error-draws", "1"], "--noisy-error-draws: must be 0 (off) or at least 2"),
+    (["--noisy-error-draws", "many"], "--noisy-error-draws: 'many' is not an integer"),
 ])
 def test_bad_flags_fail_before_any_work(flags, message, tmp_path, capsys):
     out = tmp_path / "run"

@@ -99,6 +99,8 @@ def test_epoch_batches_are_whole_batches_of_the_epoch_order():
     ({"cpu_replicas": 0, "strategy": "mirrored"}, "cpu_replicas must be a positive integer"),
     ({"cpu_replicas": 2, "strategy": "mirrored"}, "multiple of replicas x ghost_batch_size = 512"),
     ({"strategy": "multiworker"}, "needs TF_CONFIG"),
+    ({"noisy_error_draws": 1}, "noisy_error_draws must be 0"),
+    ({"noisy_error_draws": -4}, "noisy_error_draws must be 0"),
 ])
 def test_bad_settings_are_refused_with_a_clear_message(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -589,3 +591,25 @@ def test_metrics_damaged_before_the_checkpoint_is_one_clear_error(how, one_epoch
                  "overwrite=True")
     with pytest.raises(RunError, match=match):
         training.train(dataclass_replace(config, epochs=2), run_dir, progress=False, verbose=False)
+
+
+def test_noisy_error_is_tracked_and_runs_made_before_it_resume(idx_dir, one_epoch, tmp_path):
+    noisy = str(tmp_path / "noisy")
+    training.train(small_config(idx_dir, epochs=1, noisy_error_draws=8), noisy, progress=False, verbose=False)
+    records = read_metrics(noisy)
+    for record in records:
+        for name in ("noisy_error@1", "noisy_error_se@1", "noisy_ce@16", "eq9@0.0625", "hessian_trace"):
+            assert math.isfinite(record[name])
+        assert record["gcdf@1"] >= record["noisy_error@1"] - 3 * record["noisy_error_se@1"]
+    assert json.load(open(os.path.join(noisy, "config.json")))["noisy_error_draws"] == 8
+    # A run directory written before the setting existed (no noisy_error_draws in config.json) had it off:
+    # it continues, and a run asking for the draws is refused as another run.
+    run_dir = copy_run(one_epoch[1], tmp_path)
+    path = os.path.join(run_dir, "config.json")
+    stored = json.load(open(path))
+    del stored["noisy_error_draws"]
+    json.dump(stored, open(path, "w"))
+    result = training.train(small_config(idx_dir, epochs=2), run_dir, progress=False, verbose=False)
+    assert result.state == "finished" and result.step == 18
+    with pytest.raises(RunError, match=r"noisy_error_draws: 0 there, 8 asked"):
+        training.train(small_config(idx_dir, epochs=3, noisy_error_draws=8), run_dir, progress=False, verbose=False)
