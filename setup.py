@@ -13,19 +13,25 @@ from setuptools.command.build_py import build_py
 # The fused panel op (custom_ops/, issue 5): built by custom_ops/Makefile with TensorFlow's own flags when a
 # C++ compiler, make and TensorFlow's headers are present; skipped otherwise (keras_implicit/_op.py then uses
 # the pure-TensorFlow path). KERAS_IMPLICIT_REQUIRE_OP=1 makes a failed build fail the installation.
-_OP_SOURCES = ["custom_ops/panel_op.cc", "custom_ops/Makefile"]
+_OP_SOURCES = ["custom_ops/panel_op.cc", "custom_ops/panel_math.h", "custom_ops/Makefile"]
 _OP_EXTENSIONS = ["keras_implicit._panel_op"]
 if platform.machine() in ("x86_64", "AMD64"):
     _OP_EXTENSIONS.append("keras_implicit._panel_op_avx2")
+# The XLA FFI handlers for JAX (custom_ops/panel_ffi.cc, `make -C custom_ops ffi`): built when jaxlib is
+# importable (its FFI headers, jax.ffi.include_dir()), no TensorFlow needed; skipped with one line otherwise.
+_FFI_SOURCES = ["custom_ops/panel_ffi.cc", "custom_ops/panel_math.h", "custom_ops/Makefile"]
+_FFI_EXTENSIONS = ["keras_implicit._panel_ffi"]
+if platform.machine() in ("x86_64", "AMD64"):
+    _FFI_EXTENSIONS.append("keras_implicit._panel_ffi_avx2")  # -mavx2 -mfma, glibc's libmvec erfc/exp
 
 
-def _tensorflow_environment():
-    """An environment where this interpreter imports TensorFlow, or None.
+def _tensorflow_environment(module: str = "tensorflow"):
+    """An environment where this interpreter imports ``module`` (TensorFlow, or jax for the FFI), or None.
 
     Under pip's build isolation the build runs with PYTHONPATH pointing at a temporary environment that lacks
     TensorFlow; the interpreter's own site-packages (where TensorFlow is installed) come back without it.
     """
-    probe = [sys.executable, "-c", "import tensorflow"]
+    probe = [sys.executable, "-c", f"import {module}"]
     isolated = dict(os.environ)
     plain = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
     for env in (isolated, plain):
@@ -39,15 +45,21 @@ class BuildPanelOp(build_ext):
     """Builds the op's shared libraries with `make -C custom_ops`, or skips them with a message."""
 
     def get_ext_filename(self, fullname):
-        if fullname in _OP_EXTENSIONS:
+        if fullname in _OP_EXTENSIONS or fullname in _FFI_EXTENSIONS:
             return os.path.join(*fullname.split(".")) + ".so"  # loaded by path, not imported: no ABI tag
         return super().get_ext_filename(fullname)
 
     def run(self):
         self._op_built = False
+        self._ffi_built = False
         super().run()
 
     def build_extension(self, ext):
+        if ext.name in _FFI_EXTENSIONS:
+            if self._ffi_built:  # one make run builds both libraries
+                return None
+            self._ffi_built = True
+            return self._build_ffi()
         if ext.name not in _OP_EXTENSIONS:
             return super().build_extension(ext)
         if self._op_built:  # one make run builds every library
@@ -76,14 +88,34 @@ class BuildPanelOp(build_ext):
               file=sys.stderr, flush=True)
         return None
 
+    def _build_ffi(self):
+        """`make -C custom_ops ffi`: the JAX binding, optional (one printed line when it is skipped or fails)."""
+        out_dir = os.path.abspath(os.path.dirname(self.get_ext_fullpath(_FFI_EXTENSIONS[0])))
+        env = _tensorflow_environment("jax")
+        if env is None:
+            reason = f"{sys.executable} cannot import jax (jaxlib)"
+        elif shutil.which("make") is None or shutil.which(os.environ.get("CXX", "g++")) is None:
+            reason = "no make or no C++ compiler (apt-get install g++ make)"
+        else:
+            os.makedirs(out_dir, exist_ok=True)
+            command = ["make", "-C", os.path.abspath("custom_ops"), f"PYTHON={sys.executable}", f"OUT_DIR={out_dir}",
+                       "ffi"]
+            print("keras_implicit: building the panel's XLA FFI kernel for JAX:", " ".join(command), flush=True)
+            done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            reason = None if done.returncode == 0 else f"make failed:\n{done.stdout[-4000:]}"
+        if reason is not None:
+            print(f"keras_implicit: the panel's XLA FFI kernel for JAX was not built ({reason}); JAX takes the "
+                  "keras.ops path", file=sys.stderr, flush=True)
+        return None
+
     def get_outputs(self):
         # Only what was built (a skipped op is not an error).
         return [path for path in super().get_outputs() if os.path.exists(path)]
 
 
 class BuildPyWithOpSources(build_py):
-    """Also ships custom_ops/panel_op.cc and its Makefile as keras_implicit/_custom_ops/, from which an installed
-    package builds the op on first use when this install could not (keras_implicit/_op_build.py). An editable
+    """Also ships custom_ops/panel_op.cc, panel_math.h and the Makefile as keras_implicit/_custom_ops/, from which an
+    installed package builds the op on first use when this install could not (keras_implicit/_op_build.py). An editable
     install builds from the checkout's custom_ops/ instead."""
 
     _TARGET = os.path.join("keras_implicit", "_custom_ops")
@@ -112,7 +144,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["keras_implicit", "keras_implicit.*"]),
     # optional: an in-place build (pip install -e .) copies only the libraries that were built.
-    ext_modules=[Extension(name, sources=list(_OP_SOURCES), optional=True) for name in _OP_EXTENSIONS],
+    ext_modules=[Extension(name, sources=list(_OP_SOURCES), optional=True) for name in _OP_EXTENSIONS]
+    + [Extension(name, sources=list(_FFI_SOURCES), optional=True) for name in _FFI_EXTENSIONS],
     cmdclass={"build_ext": BuildPanelOp, "build_py": BuildPyWithOpSources},
     install_requires=[
         "tensorflow==2.21.*",

@@ -42,6 +42,9 @@ def parse_args(argv=None):
                         help="which figures to write")
     parser.add_argument("--sharpness-levels", type=float, nargs="+",
                         help="training CEs of the sharpness figure (default: --level)")
+    parser.add_argument("--sharpness-hold", type=int, default=0, metavar="K",
+                        help="read the sharpness figure's levels at the first crossing after which the training CE "
+                             "stays below the level for K more tracking points (default 0: the first crossing)")
     parser.add_argument("--dpi", type=int, default=110)
     parser.add_argument("--no-loss-shapes", action="store_true", help="skip fig. 1 (which needs TensorFlow)")
     parser.add_argument("--strict", action="store_true", help="a truncated metrics.jsonl line is an error")
@@ -57,8 +60,9 @@ def main(argv=None) -> int:
                                quantities=args.quantities, formats=args.formats,
                                loss_shapes=not args.no_loss_shapes, dpi=args.dpi, kinds=kinds)
         if args.sharpness_levels and "sharpness" in args.kinds:
-            paths += plots.save_figure(plots.plot_sharpness(runs, args.sharpness_levels), args.out, "sharpness",
-                                       args.formats, args.dpi)
+            figure = plots.plot_sharpness(runs, args.sharpness_levels, hold=args.sharpness_hold)
+            paths += plots.save_figure(figure, args.out, f"sharpness_hold{args.sharpness_hold}", args.formats,
+                                       args.dpi)
     except (analysis.RunDirectoryError, analysis.GridMismatchError, analysis.LevelNotReachedError,
             ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -18,4 +18,4 @@ python experiments/sweep.py --runs-dir "$RUNS" --lrs 0.1 --batch-sizes 256 1024 
     --no-hparams -- --noisy-error-draws 64
 # shellcheck disable=SC2086
 python experiments/plot.py "$RUNS"/fashion_mnist-* --out "$FIGURES" --kinds sharpness --sharpness-levels $LEVELS \
-    --formats png pdf
+    --sharpness-hold 2 --formats png pdf

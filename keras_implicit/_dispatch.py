@@ -3,8 +3,10 @@
 Two paths compute every loss of :func:`keras_implicit.losses.panel_values`:
 
 - ``"keras"``: the formulas written once in ``keras.ops`` (:mod:`keras_implicit.losses`); every backend.
-- ``"op"``: the fused C++ kernel (``custom_ops/``, loaded by :mod:`keras_implicit._op`); the TensorFlow
-  backend only, outside XLA compilation.
+- ``"op"``: the fused C++ kernel (``custom_ops/``): on the TensorFlow backend the TF op, loaded by
+  :mod:`keras_implicit._op`, outside XLA compilation; on the JAX backend the XLA FFI handlers
+  (``custom_ops/panel_ffi.cc``), loaded by :mod:`keras_implicit._ffi`, on the CPU (``jax.jit`` and
+  ``jax.vmap`` included). Other backends (PyTorch) have no fused kernel.
 
 The path is chosen, in this order, by:
 
@@ -13,7 +15,9 @@ The path is chosen, in this order, by:
    sees its own setting and blocks nest);
 3. the environment: ``KERAS_IMPLICIT_PANEL_PATH=auto|op|keras`` (``KERAS_IMPLICIT_PURE_TF=1``, the older
    name, means ``keras``);
-4. otherwise ``"auto"``: the op where the backend is TensorFlow and the op loads, else ``"keras"``.
+4. otherwise ``"auto"``: the TF op where the backend is TensorFlow and it loads, else ``"keras"``. On JAX,
+   ``"auto"`` is ``"keras"``: on the CPU, XLA's fused ``keras.ops`` path computes the panel's forward pass
+   1.1-5x faster than the FFI kernel (``benchmarks/ffi.py``), so the kernel is used where ``"op"`` asks for it.
 
 Asking for ``"op"`` where it cannot run raises RuntimeError (with the reason), except inside an XLA
 compilation, where the op has no kernel and the ``keras.ops`` path is taken. :func:`active_path` says which
@@ -90,7 +94,18 @@ def force_path(path: Optional[str]):
 
 
 def panel_kernel(path: Optional[str] = None) -> Optional[Callable]:
-    """The fused kernel to call, or None for the ``keras.ops`` path; see the module docstring."""
+    """The fused kernel to call, or None for the ``keras.ops`` path; see the module docstring.
+
+    Args:
+        path: ``"auto"``, ``"op"``, ``"keras"`` for this call, or None (``force_path``, then the environment).
+
+    Returns:
+        ``kernel(labels, logits, feature_norm, sigmas, temperatures, margins, error)`` (the TF op on
+        TensorFlow, the FFI kernel on JAX), or None.
+
+    Raises:
+        RuntimeError: ``"op"`` was asked for where no fused kernel can run (with the reason).
+    """
     global _logged_environment
     wanted, source = requested_path(path)
     if wanted == "keras":
@@ -99,10 +114,18 @@ def panel_kernel(path: Optional[str] = None) -> Optional[Callable]:
             _LOGGER.info("keras_implicit: the alternative-loss panel uses the keras.ops path (%s)", source)
         return None
     backend = keras.backend.backend()
+    if backend == "jax":
+        if wanted != "op":
+            # auto: XLA's fusion of the keras.ops path beats the FFI kernel's forward pass on the CPU, 1.1-5x
+            # (BUILD_NOTES.md, "The JAX binding: XLA FFI (CPU)"); the kernel is taken when asked for.
+            return None
+        from keras_implicit import _ffi  # the JAX seam: imported on the JAX backend only
+
+        return _ffi.panel_ffi(required=True, source=source)
     if backend != "tensorflow":
         if wanted == "op":
-            raise RuntimeError(f"the fused panel op runs on the TensorFlow backend only; Keras uses {backend!r} "
-                               f"(asked by {source})")
+            raise RuntimeError(f"the fused panel kernel runs on the TensorFlow and JAX backends only; Keras uses "
+                               f"{backend!r} (asked by {source})")
         return None
     from keras_implicit import _op  # the TensorFlow seam: imported on the TensorFlow backend only
 

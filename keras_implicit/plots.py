@@ -548,7 +548,8 @@ def plot_family_at_level(runs, level: float, families: Sequence[str] = analysis.
 def plot_ladder(ladder: analysis.Ladder, families: Sequence[str] | None = None, limit: float = 100.0):
     """The gap between two settings against the training-CE level (:func:`keras_implicit.analysis.loss_ladder`):
     for each family, the ratio ``a / b`` of the seed means against the parameter, one line per level (darker:
-    lower CE), with a band of ± the seed-paired ratios' standard deviation; a line crossing 1 marks a crossover.
+    lower CE), with a band of ± the seed-paired ratios' standard deviation (where that is smaller than the ratio and
+    the ratio is on the axis); a line crossing 1 marks a crossover.
     Both axes are logarithmic; parameters <= 0 are left out. The ratio axis shows at most [1 / ``limit``,
     ``limit``] (near convergence a loss that reaches 0 in one setting makes the ratio run off to 1e25 and
     flatten every other line); a clipped axis says so in its label.
@@ -571,8 +572,14 @@ def plot_ladder(ladder: analysis.Ladder, families: Sequence[str] | None = None, 
             style, marker = RUN_STYLES[row % len(RUN_STYLES)][1:]
             axis.plot(params[keep], ratio, color=colour, linestyle=style, marker=marker, markersize=4,
                       label=f"train CE {level:g}")
-            if np.all(np.isfinite(spread)):
-                _band(axis, params[keep], ratio, spread, colour)
+            # The band where the ratio is on the axis and its spread smaller than itself: near convergence a ratio
+            # of 1e20 has a spread of 1e30, whose band would grey out the whole panel.
+            shown = (np.isfinite(ratio) & np.isfinite(spread) & (ratio <= limit) & (ratio >= 1 / limit)
+                     & (spread < ratio))
+            if shown.sum() >= 2:
+                axis.fill_between(params[keep], np.where(shown, np.maximum(ratio - spread, 1 / limit), np.nan),
+                                  np.where(shown, np.minimum(ratio + spread, limit), np.nan), color=colour, alpha=0.18,
+                                  linewidth=0)
         axis.axhline(1.0, color="#d55e00", linewidth=0.9)
         axis.set_xscale("log")
         axis.set_yscale("log")
@@ -646,7 +653,7 @@ def plot_sharpness(runs, levels: Sequence[float], hold: int = 0):
                 raise ValueError(f"run {run.name!r} did not track {', '.join(missing[:3])}"
                                  f"{' ...' if len(missing) > 3 else ''}: every run needs the same σ grid and "
                                  "--noisy-error-draws")
-    fig = Figure(figsize=(4.6 * len(levels), 6.2), layout="constrained")
+    fig = Figure(figsize=(4.6 * len(levels), 6.8), layout="constrained")
     axes = fig.subplots(2, len(levels), squeeze=False, sharex=True, height_ratios=(2.2, 1))
     log2 = math.log(2.0)
     for col, level in enumerate(levels):
@@ -670,7 +677,7 @@ def plot_sharpness(runs, levels: Sequence[float], hold: int = 0):
                     _band(top, sigmas, shown, spread, colour)
             ratio = values["noisy_error"][0] / values["gcdf"][0]
             bottom.plot(sigmas, np.where(ratio > 0, ratio, np.nan), color=colour, linestyle="--", marker="s",
-                        markersize=4, label=group.label)
+                        markersize=4)
         top.set_xscale("log")
         top.set_yscale("log")
         bottom.set_xscale("log")
@@ -688,8 +695,11 @@ def plot_sharpness(runs, levels: Sequence[float], hold: int = 0):
             axis.grid(True, which="major", alpha=0.3)
     quantity_handles = [matplotlib.lines.Line2D([], [], color="0.2", linestyle=style, marker=marker, markersize=4,
                                                 label=label) for _, label, style, marker in _SHARPNESS_LINES]
-    axes[0][0].legend(handles=quantity_handles, fontsize=7, loc="lower right")
-    axes[1][0].legend(fontsize=7, loc="lower right")
+    setting_handles = [matplotlib.lines.Line2D([], [], color=RUN_STYLES[g % len(RUN_STYLES)][0], linewidth=3,
+                                               label=f"{group.label} (n={len(group.runs)})")
+                       for g, group in enumerate(groups)]
+    fig.legend(handles=quantity_handles + setting_handles, loc="outside upper center",
+               ncol=min(3, len(quantity_handles) + len(setting_handles)), fontsize=8)
     return fig
 
 

@@ -445,9 +445,9 @@ def test_sharpness_figure_lines_values_and_tightness(tmp_path):
             assert np.isnan(noisy.get_ydata()[0])  # 0 is left off the log axis
             # Interpolated linearly in log CE between tracking points, so within 0.5 % of CE (1 + s) / log 2.
             np.testing.assert_allclose(noisy_ce.get_ydata(), level * (1 + np.array(SIGMAS)) / math.log(2), rtol=5e-3)
-        scale = {group.label: 0.5 if "0.1" in group.label else 0.25 for group in groups}
-        for line in bottom.get_lines()[:len(groups)]:
-            np.testing.assert_allclose(line.get_ydata()[1:], scale[line.get_label()], rtol=1e-12)
+        for group, line in zip(groups, bottom.get_lines()[:len(groups)]):
+            np.testing.assert_allclose(line.get_ydata()[1:], 0.5 if "0.1" in group.label else 0.25, rtol=1e-12)
+    assert [t.get_text() for t in fig.legends[0].get_texts()][-2:] == [f"{g.label} (n=2)" for g in groups]
     paths = plots.save_figure(fig, tmp_path / "out", "sharpness", formats=("png",))
     check_image(paths[0], "png")
     assert "sharpness.png" in [p.name for p in plots.plot_all(runs, tmp_path / "all", level=0.3, formats=("png",),
