@@ -41,6 +41,22 @@ def _tensorflow_environment(module: str = "tensorflow"):
     return None
 
 
+def _make(module: str, out_dir: str, what: str, *targets: str):
+    """Runs ``make -C custom_ops`` (``targets``) with an interpreter that imports ``module``; returns None when it
+    built, else why not (one line, or make's output)."""
+    env = _tensorflow_environment(module)
+    if env is None:
+        return f"{sys.executable} cannot import {module}"
+    if shutil.which("make") is None or shutil.which(os.environ.get("CXX", "g++")) is None:
+        return "no make or no C++ compiler (apt-get install g++ make)"
+    os.makedirs(out_dir, exist_ok=True)
+    command = ["make", "-C", os.path.abspath("custom_ops"), f"PYTHON={sys.executable}", f"OUT_DIR={out_dir}",
+               *targets]
+    print(f"keras_implicit: building {what}:", " ".join(command), flush=True)
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return None if done.returncode == 0 else f"make failed:\n{done.stdout[-4000:]}"
+
+
 class BuildPanelOp(build_ext):
     """Builds the op's shared libraries with `make -C custom_ops`, or skips them with a message."""
 
@@ -66,19 +82,7 @@ class BuildPanelOp(build_ext):
             return None
         self._op_built = True
         out_dir = os.path.abspath(os.path.dirname(self.get_ext_fullpath(_OP_EXTENSIONS[0])))
-        reason = None
-        env = _tensorflow_environment()
-        if env is None:
-            reason = f"{sys.executable} cannot import tensorflow"
-        elif shutil.which("make") is None or shutil.which(os.environ.get("CXX", "g++")) is None:
-            reason = "no make or no C++ compiler (apt-get install g++ make)"
-        else:
-            os.makedirs(out_dir, exist_ok=True)
-            command = ["make", "-C", os.path.abspath("custom_ops"), f"PYTHON={sys.executable}", f"OUT_DIR={out_dir}"]
-            print("keras_implicit: building the fused panel op:", " ".join(command), flush=True)
-            done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            if done.returncode != 0:
-                reason = f"make failed:\n{done.stdout[-4000:]}"
+        reason = _make("tensorflow", out_dir, "the fused panel op")
         if reason is None:
             return None
         if os.environ.get("KERAS_IMPLICIT_REQUIRE_OP") == "1":
@@ -91,18 +95,7 @@ class BuildPanelOp(build_ext):
     def _build_ffi(self):
         """`make -C custom_ops ffi`: the JAX binding, optional (one printed line when it is skipped or fails)."""
         out_dir = os.path.abspath(os.path.dirname(self.get_ext_fullpath(_FFI_EXTENSIONS[0])))
-        env = _tensorflow_environment("jax")
-        if env is None:
-            reason = f"{sys.executable} cannot import jax (jaxlib)"
-        elif shutil.which("make") is None or shutil.which(os.environ.get("CXX", "g++")) is None:
-            reason = "no make or no C++ compiler (apt-get install g++ make)"
-        else:
-            os.makedirs(out_dir, exist_ok=True)
-            command = ["make", "-C", os.path.abspath("custom_ops"), f"PYTHON={sys.executable}", f"OUT_DIR={out_dir}",
-                       "ffi"]
-            print("keras_implicit: building the panel's XLA FFI kernel for JAX:", " ".join(command), flush=True)
-            done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            reason = None if done.returncode == 0 else f"make failed:\n{done.stdout[-4000:]}"
+        reason = _make("jax", out_dir, "the panel's XLA FFI kernel for JAX", "ffi")
         if reason is not None:
             print(f"keras_implicit: the panel's XLA FFI kernel for JAX was not built ({reason}); JAX takes the "
                   "keras.ops path", file=sys.stderr, flush=True)

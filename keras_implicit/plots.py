@@ -609,12 +609,6 @@ _SHARPNESS_LINES = (
 )
 
 
-def _mean_at_level(runs: Sequence[analysis.Run], level: float, hold: int, names: Sequence[str]):
-    points = [analysis.at_level(run, level, hold) for run in runs]
-    stack = np.array([[p.values[n] for n in names] for p in points])
-    return _mean_std(stack)
-
-
 def plot_sharpness(runs, levels: Sequence[float], hold: int = 0):
     """Gcdf against what it bounds: for each training-CE level (a column), Gcdf (eq. 6), the Monte Carlo noisy
     error (eq. 3, the rate at which N(0, σ²I) noise on the top layer's weights makes the prediction wrong),
@@ -660,22 +654,20 @@ def plot_sharpness(runs, levels: Sequence[float], hold: int = 0):
         top, bottom = axes[0][col], axes[1][col]
         for g, group in enumerate(groups):
             colour = RUN_STYLES[g % len(RUN_STYLES)][0]
-            values = {}
-            for prefix, *_ in (*_SHARPNESS_LINES, ("noisy_error_se",)):
-                values[prefix] = _mean_at_level(group.runs, level, hold, [f"{prefix}@{s}" for s in suffixes])
+            seeds = analysis.aggregate(group, level, hold)
+
+            def over_sigma(prefix, statistic="mean"):
+                return np.array([getattr(seeds, statistic)[f"{prefix}@{s}"] for s in suffixes])
+
             for prefix, _, style, marker in _SHARPNESS_LINES:
-                mean, std = values[prefix]
-                if prefix == "noisy_ce":
-                    mean = mean / log2
+                mean = over_sigma(prefix) / (log2 if prefix == "noisy_ce" else 1.0)
                 shown = np.where(mean > 0, mean, np.nan)
                 top.plot(sigmas, shown, color=colour, linestyle=style, marker=marker, markersize=4,
                          linewidth=1.0 if prefix == "noisy_ce" else 1.4)
-                if prefix == "noisy_error":
-                    spread = 2 * values["noisy_error_se"][0]
-                    if std is not None:
-                        spread = np.maximum(spread, std)
+                if prefix == "noisy_error":  # the seeds' spread where it exceeds 2 standard errors (fmax: NaN at n=1)
+                    spread = np.fmax(2 * over_sigma("noisy_error_se"), over_sigma(prefix, "std"))
                     _band(top, sigmas, shown, spread, colour)
-            ratio = values["noisy_error"][0] / values["gcdf"][0]
+            ratio = over_sigma("noisy_error") / over_sigma("gcdf")
             bottom.plot(sigmas, np.where(ratio > 0, ratio, np.nan), color=colour, linestyle="--", marker="s",
                         markersize=4)
         top.set_xscale("log")

@@ -104,15 +104,19 @@ def _norms(feature_norm, logits):
     return norm * ops.ones((batch,), logits.dtype) if _losses._static_rank(norm) == 0 else norm
 
 
-def _noisy_columns(labels, logits, norm, sigmas: np.ndarray, noise):
+def _crossentropy(margins):
+    """The CE per sample from shared margins: eq. 7's formula at T = 1, [B]."""
+    return _losses._tce_columns(margins, np.array([1.0]))[:, 0]
+
+
+def _noisy_columns(margins, norm, sigmas: np.ndarray, noise):
     """Per example and sigma: the fraction of wrong noisy predictions and the mean noisy CE, each [B, K].
 
     ``noise``: z, [B, draws, classes]. The noisy margins are ``d_j + sigma ||x|| (z_j - z_y)``; the prediction
     is wrong when one of them is > 0 (ties have probability 0 for sigma > 0; sigma = 0 is the zero-one error,
     with argmax's tie rule). The noisy CE is ``softplus(logsumexp_{j != y} noisy d_j)``, as eq. 7's formula.
     """
-    margins = _losses._Margins(labels, logits)
-    dtype = logits.dtype
+    labels, dtype = margins.labels, margins.d.dtype
     noise = ops.cast(noise, dtype)
     z_true = ops.take_along_axis(noise, labels[:, None, None] * ops.ones_like(noise[:, :, :1], "int32"), axis=2)
     spread = (noise - z_true) * norm[:, None, None]  # [B, D, C]: (z_j - z_y) ||x||
@@ -122,7 +126,7 @@ def _noisy_columns(labels, logits, norm, sigmas: np.ndarray, noise):
     for sigma in sigmas:
         if sigma == 0:
             wrong_columns.append(_losses._error_column(margins)[:, 0])
-            ce_columns.append(_losses._tce_columns(margins, np.array([1.0]))[:, 0])
+            ce_columns.append(_crossentropy(margins))
             continue
         noisy = ops.where(others, margins.d[:, None, :] + float(sigma) * spread, minus_inf)  # [B, D, C]
         largest = ops.max(noisy, axis=-1)
@@ -212,7 +216,7 @@ def _noisy(y_true, y_pred, sigmas, draws, seed, feature_norm):
     labels = _checks.check_labels(labels, ops.shape(logits)[-1])
     norm = _norms(feature_norm, logits)
     shape = (ops.shape(logits)[0], draws, ops.shape(logits)[1])
-    return _noisy_columns(labels, logits, norm, sigmas, _draw_noise(shape, seed, logits.dtype))
+    return _noisy_columns(_losses._Margins(labels, logits), norm, sigmas, _draw_noise(shape, seed, logits.dtype))
 
 
 def crossentropy_hessian_trace(y_pred, feature_norm=None):
@@ -263,7 +267,7 @@ def eq9(y_true, y_pred, sigma, feature_norm=None):
     sigmas, scalar = _losses._validate_parameters(sigma, "sigma", allow_zero=True)
     labels, logits = _losses._prepare(y_true, y_pred)
     labels = _checks.check_labels(labels, ops.shape(logits)[-1])
-    ce = _losses._tce_columns(_losses._Margins(labels, logits), np.array([1.0]))[:, 0]
+    ce = _crossentropy(_losses._Margins(labels, logits))
     return _single(_eq9_columns(ce, _hessian_trace(logits, _norms(feature_norm, logits)), sigmas), scalar)
 
 
@@ -297,9 +301,10 @@ def _fused_column_sums(sigmas: tuple, dtype: str):
         logits = ops.cast(logits, "float32")
         norm = ops.norm(ops.cast(features, "float32"), axis=-1)
         labels = ops.cast(labels, "int32")
-        wrong, noisy_ce = _noisy_columns(labels, logits, norm, grid, noise)
+        margins = _losses._Margins(labels, logits)  # shared by the noisy columns and the CE of eq. 9
+        wrong, noisy_ce = _noisy_columns(margins, norm, grid, noise)
         trace = _hessian_trace(logits, norm)
-        ce = _losses._tce_columns(_losses._Margins(labels, logits), np.array([1.0]))[:, 0]
+        ce = _crossentropy(margins)
         columns = ops.concatenate([wrong, wrong * (1.0 - wrong), noisy_ce, _eq9_columns(ce, trace, grid),
                                    trace[:, None]], axis=-1)
         return ops.sum(ops.cast(columns, dtype), axis=0)

@@ -1,5 +1,7 @@
 """What the tests need to run unchanged on every Keras backend (KERAS_BACKEND=tensorflow, jax, torch)."""
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -90,6 +92,16 @@ def hessian(fn, x: np.ndarray) -> np.ndarray:
 
         return torch.autograd.functional.hessian(fn, torch.tensor(x)).numpy().reshape(x.size, x.size)
     raise NotImplementedError(BACKEND)
+
+
+def kernel_or_skip(reason, kernel):
+    """``kernel`` when ``reason`` (why a fused kernel is unavailable) is None; else the test is skipped, or fails
+    under ``KERAS_IMPLICIT_REQUIRE_OP=1`` (CI), so that a missing build is never only a skip there."""
+    if reason is not None:
+        if os.environ.get("KERAS_IMPLICIT_REQUIRE_OP") == "1":
+            pytest.fail(f"KERAS_IMPLICIT_REQUIRE_OP=1 but {reason}")
+        pytest.skip(reason)
+    return kernel
 
 
 def assert_refused_when_compiled(compute, match: str, bad_rows) -> None:

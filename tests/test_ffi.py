@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from keras_implicit import _dispatch, losses
-from tests.backend import BACKEND, needs_float64
+from tests.backend import BACKEND, kernel_or_skip, needs_float64
 from tests.references import ref_error, ref_gcdf, ref_hinge
 
 pytestmark = pytest.mark.skipif(BACKEND != "jax", reason="the XLA FFI kernel is the JAX backend's (KERAS_BACKEND=jax)")
@@ -50,12 +50,7 @@ def _kernel_unavailable() -> str | None:
 @pytest.fixture
 def fused():
     """``_ffi.fused_panel``; skips (or fails under KERAS_IMPLICIT_REQUIRE_OP=1) when the library is unavailable."""
-    reason = _kernel_unavailable()
-    if reason is not None:
-        if os.environ.get("KERAS_IMPLICIT_REQUIRE_OP") == "1":
-            pytest.fail(f"KERAS_IMPLICIT_REQUIRE_OP=1 but {reason}")
-        pytest.skip(reason)
-    return _ffi.fused_panel
+    return kernel_or_skip(_kernel_unavailable(), _ffi.fused_panel)
 
 
 def _both_paths(labels, logits, feature_norm=None, sigmas=SIGMAS, temperatures=TEMPERATURES, margins=MARGINS,

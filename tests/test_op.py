@@ -20,6 +20,7 @@ import tensorflow as tf
 
 import keras_implicit as ki
 from keras_implicit import _dispatch, _op, losses
+from tests.backend import kernel_or_skip
 from tests.references import ref_error, ref_gcdf, ref_hinge
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,12 +44,7 @@ def _op_loaded() -> bool:
 @pytest.fixture
 def fused():
     """The op's Python wrapper; skips (or fails under KERAS_IMPLICIT_REQUIRE_OP=1) when it is unavailable."""
-    reason = _op_unavailable()
-    if reason is not None:
-        if os.environ.get("KERAS_IMPLICIT_REQUIRE_OP") == "1":
-            pytest.fail(f"KERAS_IMPLICIT_REQUIRE_OP=1 but {reason}")
-        pytest.skip(reason)
-    return _op.fused_panel
+    return kernel_or_skip(_op_unavailable(), _op.fused_panel)
 
 
 def _both_paths(labels, logits, feature_norm=None, sigmas=SIGMAS, temperatures=TEMPERATURES, margins=MARGINS,
