@@ -11,8 +11,9 @@ minimum of the repeats: the machine is shared and noisy), after one warm-up call
   ffi forward+grad    the same on the FFI kernel (its custom_vjp calls the gradient handler)
 
 It prints, per size, the minimum wall-clock and process CPU time (all threads) of each variant and the ratio
-keras / ffi (above 1: the kernel is faster). XLA runs the keras.ops path's fused loops on its CPU thread pool;
-the FFI kernel runs on one thread (see --threads to compare at one thread: it sets XLA's flags before JAX starts).
+keras / ffi (above 1: the kernel is faster). Both run on XLA's CPU thread pool: the keras.ops path's fused loops,
+and the FFI kernel's chunks of rows (its ffi::ThreadPool context). --threads N runs the process on N CPUs (its
+CPU affinity, set before JAX starts: XLA sizes its pool from it), e.g. 1 to compare both on one thread.
 
 Usage:
     KERAS_BACKEND=jax python benchmarks/ffi.py                         # 60000x10, 60000x100, 10000x1000
@@ -27,6 +28,8 @@ import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 DEFAULT_SIZES = ((60000, 10), (60000, 100), (10000, 1000))
 VARIANTS = ("keras forward", "ffi forward", "keras forward+grad", "ffi forward+grad")
 
@@ -39,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="class counts (default: 10 100 1000, with the default rows of each)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per variant (minimum reported)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="XLA CPU threads (sets XLA_FLAGS before JAX starts); default: XLA's own choice")
+                        help="CPUs of the process (its affinity, set before JAX starts: XLA's CPU thread pool, which "
+                             "both paths use, has as many threads); default: every CPU")
     return parser.parse_args(argv)
 
 
@@ -133,8 +137,11 @@ def main(argv=None) -> int:
     """Runs every size and prints the table; returns the exit status."""
     args = parse_args(argv)
     if args.threads is not None:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={args.threads}")
+        cpus = sorted(os.sched_getaffinity(0))
+        if not 1 <= args.threads <= len(cpus):
+            print(f"benchmarks/ffi.py: --threads must be in [1, {len(cpus)}]", file=sys.stderr)
+            return 2
+        os.sched_setaffinity(0, cpus[:args.threads])
     os.environ["KERAS_BACKEND"] = "jax"
     import keras
 
@@ -151,8 +158,8 @@ def main(argv=None) -> int:
     import jax
 
     print(f"JAX {jax.__version__} on {jax.devices()[0]}; {os.cpu_count()} logical CPUs; threads: "
-          f"{args.threads or 'XLA default'}; 24 losses (default panel, error=True), float32; minimum of "
-          f"{args.repeats} interleaved repeats")
+          f"{len(os.sched_getaffinity(0))}; FFI library {_ffi.library_path()}; 24 losses (default panel, "
+          f"error=True), float32; minimum of {args.repeats} interleaved repeats")
     for rows, classes in sizes(args):
         print(f"\n{rows} x {classes} logits", flush=True)
         best = measure(rows, classes, args.repeats)

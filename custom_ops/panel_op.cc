@@ -7,7 +7,8 @@
 // The mathematics of a row (forward and gradient, the NaN and infinity rules, the validation messages) is in
 // custom_ops/panel_math.h, shared with the JAX binding (custom_ops/panel_ffi.cc). This file holds the
 // TensorFlow registration, the Eigen math policy (Eigen's vectorized erfc and exp, which TensorFlow's own
-// kernels use) and the 8-row blocks used up to 32 classes (one vector lane per row, Eigen fixed-size arrays).
+// kernels use) and the lanes of panel_math.h's 8-row blocks, used forward and backward up to kBlockMaxClasses
+// classes (one vector lane per row, Eigen fixed-size arrays).
 // Both kernels reject (InvalidArgument, naming the argument) fewer than 2 classes, labels outside
 // [0, classes), a feature_norm that is not finite and > 0, and parameters that are not finite or out of
 // range (sigmas, margins >= 0; temperatures > 0).
@@ -189,81 +190,35 @@ struct EigenMath {
   }
 };
 
-// Few classes: eight rows at a time, one vector lane per row (one vector per class), which needs neither the
-// row padding nor a horizontal sum per column. Same formulas and steps as PanelRow; only the order of the
-// sums over classes differs. `margins` holds classes x kBlockRows values, `out` is the first row's output.
-// Returns false, computing nothing, when a row holds a NaN or an infinite logit (PanelRow handles those).
-constexpr int64 kBlockRows = 8;
-constexpr int64 kBlockMaxClasses = 32;
-
+// panel_math.h's lanes type for its blocks of rows (up to kBlockMaxClasses classes): one lane per row of one
+// native Eigen packet of T (8 floats or 4 doubles with AVX), with Eigen's vectorized erfc, exp, log and log1p.
 template <typename T>
-static bool PanelBlock(const T* x, int64 classes, const int32_t* y, const T* norm, const Panel& panel, T* margins,
-                       T* out, int64 columns) {
-  using Lanes = Eigen::Array<T, kBlockRows, 1>;
-  using LaneMap = Eigen::Map<const Lanes>;
-  for (int64 r = 0; r < kBlockRows; ++r) {
-    const T* row = x + r * classes;
-    const T true_score = row[y[r]];
-    bool finite = true;
-    for (int64 j = 0; j < classes; ++j) {
-      finite &= std::isfinite(row[j]);
-      margins[j * kBlockRows + r] = row[j] - true_score;
-    }
-    if (!finite) return false;
-    margins[y[r] * kBlockRows + r] = -std::numeric_limits<T>::infinity();
+struct EigenLanes {
+  using Scalar = T;
+  using V = typename Eigen::internal::packet_traits<T>::type;
+  static constexpr Index kRows = Eigen::internal::unpacket_traits<V>::size;
+  static V Load(const T* p) { return Eigen::internal::ploadu<V>(p); }
+  static void Store(T* p, const V& v) { Eigen::internal::pstoreu(p, v); }
+  static V Set(T x) { return Eigen::internal::pset1<V>(x); }
+  static V Zero() { return Eigen::internal::pset1<V>(T(0)); }
+  static V Add(const V& a, const V& b) { return Eigen::internal::padd(a, b); }
+  static V Sub(const V& a, const V& b) { return Eigen::internal::psub(a, b); }
+  static V Mul(const V& a, const V& b) { return Eigen::internal::pmul(a, b); }
+  static V Div(const V& a, const V& b) { return Eigen::internal::pdiv(a, b); }
+  static V Min(const V& a, const V& b) { return Eigen::internal::pmin(a, b); }
+  static V Max(const V& a, const V& b) { return Eigen::internal::pmax(a, b); }
+  static V Erfc(const V& v) { return Eigen::internal::perfc(v); }
+  static V Exp(const V& v) { return Eigen::internal::pexp(v); }
+  static V Log(const V& v) { return Eigen::internal::plog(v); }
+  static V Log1p(const V& v) { return Eigen::internal::plog1p(v); }
+  static V Greater(const V& a, const V& b) { return Eigen::internal::pcmp_lt(b, a); }
+  static V Equal(const V& a, const V& b) { return Eigen::internal::pcmp_eq(a, b); }
+  static V Select(const V& mask, const V& a, const V& b) { return Eigen::internal::pselect(mask, a, b); }
+  static V WhereFinite(const V& z, const V& v) {
+    const V infinity = Set(std::numeric_limits<T>::infinity());
+    return Eigen::internal::pand(Eigen::internal::pcmp_lt(Eigen::internal::pabs(z), infinity), v);
   }
-  auto margin = [&](int64 j) { return LaneMap(margins + j * kBlockRows); };
-  auto store = [&](int64 k, const Lanes& values) {
-    for (int64 r = 0; r < kBlockRows; ++r) out[r * columns + k] = values(r);
-  };
-  Lanes norms;
-  for (int64 r = 0; r < kBlockRows; ++r) norms(r) = norm[r];
-  int64 k = 0;
-  for (double sigma : panel.sigmas) {
-    Lanes total = Lanes::Zero();
-    if (sigma == 0.0) {
-      for (int64 j = 0; j < classes; ++j) {
-        total += (margin(j) > T(0)).select(Lanes::Constant(T(1)), (margin(j) == T(0)).select(Lanes::Constant(T(0.5)),
-                                                                                              Lanes::Zero()));
-      }
-      store(k++, total);
-    } else {
-      Lanes factor;
-      for (int64 r = 0; r < kBlockRows; ++r) factor(r) = static_cast<T>(-0.5 / (sigma * static_cast<double>(norms(r))));
-      for (int64 j = 0; j < classes; ++j) total += (margin(j) * factor).erfc();
-      store(k++, T(0.5) * total);
-    }
-  }
-  if (!panel.temperatures.empty()) {
-    Lanes max_margin = margin(0);
-    for (int64 j = 1; j < classes; ++j) max_margin = max_margin.max(margin(j));
-    for (double temperature : panel.temperatures) {
-      const T inverse = static_cast<T>(1.0 / temperature);
-      const Lanes shift = max_margin * inverse;  // finite: every logit is
-      Lanes sums = Lanes::Zero();
-      for (int64 j = 0; j < classes; ++j) sums += (margin(j) * inverse - shift).exp();
-      Lanes values = sums.log() + shift;
-      Softplus(values);
-      store(k++, values);
-    }
-  }
-  for (double margin_value : panel.margins) {
-    const T gamma = static_cast<T>(margin_value);
-    Lanes total = Lanes::Zero();
-    for (int64 j = 0; j < classes; ++j) total += (margin(j) + gamma).max(T(0));
-    store(k++, total);
-  }
-  if (panel.error) {
-    for (int64 r = 0; r < kBlockRows; ++r) {
-      bool loses = false;
-      for (int64 j = 0; j < y[r] && !loses; ++j) loses = margins[j * kBlockRows + r] >= 0;
-      for (int64 j = y[r] + 1; j < classes && !loses; ++j) loses = margins[j * kBlockRows + r] > 0;
-      out[r * columns + k] = loses ? T(1) : T(0);
-    }
-    ++k;
-  }
-  return true;
-}
+};
 
 // The attributes both kernels share.
 class PanelKernelBase : public OpKernel {
@@ -303,25 +258,11 @@ class PanelOp : public PanelKernelBase {
     }
 
     const Problem<T> problem = in.problem<T>();
-    const Panel& panel = in.panel;
-    const bool blocks = classes <= kBlockMaxClasses;
     auto work = [&](int64 start, int64 end) {
-      int64 b = start;
-      if (blocks) {
-        std::vector<T> margins(classes * kBlockRows);
-        T block_norms[kBlockRows];
-        for (; b + kBlockRows <= end; b += kBlockRows) {
-          for (int64 r = 0; r < kBlockRows; ++r) block_norms[r] = problem.norm(b + r);
-          if (!PanelBlock<T>(problem.logits + b * classes, classes, problem.labels + b, block_norms, panel,
-                             margins.data(), per_sample + b * columns, columns)) {
-            PanelRows<EigenMath, T>(problem, b, b + kBlockRows, per_sample);
-          }
-        }
-      }
-      PanelRows<EigenMath, T>(problem, b, end, per_sample);
+      PanelBlockRows<EigenLanes<T>, EigenMath, T>(problem, start, end, per_sample);
     };
     auto* threads = context->device()->tensorflow_cpu_worker_threads();
-    ::tensorflow::Shard(threads->num_threads, threads->workers, batch, RowCost(panel, classes, false), work);
+    ::tensorflow::Shard(threads->num_threads, threads->workers, batch, RowCost(in.panel, classes, false), work);
     // Summed in a fixed order (deterministic whatever the sharding), accumulated in double.
     if (reduce_) SumColumns(per_sample, batch, columns, output->flat<T>().data());
   }
@@ -357,7 +298,7 @@ class PanelGradOp : public PanelKernelBase {
     T* dx = grad_logits->flat<T>().data();
     const bool reduce = reduce_;
     auto work = [&](int64 start, int64 end) {
-      PanelGradRows<EigenMath, T>(problem, g, reduce, start, end, dx, row_dnorm);
+      PanelGradBlockRows<EigenLanes<T>, EigenMath, T>(problem, g, reduce, start, end, dx, row_dnorm);
     };
     auto* threads = context->device()->tensorflow_cpu_worker_threads();
     ::tensorflow::Shard(threads->num_threads, threads->workers, batch, RowCost(in.panel, classes, true), work);

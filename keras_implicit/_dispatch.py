@@ -15,9 +15,11 @@ The path is chosen, in this order, by:
    sees its own setting and blocks nest);
 3. the environment: ``KERAS_IMPLICIT_PANEL_PATH=auto|op|keras`` (``KERAS_IMPLICIT_PURE_TF=1``, the older
    name, means ``keras``);
-4. otherwise ``"auto"``: the TF op where the backend is TensorFlow and it loads, else ``"keras"``. On JAX,
-   ``"auto"`` is ``"keras"``: on the CPU, XLA's fused ``keras.ops`` path computes the panel's forward pass
-   1.1-5x faster than the FFI kernel (``benchmarks/ffi.py``), so the kernel is used where ``"op"`` asks for it.
+4. otherwise ``"auto"``: the fused kernel where it loads (the TF op on TensorFlow, the FFI kernel on JAX),
+   else ``"keras"``. On JAX's CPU the FFI kernel computes the panel 2-3x faster than XLA's fusion of the
+   ``keras.ops`` path forward and 3-4.5x with the gradient (``benchmarks/ffi.py``, BUILD_NOTES.md "The JAX
+   binding: XLA FFI (CPU)"); where it cannot load (not built, or JAX computes on another platform) ``"auto"``
+   takes the ``keras.ops`` path.
 
 Asking for ``"op"`` where it cannot run raises RuntimeError (with the reason), except inside an XLA
 compilation, where the op has no kernel and the ``keras.ops`` path is taken. :func:`active_path` says which
@@ -115,13 +117,11 @@ def panel_kernel(path: Optional[str] = None) -> Optional[Callable]:
         return None
     backend = keras.backend.backend()
     if backend == "jax":
-        if wanted != "op":
-            # auto: XLA's fusion of the keras.ops path beats the FFI kernel's forward pass on the CPU, 1.1-5x
-            # (BUILD_NOTES.md, "The JAX binding: XLA FFI (CPU)"); the kernel is taken when asked for.
-            return None
         from keras_implicit import _ffi  # the JAX seam: imported on the JAX backend only
 
-        return _ffi.panel_ffi(required=True, source=source)
+        # auto: the FFI kernel where it loads (faster than XLA's fusion of the keras.ops path on the CPU, forward
+        # and with the gradient: BUILD_NOTES.md, "The JAX binding: XLA FFI (CPU)"), else the keras.ops path.
+        return _ffi.panel_ffi(required=wanted == "op", source=source)
     if backend != "tensorflow":
         if wanted == "op":
             raise RuntimeError(f"the fused panel kernel runs on the TensorFlow and JAX backends only; Keras uses "

@@ -7,14 +7,17 @@ kernel is wanted (``force_path``, ``path=``, ``KERAS_IMPLICIT_PANEL_PATH``); thi
 It imports JAX, NumPy and ctypes only (never TensorFlow).
 
 The handlers live in ``keras_implicit/_panel_ffi.so`` (portable: scalar ``std::erfc``/``std::exp``) and, on
-x86-64, ``_panel_ffi_avx2.so`` (``-mavx2 -mfma``, glibc's libmvec AVX2 ``erfc``/``exp``), both built by
-``pip install -e .`` (setup.py) or ``make -C custom_ops ffi`` against ``jax.ffi.include_dir()``. The AVX2 build
-is loaded where it is built and ``/proc/cpuinfo`` lists ``avx2`` and ``fma``, unless
-``KERAS_IMPLICIT_OP_VARIANT=portable`` (the TF op's switch; ``avx2`` insists on it); if it fails to load (e.g.
-a glibc older than 2.35, without libmvec's erfc) the portable one is tried. Loading registers four targets for the
-``"cpu"`` platform (``jax.ffi.register_ffi_target``): ``KerasImplicitPanel{F32,F64}`` (values) and
+x86-64, ``_panel_ffi_avx2.so`` (``-mavx2 -mfma``: glibc's libmvec AVX2 ``erfc``/``exp``/``log``/``log1p`` in
+``custom_ops/panel_math.h``'s 8-row blocks), both built by ``pip install -e .`` (setup.py) or
+``make -C custom_ops ffi`` against ``jax.ffi.include_dir()``. The AVX2 build is loaded where it is built and
+``/proc/cpuinfo`` lists ``avx2`` and ``fma``, unless ``KERAS_IMPLICIT_OP_VARIANT=portable`` (the TF op's switch;
+``avx2`` insists on it); if it fails to load (e.g. a glibc older than 2.35, without libmvec's erfc and log1p)
+the portable one is tried. Loading registers four targets for the ``"cpu"`` platform
+(``jax.ffi.register_ffi_target``): ``KerasImplicitPanel{F32,F64}`` (values) and
 ``KerasImplicitPanelGrad{F32,F64}`` (d logits, d feature_norm). The row mathematics is
-``custom_ops/panel_math.h``, shared with the TensorFlow op.
+``custom_ops/panel_math.h``, shared with the TensorFlow op. Both builds split the rows over XLA's CPU thread
+pool, with the same bits whatever the threads. On the CPU, ``"auto"`` takes the kernel wherever it loads: it is
+1.9-4.8x faster than XLA's fusion of the keras.ops path (BUILD_NOTES.md).
 
 The call:
 
@@ -34,8 +37,14 @@ The call:
   ``sigmas[0] must be finite and >= 0, got nan``), as the TensorFlow op does; JAX raises it as ``ValueError``
   or ``jax.errors.JaxRuntimeError``, depending on the call. The keras.ops path under ``jax.jit`` cannot raise
   and gives NaN rows instead (``keras_implicit/_checks.py``).
-- CPU only: there is no CUDA handler (a JAX process on a GPU takes the keras.ops path; ``"op"`` forced there
-  raises RuntimeError).
+- NVIDIA GPUs: ``keras_implicit/_panel_ffi_cuda.so`` (``custom_ops/panel_ffi_cuda.cu`` and
+  ``panel_cuda.cuh``, built by ``make -C custom_ops cuda`` with nvcc, never by ``pip install``) holds CUDA
+  handlers under the same four names; where JAX's default backend is a CUDA GPU and the library is built, they
+  are registered for the ``"CUDA"`` platform (and the CPU ones, where built, for ``"cpu"``). They have not yet
+  been run on a GPU by this project (BUILD_NOTES.md, "The CUDA kernel"), so on a GPU the kernel is taken only
+  where ``"op"`` asks for it; ``"auto"`` keeps the ``keras.ops`` path there. A CUDA call takes at most
+  ``CUDA_MAX_PARAMETERS`` parameters and ``CUDA_MAX_TEMPERATURES`` temperatures (kernel arguments and shared
+  memory); a larger panel is computed in several calls, column groups concatenated in order.
 """
 
 from __future__ import annotations
@@ -49,11 +58,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["panel_ffi", "fused_panel", "library_path", "load_error", "TARGETS"]
+__all__ = ["panel_ffi", "fused_panel", "library_path", "load_error", "TARGETS", "CUDA_MAX_PARAMETERS",
+           "CUDA_MAX_TEMPERATURES"]
 
 _LOGGER = logging.getLogger("keras_implicit")
 _LIBRARY = Path(__file__).with_name("_panel_ffi.so")
 _LIBRARY_AVX2 = Path(__file__).with_name("_panel_ffi_avx2.so")
+_LIBRARY_CUDA = Path(__file__).with_name("_panel_ffi_cuda.so")
 _ENV_VARIANT = "KERAS_IMPLICIT_OP_VARIANT"
 
 # dtype -> (forward target, gradient target): the handler symbols exported by _panel_ffi.so.
@@ -61,6 +72,9 @@ TARGETS = {
     "float32": ("KerasImplicitPanelF32", "KerasImplicitPanelGradF32"),
     "float64": ("KerasImplicitPanelF64", "KerasImplicitPanelGradF64"),
 }
+# custom_ops/panel_cuda.cuh: kMaxParameters, kMaxTemperatures.
+CUDA_MAX_PARAMETERS = 384
+CUDA_MAX_TEMPERATURES = 64
 
 
 class _State:
@@ -70,6 +84,7 @@ class _State:
     attempted = False
     loaded = False
     library: Path | None = None
+    platform: str | None = None  # "cpu" or "cuda": where the default backend's handlers run
     error: str | None = None
     logged = False
 
@@ -114,8 +129,32 @@ def _cpu_platform_available(jax) -> bool:
         return False
 
 
+def _register(jax, path: Path, platform: str) -> str | None:
+    """Loads ``path`` and registers its four targets for ``platform``; returns why it failed, or None."""
+    if not path.exists():
+        how = "make -C custom_ops cuda, with nvcc" if platform == "CUDA" else \
+            "pip install -e . or make -C custom_ops ffi, with jaxlib installed"
+        return f"{path} is not built ({how})"
+    try:
+        library = ctypes.cdll.LoadLibrary(str(path))
+        capsules = {name: jax.ffi.pycapsule(getattr(library, name)) for names in TARGETS.values() for name in names}
+    except (OSError, AttributeError) as exc:
+        return f"{path} could not be loaded ({type(exc).__name__}: {exc})"
+    for name, capsule in capsules.items():
+        jax.ffi.register_ffi_target(name, capsule, platform=platform)
+    return None
+
+
+def _gpu_is_cuda(jax) -> bool:
+    try:
+        return "rocm" not in str(jax.devices()[0].client.platform_version).lower()
+    except (AttributeError, IndexError, RuntimeError):
+        return False
+
+
 def _load() -> bool:
-    """Loads the library and registers its targets, once per process. Returns whether the kernel can run.
+    """Loads the libraries and registers their targets, once per process. Returns whether the kernel can run on
+    JAX's default backend (the CPU handlers, or the CUDA ones on a CUDA GPU).
 
     Raises:
         ValueError: an unknown ``KERAS_IMPLICIT_OP_VARIANT``.
@@ -131,31 +170,33 @@ def _load() -> bool:
         except ImportError as exc:  # the backend is JAX, so this only happens in a broken environment
             _State.error = f"jax cannot be imported ({exc})"
             return False
-        if jax.default_backend() != "cpu":
-            _State.error = (f"the FFI kernel has a CPU handler only, and JAX computes on {jax.default_backend()!r}")
-            return False
-        if not _cpu_platform_available(jax):
-            _State.error = "JAX has no CPU device"
-            return False
+        backend = jax.default_backend()
         problems = []
-        for path in candidates:
-            if not path.exists():
-                problems.append(f"{path} is not built (pip install -e . or make -C custom_ops ffi, with jaxlib "
-                                "installed)")
-                continue
-            try:
-                library = ctypes.cdll.LoadLibrary(str(path))
-                capsules = {name: jax.ffi.pycapsule(getattr(library, name))
-                            for names in TARGETS.values() for name in names}
-            except (OSError, AttributeError) as exc:
-                problems.append(f"{path} could not be loaded ({type(exc).__name__}: {exc})")
-                continue
-            for name, capsule in capsules.items():
-                jax.ffi.register_ffi_target(name, capsule, platform="cpu")
-            _State.loaded, _State.library, _State.error = True, path, None
+        cpu_library = None
+        if _cpu_platform_available(jax):
+            for path in candidates:
+                problem = _register(jax, path, "cpu")
+                if problem is None:
+                    cpu_library = path
+                    break
+                problems.append(problem)
+        elif backend == "cpu":
+            problems.append("JAX has no CPU device")
+        if backend == "cpu":
+            if cpu_library is None:
+                _State.error = "; ".join(problems)
+                return False
+            _State.loaded, _State.library, _State.platform, _State.error = True, cpu_library, "cpu", None
             return True
-        _State.error = "; ".join(problems)
-        return False
+        if backend != "gpu" or not _gpu_is_cuda(jax):
+            _State.error = f"the FFI kernel has CPU and CUDA handlers only, and JAX computes on {backend!r}"
+            return False
+        problem = _register(jax, _LIBRARY_CUDA, "CUDA")
+        if problem is not None:
+            _State.error = problem
+            return False
+        _State.loaded, _State.library, _State.platform, _State.error = True, _LIBRARY_CUDA, "cuda", None
+        return True
 
 
 def _log_once(path: str, detail: str, level=logging.INFO) -> None:
@@ -252,7 +293,29 @@ def fused_panel(labels, logits, feature_norm, sigmas, temperatures, margins, err
     if not (config[0] or config[1] or config[2] or config[3]):
         # An empty result: XLA would not even call the kernel (which refuses an empty panel too).
         raise ValueError("the panel is empty: give sigmas, temperatures, margins or error=True")
-    return _differentiable_panel()(config, logits, labels, feature_norm)
+    panel = _differentiable_panel()
+    if _State.platform != "cuda":
+        return panel(config, logits, labels, feature_norm)
+    groups = _column_groups(config, CUDA_MAX_PARAMETERS, CUDA_MAX_TEMPERATURES)
+    if len(groups) == 1:
+        return panel(config, logits, labels, feature_norm)
+    return jnp.concatenate([panel(group, logits, labels, feature_norm) for group in groups], axis=-1)
+
+
+def _column_groups(config, max_parameters: int = CUDA_MAX_PARAMETERS,
+                   max_temperatures: int = CUDA_MAX_TEMPERATURES) -> list[tuple]:
+    """``config`` cut into configs of at most ``max_parameters`` parameters and ``max_temperatures``
+    temperatures each, whose columns, concatenated in order, are those of ``config`` (the error column last)."""
+    sigmas, temperatures, margins, error, reduce = config
+    groups, current = [], ([], [], [])
+    for family, values in enumerate((sigmas, temperatures, margins)):
+        for value in values:
+            if sum(map(len, current)) == max_parameters or (family == 1 and len(current[1]) == max_temperatures):
+                groups.append((tuple(current[0]), tuple(current[1]), tuple(current[2]), False, reduce))
+                current = ([], [], [])
+            current[family].append(value)
+    groups.append((tuple(current[0]), tuple(current[1]), tuple(current[2]), error, reduce))
+    return groups
 
 
 def panel_ffi(required: bool = False, source: str = "default"):
@@ -263,7 +326,8 @@ def panel_ffi(required: bool = False, source: str = "default"):
         source: who asked (for the messages), e.g. ``"force_path"``.
 
     Returns:
-        :func:`fused_panel` where the library loads, else None (take the ``keras.ops`` path).
+        :func:`fused_panel` where the library loads, else None (take the ``keras.ops`` path). On a CUDA GPU,
+        only where ``required``: the CUDA handlers are opt-in until they have been checked on a GPU.
 
     Raises:
         RuntimeError: ``required`` and the kernel cannot run (the reason is in the message).
@@ -273,6 +337,9 @@ def panel_ffi(required: bool = False, source: str = "default"):
             raise RuntimeError(f"the fused panel FFI kernel was asked for ({source}) but is not available: "
                                f"{_State.error}")
         _log_once("the keras.ops path", _State.error or "the FFI kernel is not available")
+        return None
+    if _State.platform == "cuda" and not required:
+        _log_once("the keras.ops path", f"the CUDA kernel {_State.library} is opt-in (force_path('op'))")
         return None
     _log_once("the fused C++ kernel through XLA FFI", str(_State.library))
     return fused_panel

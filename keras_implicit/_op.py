@@ -15,6 +15,10 @@ The op lives in ``keras_implicit/_panel_op.so`` (portable) and, on x86-64, ``_pa
 - ``portable`` or ``avx2``: that build and no other. An unknown value (ValueError), ``avx2`` on a CPU
   without AVX2 and FMA, or a named build that is missing (RuntimeError) is an error wherever the op would
   be loaded, never a silent fallback to another build or to the keras.ops path.
+- ``cuda``: ``keras_implicit/_panel_op_cuda.so``, the op with GPU kernels as well (``make -C custom_ops
+  tf-gpu``: nvcc and a CUDA-enabled TensorFlow; never built by ``pip install``). ``auto`` takes it where it is
+  built and TensorFlow sees a GPU, and falls back to the CPU builds if it fails to load. Its GPU kernels have
+  been compiled, never run (BUILD_NOTES.md, "The CUDA kernel").
 
 The op is loaded lazily, on the first panel computed, and the ``keras.ops`` path
 (``losses._panel_keras``) is used instead when:
@@ -62,8 +66,10 @@ _LIBRARY = Path(__file__).with_name("_panel_op.so")
 # 3.4-5x faster than the portable build (BUILD_NOTES.md, "Timings"). Loaded only on CPUs with both (it would
 # crash, not fail to load, elsewhere).
 _LIBRARY_AVX2 = Path(__file__).with_name("_panel_op_avx2.so")
+# The op with GPU kernels too (custom_ops/panel_op_gpu.cc, `make -C custom_ops tf-gpu`): the package's only.
+_LIBRARY_CUDA = Path(__file__).with_name("_panel_op_cuda.so")
 _ENV_VARIANT = "KERAS_IMPLICIT_OP_VARIANT"
-_VARIANTS = ("auto", "portable", "avx2")
+_VARIANTS = ("auto", "portable", "avx2", "cuda")
 
 
 
@@ -76,15 +82,18 @@ class _State:
     attempted = False
     logged = False
     package_unloadable = False  # the package's own build failed to load: library_path() skips it
+    cuda_unloadable = False  # _panel_op_cuda.so failed to load: auto takes the CPU builds
     build_tried = False  # _op_build.ensure_built() ran (once per process)
     build_problem: _op_build.Unavailable | None = None  # why the first-use build cache holds no build
 
 
 def library_variant() -> str:
-    """The op build this process uses, ``"portable"`` or ``"avx2"``, from ``KERAS_IMPLICIT_OP_VARIANT``.
+    """The op build this process uses, ``"portable"``, ``"avx2"`` or ``"cuda"``, from
+    ``KERAS_IMPLICIT_OP_VARIANT``.
 
-    ``auto`` (or unset, or empty): ``"avx2"`` where that build exists and the CPU has AVX2 and FMA, else
-    ``"portable"``. ``portable`` or ``avx2``: that build, or an error, never another build.
+    ``auto`` (or unset, or empty): ``"cuda"`` where that build exists (and has not failed to load) and
+    TensorFlow sees a GPU, else ``"avx2"`` where that build exists and the CPU has AVX2 and FMA, else
+    ``"portable"``. ``portable``, ``avx2`` or ``cuda``: that build, or an error, never another build.
 
     Raises:
         ValueError: the variable holds another value.
@@ -96,6 +105,8 @@ def library_variant() -> str:
             f"{_ENV_VARIANT} must be one of {', '.join(_VARIANTS)}, got {os.environ[_ENV_VARIANT]!r}"
         )
     if requested == "auto":
+        if _LIBRARY_CUDA.exists() and not _State.cuda_unloadable and _tensorflow_sees_a_gpu():
+            return "cuda"
         return "avx2" if _library_place()[1].exists() and _cpu_has("avx2", "fma") else "portable"
     if requested == "avx2" and not _cpu_has("avx2", "fma"):
         raise RuntimeError(
@@ -107,8 +118,8 @@ def library_variant() -> str:
 
 def library_path() -> Path:
     """The compiled op this process loads (or would load), chosen by :func:`library_variant`:
-    ``keras_implicit/_panel_op_avx2.so`` or ``keras_implicit/_panel_op.so``, or the same names in the first-use
-    build cache (``_op_build.cache_dir()``) where the package holds no build, or one that failed to load.
+    ``keras_implicit/_panel_op_cuda.so``, ``_panel_op_avx2.so`` or ``_panel_op.so``, or the last two in the
+    first-use build cache (``_op_build.cache_dir()``) where the package holds no build, or one that failed to load.
 
     With ``auto`` the path may not exist (the op is then not built, and the keras.ops path is used).
 
@@ -118,11 +129,10 @@ def library_path() -> Path:
     """
     variant = library_variant()
     portable, avx2 = _library_place()
-    library = avx2 if variant == "avx2" else portable
-    if os.environ.get(_ENV_VARIANT, "").strip().lower() not in ("", "auto") and not library.exists():
-        raise RuntimeError(
-            f"{_ENV_VARIANT}={variant}, but {library} is not built (pip install -e . or make -C custom_ops)"
-        )
+    library = {"avx2": avx2, "cuda": _LIBRARY_CUDA}.get(variant, portable)
+    if not _is_auto() and not library.exists():
+        how = "make -C custom_ops tf-gpu" if variant == "cuda" else "pip install -e . or make -C custom_ops"
+        raise RuntimeError(f"{_ENV_VARIANT}={variant}, but {library} is not built ({how})")
     return library
 
 
@@ -143,6 +153,13 @@ def _library_place() -> tuple[Path, Path]:
         if portable.exists() or avx2.exists():
             return portable, avx2
     return _LIBRARY, _LIBRARY_AVX2
+
+
+def _tensorflow_sees_a_gpu() -> bool:
+    try:
+        return bool(tf.config.list_physical_devices("GPU"))
+    except (RuntimeError, ValueError):
+        return False
 
 
 @functools.lru_cache(maxsize=None)
@@ -201,6 +218,10 @@ def _load():
                     return module
                 problems.append(problem)
                 warn = True
+                if library == _LIBRARY_CUDA and _is_auto():
+                    _State.cuda_unloadable = True  # auto now takes a CPU build, without building one
+                    library = library_path()
+                    continue
                 if library in (_LIBRARY, _LIBRARY_AVX2):
                     _State.package_unloadable = True  # library_path() now looks in the build cache only
             else:
@@ -220,6 +241,10 @@ def _load():
         if warn:
             _log_once("the keras.ops path", _State.error, logging.WARNING)
         return None
+
+
+def _is_auto() -> bool:
+    return os.environ.get(_ENV_VARIANT, "").strip().lower() in ("", "auto")
 
 
 def _has_build() -> bool:

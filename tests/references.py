@@ -29,6 +29,18 @@ def ref_tce(labels, logits, temperature):
     return np.array([-special.log_softmax(logits[b] / temperature)[y] for b, y in enumerate(labels)])
 
 
+def ref_tce_log1p(labels, logits, temperature):
+    """-log softmax(s / T)_y = log(1 + sum_{j != y} exp(d_j / T)) in float64, accurate for tiny losses too (where
+    ref_tce's log_softmax cancels): log1p below a largest scaled margin of 0, shifted by it above."""
+    out = np.zeros(len(labels))
+    for b, y in enumerate(labels):
+        row = np.asarray(logits[b], np.float64)
+        scaled = np.delete(row - row[y], y) / temperature
+        top = scaled.max()
+        out[b] = top + np.log(np.exp(-top) + np.exp(scaled - top).sum()) if top > 0 else np.log1p(np.exp(scaled).sum())
+    return out
+
+
 def ref_hinge(labels, logits, margin):
     logits = np.asarray(logits, np.float64)
     out = np.zeros(len(labels))

@@ -1,8 +1,13 @@
 """The fused panel kernel on JAX through XLA FFI (custom_ops/panel_ffi.cc, keras_implicit/_ffi.py).
 
 Checked against the float64 NumPy references and the keras.ops path (rtol 2e-5 in float32, 1e-11 in float64),
-gradients against finite differences and the keras.ops path's, under jax.jit and jax.vmap, bad inputs refused
-by the kernel with the argument's name, and the path choice (auto / op / keras, force_path).
+gradients against finite differences and the keras.ops path's, the 8-row blocks against single rows, the same
+bits whatever the threads, under jax.jit and jax.vmap, bad inputs refused by the kernel with the argument's name,
+and the path choice (auto takes the kernel where it loads; op / keras, force_path).
+
+The comparisons with the keras.ops path cost most of this file's time (each shape and panel compiles its XLA
+program), so they are spread rather than crossed: float32 values at a few and many classes, the parameter grids
+over a Latin square of class counts and batch sizes; float64 (JAX_ENABLE_X64=1, not in CI) keeps every class count.
 
 JAX backend only (CI: KERAS_BACKEND=jax; float64 needs JAX_ENABLE_X64=1). Tests that need the library skip
 when it is not built (make -C custom_ops ffi), unless KERAS_IMPLICIT_REQUIRE_OP=1, where they fail.
@@ -16,7 +21,7 @@ import pytest
 
 from keras_implicit import _dispatch, losses
 from tests.backend import BACKEND, kernel_or_skip, needs_float64
-from tests.references import ref_error, ref_gcdf, ref_hinge
+from tests.references import ref_error, ref_gcdf, ref_hinge, ref_tce_log1p
 
 pytestmark = pytest.mark.skipif(BACKEND != "jax", reason="the XLA FFI kernel is the JAX backend's (KERAS_BACKEND=jax)")
 
@@ -54,32 +59,23 @@ def fused():
 
 
 def _both_paths(labels, logits, feature_norm=None, sigmas=SIGMAS, temperatures=TEMPERATURES, margins=MARGINS,
-                error=True):
-    """(keras.ops path, FFI kernel) values of panel_values, as NumPy arrays."""
+                error=True, compiled=True):
+    """(keras.ops path, FFI kernel) values of panel_values, as NumPy arrays; under jax.jit (one XLA program per path:
+    op by op, the keras.ops path costs about a second per new shape and panel), or eagerly."""
     values = {}
     for path in ("keras", "op"):
         with _dispatch.force_path(path):
-            values[path] = np.asarray(
-                losses.panel_values(labels, logits, sigmas, temperatures, margins, error, feature_norm=feature_norm)
-            )
+            def panel(y, s, n):
+                return losses.panel_values(y, s, sigmas, temperatures, margins, error, feature_norm=n)
+
+            values[path] = np.asarray((jax.jit(panel) if compiled else panel)(labels, logits, feature_norm))
     return values["keras"], values["op"]
-
-
-def ref_tce(labels, logits, temperature):
-    """-log softmax(s / T)_y = log(1 + sum_{j != y} exp(d_j / T)) in float64, accurate for tiny losses too."""
-    out = np.zeros(len(labels))
-    for b, y in enumerate(labels):
-        row = np.asarray(logits[b], np.float64)
-        scaled = np.delete(row - row[y], y) / temperature
-        top = scaled.max()
-        out[b] = top + np.log(np.exp(-top) + np.exp(scaled - top).sum()) if top > 0 else np.log1p(np.exp(scaled).sum())
-    return out
 
 
 def _reference(labels, logits, feature_norm=None, sigmas=SIGMAS, temperatures=TEMPERATURES, margins=MARGINS,
                error=True):
     columns = [ref_gcdf(labels, logits, s, feature_norm) for s in sigmas]
-    columns += [ref_tce(labels, logits, t) for t in temperatures]
+    columns += [ref_tce_log1p(labels, logits, t) for t in temperatures]
     columns += [ref_hinge(labels, logits, g) for g in margins]
     if error:
         columns.append(ref_error(labels, logits))
@@ -105,8 +101,14 @@ def _special_batch(classes, dtype, batch=64, seed=0):
 # --------------------------------------------------------------------------- #
 # Values
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("classes", [2, 10, 100, 1000])
-@pytest.mark.parametrize("dtype", DTYPES)
+# float32 at a few and at many classes (both in 8-row blocks; the row path's own cases are the blocks-versus-rows
+# and wide-row tests below); float64 at every class count.
+_VALUE_CASES = [(np.float32, 10), (np.float32, 1000)] + [
+    pytest.param(np.float64, classes, marks=needs_float64) for classes in (2, 10, 100, 1000)
+]
+
+
+@pytest.mark.parametrize("dtype, classes", _VALUE_CASES)
 def test_ffi_equals_keras_path_and_reference(fused, classes, dtype):
     labels, logits = _special_batch(classes, dtype)
     keras_path, ffi = _both_paths(labels, logits)
@@ -129,9 +131,17 @@ _GRIDS = {
 }
 
 
-@pytest.mark.parametrize("grid", sorted(_GRIDS))
-@pytest.mark.parametrize("classes", [2, 10, 100])
-@pytest.mark.parametrize("batch", [1, 9, 300])
+# Each grid at each class count (2, 10, 100) and each batch size (1: a single row; 9: one 8-row block and a row;
+# 300: blocks on several threads' chunks), the pairs rotated from grid to grid so that the five grids cover all
+# nine (classes, batch) pairs: a Latin square, 15 cases per dtype instead of 45.
+_GRID_CASES = [
+    (grid, classes, (1, 9, 300)[(k + g) % 3])
+    for g, grid in enumerate(sorted(_GRIDS))
+    for k, classes in enumerate((2, 10, 100))
+]
+
+
+@pytest.mark.parametrize("grid, classes, batch", _GRID_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ffi_parameter_grids_class_counts_and_batch_sizes(fused, grid, classes, batch, dtype):
     sigmas, temperatures, margins, error = _GRIDS[grid]
@@ -160,10 +170,49 @@ def test_ffi_feature_norm_forms(fused, form, dtype):
     np.testing.assert_allclose(ffi, reference, rtol=5 * TOLERANCE[dtype], atol=1e-30)
 
 
+@pytest.mark.parametrize("classes", [2, 10, 100])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ffi_row_blocks_equal_single_rows(fused, classes, dtype):
+    """Rows in 8-row blocks (4 in float64: one lane per row) against the same rows one at a time (a batch of one
+    takes the row path), forward and gradient: ties, far tails, huge logits, per-sample norms, and a block holding
+    a NaN row and an infinite logit (which takes the row path)."""
+    labels, logits = _special_batch(classes, dtype, batch=24, seed=6)
+    logits[17, 1] = np.inf  # rows 16-23: a block with an infinite logit and (row 23) a NaN
+    norms = np.random.default_rng(6).uniform(0.5, 2.0, 24).astype(dtype)
+    weights = np.random.default_rng(7).uniform(-1, 1, (24, COLUMNS)).astype(dtype)
+    weights[:, 3] = 0.0  # a column with no upstream in any row (skipped) ...
+    weights[::2, 12] = 0.0  # ... and one with none in some rows
+
+    def panel(y, s, n):
+        return fused(y, s, n, SIGMAS, TEMPERATURES, MARGINS, True)
+
+    def gradient(y, s, n, w):
+        return [np.asarray(g) for g in jax.grad(lambda s, n: jnp.sum(panel(y, s, n) * w), argnums=(0, 1))(s, n)]
+
+    together = np.asarray(panel(labels, logits, norms))
+    alone = np.concatenate([np.asarray(panel(labels[b:b + 1], logits[b:b + 1], norms[b:b + 1])) for b in range(24)])
+    rtol = {np.float32: 1e-5, np.float64: 1e-13}[dtype]
+    np.testing.assert_allclose(together, alone, rtol=rtol, atol=1e-37)
+    finite = np.isfinite(logits).all(axis=1)
+    grads = gradient(labels, logits, norms, weights)
+    for b in np.flatnonzero(finite):
+        row = gradient(labels[b:b + 1], logits[b:b + 1], norms[b:b + 1], weights[b:b + 1])
+        np.testing.assert_allclose(grads[0][b], row[0][0], rtol=10 * rtol, atol=10 * rtol * np.abs(row[0]).max())
+        np.testing.assert_allclose(grads[1][b], row[1][0], rtol=10 * rtol)
+
+
+def test_ffi_wide_rows_take_the_row_path(fused):
+    """Beyond panel_math.h's kBlockMaxClasses (4096) classes the rows run one at a time (AVX2 along the row)."""
+    labels, logits = _special_batch(4100, np.float32, batch=9)
+    logits, labels = logits[:-1], labels[:-1]  # no NaN row
+    ffi = np.asarray(fused(labels, logits, None, SIGMAS, TEMPERATURES, MARGINS, True))
+    np.testing.assert_allclose(ffi, _reference(labels, logits), rtol=5 * TOLERANCE[np.float32], atol=1e-35)
+
+
 def test_ffi_infinite_logits_follow_the_keras_path(fused):
     labels = np.array([0, 1, 2, 0], np.int32)
     logits = np.array([[np.inf, 0, 1], [0, np.inf, -np.inf], [np.inf, 0, np.inf], [-np.inf, 1, 2]], np.float32)
-    keras_path, ffi = _both_paths(labels, logits)
+    keras_path, ffi = _both_paths(labels, logits, compiled=False)  # eagerly: panel_values outside jax.jit
     np.testing.assert_allclose(ffi, keras_path, rtol=2e-5, atol=1e-35, equal_nan=True)
 
 
@@ -191,7 +240,7 @@ def test_ffi_under_jit_equals_eager(fused):
     eager = np.asarray(fused(labels, logits, norms, SIGMAS, TEMPERATURES, MARGINS, True))
     compiled = jax.jit(lambda y, s, n: fused(y, s, n, SIGMAS, TEMPERATURES, MARGINS, True))
     np.testing.assert_array_equal(np.asarray(compiled(labels, logits, norms)), eager)
-    # panel_values inside jit takes the kernel too (forced: auto is the keras.ops path on JAX), same values.
+    # panel_values inside jit takes the kernel too (auto, and forced), same values.
     with _dispatch.force_path("op"):
         traced = jax.jit(lambda y, s: losses.panel_values(y, s, SIGMAS, TEMPERATURES, MARGINS, True))
         np.testing.assert_array_equal(np.asarray(traced(labels, logits)),
@@ -231,7 +280,9 @@ def _gradients(path, labels, logits, feature_norm, weights):
             values = losses.panel_values(labels, s, SIGMAS, TEMPERATURES, MARGINS, True, feature_norm=n)
         return jnp.sum(values * weights)
 
-    return [np.asarray(g) for g in jax.grad(total, argnums=(0, 1))(jnp.asarray(logits), jnp.asarray(feature_norm))]
+    # One compiled program per path (op by op, the keras.ops path's gradient costs seconds per shape).
+    gradient = jax.jit(jax.grad(total, argnums=(0, 1)))
+    return [np.asarray(g) for g in gradient(jnp.asarray(logits), jnp.asarray(feature_norm))]
 
 
 @pytest.mark.parametrize("classes", [2, 10, 100])
@@ -403,10 +454,11 @@ def test_panel_values_under_jit_refuses_a_bad_label_on_the_kernel(fused):
 # The path choice
 # --------------------------------------------------------------------------- #
 def test_paths_auto_op_and_keras(fused, monkeypatch):
-    # On JAX, auto is the keras.ops path (XLA's fusion is faster forward on the CPU: BUILD_NOTES.md); op is asked.
+    # On JAX's CPU, auto takes the FFI kernel where it loads (faster than XLA's fusion: BUILD_NOTES.md), as op does.
     monkeypatch.delenv("KERAS_IMPLICIT_PANEL_PATH", raising=False)
-    assert _dispatch.active_path() == "keras"
-    assert _dispatch.panel_kernel("auto") is None
+    assert _dispatch.active_path() == "op"
+    assert _dispatch.panel_kernel() is _ffi.fused_panel
+    assert _dispatch.panel_kernel("auto") is _ffi.fused_panel
     assert _dispatch.panel_kernel("op") is _ffi.fused_panel
     assert _dispatch.panel_kernel("keras") is None
     assert _dispatch.active_path("op") == "op"
@@ -416,10 +468,24 @@ def test_paths_auto_op_and_keras(fused, monkeypatch):
         with _dispatch.force_path("op"):
             assert _dispatch.active_path() == "op"
     with _dispatch.force_path("auto"):
-        assert _dispatch.active_path() == "keras"
+        assert _dispatch.active_path() == "op"
+    with _dispatch.force_path("keras"), _dispatch.force_path("auto"):
+        assert _dispatch.active_path() == "op"  # the inner block wins
 
 
-@pytest.mark.parametrize("value, expected", [("keras", "keras"), ("op", "op"), ("auto", "keras")])
+def test_auto_panel_values_take_the_kernel(fused, monkeypatch):
+    """panel_values with no path asked for computes on the FFI kernel: under jax.jit it refuses a bad label itself
+    (the keras.ops path could only give a NaN row)."""
+    monkeypatch.delenv("KERAS_IMPLICIT_PANEL_PATH", raising=False)
+    logits = np.random.default_rng(0).normal(size=(3, 3)).astype(np.float32)
+    panel = jax.jit(lambda y, s: losses.panel_values(y, s, [0, 1], [1], [0, 1], True))
+    np.testing.assert_array_equal(np.asarray(panel(np.array([0, 2, 1], np.int32), logits)),
+                                  np.asarray(fused([0, 2, 1], logits, None, [0, 1], [1], [0, 1], True)))
+    with pytest.raises(REFUSED, match=r"labels\[1\] = 3 is outside \[0, 3\)"):
+        np.asarray(panel(np.array([0, 3, 1], np.int32), logits))
+
+
+@pytest.mark.parametrize("value, expected", [("keras", "keras"), ("op", "op"), ("auto", "op")])
 def test_environment_variable_selects_the_path(fused, monkeypatch, value, expected):
     monkeypatch.setenv("KERAS_IMPLICIT_PANEL_PATH", value)
     assert _dispatch.active_path() == expected
@@ -493,3 +559,61 @@ def test_portable_build_matches_the_loaded_build(fused, classes):
     np.testing.assert_allclose(result["values"], np.asarray(panel(logits)), rtol=2e-5, atol=1e-30)
     np.testing.assert_allclose(result["grad"], np.asarray(jax.grad(lambda s: jnp.sum(panel(s)))(logits)),
                                rtol=1e-4, atol=1e-6)
+
+
+# The problems of test_ffi_gives_the_same_bits_whatever_the_threads, run by this process and by a child on one
+# CPU: forward (per row and reduce) and gradient (a scalar norm: its rows' sum) of problems that the kernel splits
+# into chunks over the threads, in 8-row blocks (10 classes) and in single wide rows (5000 classes).
+_THREADS_CODE = """
+def threads_problem(fused_panel, sigmas, temperatures, margins, columns):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    results = {}
+    for rows, classes in ((4003, 10), (203, 5000)):
+        rng = np.random.default_rng(classes)
+        labels = rng.integers(0, classes, rows).astype(np.int32)
+        logits = rng.normal(0, 3, (rows, classes)).astype(np.float32)
+
+        def panel(s, n, reduce=False):
+            return fused_panel(labels, s, n, sigmas, temperatures, margins, True, reduce=reduce)
+
+        results[f"values{classes}"] = np.asarray(panel(logits, 1.3))
+        results[f"reduced{classes}"] = np.asarray(panel(logits, 1.3, True))
+        grads = jax.grad(lambda s, n: jnp.sum(panel(s, n) * jnp.arange(columns)), argnums=(0, 1))(logits, 1.3)
+        results[f"grad{classes}"], results[f"dnorm{classes}"] = (np.asarray(g) for g in grads)
+    return results
+"""
+_THREADS_SCRIPT = """
+import os, sys
+os.sched_setaffinity(0, {{sorted(os.sched_getaffinity(0))[0]}})  # one CPU: XLA's CPU thread pool has one thread
+import numpy as np
+from keras_implicit import _ffi
+exec(sys.argv[2])
+np.savez(sys.argv[1], **threads_problem(_ffi.fused_panel, *eval(sys.argv[3])))
+"""
+
+
+def test_ffi_gives_the_same_bits_whatever_the_threads(fused, tmp_path):
+    """The kernel splits the rows over XLA's CPU thread pool; a child process on one CPU (a pool of one thread)
+    gets the same bits, forward, reduce and gradient."""
+    import subprocess
+    import sys
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: this process runs the kernel on one thread too")
+    namespace = {}
+    exec(_THREADS_CODE, namespace)
+    arguments = (SIGMAS, TEMPERATURES, MARGINS, COLUMNS)
+    here = namespace["threads_problem"](fused, *arguments)
+    output = tmp_path / "one_thread.npz"
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_ENABLE_X64": "0"}
+    done = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT.format(), str(output), _THREADS_CODE,
+                           repr(arguments)], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one_thread = np.load(output)
+    assert sorted(one_thread.files) == sorted(here)
+    for name, values in here.items():
+        np.testing.assert_array_equal(one_thread[name], values, err_msg=name)

@@ -94,7 +94,7 @@ def _special_batch(classes, dtype, seed=0):
     logits[2, :] = -40.0
     logits[2, labels[2]] = 40.0  # tempered CE ~ (C-1) e^-80 at T = 1
     logits[3] *= 1e6  # huge logits
-    logits[batch - 1, 0] = np.nan  # last: the rows above go through the op's 8-row blocks (<= 32 classes)
+    logits[batch - 1, 0] = np.nan  # last: the rows above go through the op's 8-row blocks (<= 4096 classes)
     return labels.astype(np.int32), logits.astype(dtype)
 
 
@@ -151,20 +151,39 @@ def test_op_feature_norm_forms(fused, form):
     np.testing.assert_allclose(op[:, :-1], reference, rtol=1e-4, atol=1e-30)
 
 
-@pytest.mark.parametrize("classes", [2, 10, 32, 33])
+@pytest.mark.parametrize("classes", [2, 10, 100, 4097])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_op_row_blocks_equal_single_rows(fused, classes, dtype):
-    # Up to 32 classes the op computes eight rows at a time (one vector lane per row); a batch of one row
-    # takes the one-row kernel. Both must agree, with ties, far tails and per-sample norms.
+    # Up to panel_math.h's kBlockMaxClasses (4096) classes the op computes 8 rows at a time (4 in float64 with
+    # AVX: one vector lane per row), forward and backward; a batch of one row takes the one-row kernel, and so do
+    # wider rows. Both must agree, with ties, far tails, per-sample norms, a block holding an infinite logit and a
+    # NaN row (which takes the row path), and upstream columns that are 0 in every row or in some.
     labels, logits = _special_batch(classes, dtype, seed=6)
-    labels, logits = labels[:16], logits[:16]
-    norms = np.random.default_rng(6).uniform(0.5, 2.0, 16).astype(dtype)
-    together = fused(labels, logits, norms, SIGMAS, TEMPERATURES, MARGINS, True).numpy()
-    alone = np.concatenate([
-        fused(labels[b:b + 1], logits[b:b + 1], norms[b:b + 1], SIGMAS, TEMPERATURES, MARGINS, True).numpy()
-        for b in range(16)
-    ])
-    np.testing.assert_allclose(together, alone, rtol={np.float32: 1e-5, np.float64: 1e-13}[dtype], atol=1e-37)
+    labels, logits = labels[:24], logits[:24]
+    logits[17, 1] = np.inf
+    logits[23, 0] = np.nan
+    norms = np.random.default_rng(6).uniform(0.5, 2.0, 24).astype(dtype)
+    columns = len(SIGMAS) + len(TEMPERATURES) + len(MARGINS) + 1
+    weights = np.random.default_rng(7).uniform(-1, 1, (24, columns)).astype(dtype)
+    weights[:, 3] = 0.0
+    weights[::2, 12] = 0.0
+
+    def values_and_gradients(rows):
+        x, n = tf.constant(logits[rows]), tf.constant(norms[rows])
+        with tf.GradientTape() as tape:
+            tape.watch([x, n])
+            values = fused(labels[rows], x, n, SIGMAS, TEMPERATURES, MARGINS, True)
+            total = tf.reduce_sum(values * weights[rows])
+        return [values.numpy()] + [g.numpy() for g in tape.gradient(total, [x, n])]
+
+    together = values_and_gradients(slice(None))
+    alone = [np.concatenate(parts) for parts in zip(*(values_and_gradients(slice(b, b + 1)) for b in range(24)))]
+    rtol = {np.float32: 1e-5, np.float64: 1e-13}[dtype]
+    np.testing.assert_allclose(together[0], alone[0], rtol=rtol, atol=1e-37)
+    finite = np.isfinite(logits).all(axis=1)
+    scale = np.abs(alone[1][finite]).max()
+    np.testing.assert_allclose(together[1][finite], alone[1][finite], rtol=10 * rtol, atol=10 * rtol * scale)
+    np.testing.assert_allclose(together[2][finite], alone[2][finite], rtol=10 * rtol)
 
 
 def test_op_infinite_logits_follow_the_tensorflow_path(fused):
@@ -541,7 +560,8 @@ def test_variant_errors_are_clear_not_fallbacks(monkeypatch, package_builds_only
     monkeypatch.setattr(_op, "_LIBRARY", tmp_path / "_panel_op.so")
     monkeypatch.setattr(_op, "_LIBRARY_AVX2", tmp_path / "_panel_op_avx2.so")
     monkeypatch.setenv("KERAS_IMPLICIT_OP_VARIANT", "avx512")
-    with pytest.raises(ValueError, match="KERAS_IMPLICIT_OP_VARIANT must be one of auto, portable, avx2, got 'avx512'"):
+    with pytest.raises(ValueError,
+                       match="KERAS_IMPLICIT_OP_VARIANT must be one of auto, portable, avx2, cuda, got 'avx512'"):
         _op.library_path()
     for variant, name in (("portable", "_panel_op.so"), ("avx2", "_panel_op_avx2.so")):
         monkeypatch.setattr(_op, "_cpu_has", lambda *flags: True)
@@ -650,7 +670,7 @@ def test_unknown_variant_fails_every_panel_instead_of_falling_back():
                           cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith(("COMPUTED", "ERROR"))]
-    assert lines == ["ERROR KERAS_IMPLICIT_OP_VARIANT must be one of auto, portable, avx2, got 'fast'"] * 2
+    assert lines == ["ERROR KERAS_IMPLICIT_OP_VARIANT must be one of auto, portable, avx2, cuda, got 'fast'"] * 2
 
 
 def test_force_path_rejects_unknown_paths():

@@ -1,0 +1,208 @@
+// The fused alternative-loss panel as XLA FFI handlers for CUDA, for JAX on an NVIDIA GPU:
+// keras_implicit/_ffi.py registers them for the "CUDA" platform under the same target names as the CPU
+// handlers (custom_ops/panel_ffi.cc), so one jax.ffi.ffi_call runs on whichever device holds the arrays.
+// The kernels are custom_ops/panel_cuda.cu's (panel_math.h's terms, launched through panel_cuda.h). Build:
+// `make -C custom_ops cuda` (nvcc for both files, jaxlib's FFI headers from jax.ffi.include_dir()).
+//
+// Handlers and attributes are those of the CPU binding (KerasImplicitPanel{F32,F64},
+// KerasImplicitPanelGrad{F32,F64}; sigmas, temperatures, margins, error, reduce). Bad inputs are refused with
+// ffi::Error (InvalidArgument) and the CPU binding's messages: shapes and parameters on the host, labels and
+// feature norms inside the kernels, which is why every call waits for its kernels (cudaStreamSynchronize) to
+// read the first bad row back. Scratch memory (the bad-row words, the per-sample values of reduce=True, the
+// rows' d norm for a scalar norm) comes from XLA's allocator (ffi::ScratchAllocator).
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <string>
+
+#include "panel_cuda.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace keras_implicit {
+namespace {
+
+using cuda::BadInput;
+using cuda::DevicePanel;
+using cuda::DeviceProblem;
+
+std::string Shape(const ffi::AnyBuffer::Dimensions& dims) {
+  std::string text = "[";
+  for (size_t i = 0; i < dims.size(); ++i) text += (i ? "," : "") + std::to_string(dims[i]);
+  return text + "]";
+}
+
+ffi::Error CudaError(cudaError_t status, const char* what) {
+  return ffi::Error::Internal(std::string("keras_implicit panel (CUDA): ") + what + ": " + cudaGetErrorString(status));
+}
+
+// Shapes and parameters (on the host): fills `problem` (pointers into device memory) and `device_panel`.
+template <ffi::DataType dtype, typename T = ffi::NativeType<dtype>>
+std::string ReadProblem(const ffi::Buffer<dtype>& logits, const ffi::Buffer<ffi::S32>& labels,
+                        const ffi::Buffer<dtype>& feature_norm, ffi::Span<const double> sigmas,
+                        ffi::Span<const double> temperatures, ffi::Span<const double> margins, bool error,
+                        DevicePanel* device_panel, DeviceProblem<T>* problem) {
+  const auto dims = logits.dimensions();
+  if (dims.size() != 2) return "logits must be [batch, classes], got shape " + Shape(dims);
+  const Index batch = dims[0], classes = dims[1];
+  std::string message = CheckClasses(batch, classes);
+  if (!message.empty()) return message;
+  if (labels.dimensions().size() != 1 || labels.dimensions()[0] != batch) {
+    return "labels must be [batch] = [" + std::to_string(batch) + "], got shape " + Shape(labels.dimensions());
+  }
+  const auto norm_dims = feature_norm.dimensions();
+  bool per_sample = false;
+  if (norm_dims.size() == 1 && norm_dims[0] == batch) {
+    per_sample = true;
+  } else if (norm_dims.size() != 0) {
+    return "feature_norm must be a scalar or [batch] = [" + std::to_string(batch) + "], got shape " +
+           Shape(norm_dims);
+  }
+  Panel panel;
+  message = ReadPanel(sigmas.begin(), static_cast<Index>(sigmas.size()), temperatures.begin(),
+                      static_cast<Index>(temperatures.size()), margins.begin(), static_cast<Index>(margins.size()),
+                      error, &panel);
+  if (!message.empty()) return message;
+  message = cuda::ToDevicePanel(panel, device_panel);
+  if (!message.empty()) return message;
+  *problem = DeviceProblem<T>{logits.typed_data(), labels.typed_data(), feature_norm.typed_data(), batch, classes,
+                              per_sample};
+  return std::string();
+}
+
+// Scratch for the bad-row words, set to kNone.
+ffi::ErrorOr<BadInput*> NewBadInput(ffi::ScratchAllocator& scratch, cudaStream_t stream) {
+  auto memory = scratch.Allocate(sizeof(BadInput), alignof(BadInput));
+  if (!memory.has_value()) return ffi::Unexpected(ffi::Error::Internal("could not allocate scratch memory"));
+  BadInput* bad = static_cast<BadInput*>(*memory);
+  const cudaError_t status = cudaMemsetAsync(bad, 0xff, sizeof(BadInput), stream);
+  if (status != cudaSuccess) return ffi::Unexpected(CudaError(status, "cudaMemsetAsync"));
+  return bad;
+}
+
+// Waits for the kernels; the first bad norm or label as the CPU binding's error.
+template <typename T>
+ffi::Error CheckBadInput(const DeviceProblem<T>& problem, const BadInput* bad, cudaStream_t stream) {
+  cudaError_t status;
+  const std::string message = cuda::ReadBadInput(problem, bad, stream, &status);
+  if (status != cudaSuccess) return CudaError(status, "reading the input checks");
+  return message.empty() ? ffi::Error::Success() : ffi::Error::InvalidArgument(message);
+}
+
+template <ffi::DataType dtype>
+ffi::Error PanelForward(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Buffer<dtype> logits,
+                        ffi::Buffer<ffi::S32> labels, ffi::Buffer<dtype> feature_norm, ffi::Span<const double> sigmas,
+                        ffi::Span<const double> temperatures, ffi::Span<const double> margins, bool error, bool reduce,
+                        ffi::ResultBuffer<dtype> values) {
+  using T = ffi::NativeType<dtype>;
+  DevicePanel panel;
+  DeviceProblem<T> problem;
+  const std::string message =
+      ReadProblem(logits, labels, feature_norm, sigmas, temperatures, margins, error, &panel, &problem);
+  if (!message.empty()) return ffi::Error::InvalidArgument(message);
+  const Index columns = panel.columns();
+  if (columns == 0) return ffi::Error::InvalidArgument("the panel is empty");
+  const Index expected = reduce ? columns : problem.batch * columns;
+  if (static_cast<Index>(values->element_count()) != expected) {
+    return ffi::Error::InvalidArgument("values must hold " + std::to_string(expected) + " elements, got shape " +
+                                       Shape(values->dimensions()));
+  }
+  auto bad = NewBadInput(scratch, stream);
+  if (bad.has_error()) return bad.error();
+  T* per_sample = values->typed_data();
+  if (reduce) {
+    auto memory = scratch.Allocate(sizeof(T) * static_cast<size_t>(problem.batch * columns), alignof(T));
+    if (!memory.has_value()) return ffi::Error::Internal("could not allocate scratch memory");
+    per_sample = static_cast<T*>(*memory);
+  }
+  cudaError_t status = cuda::LaunchForward(problem, panel, per_sample, *bad, stream);
+  if (status != cudaSuccess) return CudaError(status, "launching the panel kernel");
+  if (reduce) {
+    status = cuda::LaunchColumnSums(per_sample, problem.batch, columns, values->typed_data(), stream);
+    if (status != cudaSuccess) return CudaError(status, "launching the column sums");
+  }
+  return CheckBadInput(problem, *bad, stream);
+}
+
+template <ffi::DataType dtype>
+ffi::Error PanelGradient(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Buffer<dtype> grad,
+                         ffi::Buffer<dtype> logits, ffi::Buffer<ffi::S32> labels, ffi::Buffer<dtype> feature_norm,
+                         ffi::Span<const double> sigmas, ffi::Span<const double> temperatures,
+                         ffi::Span<const double> margins, bool error, bool reduce,
+                         ffi::ResultBuffer<dtype> grad_logits, ffi::ResultBuffer<dtype> grad_norm) {
+  using T = ffi::NativeType<dtype>;
+  DevicePanel panel;
+  DeviceProblem<T> problem;
+  const std::string message =
+      ReadProblem(logits, labels, feature_norm, sigmas, temperatures, margins, error, &panel, &problem);
+  if (!message.empty()) return ffi::Error::InvalidArgument(message);
+  const Index columns = panel.columns();
+  const auto grad_dims = grad.dimensions();
+  const bool grad_fits = reduce ? (grad_dims.size() == 1 && grad_dims[0] == columns)
+                                : (grad_dims.size() == 2 && grad_dims[0] == problem.batch && grad_dims[1] == columns);
+  if (!grad_fits) {
+    return ffi::Error::InvalidArgument("grad must have shape " +
+                                       (reduce ? "[" + std::to_string(columns) + "]"
+                                               : "[" + std::to_string(problem.batch) + "," +
+                                                     std::to_string(columns) + "]") +
+                                       ", got " + Shape(grad_dims));
+  }
+  auto bad = NewBadInput(scratch, stream);
+  if (bad.has_error()) return bad.error();
+  T* row_dnorm = grad_norm->typed_data();
+  if (!problem.norm_per_sample) {
+    auto memory = scratch.Allocate(sizeof(T) * static_cast<size_t>(problem.batch), alignof(T));
+    if (!memory.has_value()) return ffi::Error::Internal("could not allocate scratch memory");
+    row_dnorm = static_cast<T*>(*memory);
+  }
+  cudaError_t status = cuda::LaunchGradient(problem, panel, grad.typed_data(), reduce, grad_logits->typed_data(),
+                                            row_dnorm, *bad, stream);
+  if (status != cudaSuccess) return CudaError(status, "launching the panel's gradient kernel");
+  if (!problem.norm_per_sample) {
+    // A scalar norm: the rows' sum (a one-column sum over [batch, 1]).
+    if (problem.batch == 0) {
+      status = cudaMemsetAsync(grad_norm->typed_data(), 0, sizeof(T), stream);
+    } else {
+      status = cuda::LaunchColumnSums(row_dnorm, problem.batch, Index(1), grad_norm->typed_data(), stream);
+    }
+    if (status != cudaSuccess) return CudaError(status, "summing the norm's gradient");
+  }
+  return CheckBadInput(problem, *bad, stream);
+}
+
+}  // namespace
+}  // namespace keras_implicit
+
+#define KERAS_IMPLICIT_PANEL_ATTRIBUTES(binding)           \
+  binding.Attr<ffi::Span<const double>>("sigmas")         \
+      .Attr<ffi::Span<const double>>("temperatures")      \
+      .Attr<ffi::Span<const double>>("margins")           \
+      .Attr<bool>("error")                                \
+      .Attr<bool>("reduce")
+
+#define KERAS_IMPLICIT_DEFINE_PANEL_HANDLERS(suffix, dtype)                                                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                                               \
+      KerasImplicitPanel##suffix, keras_implicit::PanelForward<dtype>,                                         \
+      KERAS_IMPLICIT_PANEL_ATTRIBUTES(ffi::Ffi::Bind()                                                         \
+                                          .Ctx<ffi::PlatformStream<cudaStream_t>>()                            \
+                                          .Ctx<ffi::ScratchAllocator>()                                        \
+                                          .Arg<ffi::Buffer<dtype>>()                                           \
+                                          .Arg<ffi::Buffer<ffi::S32>>()                                        \
+                                          .Arg<ffi::Buffer<dtype>>())                                          \
+          .Ret<ffi::Buffer<dtype>>());                                                                         \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                                               \
+      KerasImplicitPanelGrad##suffix, keras_implicit::PanelGradient<dtype>,                                    \
+      KERAS_IMPLICIT_PANEL_ATTRIBUTES(ffi::Ffi::Bind()                                                         \
+                                          .Ctx<ffi::PlatformStream<cudaStream_t>>()                            \
+                                          .Ctx<ffi::ScratchAllocator>()                                        \
+                                          .Arg<ffi::Buffer<dtype>>()                                           \
+                                          .Arg<ffi::Buffer<dtype>>()                                           \
+                                          .Arg<ffi::Buffer<ffi::S32>>()                                        \
+                                          .Arg<ffi::Buffer<dtype>>())                                          \
+          .Ret<ffi::Buffer<dtype>>()                                                                           \
+          .Ret<ffi::Buffer<dtype>>());
+
+KERAS_IMPLICIT_DEFINE_PANEL_HANDLERS(F32, ffi::F32)
+KERAS_IMPLICIT_DEFINE_PANEL_HANDLERS(F64, ffi::F64)
