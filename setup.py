@@ -19,7 +19,8 @@ if platform.machine() in ("x86_64", "AMD64"):
     _OP_EXTENSIONS.append("keras_implicit._panel_op_avx2")
 # The XLA FFI handlers for JAX (custom_ops/panel_ffi.cc, `make -C custom_ops ffi`): built when jaxlib is
 # importable (its FFI headers, jax.ffi.include_dir()), no TensorFlow needed; skipped with one line otherwise.
-_FFI_SOURCES = ["custom_ops/panel_ffi.cc", "custom_ops/panel_math.h", "custom_ops/Makefile"]
+_FFI_SOURCES = ["custom_ops/panel_ffi.cc", "custom_ops/panel_ffi_shapes.h", "custom_ops/panel_math.h",
+                "custom_ops/Makefile"]
 _FFI_EXTENSIONS = ["keras_implicit._panel_ffi"]
 if platform.machine() in ("x86_64", "AMD64"):
     _FFI_EXTENSIONS.append("keras_implicit._panel_ffi_avx2")  # -mavx2 -mfma, glibc's libmvec erfc/exp

@@ -36,6 +36,7 @@
 #include <string>
 #include <vector>
 
+#include "panel_ffi_shapes.h"
 #include "panel_math.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -302,17 +303,6 @@ void ParallelRows(ffi::ThreadPool& pool, Index batch, Index row_cost, const std:
   chunks->finished.wait(lock, [&] { return chunks->done.load() == chunks->count; });
 }
 
-std::string Shape(const ffi::AnyBuffer::Dimensions& dims) {
-  std::string text = "[";
-  for (size_t i = 0; i < dims.size(); ++i) text += (i ? "," : "") + std::to_string(dims[i]);
-  return text + "]";
-}
-
-template <ffi::DataType dtype>
-std::string ShapeOf(const ffi::Buffer<dtype>& buffer) {
-  return Shape(buffer.dimensions());
-}
-
 // Checks the shapes and values of (logits, labels, feature_norm) and the parameters; fills `panel` and
 // `problem`. Returns the message of the first problem, or the empty string.
 template <ffi::DataType dtype, typename T = ffi::NativeType<dtype>>
@@ -320,24 +310,11 @@ std::string ReadProblem(const ffi::Buffer<dtype>& logits, const ffi::Buffer<ffi:
                         const ffi::Buffer<dtype>& feature_norm, ffi::Span<const double> sigmas,
                         ffi::Span<const double> temperatures, ffi::Span<const double> margins, bool error,
                         Panel* panel, Problem<T>* problem) {
-  const auto dims = logits.dimensions();
-  if (dims.size() != 2) return "logits must be [batch, classes], got shape " + ShapeOf(logits);
-  const Index batch = dims[0], classes = dims[1];
-  std::string message = CheckClasses(batch, classes);
+  ffi_shapes::Shapes shapes;
+  std::string message = ffi_shapes::ReadShapes(logits, labels, feature_norm, &shapes);
   if (!message.empty()) return message;
-  if (labels.dimensions().size() != 1 || labels.dimensions()[0] != batch) {
-    return "labels must be [batch] = [" + std::to_string(batch) + "], got shape " + ShapeOf(labels);
-  }
-  const auto norm_dims = feature_norm.dimensions();
-  bool per_sample = false;
-  if (norm_dims.size() == 0) {
-    per_sample = false;
-  } else if (norm_dims.size() == 1 && norm_dims[0] == batch) {
-    per_sample = true;
-  } else {
-    return "feature_norm must be a scalar or [batch] = [" + std::to_string(batch) + "], got shape " +
-           ShapeOf(feature_norm);
-  }
+  const Index batch = shapes.batch, classes = shapes.classes;
+  const bool per_sample = shapes.norm_per_sample;
   const T* norms = feature_norm.typed_data();
   message = CheckFeatureNorms(norms, per_sample ? batch : 1, per_sample);
   if (!message.empty()) return message;
@@ -368,12 +345,8 @@ ffi::Error PanelForward(ffi::ThreadPool pool, ffi::Buffer<dtype> logits, ffi::Bu
       ReadProblem(logits, labels, feature_norm, sigmas, temperatures, margins, error, &panel, &problem);
   if (!message.empty()) return ffi::Error::InvalidArgument(message);
   const Index columns = panel.columns();
-  if (columns == 0) return ffi::Error::InvalidArgument("the panel is empty");
-  const Index expected = reduce ? columns : problem.batch * columns;
-  if (static_cast<Index>(values->element_count()) != expected) {
-    return ffi::Error::InvalidArgument("values must hold " + std::to_string(expected) + " elements, got shape " +
-                                       Shape(values->dimensions()));
-  }
+  const std::string shape_message = ffi_shapes::CheckValues(values, problem.batch, columns, reduce);
+  if (!shape_message.empty()) return ffi::Error::InvalidArgument(shape_message);
   std::vector<T> per_sample(reduce ? static_cast<size_t>(problem.batch * columns) : 0);
   T* out = reduce ? per_sample.data() : values->typed_data();
   ParallelRows(pool, problem.batch, RowCost(panel, problem.classes, false),
@@ -395,17 +368,8 @@ ffi::Error PanelGradient(ffi::ThreadPool pool, ffi::Buffer<dtype> grad, ffi::Buf
       ReadProblem(logits, labels, feature_norm, sigmas, temperatures, margins, error, &panel, &problem);
   if (!message.empty()) return ffi::Error::InvalidArgument(message);
   const Index columns = panel.columns();
-  const Index expected = reduce ? columns : problem.batch * columns;
-  const auto grad_dims = grad.dimensions();
-  const bool grad_fits = reduce ? (grad_dims.size() == 1 && grad_dims[0] == columns)
-                                : (grad_dims.size() == 2 && grad_dims[0] == problem.batch && grad_dims[1] == columns);
-  if (!grad_fits || static_cast<Index>(grad.element_count()) != expected) {
-    return ffi::Error::InvalidArgument("grad must have shape " +
-                                       (reduce ? "[" + std::to_string(columns) + "]"
-                                               : "[" + std::to_string(problem.batch) + "," +
-                                                     std::to_string(columns) + "]") +
-                                       ", got " + ShapeOf(grad));
-  }
+  const std::string shape_message = ffi_shapes::CheckUpstream(grad, problem.batch, columns, reduce);
+  if (!shape_message.empty()) return ffi::Error::InvalidArgument(shape_message);
   std::vector<T> row_dnorm(static_cast<size_t>(problem.batch));
   const T* g = grad.typed_data();
   T* dx = grad_logits->typed_data();

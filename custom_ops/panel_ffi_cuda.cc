@@ -17,6 +17,7 @@
 #include <string>
 
 #include "panel_cuda.h"
+#include "panel_ffi_shapes.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -28,12 +29,6 @@ using cuda::BadInput;
 using cuda::DevicePanel;
 using cuda::DeviceProblem;
 
-std::string Shape(const ffi::AnyBuffer::Dimensions& dims) {
-  std::string text = "[";
-  for (size_t i = 0; i < dims.size(); ++i) text += (i ? "," : "") + std::to_string(dims[i]);
-  return text + "]";
-}
-
 ffi::Error CudaError(cudaError_t status, const char* what) {
   return ffi::Error::Internal(std::string("keras_implicit panel (CUDA): ") + what + ": " + cudaGetErrorString(status));
 }
@@ -44,22 +39,9 @@ std::string ReadProblem(const ffi::Buffer<dtype>& logits, const ffi::Buffer<ffi:
                         const ffi::Buffer<dtype>& feature_norm, ffi::Span<const double> sigmas,
                         ffi::Span<const double> temperatures, ffi::Span<const double> margins, bool error,
                         DevicePanel* device_panel, DeviceProblem<T>* problem) {
-  const auto dims = logits.dimensions();
-  if (dims.size() != 2) return "logits must be [batch, classes], got shape " + Shape(dims);
-  const Index batch = dims[0], classes = dims[1];
-  std::string message = CheckClasses(batch, classes);
+  ffi_shapes::Shapes shapes;
+  std::string message = ffi_shapes::ReadShapes(logits, labels, feature_norm, &shapes);
   if (!message.empty()) return message;
-  if (labels.dimensions().size() != 1 || labels.dimensions()[0] != batch) {
-    return "labels must be [batch] = [" + std::to_string(batch) + "], got shape " + Shape(labels.dimensions());
-  }
-  const auto norm_dims = feature_norm.dimensions();
-  bool per_sample = false;
-  if (norm_dims.size() == 1 && norm_dims[0] == batch) {
-    per_sample = true;
-  } else if (norm_dims.size() != 0) {
-    return "feature_norm must be a scalar or [batch] = [" + std::to_string(batch) + "], got shape " +
-           Shape(norm_dims);
-  }
   Panel panel;
   message = ReadPanel(sigmas.begin(), static_cast<Index>(sigmas.size()), temperatures.begin(),
                       static_cast<Index>(temperatures.size()), margins.begin(), static_cast<Index>(margins.size()),
@@ -67,8 +49,8 @@ std::string ReadProblem(const ffi::Buffer<dtype>& logits, const ffi::Buffer<ffi:
   if (!message.empty()) return message;
   message = cuda::ToDevicePanel(panel, device_panel);
   if (!message.empty()) return message;
-  *problem = DeviceProblem<T>{logits.typed_data(), labels.typed_data(), feature_norm.typed_data(), batch, classes,
-                              per_sample};
+  *problem = DeviceProblem<T>{logits.typed_data(), labels.typed_data(), feature_norm.typed_data(), shapes.batch,
+                              shapes.classes, shapes.norm_per_sample};
   return std::string();
 }
 
@@ -103,12 +85,8 @@ ffi::Error PanelForward(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi:
       ReadProblem(logits, labels, feature_norm, sigmas, temperatures, margins, error, &panel, &problem);
   if (!message.empty()) return ffi::Error::InvalidArgument(message);
   const Index columns = panel.columns();
-  if (columns == 0) return ffi::Error::InvalidArgument("the panel is empty");
-  const Index expected = reduce ? columns : problem.batch * columns;
-  if (static_cast<Index>(values->element_count()) != expected) {
-    return ffi::Error::InvalidArgument("values must hold " + std::to_string(expected) + " elements, got shape " +
-                                       Shape(values->dimensions()));
-  }
+  const std::string shape_message = ffi_shapes::CheckValues(values, problem.batch, columns, reduce);
+  if (!shape_message.empty()) return ffi::Error::InvalidArgument(shape_message);
   auto bad = NewBadInput(scratch, stream);
   if (bad.has_error()) return bad.error();
   T* per_sample = values->typed_data();
@@ -139,16 +117,8 @@ ffi::Error PanelGradient(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi
       ReadProblem(logits, labels, feature_norm, sigmas, temperatures, margins, error, &panel, &problem);
   if (!message.empty()) return ffi::Error::InvalidArgument(message);
   const Index columns = panel.columns();
-  const auto grad_dims = grad.dimensions();
-  const bool grad_fits = reduce ? (grad_dims.size() == 1 && grad_dims[0] == columns)
-                                : (grad_dims.size() == 2 && grad_dims[0] == problem.batch && grad_dims[1] == columns);
-  if (!grad_fits) {
-    return ffi::Error::InvalidArgument("grad must have shape " +
-                                       (reduce ? "[" + std::to_string(columns) + "]"
-                                               : "[" + std::to_string(problem.batch) + "," +
-                                                     std::to_string(columns) + "]") +
-                                       ", got " + Shape(grad_dims));
-  }
+  const std::string shape_message = ffi_shapes::CheckUpstream(grad, problem.batch, columns, reduce);
+  if (!shape_message.empty()) return ffi::Error::InvalidArgument(shape_message);
   auto bad = NewBadInput(scratch, stream);
   if (bad.has_error()) return bad.error();
   T* row_dnorm = grad_norm->typed_data();
