@@ -13,7 +13,8 @@ from setuptools.command.build_py import build_py
 # The fused panel op (custom_ops/, issue 5): built by custom_ops/Makefile with TensorFlow's own flags when a
 # C++ compiler, make and TensorFlow's headers are present; skipped otherwise (keras_implicit/_op.py then uses
 # the pure-TensorFlow path). KERAS_IMPLICIT_REQUIRE_OP=1 makes a failed build fail the installation.
-_OP_SOURCES = ["custom_ops/panel_op.cc", "custom_ops/panel_math.h", "custom_ops/Makefile"]
+_OP_SOURCES = ["custom_ops/panel_op.cc", "custom_ops/panel_op_inputs.h", "custom_ops/panel_math.h",
+               "custom_ops/Makefile"]
 _OP_EXTENSIONS = ["keras_implicit._panel_op"]
 if platform.machine() in ("x86_64", "AMD64"):
     _OP_EXTENSIONS.append("keras_implicit._panel_op_avx2")
@@ -108,9 +109,9 @@ class BuildPanelOp(build_ext):
 
 
 class BuildPyWithOpSources(build_py):
-    """Also ships custom_ops/panel_op.cc, panel_math.h and the Makefile as keras_implicit/_custom_ops/, from which an
-    installed package builds the op on first use when this install could not (keras_implicit/_op_build.py). An editable
-    install builds from the checkout's custom_ops/ instead."""
+    """Also ships custom_ops/panel_op.cc, panel_op_inputs.h, panel_math.h and the Makefile as
+    keras_implicit/_custom_ops/, from which an installed package builds the op on first use when this install could
+    not (keras_implicit/_op_build.py). An editable install builds from the checkout's custom_ops/ instead."""
 
     _TARGET = os.path.join("keras_implicit", "_custom_ops")
 

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "panel_math.h"
+#include "panel_op_inputs.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -72,17 +73,6 @@ struct Inputs {
   }
 };
 
-// A message of panel_math.h's Check* functions as a Status.
-static Status AsStatus(const std::string& problem) {
-  if (problem.empty()) return ::tensorflow::OkStatus();
-  return ::tensorflow::errors::InvalidArgument(problem);
-}
-
-static Status CheckVector(const Tensor& tensor, const char* name) {
-  if (TensorShapeUtils::IsVector(tensor.shape())) return ::tensorflow::OkStatus();
-  return ::tensorflow::errors::InvalidArgument(name, " must be a vector, got shape ", tensor.shape().DebugString());
-}
-
 // Reads inputs 0..5 starting at `first` (logits, labels, feature_norm, sigmas, temperatures, margins) and
 // validates them (shapes here; values with panel_math.h's checks): at least 2 classes, labels in
 // [0, classes), every feature_norm finite and > 0, sigmas and margins finite and >= 0, temperatures finite
@@ -93,37 +83,14 @@ static Status ReadInputs(OpKernelContext* context, int first, bool error, Inputs
   in->logits = &context->input(first);
   in->labels = &context->input(first + 1);
   in->feature_norm = &context->input(first + 2);
-  const TensorShape& logits_shape = in->logits->shape();
-  if (!TensorShapeUtils::IsMatrix(logits_shape)) {
-    return ::tensorflow::errors::InvalidArgument("logits must be [batch, classes], got shape ",
-                                                 logits_shape.DebugString());
-  }
-  in->batch = logits_shape.dim_size(0);
-  in->classes = logits_shape.dim_size(1);
-  TF_RETURN_IF_ERROR(AsStatus(CheckClasses(in->batch, in->classes)));
-  if (!TensorShapeUtils::IsVector(in->labels->shape()) || in->labels->dim_size(0) != in->batch) {
-    return ::tensorflow::errors::InvalidArgument("labels must be [batch] = [", in->batch, "], got shape ",
-                                                 in->labels->shape().DebugString());
-  }
-  const TensorShape& norm_shape = in->feature_norm->shape();
-  if (TensorShapeUtils::IsScalar(norm_shape)) {
-    in->norm_per_sample = false;
-  } else if (TensorShapeUtils::IsVector(norm_shape) && norm_shape.dim_size(0) == in->batch) {
-    in->norm_per_sample = true;
-  } else {
-    return ::tensorflow::errors::InvalidArgument("feature_norm must be a scalar or [batch] = [", in->batch,
-                                                 "], got shape ", norm_shape.DebugString());
-  }
+  InputShapes shapes;
+  TF_RETURN_IF_ERROR(ReadShapes(context, first, &shapes));
+  in->batch = shapes.batch;
+  in->classes = shapes.classes;
+  in->norm_per_sample = shapes.norm_per_sample;
   const auto norms = in->feature_norm->flat<T>();
   TF_RETURN_IF_ERROR(AsStatus(CheckFeatureNorms(norms.data(), norms.size(), in->norm_per_sample)));
-  const Tensor &sigmas = context->input(first + 3), &temperatures = context->input(first + 4),
-               &margins = context->input(first + 5);
-  TF_RETURN_IF_ERROR(CheckVector(sigmas, "sigmas"));
-  TF_RETURN_IF_ERROR(CheckVector(temperatures, "temperatures"));
-  TF_RETURN_IF_ERROR(CheckVector(margins, "margins"));
-  TF_RETURN_IF_ERROR(AsStatus(ReadPanel(sigmas.flat<double>().data(), sigmas.NumElements(),
-                                         temperatures.flat<double>().data(), temperatures.NumElements(),
-                                         margins.flat<double>().data(), margins.NumElements(), error, &in->panel)));
+  TF_RETURN_IF_ERROR(ReadHostPanel(context, first, error, &in->panel));
   return AsStatus(CheckLabels(in->labels->flat<int32_t>().data(), in->batch, in->classes));
 }
 
@@ -220,19 +187,6 @@ struct EigenLanes {
   }
 };
 
-// The attributes both kernels share.
-class PanelKernelBase : public OpKernel {
- public:
-  explicit PanelKernelBase(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("error", &error_));
-    OP_REQUIRES_OK(context, context->GetAttr("reduce", &reduce_));
-  }
-
- protected:
-  bool error_ = false;
-  bool reduce_ = false;
-};
-
 template <typename T>
 class PanelOp : public PanelKernelBase {
  public:
@@ -278,10 +232,7 @@ class PanelGradOp : public PanelKernelBase {
     OP_REQUIRES_OK(context, ReadInputs<T>(context, 1, error_, &in));
     const int64 batch = in.batch, classes = in.classes, columns = in.panel.columns();
     const Tensor& upstream = context->input(0);
-    const TensorShape expected = reduce_ ? TensorShape({columns}) : TensorShape({batch, columns});
-    OP_REQUIRES(context, upstream.shape() == expected,
-                ::tensorflow::errors::InvalidArgument("grad must have shape ", expected.DebugString(), ", got ",
-                                                      upstream.shape().DebugString()));
+    OP_REQUIRES_OK(context, CheckUpstream(upstream, batch, columns, reduce_));
 
     Tensor* grad_logits = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, in.logits->shape(), &grad_logits));

@@ -16,6 +16,7 @@
 
 #include "panel_cuda.h"
 #include "panel_math.h"
+#include "panel_op_inputs.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "unsupported/Eigen/CXX11/Tensor"
@@ -24,13 +25,11 @@ namespace keras_implicit {
 namespace {
 
 using ::tensorflow::DEVICE_GPU;
-using ::tensorflow::OpKernel;
 using ::tensorflow::OpKernelConstruction;
 using ::tensorflow::OpKernelContext;
 using ::tensorflow::Status;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
-using ::tensorflow::TensorShapeUtils;
 using ::tensorflow::int64;
 
 Status CudaStatus(cudaError_t status, const char* what) {
@@ -43,45 +42,15 @@ Status CudaStatus(cudaError_t status, const char* what) {
 template <typename T>
 Status ReadDeviceInputs(OpKernelContext* context, int first, bool error, cuda::DevicePanel* panel,
                         cuda::DeviceProblem<T>* problem) {
-  const Tensor& logits = context->input(first);
-  const Tensor& labels = context->input(first + 1);
-  const Tensor& feature_norm = context->input(first + 2);
-  if (!TensorShapeUtils::IsMatrix(logits.shape())) {
-    return ::tensorflow::errors::InvalidArgument("logits must be [batch, classes], got shape ",
-                                                 logits.shape().DebugString());
-  }
-  const int64 batch = logits.dim_size(0), classes = logits.dim_size(1);
-  std::string message = CheckClasses(batch, classes);
-  if (!message.empty()) return ::tensorflow::errors::InvalidArgument(message);
-  if (!TensorShapeUtils::IsVector(labels.shape()) || labels.dim_size(0) != batch) {
-    return ::tensorflow::errors::InvalidArgument("labels must be [batch] = [", batch, "], got shape ",
-                                                 labels.shape().DebugString());
-  }
-  bool per_sample = false;
-  if (TensorShapeUtils::IsVector(feature_norm.shape()) && feature_norm.dim_size(0) == batch) {
-    per_sample = true;
-  } else if (!TensorShapeUtils::IsScalar(feature_norm.shape())) {
-    return ::tensorflow::errors::InvalidArgument("feature_norm must be a scalar or [batch] = [", batch,
-                                                 "], got shape ", feature_norm.shape().DebugString());
-  }
-  const Tensor &sigmas = context->input(first + 3), &temperatures = context->input(first + 4),
-               &margins = context->input(first + 5);
-  for (const auto& [tensor, name] : {std::pair<const Tensor*, const char*>{&sigmas, "sigmas"},
-                                     {&temperatures, "temperatures"},
-                                     {&margins, "margins"}}) {
-    if (!TensorShapeUtils::IsVector(tensor->shape())) {
-      return ::tensorflow::errors::InvalidArgument(name, " must be a vector, got shape ",
-                                                   tensor->shape().DebugString());
-    }
-  }
+  InputShapes shapes;
+  TF_RETURN_IF_ERROR(ReadShapes(context, first, &shapes));
   Panel host_panel;
-  message = ReadPanel(sigmas.flat<double>().data(), sigmas.NumElements(), temperatures.flat<double>().data(),
-                      temperatures.NumElements(), margins.flat<double>().data(), margins.NumElements(), error,
-                      &host_panel);
-  if (message.empty()) message = cuda::ToDevicePanel(host_panel, panel);
-  if (!message.empty()) return ::tensorflow::errors::InvalidArgument(message);
-  *problem = cuda::DeviceProblem<T>{logits.flat<T>().data(), labels.flat<std::int32_t>().data(),
-                                    feature_norm.flat<T>().data(), batch, classes, per_sample};
+  TF_RETURN_IF_ERROR(ReadHostPanel(context, first, error, &host_panel));
+  TF_RETURN_IF_ERROR(AsStatus(cuda::ToDevicePanel(host_panel, panel)));
+  *problem = cuda::DeviceProblem<T>{context->input(first).flat<T>().data(),
+                                    context->input(first + 1).flat<std::int32_t>().data(),
+                                    context->input(first + 2).flat<T>().data(), shapes.batch, shapes.classes,
+                                    shapes.norm_per_sample};
   return ::tensorflow::OkStatus();
 }
 
@@ -101,22 +70,10 @@ Status CheckBadInput(const cuda::DeviceProblem<T>& problem, const cuda::BadInput
   return ::tensorflow::OkStatus();
 }
 
-class PanelGpuKernelBase : public OpKernel {
- public:
-  explicit PanelGpuKernelBase(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("error", &error_));
-    OP_REQUIRES_OK(context, context->GetAttr("reduce", &reduce_));
-  }
-
- protected:
-  bool error_ = false;
-  bool reduce_ = false;
-};
-
 template <typename T>
-class PanelGpuOp : public PanelGpuKernelBase {
+class PanelGpuOp : public PanelKernelBase {
  public:
-  explicit PanelGpuOp(OpKernelConstruction* context) : PanelGpuKernelBase(context) {}
+  explicit PanelGpuOp(OpKernelConstruction* context) : PanelKernelBase(context) {}
 
   void Compute(OpKernelContext* context) override {
     cuda::DevicePanel panel;
@@ -150,9 +107,9 @@ class PanelGpuOp : public PanelGpuKernelBase {
 };
 
 template <typename T>
-class PanelGradGpuOp : public PanelGpuKernelBase {
+class PanelGradGpuOp : public PanelKernelBase {
  public:
-  explicit PanelGradGpuOp(OpKernelConstruction* context) : PanelGpuKernelBase(context) {}
+  explicit PanelGradGpuOp(OpKernelConstruction* context) : PanelKernelBase(context) {}
 
   void Compute(OpKernelContext* context) override {
     cuda::DevicePanel panel;
@@ -160,10 +117,7 @@ class PanelGradGpuOp : public PanelGpuKernelBase {
     OP_REQUIRES_OK(context, ReadDeviceInputs<T>(context, 1, error_, &panel, &problem));
     const int64 columns = panel.columns();
     const Tensor& upstream = context->input(0);
-    const TensorShape expected = reduce_ ? TensorShape({columns}) : TensorShape({problem.batch, columns});
-    OP_REQUIRES(context, upstream.shape() == expected,
-                ::tensorflow::errors::InvalidArgument("grad must have shape ", expected.DebugString(), ", got ",
-                                                      upstream.shape().DebugString()));
+    OP_REQUIRES_OK(context, CheckUpstream(upstream, problem.batch, columns, reduce_));
     const cudaStream_t stream = context->eigen_gpu_device().stream();
     Tensor* grad_logits = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, context->input(1).shape(), &grad_logits));

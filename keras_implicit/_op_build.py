@@ -11,8 +11,8 @@ recipe, ``custom_ops/Makefile`` (its sources travel in the package as ``keras_im
                                                                              /build.log
 
 ``<key>`` hashes everything the libraries depend on: the TensorFlow version and its ABI flags, the bytes of
-``panel_op.cc``, of ``panel_math.h`` (the row mathematics it includes) and of the Makefile, the compiler (path
-and ``--version``), ``$CXXFLAGS`` and the machine.
+``panel_op.cc``, of ``panel_op_inputs.h`` and ``panel_math.h`` (the headers it includes) and of the Makefile,
+the compiler (path and ``--version``), ``$CXXFLAGS`` and the machine.
 A build runs under a file lock (``<key>.lock``) into a temporary directory that is renamed to ``<key>/``
 when complete, so parallel processes (pytest-xdist, sweeps) build once and never load a half-written
 library. A failed build is remembered as ``<key>.failed.log`` (the compiler's output); later processes take
@@ -59,13 +59,13 @@ ENV_NO_BUILD = "KERAS_IMPLICIT_NO_BUILD"
 # The files custom_ops/Makefile writes into OUT_DIR (the AVX2 one on x86-64 only).
 LIBRARY_NAME = "_panel_op.so"
 LIBRARY_AVX2_NAME = "_panel_op_avx2.so"
-_SOURCE_FILES = ("panel_op.cc", "panel_math.h", "Makefile")
+_SOURCE_FILES = ("panel_op.cc", "panel_op_inputs.h", "panel_math.h", "Makefile")
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _BUILD_TIMEOUT_S = 1800
 
 
 def source_dir() -> Path | None:
-    """The directory holding ``panel_op.cc``, ``panel_math.h`` and the Makefile, or None.
+    """The directory holding ``panel_op.cc``, its headers and the Makefile, or None.
 
     A source checkout (editable install, or the repository on ``PYTHONPATH``) uses its own ``custom_ops/``,
     so edits to the op change the cache key; an installed package uses the copy that setup.py ships as
@@ -103,7 +103,7 @@ def cache_key(
 
     Args:
         tf_version: ``tf.__version__``.
-        sources: file name -> bytes, for ``panel_op.cc``, ``panel_math.h`` and the Makefile.
+        sources: file name -> bytes, for ``panel_op.cc``, its two headers and the Makefile.
         compiler: the compiler's path and its ``--version`` output.
         machine: ``platform.machine()``.
         flags: TensorFlow's compile and link flags (without include and library paths, which differ between

@@ -321,7 +321,7 @@ def test_one_pip_install_in_a_fresh_virtualenv_gives_the_op(tmp_path, editable):
     if editable:
         assert Path(result["package"]) == clone / "keras_implicit"
     else:
-        assert result["shipped_sources"] == ["Makefile", "panel_math.h", "panel_op.cc"]
+        assert result["shipped_sources"] == ["Makefile", "panel_math.h", "panel_op.cc", "panel_op_inputs.h"]
     if not result["packaged_libraries"]:  # the install could not build the op: it was built on first use
         assert result["library"].startswith(str(tmp_path / "cache"))
         assert sum(BUILDING in line for line in logs) == 1
