@@ -25,6 +25,8 @@ _FFI_SOURCES = ["custom_ops/panel_ffi.cc", "custom_ops/panel_ffi_shapes.h", "cus
 _FFI_EXTENSIONS = ["keras_implicit._panel_ffi"]
 if platform.machine() in ("x86_64", "AMD64"):
     _FFI_EXTENSIONS.append("keras_implicit._panel_ffi_avx2")  # -mavx2 -mfma, glibc's libmvec erfc/exp
+# Shipped as keras_implicit/_custom_ops/: what keras_implicit/_build.py builds from on first use.
+_SHIPPED_SOURCES = sorted(set(_OP_SOURCES) | set(_FFI_SOURCES))
 
 
 def _tensorflow_environment(module: str = "tensorflow"):
@@ -90,7 +92,7 @@ class BuildPanelOp(build_ext):
         if os.environ.get("KERAS_IMPLICIT_REQUIRE_OP") == "1":
             raise RuntimeError(f"keras_implicit: the fused panel op could not be built: {reason}")
         print(f"keras_implicit: the fused panel op was not built now ({reason}); it will be built on first "
-              "use (keras_implicit/_op_build.py, needs g++ and make then), else the pure-TensorFlow path is used",
+              "use (keras_implicit/_build.py, needs g++ and make then), else the pure-TensorFlow path is used",
               file=sys.stderr, flush=True)
         return None
 
@@ -99,8 +101,9 @@ class BuildPanelOp(build_ext):
         out_dir = os.path.abspath(os.path.dirname(self.get_ext_fullpath(_FFI_EXTENSIONS[0])))
         reason = _make("jax", out_dir, "the panel's XLA FFI kernel for JAX", "ffi")
         if reason is not None:
-            print(f"keras_implicit: the panel's XLA FFI kernel for JAX was not built ({reason}); JAX takes the "
-                  "keras.ops path", file=sys.stderr, flush=True)
+            print(f"keras_implicit: the panel's XLA FFI kernel for JAX was not built now ({reason}); it will be "
+                  "built on first use on JAX (keras_implicit/_build.py, needs g++ and make then), else JAX takes "
+                  "the keras.ops path", file=sys.stderr, flush=True)
         return None
 
     def get_outputs(self):
@@ -109,9 +112,10 @@ class BuildPanelOp(build_ext):
 
 
 class BuildPyWithOpSources(build_py):
-    """Also ships custom_ops/panel_op.cc, panel_op_inputs.h, panel_math.h and the Makefile as
-    keras_implicit/_custom_ops/, from which an installed package builds the op on first use when this install could
-    not (keras_implicit/_op_build.py). An editable install builds from the checkout's custom_ops/ instead."""
+    """Also ships the CPU kernels' sources (custom_ops/panel_op.cc, panel_op_inputs.h, panel_ffi.cc,
+    panel_ffi_shapes.h, panel_math.h and the Makefile) as keras_implicit/_custom_ops/, from which an installed
+    package builds the TF op and the JAX FFI kernel on first use when this install could not
+    (keras_implicit/_build.py). An editable install builds from the checkout's custom_ops/ instead."""
 
     _TARGET = os.path.join("keras_implicit", "_custom_ops")
 
@@ -120,14 +124,14 @@ class BuildPyWithOpSources(build_py):
         if getattr(self, "editable_mode", False):
             return
         self.mkpath(os.path.join(self.build_lib, self._TARGET))
-        for source in _OP_SOURCES:
+        for source in _SHIPPED_SOURCES:
             self.copy_file(source, os.path.join(self.build_lib, self._TARGET, os.path.basename(source)))
 
     def get_outputs(self, include_bytecode=1):
         outputs = super().get_outputs(include_bytecode)
         if getattr(self, "editable_mode", False):
             return outputs
-        return outputs + [os.path.join(self.build_lib, self._TARGET, os.path.basename(s)) for s in _OP_SOURCES]
+        return outputs + [os.path.join(self.build_lib, self._TARGET, os.path.basename(s)) for s in _SHIPPED_SOURCES]
 
 
 setup(

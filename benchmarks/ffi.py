@@ -10,10 +10,17 @@ minimum of the repeats: the machine is shared and noisy), after one warm-up call
   keras forward+grad  jax.value_and_grad of the sum of the panel, keras.ops path
   ffi forward+grad    the same on the FFI kernel (its custom_vjp calls the gradient handler)
 
-It prints, per size, the minimum wall-clock and process CPU time (all threads) of each variant and the ratio
-keras / ffi (above 1: the kernel is faster). Both run on XLA's CPU thread pool: the keras.ops path's fused loops,
-and the FFI kernel's chunks of rows (its ffi::ThreadPool context). --threads N runs the process on N CPUs (its
-CPU affinity, set before JAX starts: XLA sizes its pool from it), e.g. 1 to compare both on one thread.
+It prints, per size, the minimum wall-clock and process CPU time (all threads) of each variant, the ratio
+keras / ffi (above 1: the kernel is faster), and the memory of each compiled variant: XLA's temporary buffers
+(``compiled.memory_analysis().temp_size_in_bytes``, besides inputs and outputs), beside the size a batch x K x
+classes float32 buffer would have. The FFI kernel's own scratch is not counted there: the CPU handlers allocate
+none; the CUDA ones take from XLA's allocator the bad-row words and, for reduce=True (not timed here) a
+batch x K buffer, for a scalar norm's gradient a batch one. Where the device keeps allocator statistics (GPUs), the
+process's peak bytes in use (``memory_stats()["peak_bytes_in_use"]``) is printed after each size.
+
+Both run on XLA's CPU thread pool: the keras.ops path's fused loops, and the FFI kernel's chunks of rows (its
+ffi::ThreadPool context). --threads N runs the process on N CPUs (its CPU affinity, set before JAX starts: XLA
+sizes its pool from it), e.g. 1 to compare both on one thread.
 
 Usage:
     KERAS_BACKEND=jax python benchmarks/ffi.py                         # 60000x10, 60000x100, 10000x1000
@@ -24,6 +31,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -62,7 +70,7 @@ def build_variants(labels, logits):
         logits: float32 [rows, classes] JAX array.
 
     Returns:
-        dict name -> function returning the JAX arrays to wait for.
+        dict name -> (jitted function, its arguments): ``function(*arguments)`` returns the arrays to wait for.
     """
     import jax
     import jax.numpy as jnp
@@ -89,17 +97,22 @@ def build_variants(labels, logits):
         "keras forward+grad": with_gradient(keras_panel),
         "ffi forward+grad": with_gradient(ffi_panel),
     }
-    calls = {
-        "keras forward": lambda: compiled["keras forward"](labels, logits),
-        "ffi forward": lambda: compiled["ffi forward"](labels, logits),
-        "keras forward+grad": lambda: compiled["keras forward+grad"](logits, labels),
-        "ffi forward+grad": lambda: compiled["ffi forward+grad"](logits, labels),
-    }
-    return calls
+    return {name: (function, (logits, labels) if name.endswith("grad") else (labels, logits))
+            for name, function in compiled.items()}
 
 
-def measure(rows: int, classes: int, repeats: int) -> dict[str, tuple[float, float]]:
-    """(min wall s, min CPU s) of each variant on one size, interleaved repeat by repeat.
+def temporary_bytes(variants) -> dict[str, int]:
+    """XLA's temporary buffers of each compiled variant (``memory_analysis().temp_size_in_bytes``)."""
+    sizes = {}
+    for name, (function, arguments) in variants.items():
+        analysis = function.lower(*arguments).compile().memory_analysis()
+        sizes[name] = int(analysis.temp_size_in_bytes) if analysis is not None else -1
+    return sizes
+
+
+def measure(rows: int, classes: int, repeats: int) -> tuple[dict[str, tuple[float, float]], dict[str, int]]:
+    """(min wall s, min CPU s) of each variant on one size, interleaved repeat by repeat, and XLA's temporary
+    bytes of each.
 
     Args:
         rows: rows of logits.
@@ -107,7 +120,8 @@ def measure(rows: int, classes: int, repeats: int) -> dict[str, tuple[float, flo
         repeats: timed calls of each variant.
 
     Returns:
-        dict variant -> (minimum wall-clock seconds, minimum process CPU seconds).
+        (dict variant -> (minimum wall-clock seconds, minimum process CPU seconds),
+         dict variant -> temporary bytes, -1 where XLA gives no memory analysis).
     """
     import jax
     import jax.numpy as jnp
@@ -118,7 +132,8 @@ def measure(rows: int, classes: int, repeats: int) -> dict[str, tuple[float, flo
     logits_np = rng.normal(0.0, 3.0, (rows, classes)).astype(np.float32)
     logits_np[np.arange(rows), labels_np] += 2.0
     labels, logits = jnp.asarray(labels_np), jnp.asarray(logits_np)
-    calls = build_variants(labels, logits)
+    variants = build_variants(labels, logits)
+    calls = {name: functools.partial(function, *arguments) for name, (function, arguments) in variants.items()}
     first = {name: jax.block_until_ready(call()) for name, call in calls.items()}  # compile and warm up
     forward_ffi, forward_keras = np.asarray(first["ffi forward"]), np.asarray(first["keras forward"])
     agreement = float(np.max(np.abs(forward_ffi - forward_keras) / np.maximum(np.abs(forward_keras), 1e-30)))
@@ -130,7 +145,7 @@ def measure(rows: int, classes: int, repeats: int) -> dict[str, tuple[float, flo
             jax.block_until_ready(call())
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
-    return best
+    return best, temporary_bytes(variants)
 
 
 def main(argv=None) -> int:
@@ -162,10 +177,14 @@ def main(argv=None) -> int:
           f"error=True), float32; minimum of {args.repeats} interleaved repeats")
     for rows, classes in sizes(args):
         print(f"\n{rows} x {classes} logits", flush=True)
-        best = measure(rows, classes, args.repeats)
-        print(f"  {'variant':20s} {'min s':>9s} {'min CPU s':>10s}")
+        best, temporary = measure(rows, classes, args.repeats)
+        print(f"  {'variant':20s} {'min s':>9s} {'min CPU s':>10s} {'XLA temp MiB':>13s}")
         for name in VARIANTS:
-            print(f"  {name:20s} {best[name][0]:9.4f} {best[name][1]:10.4f}")
+            print(f"  {name:20s} {best[name][0]:9.4f} {best[name][1]:10.4f} {temporary[name] / 2**20:13.1f}")
+        print(f"  (a batch x 24 x classes float32 buffer: {rows * 24 * classes * 4 / 2**20:.1f} MiB)")
+        stats = jax.devices()[0].memory_stats()
+        if stats and "peak_bytes_in_use" in stats:
+            print(f"  device peak bytes in use so far: {stats['peak_bytes_in_use'] / 2**20:.1f} MiB")
         for what in ("forward", "forward+grad"):
             keras_time, ffi_time = best[f"keras {what}"], best[f"ffi {what}"]
             print(f"  keras / ffi, {what:12s}: wall {keras_time[0] / ffi_time[0]:.2f}x, "

@@ -22,8 +22,8 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && comm
 fi
 
 echo "quickstart: pip install -e '.[dev]'"
-# TensorFlow first: the fused op builds against its headers, whatever order pip would pick.
-python3 -m pip install -q 'tensorflow==2.21.*'
+# TensorFlow and JAX first: the install builds the fused op and the JAX kernel against their headers.
+python3 -m pip install -q 'tensorflow==2.21.*' jax
 python3 -m pip install -q -e '.[dev]'
 
 echo "quickstart: python3 experiments/run.py $*"

@@ -8,8 +8,12 @@ It imports JAX, NumPy and ctypes only (never TensorFlow).
 
 The handlers live in ``keras_implicit/_panel_ffi.so`` (portable: scalar ``std::erfc``/``std::exp``) and, on
 x86-64, ``_panel_ffi_avx2.so`` (``-mavx2 -mfma``: glibc's libmvec AVX2 ``erfc``/``exp``/``log``/``log1p`` in
-``custom_ops/panel_math.h``'s 8-row blocks), both built by ``pip install -e .`` (setup.py) or
-``make -C custom_ops ffi`` against ``jax.ffi.include_dir()``. The AVX2 build is loaded where it is built and
+``custom_ops/panel_math.h``'s 8-row blocks), both built by ``pip install -e .`` (setup.py, where
+jax is installed before it) or ``make -C custom_ops ffi`` against ``jax.ffi.include_dir()``. Where the package
+holds neither, or none that loads, the first panel computed on JAX's CPU builds them into the first-use cache
+(``keras_implicit/_build.py`` with :func:`build_recipe`: ``~/.cache/keras_implicit/op/jaxlib<version>-...``,
+once, one INFO line; ``KERAS_IMPLICIT_NO_BUILD=1`` disables it, a failed build is remembered and logged as a
+WARNING), as the TensorFlow op does. The AVX2 build is loaded where it is built and
 ``/proc/cpuinfo`` lists ``avx2`` and ``fma``, unless ``KERAS_IMPLICIT_OP_VARIANT=portable`` (the TF op's switch;
 ``avx2`` insists on it); if it fails to load (e.g. a glibc older than 2.35, without libmvec's erfc and log1p)
 the portable one is tried. Loading registers four targets for the ``"cpu"`` platform
@@ -53,19 +57,24 @@ import ctypes
 import functools
 import logging
 import os
+import platform
 import threading
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["panel_ffi", "fused_panel", "library_path", "load_error", "TARGETS", "CUDA_MAX_PARAMETERS",
-           "CUDA_MAX_TEMPERATURES"]
+from keras_implicit import _build
+
+__all__ = ["panel_ffi", "fused_panel", "library_path", "load_error", "build_recipe", "TARGETS",
+           "CUDA_MAX_PARAMETERS", "CUDA_MAX_TEMPERATURES"]
 
 _LOGGER = logging.getLogger("keras_implicit")
 _LIBRARY = Path(__file__).with_name("_panel_ffi.so")
 _LIBRARY_AVX2 = Path(__file__).with_name("_panel_ffi_avx2.so")
 _LIBRARY_CUDA = Path(__file__).with_name("_panel_ffi_cuda.so")
 _ENV_VARIANT = "KERAS_IMPLICIT_OP_VARIANT"
+# What `make -C custom_ops ffi` builds the CPU handlers from (keras_implicit/_build.py, on first use).
+_SOURCE_FILES = ("panel_ffi.cc", "panel_ffi_shapes.h", "panel_math.h", "Makefile")
 
 # dtype -> (forward target, gradient target): the handler symbols exported by _panel_ffi.so.
 TARGETS = {
@@ -86,6 +95,7 @@ class _State:
     library: Path | None = None
     platform: str | None = None  # "cpu" or "cuda": where the default backend's handlers run
     error: str | None = None
+    build_failed = False  # a first-use build went wrong: logged as a WARNING
     logged = False
 
 
@@ -98,18 +108,47 @@ def _cpu_has_avx2_and_fma() -> bool:
     return "avx2" in flags and "fma" in flags
 
 
-def _candidates() -> list[Path]:
-    """The builds to try, in order (KERAS_IMPLICIT_OP_VARIANT: auto, portable or avx2)."""
+def _candidates(directory: Path | None = None) -> list[Path]:
+    """The builds to try, in order (KERAS_IMPLICIT_OP_VARIANT: auto, portable or avx2), in ``directory``
+    (default: the package's own)."""
+    portable, avx2 = (_LIBRARY, _LIBRARY_AVX2) if directory is None else (
+        directory / _LIBRARY.name, directory / _LIBRARY_AVX2.name)
     variant = os.environ.get(_ENV_VARIANT, "").strip() or "auto"
     if variant not in ("auto", "portable", "avx2"):
         raise ValueError(f"{_ENV_VARIANT} must be one of auto, portable, avx2, got {variant!r}")
     if variant == "portable":
-        return [_LIBRARY]
+        return [portable]
     if variant == "avx2":
         if not _cpu_has_avx2_and_fma():
             raise RuntimeError(f"{_ENV_VARIANT}=avx2, but this CPU lacks AVX2 or FMA")
-        return [_LIBRARY_AVX2]
-    return ([_LIBRARY_AVX2] if _cpu_has_avx2_and_fma() and _LIBRARY_AVX2.exists() else []) + [_LIBRARY]
+        return [avx2]
+    return ([avx2] if _cpu_has_avx2_and_fma() and avx2.exists() else []) + [portable]
+
+
+def build_recipe(jax) -> _build.Recipe:
+    """How ``make -C custom_ops ffi`` builds the CPU handlers for this jaxlib (``keras_implicit/_build.py``):
+    its FFI headers (``jax.ffi.include_dir()``) go to make, its version into the cache key."""
+    import jaxlib
+
+    libraries = (_LIBRARY.name, _LIBRARY_AVX2.name) if platform.machine() == "x86_64" else (_LIBRARY.name,)
+    return _build.Recipe(
+        what=f"the panel's XLA FFI kernel for jaxlib {jaxlib.__version__}",
+        framework=f"jaxlib{jaxlib.__version__}",
+        source_files=_SOURCE_FILES,
+        libraries=libraries,
+        make_arguments=("ffi", f"JAX_FFI_INCLUDE={jax.ffi.include_dir()}"),
+        duration="about 10-20 s",
+    )
+
+
+def _register_first(jax, candidates: list[Path], problems: list[str]) -> Path | None:
+    """Registers the first of ``candidates`` that loads for the CPU; appends why each other failed."""
+    for path in candidates:
+        problem = _register(jax, path, "cpu")
+        if problem is None:
+            return path
+        problems.append(problem)
+    return None
 
 
 def library_path() -> Path | None:
@@ -174,12 +213,9 @@ def _load() -> bool:
         problems = []
         cpu_library = None
         if _cpu_platform_available(jax):
-            for path in candidates:
-                problem = _register(jax, path, "cpu")
-                if problem is None:
-                    cpu_library = path
-                    break
-                problems.append(problem)
+            cpu_library = _register_first(jax, candidates, problems)
+            if cpu_library is None and backend == "cpu":
+                cpu_library = _build_on_first_use(jax, problems)
         elif backend == "cpu":
             problems.append("JAX has no CPU device")
         if backend == "cpu":
@@ -197,6 +233,18 @@ def _load() -> bool:
             return False
         _State.loaded, _State.library, _State.platform, _State.error = True, _LIBRARY_CUDA, "cuda", None
         return True
+
+
+def _build_on_first_use(jax, problems: list[str]) -> Path | None:
+    """Builds the CPU handlers into the first-use cache where the package holds none that loads, and registers
+    them; None (with the reasons appended to ``problems``) where that cannot be done."""
+    recipe = build_recipe(jax)
+    unavailable = _build.ensure_built(recipe)
+    if unavailable is not None:
+        problems.append(unavailable.reason)
+        _State.build_failed = unavailable.failed
+        return None
+    return _register_first(jax, _candidates(_build.cache_dir(recipe)), problems)
 
 
 def _log_once(path: str, detail: str, level=logging.INFO) -> None:
@@ -336,7 +384,8 @@ def panel_ffi(required: bool = False, source: str = "default"):
         if required:
             raise RuntimeError(f"the fused panel FFI kernel was asked for ({source}) but is not available: "
                                f"{_State.error}")
-        _log_once("the keras.ops path", _State.error or "the FFI kernel is not available")
+        level = logging.WARNING if _State.build_failed else logging.INFO
+        _log_once("the keras.ops path", _State.error or "the FFI kernel is not available", level)
         return None
     if _State.platform == "cuda" and not required:
         _log_once("the keras.ops path", f"the CUDA kernel {_State.library} is opt-in (force_path('op'))")

@@ -30,13 +30,13 @@ The op is loaded lazily, on the first panel computed, and the ``keras.ops`` path
 - the computation is being compiled by XLA (``tf.function(jit_compile=True)``, Keras' ``jit_compile``,
   the default on GPUs): the op has no XLA kernel.
 
-Building on first use (``keras_implicit/_op_build.py``): where the package holds no loadable build (a
-one-command install into a fresh virtualenv builds the package before pip installs TensorFlow), the first
-panel builds the op with ``custom_ops/Makefile`` into a cache keyed by TensorFlow, the sources and the
-compiler (``$KERAS_IMPLICIT_CACHE``, else ``~/.cache/keras_implicit/op/<key>/``), once, with one INFO line;
-``library_path()`` looks there after the package, with the same variant rule. ``KERAS_IMPLICIT_NO_BUILD=1``
-disables building; a failed build is remembered there with its log. Forcing the ``keras`` path wins over
-all of it (nothing is loaded or built).
+Building on first use (``keras_implicit/_build.py``, with :func:`build_recipe`): where the package holds no
+loadable build (a one-command install into a fresh virtualenv builds the package before pip installs
+TensorFlow), the first panel builds the op with ``custom_ops/Makefile`` into a cache keyed by TensorFlow, the
+sources and the compiler (``$KERAS_IMPLICIT_CACHE``, else ``~/.cache/keras_implicit/op/<key>/``), once, with
+one INFO line; ``library_path()`` looks there after the package, with the same variant rule.
+``KERAS_IMPLICIT_NO_BUILD=1`` disables building; a failed build is remembered there with its log. Forcing the
+``keras`` path wins over all of it (nothing is loaded or built).
 
 One log line (logger ``keras_implicit``, INFO; WARNING when a built library fails to load or a build fails)
 says which path is in use, the first time it is decided. ``keras_implicit.active_path()`` says it at any time.
@@ -47,17 +47,18 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import platform
 import threading
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from keras_implicit import _op_build
+from keras_implicit import _build
 
 __all__ = [
     "panel_op", "library_path", "library_variant", "load_error", "in_xla_context",
-    "fused_panel",
+    "fused_panel", "build_recipe", "LIBRARY_NAME", "LIBRARY_AVX2_NAME",
 ]
 
 _LOGGER = logging.getLogger("keras_implicit")
@@ -70,6 +71,10 @@ _LIBRARY_AVX2 = Path(__file__).with_name("_panel_op_avx2.so")
 _LIBRARY_CUDA = Path(__file__).with_name("_panel_op_cuda.so")
 _ENV_VARIANT = "KERAS_IMPLICIT_OP_VARIANT"
 _VARIANTS = ("auto", "portable", "avx2", "cuda")
+# What custom_ops/Makefile's default target builds from (and writes into OUT_DIR, the AVX2 one on x86-64 only).
+_SOURCE_FILES = ("panel_op.cc", "panel_op_inputs.h", "panel_math.h", "Makefile")
+LIBRARY_NAME = _LIBRARY.name
+LIBRARY_AVX2_NAME = _LIBRARY_AVX2.name
 
 
 
@@ -83,8 +88,8 @@ class _State:
     logged = False
     package_unloadable = False  # the package's own build failed to load: library_path() skips it
     cuda_unloadable = False  # _panel_op_cuda.so failed to load: auto takes the CPU builds
-    build_tried = False  # _op_build.ensure_built() ran (once per process)
-    build_problem: _op_build.Unavailable | None = None  # why the first-use build cache holds no build
+    build_tried = False  # _build.ensure_built() ran (once per process)
+    build_problem: _build.Unavailable | None = None  # why the first-use build cache holds no build
 
 
 def library_variant() -> str:
@@ -119,7 +124,7 @@ def library_variant() -> str:
 def library_path() -> Path:
     """The compiled op this process loads (or would load), chosen by :func:`library_variant`:
     ``keras_implicit/_panel_op_cuda.so``, ``_panel_op_avx2.so`` or ``_panel_op.so``, or the last two in the
-    first-use build cache (``_op_build.cache_dir()``) where the package holds no build, or one that failed to load.
+    first-use build cache (``build_cache_dir()``) where the package holds no build, or one that failed to load.
 
     With ``auto`` the path may not exist (the op is then not built, and the keras.ops path is used).
 
@@ -138,13 +143,40 @@ def library_path() -> Path:
 
 def _library_places():
     """Where builds are looked for, as (portable, avx2) pairs, in order: the package's own (setup.py or
-    ``make -C custom_ops``), unless it failed to load, then the first-use build cache (``_op_build``; its key
-    is computed only when the package holds no build)."""
+    ``make -C custom_ops``), unless it failed to load, then the first-use build cache (its key is computed only
+    when the package holds no build)."""
     if not _State.package_unloadable:
         yield _LIBRARY, _LIBRARY_AVX2
-    cache = _op_build.cache_dir()
+    cache = build_cache_dir()
     if cache is not None:
-        yield cache / _op_build.LIBRARY_NAME, cache / _op_build.LIBRARY_AVX2_NAME
+        yield cache / LIBRARY_NAME, cache / LIBRARY_AVX2_NAME
+
+
+@functools.lru_cache(maxsize=1)
+def build_recipe() -> _build.Recipe:
+    """How ``custom_ops/Makefile`` builds the op for this TensorFlow (``keras_implicit/_build.py``).
+
+    TensorFlow's compile and link flags go to make (it would otherwise start two interpreters to import
+    TensorFlow again) and, less include and library paths, into the cache key.
+    """
+    compile_flags = list(tf.sysconfig.get_compile_flags())
+    link_flags = list(tf.sysconfig.get_link_flags())
+    machine_libraries = (LIBRARY_NAME, LIBRARY_AVX2_NAME) if platform.machine() == "x86_64" else (LIBRARY_NAME,)
+    return _build.Recipe(
+        what=f"the fused panel op for TensorFlow {tf.__version__}",
+        framework=f"tf{tf.__version__}",
+        source_files=_SOURCE_FILES,
+        libraries=machine_libraries,
+        make_arguments=(f"TF_CFLAGS={' '.join(compile_flags)}", f"TF_LFLAGS={' '.join(link_flags)}"),
+        key_flags=tuple([flag for flag in compile_flags if not flag.startswith("-I")]
+                        + [flag for flag in link_flags if not flag.startswith("-L")]),
+    )
+
+
+def build_cache_dir() -> Path | None:
+    """The first-use build cache's directory for this TensorFlow (built or not), or None where the op cannot
+    be built here."""
+    return _build.cache_dir(build_recipe())
 
 
 def _library_place() -> tuple[Path, Path]:
@@ -188,7 +220,7 @@ def _load():
     """The op library, or None with the reason in `_State.error`. Tried once per process.
 
     Order: the package's own build if it loads; else the first-use build cache, built now where it holds
-    nothing (``_op_build.ensure_built``, once per process); else None.
+    nothing (``_build.ensure_built``, once per process); else None.
     """
     with _State.lock:
         if _State.attempted:
@@ -256,7 +288,7 @@ def _has_build() -> bool:
 
 def _build_on_first_use() -> None:
     _State.build_tried = True
-    _State.build_problem = _op_build.ensure_built()
+    _State.build_problem = _build.ensure_built(build_recipe())
 
 
 def _open(library: Path):

@@ -495,11 +495,14 @@ def test_environment_variable_selects_the_path(fused, monkeypatch, value, expect
 
 
 def test_missing_library_auto_takes_keras_and_op_raises(monkeypatch, tmp_path):
-    """Without the library "op" raises with the reason; auto takes the keras.ops path (same values)."""
+    """Without the library (and no first-use build: tests/test_build.py tests that) "op" raises with the reason;
+    auto takes the keras.ops path (same values)."""
     missing = tmp_path / "_panel_ffi.so"
     monkeypatch.setattr(_ffi, "_LIBRARY", missing)
     monkeypatch.setattr(_ffi, "_LIBRARY_AVX2", tmp_path / "_panel_ffi_avx2.so")
     monkeypatch.delenv("KERAS_IMPLICIT_OP_VARIANT", raising=False)
+    monkeypatch.setenv("KERAS_IMPLICIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KERAS_IMPLICIT_NO_BUILD", "1")
     monkeypatch.setattr(_ffi._State, "attempted", False)
     monkeypatch.setattr(_ffi._State, "loaded", False)
     monkeypatch.setattr(_ffi._State, "error", None)
@@ -510,6 +513,7 @@ def test_missing_library_auto_takes_keras_and_op_raises(monkeypatch, tmp_path):
         with _dispatch.force_path("op"):
             _dispatch.panel_kernel()
     assert str(missing) in _ffi.load_error() and "is not built" in _ffi.load_error()
+    assert "KERAS_IMPLICIT_NO_BUILD=1" in _ffi.load_error()
     with pytest.raises(RuntimeError, match="is not built"):
         losses.panel_values([0], [[1.0, 0.0]], [1.0], path="op")
     values = np.asarray(losses.panel_values([0, 1], [[1.0, 0.0], [0.0, 2.0]], [1.0], [1.0], [1.0], True))

@@ -473,7 +473,7 @@ def _child(env_extra, setup=""):
     # The parent's KERAS_IMPLICIT_OP_VARIANT (.ci/run sets portable for a second run) is dropped: these
     # children test the default (auto), where a missing library falls back.
     env = {k: v for k, v in os.environ.items() if k not in ("KERAS_IMPLICIT_PURE_TF", "KERAS_IMPLICIT_OP_VARIANT")}
-    # Only the package's libraries: no first-use build and no cached one (tests/test_op_build.py tests those).
+    # Only the package's libraries: no first-use build and no cached one (tests/test_build.py tests those).
     env.update(KERAS_IMPLICIT_NO_BUILD="1", KERAS_IMPLICIT_CACHE=os.devnull)
     env.update(env_extra, CHILD_SETUP=setup, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=300,
@@ -529,7 +529,7 @@ _CPU_RUNS_AVX2 = _op._cpu_has("avx2", "fma")
 @pytest.fixture
 def package_builds_only(monkeypatch):
     """library_path() looks at the package's builds only (not at the first-use build cache)."""
-    monkeypatch.setattr(_op._op_build, "cache_dir", lambda: None)
+    monkeypatch.setattr(_op, "build_cache_dir", lambda: None)
 
 
 @pytest.mark.parametrize("value, variant", [(None, None), ("", None), ("auto", None), (" Portable ", "portable"),

@@ -1,4 +1,5 @@
-"""Building the fused op on first use (keras_implicit/_op_build.py, keras_implicit/_op.py's loading order).
+"""Building the compiled kernels on first use (keras_implicit/_build.py; the loading orders of keras_implicit/_op.py
+and keras_implicit/_ffi.py).
 
 Children run with the package's own libraries hidden (``_op._LIBRARY`` pointed elsewhere, as in
 tests/test_op.py) and a temporary ``KERAS_IMPLICIT_CACHE``, so they see exactly what a package installed
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keras_implicit import _op, _op_build
+from keras_implicit import _build, _op
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILDING = "building the fused panel op"
@@ -93,15 +94,15 @@ def _require_tools(compiler: str = "g++") -> None:
 
 def _expected_libraries() -> set[str]:
     if platform.machine() == "x86_64":
-        return {_op_build.LIBRARY_NAME, _op_build.LIBRARY_AVX2_NAME}
-    return {_op_build.LIBRARY_NAME}
+        return {_op.LIBRARY_NAME, _op.LIBRARY_AVX2_NAME}
+    return {_op.LIBRARY_NAME}
 
 
 # --------------------------------------------------------------------------- #
 # The cache key and directory
 # --------------------------------------------------------------------------- #
 _KEY_INPUTS = dict(
-    tf_version="2.21.0",
+    framework="tf2.21.0",
     sources={"panel_op.cc": b"// the op\n", "Makefile": b"all:\n"},
     compiler="g++\n/usr/bin/g++\ng++ (Debian 12.2.0-14) 12.2.0",
     machine="x86_64",
@@ -112,7 +113,7 @@ _KEY_INPUTS = dict(
 @pytest.mark.parametrize(
     "change",
     [
-        {"tf_version": "2.22.0"},
+        {"framework": "tf2.22.0"},
         {"sources": {"panel_op.cc": b"// the op, edited\n", "Makefile": b"all:\n"}},
         {"sources": {"panel_op.cc": b"// the op\n", "Makefile": b"all: x\n"}},
         {"compiler": "g++\n/usr/bin/g++\ng++ (Debian 13.1.0) 13.1.0"},
@@ -121,37 +122,37 @@ _KEY_INPUTS = dict(
         {"flags": ["-D_GLIBCXX_USE_CXX11_ABI=0", "--std=c++17", "CXXFLAGS="]},
         {"flags": ["-D_GLIBCXX_USE_CXX11_ABI=1", "--std=c++17", "CXXFLAGS=-O2"]},
     ],
-    ids=["tf_version", "source", "makefile", "compiler_version", "compiler", "machine", "abi", "cxxflags"],
+    ids=["framework", "source", "makefile", "compiler_version", "compiler", "machine", "abi", "cxxflags"],
 )
 def test_cache_key_changes_with_every_input(change):
-    base = _op_build.cache_key(**_KEY_INPUTS)
-    assert _op_build.cache_key(**{**_KEY_INPUTS, **change}) != base
+    base = _build.cache_key(**_KEY_INPUTS)
+    assert _build.cache_key(**{**_KEY_INPUTS, **change}) != base
 
 
 def test_cache_key_is_stable_and_readable():
-    key = _op_build.cache_key(**_KEY_INPUTS)
-    assert key == _op_build.cache_key(**{**_KEY_INPUTS, "sources": dict(reversed(_KEY_INPUTS["sources"].items()))})
+    key = _build.cache_key(**_KEY_INPUTS)
+    assert key == _build.cache_key(**{**_KEY_INPUTS, "sources": dict(reversed(_KEY_INPUTS["sources"].items()))})
     assert key.startswith("tf2.21.0-x86_64-") and len(key.rsplit("-", 1)[1]) == 16
     # Boundaries between inputs matter: moving bytes from one source file to the other changes the key.
     moved = {"panel_op.cc": b"// the op\nall:\n", "Makefile": b""}
-    assert _op_build.cache_key(**{**_KEY_INPUTS, "sources": moved}) != key
-    assert "/" not in _op_build.cache_key(**{**_KEY_INPUTS, "tf_version": "2.21.0/../x"})
+    assert _build.cache_key(**{**_KEY_INPUTS, "sources": moved}) != key
+    assert "/" not in _build.cache_key(**{**_KEY_INPUTS, "framework": "tf2.21.0/../x"})
 
 
 def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("KERAS_IMPLICIT_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert _op_build.cache_root() == tmp_path / "xdg" / "keras_implicit" / "op"
+    assert _build.cache_root() == tmp_path / "xdg" / "keras_implicit" / "op"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert _op_build.cache_root() == tmp_path / "home" / ".cache" / "keras_implicit" / "op"
+    assert _build.cache_root() == tmp_path / "home" / ".cache" / "keras_implicit" / "op"
     monkeypatch.setenv("KERAS_IMPLICIT_CACHE", str(tmp_path / "mine"))
-    assert _op_build.cache_root() == tmp_path / "mine"
+    assert _build.cache_root() == tmp_path / "mine"
 
 
 def test_sources_come_from_the_checkout():
     # In a checkout (editable install) the key follows custom_ops/ as it is edited.
-    assert _op_build.source_dir() == ROOT / "custom_ops"
+    assert _build.source_dir(_op.build_recipe().source_files) == ROOT / "custom_ops"
 
 
 # --------------------------------------------------------------------------- #
@@ -198,20 +199,20 @@ def test_first_use_build_is_complete_and_the_variant_rule_applies(first_use_buil
     assert "exit status 0" in (cache / key / "build.log").read_text()
     for result, _ in results:
         libraries = {variant: Path(path) for variant, path in result["libraries"].items()}
-        assert libraries["portable"] == cache / key / _op_build.LIBRARY_NAME
-        auto = _op_build.LIBRARY_AVX2_NAME if _op._cpu_has("avx2", "fma") else _op_build.LIBRARY_NAME
+        assert libraries["portable"] == cache / key / _op.LIBRARY_NAME
+        auto = _op.LIBRARY_AVX2_NAME if _op._cpu_has("avx2", "fma") else _op.LIBRARY_NAME
         assert libraries["auto"] == cache / key / auto
 
 
 def test_this_process_computes_the_same_cache_directory(first_use_build, monkeypatch):
     cache, _ = first_use_build
     monkeypatch.setenv("KERAS_IMPLICIT_CACHE", str(cache))
-    _op_build._plan.cache_clear()
+    _build._plan.cache_clear()
     try:
-        assert _op_build.cache_dir().parent == cache and _op_build.cache_dir().is_dir()
-        assert _op_build.ensure_built() is None  # built already: nothing to do
+        assert _op.build_cache_dir().parent == cache and _op.build_cache_dir().is_dir()
+        assert _build.ensure_built(_op.build_recipe()) is None  # built already: nothing to do
     finally:
-        _op_build._plan.cache_clear()
+        _build._plan.cache_clear()
 
 
 def test_unloadable_package_library_falls_back_to_the_cached_build(first_use_build, tmp_path):
@@ -269,20 +270,145 @@ def test_pure_tf_variable_wins_over_building(tmp_path):
 
 
 # --------------------------------------------------------------------------- #
+# The JAX FFI kernel: the same cache under its own key (keras_implicit/_ffi.py)
+# --------------------------------------------------------------------------- #
+FFI_BUILDING = "building the panel's XLA FFI kernel"
+
+_FFI_CHILD = textwrap.dedent(
+    """
+    import json, logging, os, sys
+    from pathlib import Path
+    logging.basicConfig(level=logging.INFO, format="LOG %(levelname)s %(message)s", stream=sys.stdout)
+    import jax
+    import numpy as np
+    from keras_implicit import _build, _dispatch, _ffi, losses
+    hidden = Path(os.environ["CHILD_HIDDEN"])  # the package's own libraries, as this child sees them
+    _ffi._LIBRARY, _ffi._LIBRARY_AVX2 = hidden / "_panel_ffi.so", hidden / "_panel_ffi_avx2.so"
+    path = _dispatch.active_path()
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(64, 12)) * 3.0).astype(np.float32)
+    labels = rng.integers(0, 12, size=64)
+    values = {}
+    for which in ("keras", "op") if path == "op" else ("keras",):
+        with _dispatch.force_path(which):
+            values[which] = np.asarray(losses.panel_values(
+                labels, logits, [0.0, 0.5, 1.0, 8.0], [0.5, 1.0, 4.0], [0.0, 1.0], True)).tolist()
+    recipe = _ffi.build_recipe(jax)
+    library = _ffi.library_path()
+    print("RESULT " + json.dumps({"path": path, "load_error": _ffi.load_error(), "values": values,
+                                   "library": None if library is None else str(library),
+                                   "cache_dir": str(_build.cache_dir(recipe)), "framework": recipe.framework,
+                                   "sources": list(recipe.source_files)}))
+    """
+)
+
+
+def _ffi_child(cache: Path, hidden: Path, **extra) -> subprocess.Popen:
+    env = _env(cache, hide_package=False, KERAS_BACKEND="jax", CHILD_HIDDEN=str(hidden), **extra)
+    return subprocess.Popen([sys.executable, "-c", _FFI_CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT)
+
+
+def _ffi_results(children: list[subprocess.Popen]) -> list[tuple[dict, list[str]]]:
+    results = []
+    for child in children:
+        stdout, stderr = child.communicate(timeout=900)
+        assert child.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        results.append(_parse(stdout))
+    return results
+
+
+@pytest.fixture(scope="module")
+def ffi_first_use_build(tmp_path_factory):
+    """Two JAX processes start at once on an empty cache, without the package's FFI libraries."""
+    _require_tools(os.environ.get("CXX") or "g++")
+    root = tmp_path_factory.mktemp("ffi_first_use")
+    cache = root / "cache"
+    return cache, _ffi_results([_ffi_child(cache, root / "hidden") for _ in range(2)])
+
+
+def test_ffi_first_use_build_gives_the_kernel_with_the_keras_values(ffi_first_use_build):
+    cache, results = ffi_first_use_build
+    builders = [logs for _, logs in results if any(FFI_BUILDING in line for line in logs)]
+    assert len(builders) == 1, "exactly one of the two processes builds"
+    building = next(line for line in builders[0] if FFI_BUILDING in line)
+    assert building.startswith("LOG INFO") and "jaxlib" in building and str(cache) in building
+    for result, logs in results:
+        assert result["path"] == "op" and result["load_error"] is None
+        assert result["library"].startswith(result["cache_dir"])
+        assert result["framework"].startswith("jaxlib") and Path(result["cache_dir"]).name.startswith("jaxlib")
+        uses = [line for line in logs if USES in line]
+        assert len(uses) == 1 and "XLA FFI" in uses[0] and str(cache) in uses[0]
+        assert not [line for line in logs if line.startswith("LOG WARNING")]
+        np.testing.assert_allclose(result["values"]["op"], result["values"]["keras"], rtol=2e-5, atol=1e-30)
+
+
+def test_ffi_first_use_build_is_complete_and_separate_from_the_op(ffi_first_use_build):
+    cache, results = ffi_first_use_build
+    (key,) = [path.name for path in cache.iterdir() if path.is_dir()]
+    assert sorted(path.name for path in cache.iterdir()) == [key, f"{key}.lock"]
+    expected = {"_panel_ffi.so", "_panel_ffi_avx2.so"} if platform.machine() == "x86_64" else {"_panel_ffi.so"}
+    assert {path.name for path in (cache / key).glob("*.so")} == expected
+    assert "exit status 0" in (cache / key / "build.log").read_text()
+    assert results[0][0]["sources"] == ["panel_ffi.cc", "panel_ffi_shapes.h", "panel_math.h", "Makefile"]
+    auto = "_panel_ffi_avx2.so" if _op._cpu_has("avx2", "fma") else "_panel_ffi.so"
+    assert {result["library"] for result, _ in results} == {str(cache / key / auto)}
+
+
+def test_ffi_unloadable_package_library_falls_back_to_the_cached_build(ffi_first_use_build, tmp_path):
+    cache, _ = ffi_first_use_build
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for name in ("_panel_ffi.so", "_panel_ffi_avx2.so"):
+        (hidden / name).write_bytes(b"\x7fELF not a shared library")
+    ((result, logs),) = _ffi_results([_ffi_child(cache, hidden)])
+    assert result["path"] == "op" and str(cache) in result["library"]
+    assert not [line for line in logs if FFI_BUILDING in line], "the cached build is reused"
+    np.testing.assert_allclose(result["values"]["op"], result["values"]["keras"], rtol=2e-5, atol=1e-30)
+
+
+def test_ffi_failing_compiler_gives_the_keras_path_with_one_warning(tmp_path):
+    _require_tools("false")
+    cache = tmp_path / "cache"
+    first = []
+    for _ in range(2):  # the second process does not build again: the failure is remembered
+        ((result, logs),) = _ffi_results([_ffi_child(cache, tmp_path / "hidden", CXX="false")])
+        assert result["path"] == "keras" and "op" not in result["values"] and result["library"] is None
+        assert "is not built" in result["load_error"] and "building it on first use failed" in result["load_error"]
+        warnings = [line for line in logs if line.startswith("LOG WARNING")]
+        assert len(warnings) == 1 and "keras.ops path" in warnings[0] and ".failed.log" in warnings[0]
+        first.append(sum(FFI_BUILDING in line for line in logs))
+    assert first == [1, 0]
+    (failure,) = cache.glob("jaxlib*.failed.log")
+    assert "false " in failure.read_text() and "exit status 2" in failure.read_text()
+
+
+def test_ffi_no_build_variable_disables_building(tmp_path):
+    cache = tmp_path / "cache"
+    ((result, logs),) = _ffi_results([_ffi_child(cache, tmp_path / "hidden", KERAS_IMPLICIT_NO_BUILD="1")])
+    assert result["path"] == "keras" and "KERAS_IMPLICIT_NO_BUILD=1" in result["load_error"]
+    assert not cache.exists() and not [line for line in logs if line.startswith("LOG WARNING")]
+
+
+# --------------------------------------------------------------------------- #
 # One `pip install` into a fresh virtualenv (downloads TensorFlow: minutes)
 # --------------------------------------------------------------------------- #
 _PROBE = textwrap.dedent(
     """
     import json, logging, sys, time
     logging.basicConfig(level=logging.INFO, format="LOG %(levelname)s %(message)s", stream=sys.stdout)
-    import keras_implicit
+    import keras, keras_implicit
     from pathlib import Path
-    from keras_implicit import _dispatch, _op
+    from keras_implicit import _dispatch
+    if keras.backend.backend() == "jax":
+        from keras_implicit import _ffi as seam
+    else:
+        from keras_implicit import _op as seam
     package = Path(keras_implicit.__file__).parent
     started = time.monotonic()
     path = _dispatch.active_path()
     print("RESULT " + json.dumps({
-        "path": path, "library": str(_op.library_path()), "load_error": _op.load_error(),
+        "path": path, "library": str(seam.library_path()), "load_error": seam.load_error(),
         "seconds": time.monotonic() - started, "package": str(package),
         "packaged_libraries": sorted(p.name for p in package.glob("*.so")),
         "shipped_sources": sorted(p.name for p in (package / "_custom_ops").glob("*")),
@@ -294,7 +420,8 @@ _PROBE = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.parametrize("editable", [False, True], ids=["regular", "editable"])
 def test_one_pip_install_in_a_fresh_virtualenv_gives_the_op(tmp_path, editable):
-    """`python -m venv` without TensorFlow, one `pip install '<clone>[dev]'`, then the op is active."""
+    """`python -m venv` without TensorFlow, one `pip install '<clone>[dev]'`, then the op is active, and the
+    FFI kernel on JAX."""
     _require_tools()
     clone = tmp_path / "clone"
     unbuilt = shutil.ignore_patterns(
@@ -321,7 +448,20 @@ def test_one_pip_install_in_a_fresh_virtualenv_gives_the_op(tmp_path, editable):
     if editable:
         assert Path(result["package"]) == clone / "keras_implicit"
     else:
-        assert result["shipped_sources"] == ["Makefile", "panel_math.h", "panel_op.cc", "panel_op_inputs.h"]
-    if not result["packaged_libraries"]:  # the install could not build the op: it was built on first use
+        assert result["shipped_sources"] == ["Makefile", "panel_ffi.cc", "panel_ffi_shapes.h", "panel_math.h",
+                                             "panel_op.cc", "panel_op_inputs.h"]
+    if not [name for name in result["packaged_libraries"] if name.startswith("_panel_op")]:
+        # the install could not build the op: it was built on first use
         assert result["library"].startswith(str(tmp_path / "cache"))
         assert sum(BUILDING in line for line in logs) == 1
+
+    # The same install on JAX: the FFI kernel, from the install or built on first use.
+    probe = subprocess.run([python, "-c", _PROBE], env={**env, "KERAS_BACKEND": "jax"}, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=900)
+    assert probe.returncode == 0, probe.stdout[-3000:] + probe.stderr[-3000:]
+    result, logs = _parse(probe.stdout)
+    print(json.dumps(result, indent=1), *logs, sep="\n")
+    assert result["path"] == "op", result["load_error"]
+    if not [name for name in result["packaged_libraries"] if name.startswith("_panel_ffi")]:
+        assert result["library"].startswith(str(tmp_path / "cache"))
+        assert sum(FFI_BUILDING in line for line in logs) == 1
