@@ -15,11 +15,11 @@ The path is chosen, in this order, by:
    sees its own setting and blocks nest);
 3. the environment: ``KERAS_IMPLICIT_PANEL_PATH=auto|op|keras`` (``KERAS_IMPLICIT_PURE_TF=1``, the older
    name, means ``keras``);
-4. otherwise ``"auto"``: the fused kernel where it loads (the TF op on TensorFlow, the FFI kernel on JAX),
-   else ``"keras"``. On JAX's CPU the FFI kernel computes the panel 2-3x faster than XLA's fusion of the
-   ``keras.ops`` path forward and 3-4.5x with the gradient (``benchmarks/ffi.py``, BUILD_NOTES.md "The JAX
-   binding: XLA FFI (CPU)"); where it cannot load (not built, or JAX computes on another platform) ``"auto"``
-   takes the ``keras.ops`` path.
+4. otherwise ``"auto"``: the fused kernel where it loads (the TF op on TensorFlow, the FFI kernel's AVX2 build
+   on JAX), else ``"keras"``. On JAX's CPU that build computes the panel 1.9-3.6x faster than XLA's fusion of
+   the ``keras.ops`` path forward and 3.4-4.8x with the gradient (``benchmarks/ffi.py``, BUILD_NOTES.md "The
+   JAX binding: XLA FFI (CPU)"); where it cannot load (not built, only the portable build, which is slower
+   than XLA's fusion, or JAX computes on a GPU) ``"auto"`` takes the ``keras.ops`` path.
 
 Asking for ``"op"`` where it cannot run raises RuntimeError (with the reason), except inside an XLA
 compilation, where the op has no kernel and the ``keras.ops`` path is taken. :func:`active_path` says which
@@ -119,8 +119,8 @@ def panel_kernel(path: Optional[str] = None) -> Optional[Callable]:
     if backend == "jax":
         from keras_implicit import _ffi  # the JAX seam: imported on the JAX backend only
 
-        # auto: the FFI kernel where it loads (faster than XLA's fusion of the keras.ops path on the CPU, forward
-        # and with the gradient: BUILD_NOTES.md, "The JAX binding: XLA FFI (CPU)"), else the keras.ops path.
+        # auto: the FFI kernel's AVX2 build where it loads (faster than XLA's fusion of the keras.ops path on the
+        # CPU, forward and with the gradient: BUILD_NOTES.md, "The JAX binding: XLA FFI (CPU)"), else keras.ops.
         return _ffi.panel_ffi(required=wanted == "op", source=source)
     if backend != "tensorflow":
         if wanted == "op":

@@ -20,8 +20,10 @@ the portable one is tried. Loading registers four targets for the ``"cpu"`` plat
 (``jax.ffi.register_ffi_target``): ``KerasImplicitPanel{F32,F64}`` (values) and
 ``KerasImplicitPanelGrad{F32,F64}`` (d logits, d feature_norm). The row mathematics is
 ``custom_ops/panel_math.h``, shared with the TensorFlow op. Both builds split the rows over XLA's CPU thread
-pool, with the same bits whatever the threads. On the CPU, ``"auto"`` takes the kernel wherever it loads: it is
-1.9-4.8x faster than XLA's fusion of the keras.ops path (BUILD_NOTES.md).
+pool, with the same bits whatever the threads. On the CPU, ``"auto"`` takes the AVX2 build wherever it loads: it
+is 2.1-4.8x faster than XLA's fusion of the keras.ops path; the portable build (scalar ``erfc``/``exp``) is 2-4x
+slower than that fusion, so ``"auto"`` keeps the keras.ops path where only it loads (an aarch64 machine, a CPU
+without AVX2, ``KERAS_IMPLICIT_OP_VARIANT=portable``) and ``"op"`` takes it (BUILD_NOTES.md).
 
 The call:
 
@@ -374,8 +376,9 @@ def panel_ffi(required: bool = False, source: str = "default"):
         source: who asked (for the messages), e.g. ``"force_path"``.
 
     Returns:
-        :func:`fused_panel` where the library loads, else None (take the ``keras.ops`` path). On a CUDA GPU,
-        only where ``required``: the CUDA handlers are opt-in until they have been checked on a GPU.
+        :func:`fused_panel` where the library loads, else None (take the ``keras.ops`` path). Only where
+        ``required``: on a CUDA GPU (the CUDA handlers are opt-in until they have been checked on a GPU), and
+        where the CPU build loaded is the portable one (slower than XLA's fusion).
 
     Raises:
         RuntimeError: ``required`` and the kernel cannot run (the reason is in the message).
@@ -389,6 +392,11 @@ def panel_ffi(required: bool = False, source: str = "default"):
         return None
     if _State.platform == "cuda" and not required:
         _log_once("the keras.ops path", f"the CUDA kernel {_State.library} is opt-in (force_path('op'))")
+        return None
+    if _State.library.name == _LIBRARY.name and not required:
+        # Scalar erfc/exp: 0.2-0.3x XLA's vectorized fusion forward, 0.4-0.6x with the gradient (BUILD_NOTES.md).
+        _log_once("the keras.ops path", f"the FFI kernel's portable build {_State.library} is slower than XLA's "
+                  "fusion; force_path('op') takes it")
         return None
     _log_once("the fused C++ kernel through XLA FFI", str(_State.library))
     return fused_panel

@@ -3,7 +3,7 @@
 Checked against the float64 NumPy references and the keras.ops path (rtol 2e-5 in float32, 1e-11 in float64),
 gradients against finite differences and the keras.ops path's, the 8-row blocks against single rows, the same
 bits whatever the threads, under jax.jit and jax.vmap, bad inputs refused by the kernel with the argument's name,
-and the path choice (auto takes the kernel where it loads; op / keras, force_path).
+and the path choice (auto takes the kernel's AVX2 build where it loads; op / keras, force_path).
 
 The comparisons with the keras.ops path cost most of this file's time (each shape and panel compiles its XLA
 program), so they are spread rather than crossed: float32 values at a few and many classes, the parameter grids
@@ -454,8 +454,17 @@ def test_panel_values_under_jit_refuses_a_bad_label_on_the_kernel(fused):
 # --------------------------------------------------------------------------- #
 # The path choice
 # --------------------------------------------------------------------------- #
-def test_paths_auto_op_and_keras(fused, monkeypatch):
-    # On JAX's CPU, auto takes the FFI kernel where it loads (faster than XLA's fusion: BUILD_NOTES.md), as op does.
+@pytest.fixture
+def auto_takes_kernel(fused):
+    """Skips where this process loaded the portable build, which auto does not take (see
+    test_portable_build_matches_the_loaded_build)."""
+    fused([0], np.zeros((1, 2), np.float32), None, [1.0], [], [], False)  # loads this process's build
+    if _ffi.library_path().name == _ffi._LIBRARY.name:
+        pytest.skip("only the portable build loads here: auto keeps the keras.ops path")
+
+
+def test_paths_auto_op_and_keras(auto_takes_kernel, monkeypatch):
+    # On JAX's CPU, auto takes the FFI kernel's AVX2 build (faster than XLA's fusion: BUILD_NOTES.md), as op does.
     monkeypatch.delenv("KERAS_IMPLICIT_PANEL_PATH", raising=False)
     assert _dispatch.active_path() == "op"
     assert _dispatch.panel_kernel() is _ffi.fused_panel
@@ -474,7 +483,7 @@ def test_paths_auto_op_and_keras(fused, monkeypatch):
         assert _dispatch.active_path() == "op"  # the inner block wins
 
 
-def test_auto_panel_values_take_the_kernel(fused, monkeypatch):
+def test_auto_panel_values_take_the_kernel(fused, auto_takes_kernel, monkeypatch):
     """panel_values with no path asked for computes on the FFI kernel: under jax.jit it refuses a bad label itself
     (the keras.ops path could only give a NaN row)."""
     monkeypatch.delenv("KERAS_IMPLICIT_PANEL_PATH", raising=False)
@@ -487,7 +496,7 @@ def test_auto_panel_values_take_the_kernel(fused, monkeypatch):
 
 
 @pytest.mark.parametrize("value, expected", [("keras", "keras"), ("op", "op"), ("auto", "op")])
-def test_environment_variable_selects_the_path(fused, monkeypatch, value, expected):
+def test_environment_variable_selects_the_path(auto_takes_kernel, monkeypatch, value, expected):
     monkeypatch.setenv("KERAS_IMPLICIT_PANEL_PATH", value)
     assert _dispatch.active_path() == expected
     with _dispatch.force_path("keras"):
@@ -525,20 +534,23 @@ def test_missing_library_auto_takes_keras_and_op_raises(monkeypatch, tmp_path):
 _VARIANT_SCRIPT = """
 import json, sys
 import numpy as np, jax, jax.numpy as jnp
-from keras_implicit import _ffi
+from keras_implicit import _dispatch, _ffi
 logits = np.asarray(json.loads(sys.argv[1]), np.float32)
 labels = np.asarray(json.loads(sys.argv[2]), np.int32)
 panel = lambda s: _ffi.fused_panel(labels, s, 1.3, {sigmas}, {temperatures}, {margins}, True)
 values = np.asarray(panel(logits))
 grad = np.asarray(jax.grad(lambda s: jnp.sum(panel(s)))(logits))
-print("RESULT " + json.dumps({{"library": str(_ffi.library_path()), "values": values.tolist(), "grad": grad.tolist()}}))
+paths = {{"auto": _dispatch.active_path(), "op": _dispatch.active_path("op")}}
+print("RESULT " + json.dumps({{"library": str(_ffi.library_path()), "values": values.tolist(), "grad": grad.tolist(),
+                              "paths": paths}}))
 """
 
 
 @pytest.mark.parametrize("classes", [3, 100])
 def test_portable_build_matches_the_loaded_build(fused, classes):
     """KERAS_IMPLICIT_OP_VARIANT=portable loads _panel_ffi.so (scalar erfc/exp) in a child process; its values
-    and gradients equal this process's build (the AVX2 one where it is built: libmvec's erfc/exp)."""
+    and gradients equal this process's build (the AVX2 one where it is built: libmvec's erfc/exp). Slower than
+    XLA's fusion, it is taken by "op" only: "auto" keeps the keras.ops path."""
     import json
     import subprocess
     import sys
@@ -557,6 +569,7 @@ def test_portable_build_matches_the_loaded_build(fused, classes):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["library"] == str(portable)
+    assert result["paths"] == {"auto": "keras", "op": "op"}
 
     def panel(s):
         return fused(labels, s, 1.3, SIGMAS, TEMPERATURES, MARGINS, True)
