@@ -58,6 +58,16 @@ def fused():
     return kernel_or_skip(_kernel_unavailable(), _ffi.fused_panel)
 
 
+@pytest.fixture
+def cpu_kernel(fused):
+    """The kernel on JAX's CPU (the CPU builds, XLA's CPU thread pool); skips where JAX computes on a GPU, whose
+    process runs the CUDA handlers (benchmarks/gpu/kernel.sh runs this file there)."""
+    fused([0], np.zeros((1, 2), np.float32), None, [1.0], [], [], False)  # loads this process's build
+    if _ffi._State.platform != "cpu":
+        pytest.skip(f"a CPU build's test: JAX computes on {jax.default_backend()} here")
+    return fused
+
+
 def _both_paths(labels, logits, feature_norm=None, sigmas=SIGMAS, temperatures=TEMPERATURES, margins=MARGINS,
                 error=True, compiled=True):
     """(keras.ops path, FFI kernel) values of panel_values, as NumPy arrays; under jax.jit (one XLA program per path:
@@ -455,12 +465,22 @@ def test_panel_values_under_jit_refuses_a_bad_label_on_the_kernel(fused):
 # The path choice
 # --------------------------------------------------------------------------- #
 @pytest.fixture
-def auto_takes_kernel(fused):
+def auto_takes_kernel(cpu_kernel):
     """Skips where this process loaded the portable build, which auto does not take (see
-    test_portable_build_matches_the_loaded_build)."""
-    fused([0], np.zeros((1, 2), np.float32), None, [1.0], [], [], False)  # loads this process's build
+    test_portable_build_matches_the_loaded_build), and on a GPU (test_auto_keeps_the_keras_path_on_a_gpu)."""
     if _ffi.library_path().name == _ffi._LIBRARY.name:
         pytest.skip("only the portable build loads here: auto keeps the keras.ops path")
+
+
+def test_auto_keeps_the_keras_path_on_a_gpu(fused, monkeypatch):
+    """On a CUDA GPU the kernel is opt-in: auto takes the keras.ops path, op the CUDA handlers."""
+    fused([0], np.zeros((1, 2), np.float32), None, [1.0], [], [], False)
+    if _ffi._State.platform != "cuda":
+        pytest.skip(f"JAX computes on {jax.default_backend()} here, not on a CUDA GPU")
+    monkeypatch.delenv("KERAS_IMPLICIT_PANEL_PATH", raising=False)
+    assert _dispatch.panel_kernel("auto") is None and _dispatch.active_path() == "keras"
+    assert _dispatch.panel_kernel("op") is _ffi.fused_panel and _dispatch.active_path("op") == "op"
+    assert _ffi.library_path().name == "_panel_ffi_cuda.so"
 
 
 def test_paths_auto_op_and_keras(auto_takes_kernel, monkeypatch):
@@ -506,9 +526,11 @@ def test_environment_variable_selects_the_path(auto_takes_kernel, monkeypatch, v
 def test_missing_library_auto_takes_keras_and_op_raises(monkeypatch, tmp_path):
     """Without the library (and no first-use build: tests/test_build.py tests that) "op" raises with the reason;
     auto takes the keras.ops path (same values)."""
-    missing = tmp_path / "_panel_ffi.so"
-    monkeypatch.setattr(_ffi, "_LIBRARY", missing)
+    on_gpu = jax.default_backend() == "gpu"
+    missing = tmp_path / ("_panel_ffi_cuda.so" if on_gpu else "_panel_ffi.so")
+    monkeypatch.setattr(_ffi, "_LIBRARY", tmp_path / "_panel_ffi.so")
     monkeypatch.setattr(_ffi, "_LIBRARY_AVX2", tmp_path / "_panel_ffi_avx2.so")
+    monkeypatch.setattr(_ffi, "_LIBRARY_CUDA", tmp_path / "_panel_ffi_cuda.so")
     monkeypatch.delenv("KERAS_IMPLICIT_OP_VARIANT", raising=False)
     monkeypatch.setenv("KERAS_IMPLICIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("KERAS_IMPLICIT_NO_BUILD", "1")
@@ -522,7 +544,8 @@ def test_missing_library_auto_takes_keras_and_op_raises(monkeypatch, tmp_path):
         with _dispatch.force_path("op"):
             _dispatch.panel_kernel()
     assert str(missing) in _ffi.load_error() and "is not built" in _ffi.load_error()
-    assert "KERAS_IMPLICIT_NO_BUILD=1" in _ffi.load_error()
+    if not on_gpu:  # a GPU process never builds the CPU handlers
+        assert "KERAS_IMPLICIT_NO_BUILD=1" in _ffi.load_error()
     with pytest.raises(RuntimeError, match="is not built"):
         losses.panel_values([0], [[1.0, 0.0]], [1.0], path="op")
     values = np.asarray(losses.panel_values([0, 1], [[1.0, 0.0], [0.0, 2.0]], [1.0], [1.0], [1.0], True))
@@ -547,7 +570,7 @@ print("RESULT " + json.dumps({{"library": str(_ffi.library_path()), "values": va
 
 
 @pytest.mark.parametrize("classes", [3, 100])
-def test_portable_build_matches_the_loaded_build(fused, classes):
+def test_portable_build_matches_the_loaded_build(cpu_kernel, classes):
     """KERAS_IMPLICIT_OP_VARIANT=portable loads _panel_ffi.so (scalar erfc/exp) in a child process; its values
     and gradients equal this process's build (the AVX2 one where it is built: libmvec's erfc/exp). Slower than
     XLA's fusion, it is taken by "op" only: "auto" keeps the keras.ops path."""
@@ -555,7 +578,7 @@ def test_portable_build_matches_the_loaded_build(fused, classes):
     import subprocess
     import sys
 
-    fused([0], np.zeros((1, 2), np.float32), None, [1.0], [], [], False)  # loads this process's build
+    fused = cpu_kernel
     portable = _ffi._LIBRARY
     if not portable.exists():
         pytest.skip(f"{portable} is not built")
@@ -613,7 +636,7 @@ np.savez(sys.argv[1], **threads_problem(_ffi.fused_panel, *eval(sys.argv[3])))
 """
 
 
-def test_ffi_gives_the_same_bits_whatever_the_threads(fused, tmp_path):
+def test_ffi_gives_the_same_bits_whatever_the_threads(cpu_kernel, tmp_path):
     """The kernel splits the rows over XLA's CPU thread pool; a child process on one CPU (a pool of one thread)
     gets the same bits, forward, reduce and gradient."""
     import subprocess
@@ -624,7 +647,7 @@ def test_ffi_gives_the_same_bits_whatever_the_threads(fused, tmp_path):
     namespace = {}
     exec(_THREADS_CODE, namespace)
     arguments = (SIGMAS, TEMPERATURES, MARGINS, COLUMNS)
-    here = namespace["threads_problem"](fused, *arguments)
+    here = namespace["threads_problem"](cpu_kernel, *arguments)
     output = tmp_path / "one_thread.npz"
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_ENABLE_X64": "0"}
     done = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT.format(), str(output), _THREADS_CODE,
