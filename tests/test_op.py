@@ -416,6 +416,7 @@ def test_xla_takes_the_tensorflow_path_even_when_the_op_is_forced():
     assert not _op.in_xla_context()
 
 
+@pytest.mark.variant_independent
 def test_keras_jit_compile_trains_with_the_panel():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(512, 12)).astype(np.float32)
@@ -485,6 +486,7 @@ def _child(env_extra, setup=""):
     return result, logs
 
 
+@pytest.mark.variant_independent
 @pytest.mark.parametrize("variable,value", [("KERAS_IMPLICIT_PANEL_PATH", "keras"), ("KERAS_IMPLICIT_PURE_TF", "1")])
 def test_environment_variable_selects_the_keras_path(variable, value, fused):
     result, logs = _child({variable: value})
@@ -493,6 +495,7 @@ def test_environment_variable_selects_the_keras_path(variable, value, fused):
     assert "keras.ops path" in logs[0] and f"{variable}={value}" in logs[0]
 
 
+@pytest.mark.variant_independent
 def test_missing_library_falls_back_with_one_log_line(tmp_path):
     result, logs = _child({}, setup=str(tmp_path / "missing_panel_op.so"))
     assert result["path"] == "keras"
@@ -503,6 +506,7 @@ def test_missing_library_falls_back_with_one_log_line(tmp_path):
     np.testing.assert_allclose(result["values"][0][0][0], stats.norm.cdf(-2 / np.sqrt(2)), rtol=1e-6)
 
 
+@pytest.mark.variant_independent
 def test_library_that_does_not_load_falls_back_with_a_warning(tmp_path):
     broken = tmp_path / "_panel_op.so"
     broken.write_bytes(b"\x7fELF not a library built for this TensorFlow")
@@ -514,6 +518,7 @@ def test_library_that_does_not_load_falls_back_with_a_warning(tmp_path):
     assert result["values"][0] == result["values"][2]
 
 
+@pytest.mark.variant_independent
 def test_built_library_is_used_with_one_log_line(fused):
     result, logs = _child({})
     assert result["path"] == "op" and result["forced_error"] is None
@@ -631,6 +636,7 @@ def _variant_result(variant, here):
     return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
+@pytest.mark.variant_independent
 def test_portable_variant_loads_the_portable_build_and_matches_avx2(fused):
     if not _op._LIBRARY.exists():
         pytest.fail(f"{_op._LIBRARY} is not built (make -C custom_ops)")
@@ -652,6 +658,7 @@ def test_portable_variant_loads_the_portable_build_and_matches_avx2(fused):
                                        err_msg=f"{part} {key}")
 
 
+@pytest.mark.variant_independent
 def test_unknown_variant_fails_every_panel_instead_of_falling_back():
     child = textwrap.dedent(
         """
