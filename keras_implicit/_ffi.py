@@ -21,7 +21,7 @@ the portable one is tried. Loading registers four targets for the ``"cpu"`` plat
 ``KerasImplicitPanelGrad{F32,F64}`` (d logits, d feature_norm). The row mathematics is
 ``custom_ops/panel_math.h``, shared with the TensorFlow op. Both builds split the rows over XLA's CPU thread
 pool, with the same bits whatever the threads. On the CPU, ``"auto"`` takes the AVX2 build wherever it loads: it
-is 2.1-4.8x faster than XLA's fusion of the keras.ops path; the portable build (scalar ``erfc``/``exp``) is 2-4x
+is 1.9-4.8x faster than XLA's fusion of the keras.ops path; the portable build (scalar ``erfc``/``exp``) is 2-4x
 slower than that fusion, so ``"auto"`` keeps the keras.ops path where only it loads (an aarch64 machine, a CPU
 without AVX2, ``KERAS_IMPLICIT_OP_VARIANT=portable``) and ``"op"`` takes it (BUILD_NOTES.md).
 
