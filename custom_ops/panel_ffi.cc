@@ -382,13 +382,6 @@ ffi::Error PanelGradient(ffi::ThreadPool pool, ffi::Buffer<dtype> grad, ffi::Buf
 }  // namespace
 }  // namespace keras_implicit
 
-#define KERAS_IMPLICIT_PANEL_ATTRIBUTES(binding)           \
-  binding.Attr<ffi::Span<const double>>("sigmas")         \
-      .Attr<ffi::Span<const double>>("temperatures")      \
-      .Attr<ffi::Span<const double>>("margins")           \
-      .Attr<bool>("error")                                \
-      .Attr<bool>("reduce")
-
 #define KERAS_IMPLICIT_DEFINE_PANEL_HANDLERS(suffix, dtype)                                                    \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(KerasImplicitPanel##suffix, keras_implicit::PanelForward<dtype>,              \
                                 KERAS_IMPLICIT_PANEL_ATTRIBUTES(ffi::Ffi::Bind()                              \

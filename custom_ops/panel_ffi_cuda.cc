@@ -54,12 +54,19 @@ std::string ReadProblem(const ffi::Buffer<dtype>& logits, const ffi::Buffer<ffi:
   return std::string();
 }
 
+// Scratch (device memory from XLA's allocator, for the call) for `count` values of type V.
+template <typename V>
+ffi::ErrorOr<V*> ScratchArray(ffi::ScratchAllocator& scratch, Index count) {
+  auto memory = scratch.Allocate(sizeof(V) * static_cast<size_t>(count), alignof(V));
+  if (!memory.has_value()) return ffi::Unexpected(ffi::Error::Internal("could not allocate scratch memory"));
+  return static_cast<V*>(*memory);
+}
+
 // Scratch for the bad-row words, set to kNone.
 ffi::ErrorOr<BadInput*> NewBadInput(ffi::ScratchAllocator& scratch, cudaStream_t stream) {
-  auto memory = scratch.Allocate(sizeof(BadInput), alignof(BadInput));
-  if (!memory.has_value()) return ffi::Unexpected(ffi::Error::Internal("could not allocate scratch memory"));
-  BadInput* bad = static_cast<BadInput*>(*memory);
-  const cudaError_t status = cudaMemsetAsync(bad, 0xff, sizeof(BadInput), stream);
+  auto bad = ScratchArray<BadInput>(scratch, 1);
+  if (bad.has_error()) return bad;
+  const cudaError_t status = cudaMemsetAsync(*bad, 0xff, sizeof(BadInput), stream);
   if (status != cudaSuccess) return ffi::Unexpected(CudaError(status, "cudaMemsetAsync"));
   return bad;
 }
@@ -91,9 +98,9 @@ ffi::Error PanelForward(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi:
   if (bad.has_error()) return bad.error();
   T* per_sample = values->typed_data();
   if (reduce) {
-    auto memory = scratch.Allocate(sizeof(T) * static_cast<size_t>(problem.batch * columns), alignof(T));
-    if (!memory.has_value()) return ffi::Error::Internal("could not allocate scratch memory");
-    per_sample = static_cast<T*>(*memory);
+    auto memory = ScratchArray<T>(scratch, problem.batch * columns);
+    if (memory.has_error()) return memory.error();
+    per_sample = *memory;
   }
   cudaError_t status = cuda::LaunchForward(problem, panel, per_sample, *bad, stream);
   if (status != cudaSuccess) return CudaError(status, "launching the panel kernel");
@@ -123,9 +130,9 @@ ffi::Error PanelGradient(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi
   if (bad.has_error()) return bad.error();
   T* row_dnorm = grad_norm->typed_data();
   if (!problem.norm_per_sample) {
-    auto memory = scratch.Allocate(sizeof(T) * static_cast<size_t>(problem.batch), alignof(T));
-    if (!memory.has_value()) return ffi::Error::Internal("could not allocate scratch memory");
-    row_dnorm = static_cast<T*>(*memory);
+    auto memory = ScratchArray<T>(scratch, problem.batch);
+    if (memory.has_error()) return memory.error();
+    row_dnorm = *memory;
   }
   cudaError_t status = cuda::LaunchGradient(problem, panel, grad.typed_data(), reduce, grad_logits->typed_data(),
                                             row_dnorm, *bad, stream);
@@ -144,13 +151,6 @@ ffi::Error PanelGradient(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi
 
 }  // namespace
 }  // namespace keras_implicit
-
-#define KERAS_IMPLICIT_PANEL_ATTRIBUTES(binding)           \
-  binding.Attr<ffi::Span<const double>>("sigmas")         \
-      .Attr<ffi::Span<const double>>("temperatures")      \
-      .Attr<ffi::Span<const double>>("margins")           \
-      .Attr<bool>("error")                                \
-      .Attr<bool>("reduce")
 
 #define KERAS_IMPLICIT_DEFINE_PANEL_HANDLERS(suffix, dtype)                                                    \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                                               \

@@ -1,5 +1,6 @@
-// The shape checks of the XLA FFI handlers, shared by the CPU binding (custom_ops/panel_ffi.cc) and the CUDA one
-// (custom_ops/panel_ffi_cuda.cc): the same messages wherever the panel runs. Needs jaxlib's FFI headers.
+// The shape checks and the attribute binding of the XLA FFI handlers, shared by the CPU binding
+// (custom_ops/panel_ffi.cc) and the CUDA one (custom_ops/panel_ffi_cuda.cc): the same messages and attributes
+// wherever the panel runs. Needs jaxlib's FFI headers.
 #ifndef KERAS_IMPLICIT_PANEL_FFI_SHAPES_H_
 #define KERAS_IMPLICIT_PANEL_FFI_SHAPES_H_
 
@@ -74,5 +75,14 @@ std::string CheckUpstream(const ffi::Buffer<dtype>& grad, Index batch, Index col
 
 }  // namespace ffi_shapes
 }  // namespace keras_implicit
+
+// The panel's static attributes (the parameters, `error` and `reduce`), bound in this order by every handler of
+// both bindings, after their contexts and buffers: `KERAS_IMPLICIT_PANEL_ATTRIBUTES(ffi::Ffi::Bind()...)`.
+#define KERAS_IMPLICIT_PANEL_ATTRIBUTES(binding)               \
+  binding.Attr<::xla::ffi::Span<const double>>("sigmas")      \
+      .Attr<::xla::ffi::Span<const double>>("temperatures")   \
+      .Attr<::xla::ffi::Span<const double>>("margins")        \
+      .Attr<bool>("error")                                    \
+      .Attr<bool>("reduce")
 
 #endif  // KERAS_IMPLICIT_PANEL_FFI_SHAPES_H_
