@@ -83,6 +83,23 @@ def _child(env: dict) -> tuple[dict, list[str]]:
     return _parse(done.stdout)
 
 
+def _results(children: list[subprocess.Popen]) -> list[tuple[dict, list[str]]]:
+    """Waits for child processes started together (they race for one build); their results and log lines."""
+    results = []
+    for child in children:
+        stdout, stderr = child.communicate(timeout=900)
+        assert child.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        results.append(_parse(stdout))
+    return results
+
+
+def _the_one_build(results: list[tuple[dict, list[str]]], marker: str) -> str:
+    """The log line (containing ``marker``) of the one process of ``results`` that built."""
+    builders = [logs for _, logs in results if any(marker in line for line in logs)]
+    assert len(builders) == 1, "exactly one of the two processes builds"
+    return next(line for line in builders[0] if marker in line)
+
+
 def _require_tools(compiler: str = "g++") -> None:
     """Skips without make or the compiler (fails under KERAS_IMPLICIT_REQUIRE_OP=1, as CI sets)."""
     missing = [tool for tool in ("make", compiler) if shutil.which(tool) is None]
@@ -170,17 +187,12 @@ def first_use_build(tmp_path_factory):
                          env=env, cwd=ROOT)
         for _ in range(2)
     ]
-    outputs = [child.communicate(timeout=900) for child in children]
-    for child, (stdout, stderr) in zip(children, outputs):
-        assert child.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    return cache, [_parse(stdout) for stdout, _ in outputs]
+    return cache, _results(children)
 
 
 def test_first_use_build_gives_the_op_with_the_pure_path_values(first_use_build):
     cache, results = first_use_build
-    builders = [logs for _, logs in results if any(BUILDING in line for line in logs)]
-    assert len(builders) == 1, "exactly one of the two processes builds"
-    building = next(line for line in builders[0] if BUILDING in line)
+    building = _the_one_build(results, BUILDING)
     assert building.startswith("LOG INFO") and "TensorFlow" in building and str(cache) in building
     for result, logs in results:
         assert result["path"] == "op" and result["load_error"] is None
@@ -314,29 +326,18 @@ def _ffi_child(cache: Path, hidden: Path, **extra) -> subprocess.Popen:
                             text=True, env=env, cwd=ROOT)
 
 
-def _ffi_results(children: list[subprocess.Popen]) -> list[tuple[dict, list[str]]]:
-    results = []
-    for child in children:
-        stdout, stderr = child.communicate(timeout=900)
-        assert child.returncode == 0, stdout[-3000:] + stderr[-3000:]
-        results.append(_parse(stdout))
-    return results
-
-
 @pytest.fixture(scope="module")
 def ffi_first_use_build(tmp_path_factory):
     """Two JAX processes start at once on an empty cache, without the package's FFI libraries."""
     _require_tools(os.environ.get("CXX") or "g++")
     root = tmp_path_factory.mktemp("ffi_first_use")
     cache = root / "cache"
-    return cache, _ffi_results([_ffi_child(cache, root / "hidden") for _ in range(2)])
+    return cache, _results([_ffi_child(cache, root / "hidden") for _ in range(2)])
 
 
 def test_ffi_first_use_build_gives_the_kernel_with_the_keras_values(ffi_first_use_build):
     cache, results = ffi_first_use_build
-    builders = [logs for _, logs in results if any(FFI_BUILDING in line for line in logs)]
-    assert len(builders) == 1, "exactly one of the two processes builds"
-    building = next(line for line in builders[0] if FFI_BUILDING in line)
+    building = _the_one_build(results, FFI_BUILDING)
     assert building.startswith("LOG INFO") and "jaxlib" in building and str(cache) in building
     for result, logs in results:
         assert result["path"] == FFI_AUTO and result["load_error"] is None
@@ -367,7 +368,7 @@ def test_ffi_unloadable_package_library_falls_back_to_the_cached_build(ffi_first
     hidden.mkdir()
     for name in ("_panel_ffi.so", "_panel_ffi_avx2.so"):
         (hidden / name).write_bytes(b"\x7fELF not a shared library")
-    ((result, logs),) = _ffi_results([_ffi_child(cache, hidden)])
+    ((result, logs),) = _results([_ffi_child(cache, hidden)])
     assert result["path"] == FFI_AUTO and str(cache) in result["library"]
     assert not [line for line in logs if FFI_BUILDING in line], "the cached build is reused"
     np.testing.assert_allclose(result["values"]["op"], result["values"]["keras"], rtol=2e-5, atol=1e-30)
@@ -378,7 +379,7 @@ def test_ffi_failing_compiler_gives_the_keras_path_with_one_warning(tmp_path):
     does not build again); KERAS_IMPLICIT_NO_BUILD on JAX: tests/test_ffi.py."""
     _require_tools("false")
     cache = tmp_path / "cache"
-    ((result, logs),) = _ffi_results([_ffi_child(cache, tmp_path / "hidden", CXX="false")])
+    ((result, logs),) = _results([_ffi_child(cache, tmp_path / "hidden", CXX="false")])
     assert result["path"] == "keras" and "op" not in result["values"] and result["library"] is None
     assert "is not built" in result["load_error"] and "building it on first use failed" in result["load_error"]
     assert sum(FFI_BUILDING in line for line in logs) == 1

@@ -80,6 +80,19 @@ def _inputs(labels, logits, norms, dtype):
     return labels, logits, norms, per_sample
 
 
+def _call(library, kind, dtype, head, bad, cpu):
+    """Calls ``cpu_<kind>_<dtype>`` (the CPU rows) or ``emulated_<kind>_<dtype>`` (the kernel, which also writes
+    the bad rows into ``bad``) with ``head``; raises ValueError with the host's message."""
+    message = ctypes.create_string_buffer(512)
+    if cpu:
+        code = getattr(library, f"cpu_{kind}_{_suffix(dtype)}")(*head, message, ctypes.c_int(512))
+    else:
+        code = getattr(library, f"emulated_{kind}_{_suffix(dtype)}")(*head, _pointer(bad), message,
+                                                                     ctypes.c_int(512))
+    if code:
+        raise ValueError(message.value.decode())
+
+
 def forward(library, labels, logits, norms=1.0, sigmas=SIGMAS, temperatures=TEMPERATURES, margins=MARGINS,
             error=True, dtype=np.float64, cpu=False):
     """Values [batch, K] of the emulated CUDA kernel (or, with ``cpu``, of panel_math.h's CPU rows), and the
@@ -88,18 +101,11 @@ def forward(library, labels, logits, norms=1.0, sigmas=SIGMAS, temperatures=TEMP
     batch, classes = logits.shape
     out = np.full((batch, _columns(sigmas, temperatures, margins, error)), -7.0, dtype)
     bad = np.zeros(2, np.int64)
-    message = ctypes.create_string_buffer(512)
     keep, parameters = _parameters(sigmas, temperatures, margins)
     head = [_pointer(logits), _pointer(labels), _pointer(norms), ctypes.c_int64(batch), ctypes.c_int64(classes),
             ctypes.c_int(per_sample)] + parameters + [ctypes.c_int(error), _pointer(out)]
-    if cpu:
-        code = getattr(library, f"cpu_forward_{_suffix(dtype)}")(*head, message, ctypes.c_int(512))
-    else:
-        code = getattr(library, f"emulated_forward_{_suffix(dtype)}")(*head, _pointer(bad), message,
-                                                                      ctypes.c_int(512))
+    _call(library, "forward", dtype, head, bad, cpu)
     del keep
-    if code:
-        raise ValueError(message.value.decode())
     return out, tuple(bad)
 
 
@@ -113,19 +119,12 @@ def gradient(library, upstream, labels, logits, norms=1.0, sigmas=SIGMAS, temper
     dx = np.full((batch, classes), -7.0, dtype)
     row_dnorm = np.full(batch, -7.0, dtype)
     bad = np.zeros(2, np.int64)
-    message = ctypes.create_string_buffer(512)
     keep, parameters = _parameters(sigmas, temperatures, margins)
     head = [_pointer(upstream), ctypes.c_int(upstream.ndim == 1), _pointer(logits), _pointer(labels), _pointer(norms),
             ctypes.c_int64(batch), ctypes.c_int64(classes), ctypes.c_int(per_sample)] + parameters + [
         ctypes.c_int(error), _pointer(dx), _pointer(row_dnorm)]
-    if cpu:
-        code = getattr(library, f"cpu_gradient_{_suffix(dtype)}")(*head, message, ctypes.c_int(512))
-    else:
-        code = getattr(library, f"emulated_gradient_{_suffix(dtype)}")(*head, _pointer(bad), message,
-                                                                       ctypes.c_int(512))
+    _call(library, "gradient", dtype, head, bad, cpu)
     del keep
-    if code:
-        raise ValueError(message.value.decode())
     return dx, row_dnorm, tuple(bad)
 
 

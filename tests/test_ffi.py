@@ -59,13 +59,19 @@ def fused():
 
 
 @pytest.fixture
-def cpu_kernel(fused):
+def loaded_kernel(fused):
+    """``fused`` after one call: this process's build is loaded (``_ffi.library_path()``, its platform known)."""
+    fused([0], np.zeros((1, 2), np.float32), None, [1.0], [], [], False)
+    return fused
+
+
+@pytest.fixture
+def cpu_kernel(loaded_kernel):
     """The kernel on JAX's CPU (the CPU builds, XLA's CPU thread pool); skips where JAX computes on a GPU, whose
     process runs the CUDA handlers (benchmarks/gpu/kernel.sh runs this file there)."""
-    fused([0], np.zeros((1, 2), np.float32), None, [1.0], [], [], False)  # loads this process's build
     if _ffi._State.platform != "cpu":
         pytest.skip(f"a CPU build's test: JAX computes on {jax.default_backend()} here")
-    return fused
+    return loaded_kernel
 
 
 def _both_paths(labels, logits, feature_norm=None, sigmas=SIGMAS, temperatures=TEMPERATURES, margins=MARGINS,
@@ -472,9 +478,8 @@ def auto_takes_kernel(cpu_kernel):
         pytest.skip("only the portable build loads here: auto keeps the keras.ops path")
 
 
-def test_auto_keeps_the_keras_path_on_a_gpu(fused, monkeypatch):
+def test_auto_keeps_the_keras_path_on_a_gpu(loaded_kernel, monkeypatch):
     """On a CUDA GPU the kernel is opt-in: auto takes the keras.ops path, op the CUDA handlers."""
-    fused([0], np.zeros((1, 2), np.float32), None, [1.0], [], [], False)
     if _ffi._State.platform != "cuda":
         pytest.skip(f"JAX computes on {jax.default_backend()} here, not on a CUDA GPU")
     monkeypatch.delenv("KERAS_IMPLICIT_PANEL_PATH", raising=False)

@@ -109,14 +109,7 @@ int CpuForward(const T* logits, const std::int32_t* labels, const T* norms, Inde
   const std::string problem = keras_implicit::ReadPanel(sigmas, sigma_count, temperatures, temperature_count, margins,
                                                         margin_count, error != 0, &panel);
   if (!problem.empty()) return Fail(problem, message, message_size);
-  keras_implicit::Problem<T> rows;
-  rows.logits = logits;
-  rows.labels = labels;
-  rows.norms = norms;
-  rows.batch = batch;
-  rows.classes = classes;
-  rows.norm_per_sample = per_sample != 0;
-  rows.panel = &panel;
+  const keras_implicit::Problem<T> rows{logits, labels, norms, batch, classes, per_sample != 0, &panel};
   keras_implicit::PanelRows<keras_implicit::ScalarMath, T>(rows, 0, batch, out);
   return 0;
 }
@@ -130,14 +123,7 @@ int CpuGradient(const T* g, int reduce, const T* logits, const std::int32_t* lab
   const std::string problem = keras_implicit::ReadPanel(sigmas, sigma_count, temperatures, temperature_count, margins,
                                                         margin_count, error != 0, &panel);
   if (!problem.empty()) return Fail(problem, message, message_size);
-  keras_implicit::Problem<T> rows;
-  rows.logits = logits;
-  rows.labels = labels;
-  rows.norms = norms;
-  rows.batch = batch;
-  rows.classes = classes;
-  rows.norm_per_sample = per_sample != 0;
-  rows.panel = &panel;
+  const keras_implicit::Problem<T> rows{logits, labels, norms, batch, classes, per_sample != 0, &panel};
   keras_implicit::PanelGradRows<keras_implicit::ScalarMath, T>(rows, g, reduce != 0, 0, batch, dx, row_dnorm);
   return 0;
 }
