@@ -6,10 +6,12 @@ Shapes and parameters are checked in Python when a loss is built. Values are onl
   and a bad value raises ``ValueError``, on every backend;
 - inside a ``tf.function`` the check runs with the computation and fails it with
   ``tf.errors.InvalidArgumentError`` carrying the same message (an ``Assert`` op);
-- under ``jax.jit`` nothing can raise without a round trip to the host on every batch (a
-  ``jax.debug.callback`` in a ``lax.cond`` cost 0.22 ms per call here, 45 % of the whole 24-loss panel on
-  1024 x 10 logits), so the rows with a bad value come out NaN in every column, as rows of NaN logits do
-  (``keras_implicit.losses._panel_keras``): never a silent number.
+- in compiled XLA code the ``keras.ops`` path cannot raise without a round trip to the host on every batch
+  (a ``jax.debug.callback`` in a ``lax.cond`` cost 0.22 ms per call here, 45 % of the whole 24-loss panel
+  on 1024 x 10 logits; TensorFlow's XLA, ``jit_compile=True``, drops ``Assert`` ops), so the rows with a bad
+  value come out NaN in every column, as rows of NaN logits do (``keras_implicit.losses._Margins``): never a
+  silent number. JAX's compiled kernel (``keras_implicit._ffi``) checks inside the kernel and fails the
+  call with ``jax.errors.JaxRuntimeError`` carrying the message, under ``jax.jit`` too.
 
 :func:`runtime_errors` is the tuple of exception types a caller can catch.
 """
@@ -37,12 +39,17 @@ def is_concrete(*tensors) -> bool:
 
 
 def runtime_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions a failed value check raises on the current backend (ValueError everywhere)."""
+    """The exceptions a failed value check raises on the current backend (ValueError everywhere; the compiled
+    function's error inside a ``tf.function`` and from JAX's kernel)."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
         return (ValueError, tf.errors.InvalidArgumentError)
+    if backend == "jax":
+        import jax
+
+        return (ValueError, jax.errors.JaxRuntimeError)
     return (ValueError,)
 
 
@@ -84,18 +91,19 @@ def check_positive(values, message: str):
     return values  # jax.jit: the panel makes the row NaN
 
 
-def check_batch(labels, logits):
-    """Raises when the batch sizes of labels and logits differ (statically now, dynamically when run)."""
+def check_batch(labels, logits, name: str = "y_true"):
+    """Returns ``labels`` (or any per-sample tensor, ``name`` in the message) once its batch size is that of
+    the logits (checked statically now, dynamically when run)."""
     static = (labels.shape[0], logits.shape[0])
     if None not in static:
         if static[0] != static[1]:
-            raise ValueError(f"y_true and y_pred have different batch sizes: {static[0]} and {static[1]}")
+            raise ValueError(f"{name} and y_pred have different batch sizes: {static[0]} and {static[1]}")
         return labels
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         check = tf.debugging.assert_equal(tf.shape(labels)[0], tf.shape(logits)[0],
-                                          message="y_true and y_pred have different batch sizes")
+                                          message=f"{name} and y_pred have different batch sizes")
         with tf.control_dependencies([check]):
             return tf.identity(labels)
     return labels  # JAX and PyTorch shapes are always static

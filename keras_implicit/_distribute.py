@@ -208,6 +208,7 @@ def run_epoch(model, strategy, dataset, callbacks, epoch: int, steps: int) -> No
                                                  verbose=0, epochs=epoch + 1, steps=steps)
     step = _step_function(model, strategy)
     model.stop_training = False
+    model.reset_metrics()  # the step's logs are running means over the epoch, as in model.fit
     try:
         callback_list.on_train_begin()
         callback_list.on_epoch_begin(epoch)

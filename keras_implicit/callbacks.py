@@ -132,7 +132,8 @@ class AltLossTracker(keras.callbacks.Callback):
     """Tracks CE, error, the alternative-loss panel and top-layer norms on whole datasets.
 
     Args:
-        train_data: ``(x, y)`` arrays: the training set, evaluated in full at each tracking point.
+        train_data: ``(x, y)`` arrays: the training set, evaluated in full at each tracking point; ``y`` as
+            integer labels [n] or [n, 1], or one-hot rows [n, classes].
         test_data: ``(x, y)`` or None.
         sigmas, temperatures, margins: the panel's grids (default: the library's defaults).
         metrics_path: a ``metrics.jsonl`` to append records to (flushed at once), or None.
@@ -222,8 +223,7 @@ class AltLossTracker(keras.callbacks.Callback):
             raise ValueError(f"{what}: x and y must hold the same, non-zero number of examples "
                              f"(got {len(x)} and {len(y)})")
         x = x if ops.is_tensor(x) else ops.convert_to_tensor(np.asarray(x, np.float32))
-        y = y if ops.is_tensor(y) else ops.convert_to_tensor(np.asarray(y, np.int32))
-        return x, y
+        return x, ops.convert_to_tensor(_integer_labels(y, what))
 
     # ------------------------------------------------------------------ #
     # The measurement: one forward pass per split.
@@ -413,6 +413,21 @@ class AltLossTracker(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if not self.buffer_summaries:
             self.flush_summaries()
+
+
+def _integer_labels(y, what: str) -> np.ndarray:
+    """int32 labels [n] from integer labels [n] or [n, 1], or one-hot rows [n, classes] (as the losses take)."""
+    labels = np.asarray(ops.convert_to_numpy(y) if ops.is_tensor(y) else y)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    elif labels.ndim == 2:
+        labels = np.argmax(labels, axis=1)
+    if labels.ndim != 1 or labels.dtype.kind not in "iuf":
+        raise ValueError(f"{what}: y must be integer labels [n] or [n, 1], or one-hot rows [n, classes]; got "
+                         f"shape {labels.shape} of {labels.dtype}")
+    if labels.dtype.kind == "f" and np.any(labels != np.round(labels)):
+        raise ValueError(f"{what}: float labels must be whole numbers, got {labels[labels != np.round(labels)][:5]}")
+    return labels.astype(np.int32)
 
 
 class DivergenceMonitor(keras.callbacks.Callback):

@@ -71,8 +71,8 @@ class GhostBatchModel(keras.Model):
         return [keras.backend.is_float_dtype(v.dtype) for v in self.non_trainable_variables]
 
     def train_step(self, *args):
-        data = args[-1]
-        if data[0].shape[0] == self.ghost_batch_size and _one_replica():
+        x = keras.utils.unpack_x_y_sample_weight(args[-1])[0]
+        if _leading_dimension(x) == self.ghost_batch_size and _one_replica():
             # One micro-batch on one device: Keras' own step is the same step (one moving-average update with
             # the micro-batch's moments), without the loop's overhead (run.py's default, batch 256).
             return super().train_step(*args)
@@ -80,39 +80,61 @@ class GhostBatchModel(keras.Model):
             return self._jax_train_step(*args)
         return self._tf_train_step(*args)
 
+    def _output_dtypes(self):
+        return [output.dtype for output in self.outputs]
+
+    def _predictions(self, flat):
+        """The model's output structure (one tensor, or a list) from its flat list of outputs."""
+        return flat[0] if len(self.outputs) == 1 else list(flat)
+
     # ------------------------------------------------------------------ #
     def _tf_train_step(self, data):
         import tensorflow as tf
 
         from keras_implicit import _distribute
 
-        x, y = data[0], data[1]
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         micro = self.ghost_batch_size
         message = f"a replica's batch is not a whole number of micro-batches of {micro} (see check_divides)"
-        if x.shape[0] is not None and x.shape[0] % micro:
-            raise ValueError(f"{message}: it holds {x.shape[0]} examples")
-        tf.debugging.assert_equal(tf.shape(x)[0] % micro, 0, message=message)
-        count = tf.shape(x)[0] // micro
-        xs = tf.reshape(x, tf.concat([[count, micro], tf.shape(x)[1:]], 0))
-        ys = tf.reshape(y, tf.concat([[count, micro], tf.shape(y)[1:]], 0))
+        first = keras.tree.flatten(x)[0]
+        if first.shape[0] is not None and first.shape[0] % micro:
+            raise ValueError(f"{message}: it holds {first.shape[0]} examples")
+        size = tf.shape(first)[0]
+        tf.debugging.assert_equal(size % micro, 0, message=message)
+        count = size // micro
+
+        def split(structure):
+            if structure is None:
+                return None
+            return tf.nest.map_structure(
+                lambda t: tf.reshape(t, tf.concat([[count, micro], tf.shape(t)[1:]], 0)), structure)
+
+        def part(structure, index):
+            return None if structure is None else tf.nest.map_structure(lambda t: t[index], structure)
+
+        xs, ys, weights = split(x), split(y), split(sample_weight)
         trainable = [v.value for v in self.trainable_variables]
         initial = [v.value for v in self.non_trainable_variables]
         floats = self._floats()
 
-        def micro_batch(index, gradient_sums, state, state_sums, loss_sum):
+        def micro_batch(index, gradient_sums, state, state_sums, loss_sum, predictions):
             inputs = [s if f else c for s, c, f in zip(initial, state, floats)]
             with tf.GradientTape() as tape:
                 tape.watch(trainable)
-                y_pred, updated = self.stateless_call(trainable, inputs, xs[index], training=True)
-                loss = self.compute_loss(x=xs[index], y=ys[index], y_pred=y_pred, training=True)
-            gradients = tape.gradient(loss, trainable)
+                y_pred, updated = self.stateless_call(trainable, inputs, part(xs, index), training=True)
+                loss = self._compute_loss(x=part(xs, index), y=part(ys, index), y_pred=y_pred,
+                                          sample_weight=part(weights, index), training=True)
+                scaled = self.optimizer.scale_loss(loss)
+            gradients = tape.gradient(scaled, trainable)
+            predictions = [array.write(index, value) for array, value in zip(predictions, tf.nest.flatten(y_pred))]
             return (index + 1, [a + b for a, b in zip(gradient_sums, gradients)], list(updated),
-                    [a + b for a, b in zip(state_sums, updated)], loss_sum + tf.cast(loss, "float32"))
+                    [a + b for a, b in zip(state_sums, updated)], loss_sum + tf.cast(loss, "float32"), predictions)
 
         zeros = [tf.zeros_like(v) for v in trainable]
-        _, gradient_sums, state, state_sums, loss_sum = tf.while_loop(
+        arrays = [tf.TensorArray(dtype, size=count) for dtype in self._output_dtypes()]
+        _, gradient_sums, state, state_sums, loss_sum, arrays = tf.while_loop(
             lambda index, *_: index < count, micro_batch,
-            (tf.constant(0), zeros, initial, [tf.zeros_like(v) for v in initial], tf.zeros((), "float32")))
+            (tf.constant(0), zeros, initial, [tf.zeros_like(v) for v in initial], tf.zeros((), "float32"), arrays))
         gradients = [g / tf.cast(count, g.dtype) for g in gradient_sums]
         # compute_loss divides by the number of replicas and the optimizer sums over them: the mean gradient.
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
@@ -121,7 +143,17 @@ class GhostBatchModel(keras.Model):
         _distribute.assign_on_every_replica(self.non_trainable_variables,
                                             [next(means) if f else s for s, f in zip(state, floats)])
         # The replica's mean loss, unscaled (compute_loss divided it by the number of replicas).
-        return {"loss": loss_sum / tf.cast(count, "float32") * _distribute.replicas_in_sync()}
+        loss = loss_sum / tf.cast(count, "float32") * _distribute.replicas_in_sync()
+        y_pred = self._predictions([array.concat() for array in arrays])
+        return self._logs(loss, size, x, y, y_pred, sample_weight)
+
+    def _logs(self, loss, size, x, y, y_pred, sample_weight):
+        """What Keras' own step returns: the loss tracker and the compiled metrics, on the micro-batches'
+        training-mode outputs of the whole batch."""
+        tracker = getattr(self, "_loss_tracker", None)
+        if tracker is not None:
+            tracker.update_state(loss, sample_weight=size)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     # ------------------------------------------------------------------ #
     def _jax_train_step(self, state, data):
@@ -129,38 +161,57 @@ class GhostBatchModel(keras.Model):
         import jax.numpy as jnp
 
         trainable, non_trainable, optimizer_variables, metrics_variables = state
-        x, y = data[0], data[1]
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         micro = self.ghost_batch_size
-        if x.shape[0] % micro:
-            raise ValueError(f"a batch of {x.shape[0]} is not a whole number of micro-batches of {micro} "
+        size = _leading_dimension(x)
+        if size % micro:
+            raise ValueError(f"a batch of {size} is not a whole number of micro-batches of {micro} "
                              "(see check_divides)")
-        count = x.shape[0] // micro
-        xs = jnp.reshape(x, (count, micro) + tuple(x.shape[1:]))
-        ys = jnp.reshape(y, (count, micro) + tuple(y.shape[1:]))
+        count = size // micro
+        xs, ys, weights = jax.tree_util.tree_map(lambda t: jnp.reshape(t, (count, micro) + tuple(t.shape[1:])),
+                                                 (x, y, sample_weight))
         floats = self._floats()
+        optimizer_mapping = list(zip(self.optimizer.variables, optimizer_variables))
 
-        def loss_and_state(trainable, inputs, x_micro, y_micro):
+        def loss_and_state(trainable, inputs, metrics_variables, x_micro, y_micro, weight_micro):
             y_pred, updated = self.stateless_call(trainable, inputs, x_micro, training=True)
-            loss, _ = self.stateless_compute_loss(trainable, updated, metrics_variables, x=x_micro, y=y_micro,
-                                                  y_pred=y_pred, training=True)
-            return loss, updated
+            loss, (_, updated, metrics_variables) = self.stateless_compute_loss(
+                trainable, updated, metrics_variables, x=x_micro, y=y_micro, y_pred=y_pred,
+                sample_weight=weight_micro, training=True)
+            with keras.StatelessScope(state_mapping=optimizer_mapping):
+                scaled = self.optimizer.scale_loss(loss)
+            return scaled, (loss, updated, metrics_variables, y_pred)
 
         gradient_of = jax.value_and_grad(loss_and_state, has_aux=True)
 
         def micro_batch(carry, batch):
-            gradient_sums, carried, state_sums, loss_sum = carry
+            gradient_sums, carried, state_sums, loss_sum, metrics_variables = carry
             inputs = [s if f else c for s, c, f in zip(non_trainable, carried, floats)]
-            (loss, updated), gradients = gradient_of(trainable, inputs, *batch)
-            return ([a + b for a, b in zip(gradient_sums, gradients)], list(updated),
-                    [a + b for a, b in zip(state_sums, updated)], loss_sum + loss.astype("float32")), None
+            (_, (loss, updated, metrics_variables, y_pred)), gradients = gradient_of(
+                trainable, inputs, metrics_variables, *batch)
+            carry = ([a + b for a, b in zip(gradient_sums, gradients)], list(updated),
+                     [a + b for a, b in zip(state_sums, updated)], loss_sum + loss.astype("float32"),
+                     metrics_variables)
+            return carry, y_pred
 
         start = ([jnp.zeros_like(v) for v in trainable], list(non_trainable),
-                 [jnp.zeros_like(v) for v in non_trainable], jnp.zeros((), "float32"))
-        (gradient_sums, carried, state_sums, loss_sum), _ = jax.lax.scan(micro_batch, start, (xs, ys))
+                 [jnp.zeros_like(v) for v in non_trainable], jnp.zeros((), "float32"), list(metrics_variables))
+        (gradient_sums, carried, state_sums, loss_sum, metrics_variables), y_pred = jax.lax.scan(
+            micro_batch, start, (xs, ys, weights))
         gradients = [g / count for g in gradient_sums]
         trainable, optimizer_variables = self.optimizer.stateless_apply(optimizer_variables, gradients, trainable)
         non_trainable = [(t / count).astype(t.dtype) if f else c for t, c, f in zip(state_sums, carried, floats)]
-        return {"loss": loss_sum / count}, (trainable, non_trainable, optimizer_variables, metrics_variables)
+        y_pred = jax.tree_util.tree_map(lambda t: jnp.reshape(t, (size,) + tuple(t.shape[2:])), y_pred)
+        with keras.StatelessScope(state_mapping=list(zip(self.metrics_variables, metrics_variables))) as scope:
+            logs = self._logs(loss_sum / count, size, x, y, y_pred, sample_weight)
+        metrics_variables = [value if scope.get_current_value(v) is None else scope.get_current_value(v)
+                             for v, value in zip(self.metrics_variables, metrics_variables)]
+        return logs, (trainable, non_trainable, optimizer_variables, metrics_variables)
+
+
+def _leading_dimension(x):
+    """The (static, where known) batch size of ``x``: its first array's first dimension."""
+    return keras.tree.flatten(x)[0].shape[0]
 
 
 def _one_replica() -> bool:

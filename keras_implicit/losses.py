@@ -62,11 +62,14 @@ GCDF, TCE, HINGE, ERROR = "gcdf", "tce", "hinge", "error"
 # Validation and preparation
 # --------------------------------------------------------------------------- #
 def format_parameter(value: float) -> str:
-    """The shortest decimal form of a parameter, as used in metric names.
+    """The shortest decimal form of a parameter to 7 significant digits (float32's precision, in which the
+    losses are computed), as used in metric names.
 
-    ``1.0 -> "1"``, ``0.5 -> "0.5"``, ``0.0625 -> "0.0625"``, ``1e-05 -> "1e-05"``.
+    ``1.0 -> "1"``, ``0.5 -> "0.5"``, ``0.0625 -> "0.0625"``, ``1e-05 -> "1e-05"``; a grid's rounding noise
+    does not reach the name: ``np.float32(0.1) -> "0.1"``, ``np.geomspace(0.0625, 16, 9)[3]`` (0.49999999999999994)
+    ``-> "0.5"``. A family's grid whose values give the same name is refused.
     """
-    text = repr(float(value))
+    text = repr(float(f"{float(value):.7g}"))
     return text[:-2] if text.endswith(".0") else text
 
 
@@ -79,9 +82,12 @@ def _validate_parameters(values, name: str, *, allow_zero: bool):
         )
     scalar = isinstance(values, numbers.Number) or np.ndim(values) == 0
     try:
+        kind = np.asarray(values).dtype.kind
         array = np.atleast_1d(np.asarray(values, dtype=np.float64))
     except (TypeError, ValueError) as error:
         raise TypeError(f"{name} must be a number or a sequence of numbers, got {values!r}") from error
+    if kind not in "iuf":  # booleans, strings, None
+        raise TypeError(f"{name} must be a number or a sequence of numbers, got {values!r}")
     if array.ndim != 1:
         raise ValueError(f"{name} must be a number or a flat sequence of numbers, got shape {array.shape}")
     if array.size == 0:
@@ -92,6 +98,10 @@ def _validate_parameters(values, name: str, *, allow_zero: bool):
     if not np.all(bound_ok):
         relation = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {relation}, got {array.tolist()}")
+    names = [format_parameter(value) for value in array]
+    if len(set(names)) < len(names):
+        raise ValueError(f"{name} holds values that are equal to 7 significant digits (their metrics would have "
+                         f"one name): {array.tolist()}")
     return array, scalar
 
 
@@ -132,9 +142,22 @@ def _compute_dtype(dtype: str) -> str:
     return dtype if dtype in ("float32", "float64") else "float32"
 
 
+def _as_tensor(x):
+    """``ops.convert_to_tensor``, which gives a variable (Keras' or TensorFlow's) back as itself: its value."""
+    if isinstance(x, keras.Variable):
+        x = x.value
+    tensor = ops.convert_to_tensor(x)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if isinstance(tensor, tf.Variable):
+            tensor = tf.convert_to_tensor(tensor)
+    return tensor
+
+
 def _prepare(y_true, y_pred):
     """Validates shapes (values are checked in ``_panel``); returns (labels int32 [B], logits [B, C] float32/64)."""
-    logits = ops.convert_to_tensor(y_pred)
+    logits = _as_tensor(y_pred)
     dtype = keras.backend.standardize_dtype(logits.dtype)
     if _compute_dtype(dtype) != dtype:
         logits = ops.cast(logits, _compute_dtype(dtype))
@@ -145,12 +168,20 @@ def _prepare(y_true, y_pred):
     if classes is not None and classes < 2:
         raise ValueError(f"y_pred must have at least 2 classes, got shape {tuple(logits.shape)}")
 
-    labels = ops.convert_to_tensor(y_true)
+    labels = _as_tensor(y_true)
+    label_dtype = keras.backend.standardize_dtype(labels.dtype)
+    if label_dtype == "string" or label_dtype.startswith("complex"):
+        raise TypeError(f"y_true must be integer labels or one-hot rows of numbers, got dtype {label_dtype}")
     label_rank = _static_rank(labels)
     if label_rank == 2 and labels.shape[-1] == 1:
         labels = ops.squeeze(labels, axis=-1)
+    elif label_rank == 2 and labels.shape[-1] is None:
+        # [batch, 1] integer labels or one-hot rows, told apart when the shape is known (a tf.data pipeline or a
+        # tf.function signature can leave the last dimension unknown when the loss is traced).
+        labels = ops.where(ops.shape(labels)[-1] == 1, ops.cast(labels[:, 0], "int32"),
+                           ops.cast(ops.argmax(labels, axis=-1), "int32"))
     elif label_rank == 2:
-        if classes is not None and labels.shape[-1] is not None and labels.shape[-1] != classes:
+        if classes is not None and labels.shape[-1] != classes:
             raise ValueError(
                 "y_true must be integer labels [batch] or [batch, 1], or one-hot [batch, classes]; "
                 f"got shape {tuple(labels.shape)} for y_pred of shape {tuple(logits.shape)}"
@@ -161,23 +192,30 @@ def _prepare(y_true, y_pred):
             "y_true must be integer labels [batch] or [batch, 1], or one-hot [batch, classes]; "
             f"got shape {tuple(labels.shape)}"
         )
+    if "float" in keras.backend.standardize_dtype(labels.dtype) and _checks.is_concrete(labels):
+        values = np.asarray(ops.convert_to_numpy(labels))
+        fractional = values[values != np.round(values)]
+        if fractional.size:
+            raise ValueError(f"y_true: float labels must be whole numbers, got {fractional[:5]}")
     labels = ops.cast(labels, "int32")
     labels = _checks.check_batch(labels, logits)
     return labels, logits  # label values are checked in _panel, by the path that computes them
 
 
-def _feature_norm_tensor(feature_norm, dtype):
-    """None -> None; a positive scalar or one per sample -> a scalar or a [B] tensor of ``dtype``."""
+def _feature_norm_tensor(feature_norm, logits):
+    """None -> None; a positive scalar or one per sample -> a scalar or a [B] tensor of the logits' dtype."""
     if feature_norm is None:
         return None
     if isinstance(feature_norm, numbers.Number):
         _validate_feature_norm_number(feature_norm)
-        return ops.convert_to_tensor(feature_norm, dtype)
-    norm = ops.cast(ops.convert_to_tensor(feature_norm), dtype)
+        return ops.convert_to_tensor(feature_norm, logits.dtype)
+    norm = ops.cast(ops.convert_to_tensor(feature_norm), logits.dtype)
     if _static_rank(norm) == 2:
         norm = ops.squeeze(norm, axis=-1)
     if _static_rank(norm) not in (0, 1):
         raise ValueError(f"feature_norm must be a scalar or one value per sample, got shape {tuple(norm.shape)}")
+    if _static_rank(norm) == 1:
+        norm = _checks.check_batch(norm, logits, name="feature_norm")
     return norm  # values are checked in _panel, by the path that computes them
 
 
@@ -346,7 +384,7 @@ def panel_values(
     if not (sigmas.size or temperatures.size or margins.size or error):
         raise ValueError("the panel is empty: give sigmas, temperatures, margins or error=True")
     labels, logits = _prepare(y_true, y_pred)
-    norm = _feature_norm_tensor(feature_norm, logits.dtype)
+    norm = _feature_norm_tensor(feature_norm, logits)
     return _panel(labels, logits, norm, sigmas, temperatures, margins, bool(error), path)
 
 
@@ -380,7 +418,7 @@ def panel_names(sigmas: Parameters = (), temperatures: Parameters = (), margins:
 def _single_family(y_true, y_pred, values, name, allow_zero, family, feature_norm=None):
     array, scalar = _validate_parameters(values, name, allow_zero=allow_zero)
     labels, logits = _prepare(y_true, y_pred)
-    norm = _feature_norm_tensor(feature_norm, logits.dtype)
+    norm = _feature_norm_tensor(feature_norm, logits)
     empty = np.zeros(0)
     arguments = {GCDF: empty, TCE: empty, HINGE: empty}
     arguments[family] = array
@@ -485,6 +523,10 @@ class _LossFunctionWrapper(keras.losses.Loss):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.fn = fn
         self._fn_kwargs = fn_kwargs
+        self._config_dtype = getattr(dtype, "name", dtype)  # None, a dtype or a dtype policy's name
+
+    def get_config(self):
+        return {**super().get_config(), "dtype": self._config_dtype}
 
     def call(self, y_true, y_pred):
         return self.fn(y_true, y_pred, **self._fn_kwargs)
@@ -514,7 +556,7 @@ class Gcdf(_LossFunctionWrapper):
                          feature_norm=feature_norm)
 
     def get_config(self):
-        return {**keras.losses.Loss.get_config(self), "sigma": self.sigma, "feature_norm": self.feature_norm}
+        return {**super().get_config(), "sigma": self.sigma, "feature_norm": self.feature_norm}
 
 
 @keras.saving.register_keras_serializable(package="keras_implicit")
@@ -537,7 +579,7 @@ class TemperedCrossentropy(_LossFunctionWrapper):
                          temperature=self.temperature)
 
     def get_config(self):
-        return {**keras.losses.Loss.get_config(self), "temperature": self.temperature}
+        return {**super().get_config(), "temperature": self.temperature}
 
 
 @keras.saving.register_keras_serializable(package="keras_implicit")
@@ -559,4 +601,4 @@ class MulticlassHinge(_LossFunctionWrapper):
         super().__init__(multiclass_hinge, reduction=reduction, name=name, dtype=dtype, margin=self.margin)
 
     def get_config(self):
-        return {**keras.losses.Loss.get_config(self), "margin": self.margin}
+        return {**super().get_config(), "margin": self.margin}

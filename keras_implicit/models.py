@@ -119,13 +119,19 @@ def make_model(name: str, input_shape: Sequence[int], num_classes: int, seed: in
 
 
 def top_layer(model: keras.Model) -> keras.layers.Dense:
-    """The top Dense layer (named ``"logits"``, or else the last layer)."""
+    """The top Dense layer (named ``"logits"``, or else the last layer), which must output logits (no
+    activation): raises ValueError otherwise."""
     try:
         layer = model.get_layer(TOP_LAYER)
     except ValueError:
         layer = model.layers[-1]
     if not isinstance(layer, keras.layers.Dense):
         raise ValueError(f"the top layer of {model.name!r} is a {type(layer).__name__}, not a Dense layer")
+    activation = getattr(layer.activation, "__name__", str(layer.activation))
+    if activation != "linear":
+        raise ValueError(f"the top layer of {model.name!r} ({layer.name!r}) has activation {activation!r}: the "
+                         "losses are computed from logits s = W x + b, so the top Dense layer must have no "
+                         "activation (train it with from_logits=True losses)")
     return layer
 
 

@@ -97,7 +97,7 @@ def _validate_seed(seed) -> int:
 
 def _norms(feature_norm, logits):
     """||x|| per example, [B]: ones when None (normalized features)."""
-    norm = _losses._feature_norm_tensor(feature_norm, logits.dtype)
+    norm = _losses._feature_norm_tensor(feature_norm, logits)
     batch = ops.shape(logits)[0]
     if norm is None:
         return ops.ones((batch,), logits.dtype)

@@ -224,3 +224,26 @@ def test_bad_data_is_refused():
         callbacks.AltLossTracker(np.zeros((3, 3)))
     with pytest.raises(ValueError, match="same, non-zero number"):
         callbacks.AltLossTracker((np.zeros((2, 3)), np.zeros(3)))
+    with pytest.raises(ValueError, match=r"train_data: y must be integer labels \[n\] or \[n, 1\], or one-hot"):
+        callbacks.AltLossTracker((np.zeros((2, 3)), np.zeros((2, 3, 1))))
+    with pytest.raises(ValueError, match="test_data: float labels must be whole numbers"):
+        callbacks.AltLossTracker((np.zeros((2, 3)), np.zeros(2)), (np.zeros((2, 3)), np.array([0.5, 1.0])))
+
+
+def test_labels_in_every_format_give_the_same_values(trained):
+    model, x, y = trained
+    results = []
+    for labels in (y, y[:, None], np.eye(4, dtype=np.float32)[y], y.astype(np.float64), keras.ops.convert_to_tensor(y)):
+        tracker = callbacks.AltLossTracker((x, labels), batch_size=128)
+        tracker.set_model(model)
+        results.append(tracker.evaluate("train"))
+    assert all(other == results[0] for other in results[1:])
+
+
+def test_a_model_that_does_not_output_logits_is_refused():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(inputs))
+    tracker = callbacks.AltLossTracker((np.zeros((2, 3)), np.zeros(2)))
+    tracker.set_model(model)
+    with pytest.raises(ValueError, match="has activation 'softmax': the losses are computed from logits"):
+        tracker.evaluate("train")

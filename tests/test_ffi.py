@@ -29,11 +29,11 @@ if BACKEND == "jax":
     import jax
     import jax.numpy as jnp
 
-    from keras_implicit import _ffi
+    from keras_implicit import _checks, _ffi
 
     # How an INVALID_ARGUMENT from the kernel surfaces: ValueError where JAX maps the status (e.g. eager calls),
-    # jax.errors.JaxRuntimeError otherwise.
-    REFUSED = (jax.errors.JaxRuntimeError, ValueError)
+    # jax.errors.JaxRuntimeError otherwise; the tuple the library tells users to catch.
+    REFUSED = _checks.runtime_errors()
 
 SIGMAS = (0.0, 0.0625, 0.5, 1.0, 8.0, 16.0)
 TEMPERATURES = (0.25, 1.0, 4.0, 16.0)

@@ -69,6 +69,36 @@ def test_without_batch_norm_micro_batches_equal_one_step_on_the_batch(optimizer,
     assert moved > 1e-2  # the steps were real
 
 
+@pytest.mark.parametrize("weighting", ["none", "sample_weight", "zero_weight"])
+def test_in_a_users_fit_logs_metrics_and_sample_weights_are_those_of_keras_own_step(weighting):
+    """Without BatchNorm the micro-batch step is Keras' own step on the batch: the same History (the loss
+    tracker's running mean, compiled metrics, sample weights), the same weights after it."""
+    import keras_implicit as ki
+
+    x, y = _data(4 * 512, seed=3)
+    weights = {"none": None, "sample_weight": np.random.default_rng(4).uniform(0, 2, len(x)).astype(np.float32),
+               "zero_weight": np.zeros(len(x), np.float32)}[weighting]
+    histories, models = [], []
+    for model in (ghost.ghost_batch_model(_mlp(8), 128), _mlp(8)):
+        model.compile(training.make_optimizer("sgd", 0.1), LOSS,
+                      metrics=["accuracy", ki.alt_loss_panel(sigmas=[0.5, 4], temperatures=[2], margins=[1])])
+        histories.append(model.fit(x, y, sample_weight=weights, batch_size=512, epochs=2, shuffle=False,
+                                   verbose=0).history)
+        models.append(model)
+    micro, whole = histories
+    assert set(micro) == set(whole) and {"loss", "accuracy", "gcdf@0.5", "tce@2", "hinge@1", "error"} <= set(micro)
+    for name in whole:
+        np.testing.assert_allclose(micro[name], whole[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    if weighting == "zero_weight":
+        assert micro["loss"] == [0.0, 0.0]
+    else:
+        assert min(micro["loss"]) > 1.0  # a real loss (the ghost step used to log 0.0)
+    for a, b, initial in zip(models[0].weights, models[1].weights, _mlp(8).weights):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+        if weighting == "zero_weight":
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(initial))
+
+
 @pytest.mark.parametrize("ghost_batch_size, micro_batches", [(16, 4), (32, 2), (8, 8)])
 def test_batch_norm_normalizes_each_micro_batch_and_averages_its_moments(ghost_batch_size, micro_batches):
     x, y = _data(ghost_batch_size * micro_batches, seed=1)

@@ -118,6 +118,23 @@ def test_format_parameter_is_shortest_decimal(value, text):
     assert ki.format_parameter(value) == text
 
 
+def test_names_of_numpy_grids_carry_no_rounding_noise():
+    grid = np.geomspace(0.0625, 16, 9)
+    assert grid[3] != 0.5 and grid[5] != 2.0  # the noise the names must not show
+    assert ki.panel_names(sigmas=grid) == [f"gcdf@{v}" for v in ("0.0625", "0.125", "0.25", "0.5", "1", "2", "4", "8",
+                                                                  "16")]
+    assert ki.panel_names(temperatures=np.float32([0.1, 1 / 3])) == ["tce@0.1", "tce@0.3333333"]
+    assert ki.AltLossPanel(sigmas=grid, temperatures=(), margins=(), error=False).names == ki.panel_names(
+        sigmas=[0.0625, 0.125, 0.25, 0.5, 1, 2, 4, 8, 16])
+
+
+def test_a_grid_whose_values_share_a_name_is_refused():
+    with pytest.raises(ValueError, match="sigma holds values that are equal to 7 significant digits"):
+        ki.gcdf([0], [[1.0, 0.0]], [1.0, 1.00000001])
+    with pytest.raises(ValueError, match="margin holds values"):
+        ki.alt_loss_panel(margins=[2, 2])
+
+
 # --------------------------------------------------------------------------- #
 # Closed forms, limits and tails
 # --------------------------------------------------------------------------- #
@@ -245,6 +262,38 @@ def test_label_formats_agree():
     one_hot = to_numpy(ki.gcdf(np.eye(4, dtype=np.float32)[labels], logits, 1.0))
     for other in (column, float_column, one_hot):
         np.testing.assert_array_equal(sparse, other)
+
+
+@tensorflow_only
+def test_labels_whose_last_dimension_is_unknown_when_traced():
+    """[batch, 1] integer labels and one-hot rows through a tf.function whose signature leaves the labels' last
+    dimension unknown (as a tf.data pipeline can): told apart when run, not all read as one-hot."""
+    import tensorflow as tf
+
+    labels, logits = random_batch(10, 4)
+    function = tf.function(lambda y, s: ki.panel_values(y, s, sigmas=[0.5, 2], temperatures=[1], margins=[1],
+                                                        error=True),
+                           input_signature=[tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, 4])])
+    expected = np.stack([ref_gcdf(labels, logits, 0.5), ref_gcdf(labels, logits, 2), ref_tce(labels, logits, 1),
+                         ref_hinge(labels, logits, 1), ref_error(labels, logits)], axis=1)
+    for y in (labels[:, None], np.eye(4, dtype=np.int32)[labels]):
+        np.testing.assert_allclose(to_numpy(function(y, logits)), expected, rtol=2e-5, atol=1e-6)
+
+
+def test_variables_are_read_as_their_values():
+    labels, logits = random_batch(6, 3)
+    for variable in (keras.Variable(logits), *_tf_variable(logits)):
+        np.testing.assert_allclose(to_numpy(ki.gcdf(labels, variable, [0.5, 4])),
+                                   np.stack([ref_gcdf(labels, logits, 0.5), ref_gcdf(labels, logits, 4)], axis=1),
+                                   rtol=2e-5, atol=1e-7)
+
+
+def _tf_variable(value):
+    if keras.backend.backend() != "tensorflow":
+        return ()
+    import tensorflow as tf
+
+    return (tf.Variable(value),)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -376,7 +425,7 @@ def test_losses_train_a_model(loss):
 
 
 @pytest.mark.parametrize("loss", [losses.Gcdf(sigma=0.25, feature_norm=2.0, reduction="sum", name="g"),
-                                  losses.TemperedCrossentropy(temperature=3.0, reduction="none"),
+                                  losses.TemperedCrossentropy(temperature=3.0, reduction="none", dtype="float64"),
                                   losses.MulticlassHinge(margin=0.5, name="h")], ids=lambda loss: loss.name)
 def test_loss_config_round_trip(loss):
     config = loss.get_config()
@@ -384,6 +433,7 @@ def test_loss_config_round_trip(loss):
     assert clone.get_config() == config
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
     assert type(restored) is type(loss) and restored.get_config() == config
+    assert restored.dtype == clone.dtype == loss.dtype
     labels, logits = random_batch(5, 3)
     np.testing.assert_allclose(to_numpy(restored(labels, logits)), to_numpy(loss(labels, logits)))
 
@@ -425,6 +475,33 @@ def test_bad_loss_parameters_raise(loss_class, parameter, bad):
         loss_class(**{parameter: bad})
 
 
+@pytest.mark.parametrize("bad", ["1", True, None, [1.0, "2"], np.array([True])], ids=repr)
+def test_parameters_that_are_not_numbers_are_refused(bad):
+    with pytest.raises(TypeError, match="sigma must be a number or a sequence of numbers"):
+        losses.Gcdf(sigma=bad)
+    with pytest.raises(TypeError, match="temperature must be a number"):
+        ki.tempered_crossentropy([0], [[1.0, 0.0]], bad)
+
+
+def test_labels_that_are_not_whole_numbers_are_refused():
+    logits = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match=r"y_true: float labels must be whole numbers, got \[1.7\]"):
+        ki.gcdf(np.array([1.7, 0.0]), logits, 1.0)
+    np.testing.assert_array_equal(to_numpy(ki.zero_one_error(np.array([2.0, 0.0]), logits)), [1.0, 0.0])
+
+
+@tensorflow_only
+def test_string_labels_are_refused_naming_y_true():
+    with pytest.raises(TypeError, match="y_true must be integer labels or one-hot rows of numbers, got dtype string"):
+        ki.gcdf(np.array(["a", "b"]), np.zeros((2, 3), np.float32), 1.0)
+
+
+def test_feature_norms_must_be_one_per_sample():
+    labels, logits = random_batch(1, 3)
+    with pytest.raises(ValueError, match="feature_norm and y_pred have different batch sizes: 3 and 1"):
+        ki.gcdf(labels, logits, 1.0, feature_norm=np.array([1.0, 2.0, 3.0]))
+
+
 def test_bad_feature_norm_raises():
     with pytest.raises(ValueError, match="feature_norm"):
         ki.gcdf([0], [[1.0, 0.0]], 1.0, feature_norm=0.0)
@@ -459,6 +536,20 @@ def test_label_outside_range_is_refused_when_compiled(label):
     assert np.all(np.isfinite(to_numpy(panel(np.array([0, 2, 1], np.int32), logits))))  # compiles, runs fine
     # "y_true: label outside [0, classes)" (keras.ops path), "labels[1] = 3 is outside [0, 3)" (the op).
     assert_refused_when_compiled(lambda: panel(np.array([0, label, 1], np.int32), logits), r"outside \[0, ", [1])
+
+
+@tensorflow_only
+def test_under_tensorflow_xla_a_bad_label_gives_a_nan_row():
+    """jit_compile=True (Keras' default on GPUs) drops TensorFlow's Assert ops: the keras.ops path's NaN rows are
+    what remains, never a silent number (the fused op is not XLA-compilable, so XLA takes that path)."""
+    import tensorflow as tf
+
+    panel = tf.function(lambda y, s: ki.panel_values(y, s, sigmas=[0.5], temperatures=[1], margins=[1], error=True),
+                        jit_compile=True)
+    labels, logits = random_batch(4, 3)
+    labels[2] = 7
+    values = to_numpy(panel(labels, logits))
+    assert np.all(np.isnan(values[2])) and np.all(np.isfinite(np.delete(values, 2, axis=0)))
 
 
 @pytest.mark.parametrize("logits", [np.zeros(3), np.zeros((2, 3, 4)), np.zeros((2, 1))])

@@ -111,3 +111,12 @@ def test_top_layer_must_be_dense():
     model = keras.Model(inputs, keras.layers.ReLU()(keras.layers.Dense(2)(inputs)))
     with pytest.raises(ValueError, match="not a Dense layer"):
         top_layer(model)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid", "relu"])
+def test_top_layer_must_output_logits(activation):
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation=activation)(inputs))
+    with pytest.raises(ValueError, match=f"has activation '{activation}'"):
+        top_layer(model)
+    assert top_layer(keras.Model(inputs, keras.layers.Dense(2)(inputs))).activation.__name__ == "linear"
