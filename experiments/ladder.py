@@ -46,21 +46,23 @@ def main(argv=None) -> int:
         if missing:
             raise analysis.RunDirectoryError(f"no group {', '.join(map(repr, missing))} among the runs: "
                                              f"{', '.join(map(repr, groups))}")
-        sections = []
-        for hold in args.holds:
-            ladder = analysis.loss_ladder(groups[args.a], groups[args.b], args.levels, hold=hold)
-            for path in plots.save_figure(plots.plot_ladder(ladder), args.out, f"ladder_hold{hold}", args.formats):
-                print(path)
-            definition = "first crossing" if hold == 0 else f"crossing that holds for {hold} more tracking points"
-            for family in ladder.families:
-                sections.append(f"### {family}: {ladder.a} / {ladder.b}, {definition}\n\n"
-                                + analysis.ladder_markdown(ladder, family, args.parameters))
-            if ladder.skipped:
-                sections.append("Levels left out: " + "; ".join(f"{level:g} ({problem})"
-                                                                 for level, problem in ladder.skipped.items()))
-    except (analysis.RunDirectoryError, analysis.GridMismatchError, analysis.LevelNotReachedError) as error:
+        # Every ladder first: a problem with one of them stops the script before anything is written.
+        ladders = [analysis.loss_ladder(groups[args.a], groups[args.b], args.levels, hold=hold) for hold in args.holds]
+    except (analysis.RunDirectoryError, analysis.GridMismatchError, analysis.LevelNotReachedError,
+            ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    sections = []
+    for hold, ladder in zip(args.holds, ladders):
+        for path in plots.save_figure(plots.plot_ladder(ladder), args.out, f"ladder_hold{hold}", args.formats):
+            print(path)
+        definition = "first crossing" if hold == 0 else f"crossing that holds for {hold} more tracking points"
+        for family in ladder.families:
+            sections.append(f"### {family}: {ladder.a} / {ladder.b}, {definition}\n\n"
+                            + analysis.ladder_markdown(ladder, family, args.parameters))
+        if ladder.skipped:
+            sections.append("Levels left out: " + "; ".join(f"{level:g} ({problem})"
+                                                             for level, problem in ladder.skipped.items()))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ladder.md").write_text("\n\n".join(sections) + "\n")
     print(args.out / "ladder.md")

@@ -10,14 +10,16 @@
 Writes runs/NAME/ (config.json, status.json, metrics.jsonl, tb/, checkpoint.npz and checkpoint.prev.npz);
 rerunning the same command resumes an interrupted run. Everything here is ``keras_implicit.training.train``; this script
 only parses flags. Exit codes: 0 finished (or already finished), 1 the run cannot start (locked
-directory, another configuration, missing data), 2 bad flags, 3 diverged, 4 another worker of a
-multi-worker run stopped (rerun every worker's command to resume), 130 interrupted (Ctrl-C).
+directory, another configuration, --epochs below what the run has trained, missing or unusable data), 2 bad
+flags, 3 diverged, 4 another worker of a multi-worker run stopped (rerun every worker's command to resume), 130
+interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -39,14 +41,21 @@ SETTINGS_AS_FLAGS = {
     "another run_dir": "--out for another directory",
     "cpu_replicas": "--cpu-replicas",
     "ghost_batch_size": "--ghost-batch-size",
+    "batch_size": "--batch-size",
+    "train_subset": "--train-subset",
+    "data_dir": "--data-dir",
+    "seed must": "--seed must",
+    "epochs=": "--epochs ",
     "KERAS_BACKEND=": "--backend ",
 }
 
 
 def as_flags(message: str) -> str:
-    """A library message in this script's words (``overwrite=True`` -> ``--overwrite``, ...)."""
+    """A library message in this script's words (``overwrite=True`` -> ``--overwrite``, ...); a setting's name
+    inside a path or a longer name (``/data/data_dir/``, ``my_train_subset``) is left alone."""
     for setting, flag in SETTINGS_AS_FLAGS.items():
-        message = message.replace(setting, flag)
+        after = r"(?![\w/-]|\.\w)" if setting[-1].isalnum() or setting[-1] == "_" else ""
+        message = re.sub(r"(?<![\w/.-])" + re.escape(setting) + after, lambda _, flag=flag: flag, message)
     return message
 BACKENDS = ("tensorflow", "jax", "torch")
 
@@ -116,12 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=_positive_int, default=defaults.epochs,
                         help="number of epochs (the cap with --target-train-loss); an epoch is "
                              "n_train // batch-size whole batches")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="initialization and shuffling seed")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="initialization and shuffling seed, 0 to 2**32 - 1")
     parser.add_argument("--optimizer", default=defaults.optimizer, help="sgd (momentum 0.9) or adam")
     parser.add_argument("--loss", default=defaults.loss,
                         help="training loss: ce, or gcdf@SIGMA (SIGMA > 0), tce@T (T > 0), hinge@GAMMA (GAMMA >= 0)")
     parser.add_argument("--train-subset", type=_positive_int, default=None,
-                        help="train on a class-balanced subset of this many examples")
+                        help="train on a class-balanced subset of this many examples (at least one batch, at most "
+                             "60000 for fashion_mnist, 54215 for mnist, 50000 for cifar10)")
     parser.add_argument("--track-every", type=_positive_int, default=None,
                         help="also track every this many optimizer steps")
     parser.add_argument("--track-schedule", default=defaults.track_schedule,
@@ -130,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-train-loss", type=_positive_float, default=None,
                         help="stop once the tracked training cross-entropy is below this")
     parser.add_argument("--data-dir", default=None,
-                        help="directory with the dataset's IDX files (or CIFAR-10 batches, or a "
-                             "tensorflow-datasets data directory)")
+                        help="an existing directory with the dataset's IDX files (or CIFAR-10 batches, or a "
+                             "tensorflow-datasets data directory); given, no other directory is read (default: "
+                             "/usr/share/datasets/fashion-mnist, then tensorflow-datasets)")
     parser.add_argument("--deterministic", action="store_true",
                         help="enable TensorFlow's op determinism (bit-exact resume)")
     parser.add_argument("--out", default=None, help="run directory (default: runs/<name from the flags>)")
@@ -200,7 +212,8 @@ def main(argv=None) -> int:
     if result.state == "diverged":
         print(f"error: {out}: {result.message}", file=sys.stderr)
         return EXIT_DIVERGED
-    print(f"finished {out}: {result.message}, step {result.step}")
+    print(f"finished {out}: {result.message}" + ("" if f"step {result.step}" in result.message
+                                                   else f", step {result.step}"))
     return 0
 
 

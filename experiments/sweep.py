@@ -16,7 +16,10 @@ When every process has ended, the sweep writes ``RUNS_DIR/summary.md`` and ``RUN
 extremes; see ``keras_implicit.analysis``) and logs the runs to TensorBoard's hparams dashboard under
 ``RUNS_DIR/hparams/`` (``tensorboard --logdir RUNS_DIR/hparams``); ``--summary-dir`` puts these elsewhere.
 ``--level`` fixes the level; by default it is the lowest training CE that every finished run reaches.
-``--summary-only`` skips training.
+The grid points left out of the summary (no run directory, no metrics yet) are listed on one line.
+``--summary-only`` skips training and summarizes the grid's runs that exist: the grid flags name the run
+directories, so they must be the ones the runs were made with; when none of the grid's runs has metrics, the
+sweep says which run directories ``RUNS_DIR`` does hold and exits with code 1 (as when a run failed).
 """
 
 from __future__ import annotations
@@ -202,21 +205,81 @@ def write_hparams(records: list[dict], log_dir: Path) -> None:
                 tf.summary.scalar(name, value, step=0)
 
 
+# Folders that the sweep itself writes under --runs-dir (not run directories).
+OWN_FOLDERS = ("logs", "hparams")
+
+
+def _names(paths, most: int | None = None) -> str:
+    names = [getattr(p, "name", p) for p in paths]
+    if most is None or len(names) <= most:
+        return ", ".join(names)
+    return ", ".join(names[:most]) + f" and {len(names) - most} more"
+
+
+def _other_runs(runs_dir: Path, grid_dirs: list[Path]) -> list[Path]:
+    """The run directories under ``runs_dir`` (those with a metrics.jsonl) that are not the grid's."""
+    if not runs_dir.is_dir():
+        return []
+    ours = {d.resolve() for d in grid_dirs}
+    return sorted(d for d in runs_dir.iterdir() if d.is_dir() and d.name not in OWN_FOLDERS
+                  and (d / "metrics.jsonl").exists() and d.resolve() not in ours)
+
+
 def summarize(run_dirs: list[Path], out_dir: Path, level: float | None, hparams: bool = True,
-              stream=None) -> float | None:
-    """Writes summary.md, summary.csv (and the hparams logs) for the run directories that exist."""
-    stream = stream or sys.stdout
-    existing = [d for d in run_dirs if (d / "metrics.jsonl").exists()]
-    if not existing:
-        print("[sweep] no run has written metrics yet: no summary", file=stream)
+              stream=None, runs_dir: Path | None = None, error_stream=None) -> float | None:
+    """Writes summary.md, summary.csv (and the hparams logs) for the grid's run directories that hold metrics;
+    returns the level, or None when nothing was summarized.
+
+    The grid points left out (no run directory, no metrics.jsonl yet, unreadable) are named on one line of
+    ``stream``, with the run directories of ``runs_dir`` outside the grid. When none of the grid's runs can be
+    summarized (or they cannot be compared), one ``[sweep] error:`` line on ``error_stream`` says why, naming
+    the run directories that ``runs_dir`` does hold: the grid flags name the runs, so they must be the ones the
+    runs were made with."""
+    stream, error_stream = stream or sys.stdout, error_stream or sys.stderr
+    runs_dir = runs_dir if runs_dir is not None else (run_dirs[0].parent if run_dirs else Path("."))
+    missing = {"no run directory": [], "no metrics.jsonl yet": [], "unreadable": []}
+    runs = []
+    for run_dir in run_dirs:
+        if not run_dir.is_dir():
+            missing["no run directory"].append(run_dir.name)
+        elif not (run_dir / "metrics.jsonl").exists():
+            missing["no metrics.jsonl yet"].append(run_dir.name)
+        else:
+            try:
+                runs.append(analysis.load_run(run_dir))
+            except analysis.RunDirectoryError as error:
+                missing["unreadable"].append(f"{run_dir.name} ({error})")
+    left_out = "; ".join(f"{why}: {_names(names)}" for why, names in missing.items() if names)
+    others = _other_runs(runs_dir, run_dirs)
+    if not runs:
+        left_out = "; ".join(f"{why}: {_names(names, most=4)}" for why, names in missing.items() if names)
+        held = (f"{runs_dir} holds {len(others)} other run director{'y' if len(others) == 1 else 'ies'}: "
+                f"{_names(others, most=8)}" if others else f"{runs_dir} holds no other run directory")
+        print(f"[sweep] error: nothing to summarize: none of the grid's {len(run_dirs)} run(s) has metrics in "
+              f"{runs_dir} ({left_out}). {held}. The grid flags (--models, --datasets, --lrs, --batch-sizes, --seeds, "
+              "--ghost-batch-size, --train-subset and the run.py flags after --) name the run directories: they must "
+              "be the ones the runs were made with", file=error_stream, flush=True)
         return None
-    runs = [analysis.load_run(d) for d in existing]
-    if level is None:
-        # Runs still going (or stopped early) would drag the level up: use the finished ones when any.
-        finished = [r for r in runs if r.state == "finished"] or runs
-        level = analysis.common_level(finished)
-    (out_dir / "summary.md").write_text(analysis.summary_markdown(runs, level))
-    (out_dir / "summary.csv").write_text(analysis.summary_csv(analysis.summary_rows(runs, level)))
+    if left_out:
+        count = sum(len(names) for names in missing.values())
+        outside = (f"; {runs_dir} also holds {len(others)} run(s) outside this grid ({_names(others, most=8)}), "
+                   "left out too" if others else "")
+        print(f"[sweep] {count} of the grid's {len(run_dirs)} points are not in the summary ({left_out}){outside}",
+              file=stream, flush=True)
+    try:
+        if level is None:
+            # Runs still going (or stopped early) would drag the level up: use the finished ones when any.
+            finished = [r for r in runs if r.state == "finished"] or runs
+            level = analysis.common_level(finished)
+        markdown = analysis.summary_markdown(runs, level)
+        table = analysis.summary_csv(analysis.summary_rows(runs, level))
+    except ValueError as error:  # LevelNotReachedError, GridMismatchError: one line, not a traceback
+        print(f"[sweep] error: cannot summarize the grid's {len(runs)} run(s) with metrics: {error}",
+              file=error_stream, flush=True)
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.md").write_text(markdown)
+    (out_dir / "summary.csv").write_text(table)
     if hparams:
         write_hparams(analysis.hparams_records(runs, level), out_dir / "hparams")
     print(f"[sweep] summary at training CE {level:.4g}: {out_dir / 'summary.md'}, {out_dir / 'summary.csv'}",
@@ -287,20 +350,23 @@ def main(argv=None) -> int:
         for _, cmd, _ in jobs:
             print(shlex.join(cmd))
         return 0
-    args.runs_dir.mkdir(parents=True, exist_ok=True)
     failed = []
     if not args.summary_only:
+        args.runs_dir.mkdir(parents=True, exist_ok=True)
         codes = run_grid(jobs, args.jobs, args.runs_dir / "logs")
         # run.py exits 3 for a diverged run: a result, not a failure.
         failed = [name for name, code in codes.items() if code not in (None, 0, 3)]
-    summary_dir = args.summary_dir or args.runs_dir
-    summary_dir.mkdir(parents=True, exist_ok=True)
-    summarize([run_dir for _, _, run_dir in jobs], summary_dir, args.level, hparams=not args.no_hparams)
+    elif not args.runs_dir.is_dir():
+        print(f"[sweep] error: nothing to summarize: {args.runs_dir} does not exist (--runs-dir names the folder "
+              "of the run directories)", file=sys.stderr)
+        return 1
+    level = summarize([run_dir for _, _, run_dir in jobs], args.summary_dir or args.runs_dir, args.level,
+                      hparams=not args.no_hparams, runs_dir=args.runs_dir)
     if failed:
         print(f"[sweep] {len(failed)} run(s) failed: {', '.join(failed)} (see {args.runs_dir / 'logs'})",
               file=sys.stderr)
-        return 1
-    return 0
+    # Nothing summarized (nothing of the grid has metrics, or the runs cannot be compared) is a failure too.
+    return 1 if failed or level is None else 0
 
 
 if __name__ == "__main__":

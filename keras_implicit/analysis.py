@@ -16,15 +16,26 @@ A run directory holds::
 
 **Value at a training-loss level** (:func:`at_level`). The run's training CE is followed through
 its tracking points until it first drops to ``level`` or below (the *first crossing*). Between the
-two points around it, ``i - 1`` (CE above the level) and ``i`` (at or below it), every quantity is
-interpolated linearly in ``log CE``::
+two points around it, ``i - 1`` (CE above the level) and ``i`` (at or below it), the crossing lies at
+the fraction ``t`` of the way in ``log CE``::
 
     t = (log ce[i-1] - log level) / (log ce[i-1] - log ce[i])        0 < t <= 1
-    value = value[i-1] + t * (value[i] - value[i-1])
 
-and so are the epoch and the step of the crossing. CE falls roughly exponentially over training, so
-log CE is close to linear in time between two points. A run whose CE never gets down to the level
-(or that starts below it) raises :class:`LevelNotReachedError`.
+CE falls roughly exponentially over training, so log CE is close to linear in time between two points
+and ``t`` is the fraction of the *time* between them at which the crossing happens: the epoch and the
+step of the crossing are ``x[i-1] + t * (x[i] - x[i-1])``. Every other quantity is read at that same
+fraction of time, on the same exponential model, by :func:`interpolate`: geometrically when both of its
+values are > 0, linearly otherwise (the error, ``gcdf@0`` and the hinge can be exactly 0)::
+
+    log value = log value[i-1] + t * (log value[i] - log value[i-1])     value[i-1], value[i] > 0
+    value     = value[i-1] + t * (value[i] - value[i-1])                 otherwise
+
+So a quantity that equals the training CE (``tce@1``, the tempered CE at T = 1, *is* the cross-entropy)
+comes out at exactly the level, and one that changes exponentially in time between the two points is
+recovered exactly. ``values["ce"]`` is the level itself. The test split is read the same way at the
+crossing's step, at the fraction of the steps between the two test points around it (``t`` itself when
+the test points are at the training points' steps). A run whose CE never gets down to the level (or
+that starts below it) raises :class:`LevelNotReachedError`.
 
 **A settled crossing** (``hold=k``). Near convergence the tracked CE of a large learning rate is far from
 monotone (0.25, 0.35, 0.16, 0.29 at four consecutive points of one run): its first crossing of a level can land
@@ -49,6 +60,10 @@ two sides. Parameters <= 0 (sigma = 0) have no place on a log axis and are left 
 (and what does not change the experiment: data_dir, versions, git_commit, the tracking schedule, the epoch
 cap and target, determinism, the tf.distribute strategy and its replicas) form one group; values are
 reported as the mean and the sample standard deviation (ddof = 1; NaN for a single seed) over its seeds.
+Groups come in a fixed order, whatever the order of the runs: by model, dataset, optimizer, training loss
+and training subset, then from the fastest setting to the slowest (descending learning rate, ascending
+batch size, ascending ghost batch size), so two groups that differ by learning rate or batch size unpack
+as ``fast, slow = group_runs(runs)``.
 """
 
 from __future__ import annotations
@@ -87,6 +102,7 @@ __all__ = [
     "load_runs",
     "find_run_dirs",
     "check_same_grids",
+    "interpolate",
     "at_level",
     "curve_at_levels",
     "common_level",
@@ -165,7 +181,7 @@ class Run:
         path: the directory.
         name: its base name.
         config: config.json as a dict.
-        status: status.json as a dict ({} when the file is missing).
+        status: status.json as a dict ({} when the file is missing or unreadable: state ``"unknown"``).
         splits: ``{"train": {"epoch": array [N], "step": ..., "ce": ..., "gcdf@0.5": ...}, "test": ...}``,
             points sorted by step; a quantity missing at a point is NaN.
     """
@@ -222,6 +238,8 @@ def _read_json(path: Path, required: bool) -> dict:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RunDirectoryError(f"{path} is not valid JSON: {error}") from None
+    except OSError as error:
+        raise RunDirectoryError(f"{path} cannot be read: {error.strerror or error}") from None
     if not isinstance(value, dict):
         raise RunDirectoryError(f"{path} must hold a JSON object, got {type(value).__name__}")
     return value
@@ -298,26 +316,42 @@ def load_run(path: str | os.PathLike, strict: bool = False) -> Run:
             line elsewhere is always an error.
 
     Returns:
-        A :class:`Run`.
+        A :class:`Run`. A missing status.json gives ``state == "unknown"``; so does an unreadable one, with a
+        ``RuntimeWarning`` (it only summarizes the run: ``run.py`` resumes over it the same way).
 
     Raises:
-        RunDirectoryError: no such directory, config.json or metrics.jsonl missing or unreadable,
-            no complete training record, no ``ce``.
+        RunDirectoryError: no such directory (or a file instead of one), config.json or metrics.jsonl missing
+            or unreadable, no complete training record, no ``ce``.
     """
     path = Path(path)
     if not path.is_dir():
-        raise RunDirectoryError(f"{path} is not a directory")
+        raise RunDirectoryError(_not_a_run_directory(path))
     config = _read_json(path / "config.json", required=True)
-    status = _read_json(path / "status.json", required=False)
+    try:
+        status = _read_json(path / "status.json", required=False)
+    except RunDirectoryError as error:
+        # status.json only summarizes the run (run.py resumes over a damaged one and rewrites it).
+        warnings.warn(f"{error}: it only summarizes the run; reading the run with its state unknown",
+                      RuntimeWarning, stacklevel=2)
+        status = {}
     records = _read_records(path / "metrics.jsonl", strict)
     return Run(path=path, name=path.name, config=config, status=status, splits=_columns(records, path))
 
 
+def _not_a_run_directory(path: Path) -> str:
+    if not path.exists():
+        return f"{path} does not exist"
+    hint = f" (did you mean {path.parent}?)" if (path.parent / "config.json").exists() else ""
+    return (f"{path} is a file, not a run directory: give the folder that holds config.json and metrics.jsonl, "
+            f"or a folder of such folders{hint}")
+
+
 def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expands each path: a run directory (has config.json) stays, a folder of runs gives its runs."""
+    """Expands each path: a run directory (has config.json) stays, a folder of runs gives its runs (sorted by
+    name)."""
     found = []
     for path in map(Path, paths):
-        if (path / "config.json").exists():
+        if path.is_dir() and (path / "config.json").exists():
             found.append(path)
         elif path.is_dir():
             children = sorted(p for p in path.iterdir() if (p / "config.json").exists())
@@ -325,7 +359,7 @@ def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
                 raise RunDirectoryError(f"{path} is neither a run directory nor a folder of run directories")
             found.extend(children)
         else:
-            raise RunDirectoryError(f"{path} does not exist")
+            raise RunDirectoryError(_not_a_run_directory(path))
     return found
 
 
@@ -361,8 +395,8 @@ class LevelPoint:
         level: the training CE level.
         epoch, step: of the crossing (interpolated).
         values: every train quantity at the crossing (``"ce"`` equals ``level``).
-        test: test quantities interpolated to the crossing's step, or {} if the test points
-            do not bracket it.
+        test: test quantities read at the crossing's step (:func:`interpolate`, at the fraction of the steps
+            between the test points around it), or {} if the test points do not bracket it.
     """
 
     run: str
@@ -413,11 +447,60 @@ def _holds(ce: np.ndarray, i: int, level: float, hold: int) -> bool:
     return bool(np.all(np.isfinite(after)) and np.all(after <= level))
 
 
+def interpolate(v0, v1, t: float):
+    """The value at the fraction ``t`` (0 to 1) of the way from ``v0`` to ``v1``, as :func:`at_level` reads
+    every tracked quantity between two tracking points.
+
+    Geometric where both values are > 0 (``exp(log v0 + t (log v1 - log v0))``: exact for a quantity that
+    changes exponentially in time between the two points, as the training CE roughly does, and for the CE
+    itself at a level), linear where either is 0 or negative (``v0 + t (v1 - v0)``: the error and the hinge
+    reach 0). ``t = 0`` gives ``v0`` and ``t = 1`` gives ``v1`` exactly; in between, a NaN endpoint gives NaN.
+
+    Args:
+        v0, v1: the values at the two points (numbers or arrays of one shape).
+        t: the fraction, 0 <= t <= 1.
+
+    Returns:
+        A float for numbers, an array for arrays.
+
+    Example:
+        >>> interpolate(1.0, 0.25, 0.5), interpolate(0.0, 0.5, 0.5)
+        (0.5, 0.25)
+    """
+    t = float(t)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"the fraction t must lie in [0, 1], got {t!r}")
+    a, b = np.asarray(v0, dtype=np.float64), np.asarray(v1, dtype=np.float64)
+    if t == 0.0 or t == 1.0:
+        out = np.broadcast_to(a if t == 0.0 else b, np.broadcast_shapes(a.shape, b.shape)).copy()
+    else:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            positive = (a > 0) & (b > 0) & np.isfinite(a) & np.isfinite(b)
+            log_a, log_b = np.log(np.where(positive, a, 1.0)), np.log(np.where(positive, b, 1.0))
+            out = np.where(positive, np.exp(log_a + t * (log_b - log_a)), a + t * (b - a))
+    return float(out) if out.ndim == 0 else out
+
+
+def _at_step(steps: np.ndarray, column: np.ndarray, step: float) -> float:
+    """``column`` (over tracking points at ``steps``) read at ``step`` with :func:`interpolate`, at the fraction
+    of the steps between the two finite points around it; NaN when none are around it."""
+    ok = np.isfinite(column) & np.isfinite(steps)
+    steps, column = steps[ok], column[ok]
+    if steps.size == 0 or not steps[0] <= step <= steps[-1]:
+        return math.nan
+    j = int(np.searchsorted(steps, step, side="left"))
+    if steps[j] == step:
+        return float(column[j])
+    return interpolate(column[j - 1], column[j], (step - steps[j - 1]) / (steps[j] - steps[j - 1]))
+
+
 def at_level(run: Run, level: float, hold: int = 0) -> LevelPoint:
     """Every tracked quantity of ``run`` where its training CE first comes down to ``level``.
 
-    Interpolation is linear in log CE between the two tracking points around the first crossing
-    (see the module docstring). Test quantities are interpolated linearly in step to the crossing.
+    The crossing lies at the fraction ``t`` of the way, in log CE, between the two tracking points around
+    it: the epoch and step are ``t`` of the way between theirs, and every other quantity is read at that
+    fraction with :func:`interpolate` (geometrically where both values are > 0, linearly where one is 0; see
+    the module docstring). Test quantities are read the same way at the crossing's step.
 
     Args:
         run: a loaded run.
@@ -440,7 +523,12 @@ def at_level(run: Run, level: float, hold: int = 0) -> LevelPoint:
     i, t = _crossing(train["ce"], float(level), run.name, run.state, hold)
     values = {}
     for key, column in train.items():
-        values[key] = float(column[i]) if i == 0 else float(column[i - 1] + t * (column[i] - column[i - 1]))
+        if i == 0:
+            values[key] = float(column[0])
+        elif key in ("epoch", "step"):  # time: t is the fraction of it
+            values[key] = float(column[i - 1] + t * (column[i] - column[i - 1]))
+        else:
+            values[key] = interpolate(column[i - 1], column[i], t)
     values["ce"] = float(level) if i > 0 else float(train["ce"][0])
     epoch, step = values.pop("epoch"), values.pop("step")
     test = {}
@@ -448,11 +536,8 @@ def at_level(run: Run, level: float, hold: int = 0) -> LevelPoint:
         columns = run.splits["test"]
         steps = columns["step"]
         if steps.size and steps[0] <= step <= steps[-1]:
-            for key, column in columns.items():
-                if key in ("epoch", "step"):
-                    continue
-                ok = np.isfinite(column)
-                test[key] = float(np.interp(step, steps[ok], column[ok])) if ok.sum() else math.nan
+            test = {key: _at_step(steps, column, step) for key, column in columns.items()
+                    if key not in ("epoch", "step")}
     return LevelPoint(run=run.name, level=float(level), epoch=epoch, step=step, values=values, test=test)
 
 
@@ -726,7 +811,8 @@ def loss_ladder(a: RunGroup, b: RunGroup, levels: Sequence[float] = DEFAULT_LADD
                 paired = (np.array([[pa.values[n] for n in names[family]] for pa, _ in pairs], np.float64)
                           / np.array([[pb.values[n] for n in names[family]] for _, pb in pairs], np.float64))
             if len(pairs) > 1:
-                ratio_std[family][row] = np.std(paired, axis=0, ddof=1)
+                with np.errstate(invalid="ignore", over="ignore"):  # inf ratios (a loss at 0 in b): NaN spread
+                    ratio_std[family][row] = np.std(paired, axis=0, ddof=1)
             crossings[family].append(crossovers(params[family], mean_a, mean_b))
             seed_crossings[family].append({
                 run_a: crossovers(params[family], [pa.values[n] for n in names[family]],
@@ -813,23 +899,59 @@ class RunGroup:
         return [run.seed for run in self.runs]
 
 
+# The order of group_runs: the setting first, then from the fastest (largest lr, smallest batch) to the slowest.
+_ORDER_SETTING = ("model", "dataset", "optimizer", "loss", "train_subset")
+_ORDER_SPEED = (("lr", True), ("batch_size", False), ("ghost_batch_size", False))
+
+
+def _order_value(value, descending: bool = False) -> tuple:
+    """A sort key for one config value: numbers (descending if asked), then strings, then None."""
+    if value is None:
+        return (2,)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return (0, -value if descending else value)
+    return (1, str(value))
+
+
+def _group_order(config: Mapping) -> tuple:
+    return (*(_order_value(config.get(k)) for k in _ORDER_SETTING),
+            *(_order_value(config.get(k), descending) for k, descending in _ORDER_SPEED),
+            _experiment_key(config))
+
+
 def group_runs(runs: Sequence[Run]) -> list[RunGroup]:
     """Groups runs whose configs agree except for the seed and bookkeeping keys.
 
     Labels name only the config keys (model, dataset, lr, batch size, ...) that differ between
     groups, so two groups that differ by learning rate read ``"lr=0.1"`` and ``"lr=0.001"``.
-    Groups keep the order in which their first run appears.
+
+    The order does not depend on the order of ``runs`` (:func:`load_runs` sorts directory names, in which
+    ``lr0.01`` comes before ``lr0.1`` and ``b1024`` before ``b256``). Groups are sorted by
+
+    1. the setting: model, dataset, optimizer, training loss, training subset (numbers ascending, then
+       names alphabetically, then unset values);
+    2. then from the fastest setting to the slowest: **descending learning rate**, then **ascending batch
+       size**, then ascending ghost batch size;
+    3. then the rest of the config (its JSON text), so that any two groups have a fixed order.
+
+    Two groups that differ only by learning rate or only by batch size therefore unpack as
+    ``fast, slow = group_runs(runs)``: the larger learning rate or the smaller batch first, the setting the
+    paper expects to be lower at large σ, T, γ. Within a group runs are sorted by seed (then by name), and
+    ``config`` is the first one's.
     """
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(_experiment_key(run.config), []).append(run)
-    configs = [members[0].config for members in groups.values()]
+    members_of = [sorted(members, key=lambda r: (r.seed is None, r.seed if isinstance(r.seed, (int, float)) else 0,
+                                                 r.name))
+                  for members in groups.values()]
+    members_of.sort(key=lambda members: _group_order(members[0].config))
+    configs = [members[0].config for members in members_of]
     differing = [k for k in _LABEL_KEYS if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
     result = []
-    for members in groups.values():
+    for members in members_of:
         config = members[0].config
         label = describe_config(config, differing) if differing else describe_config(config)
-        members = sorted(members, key=lambda r: (r.seed is None, r.seed if isinstance(r.seed, (int, float)) else 0))
         result.append(RunGroup(label=label or members[0].name, config=config, runs=members))
     return result
 

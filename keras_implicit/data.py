@@ -6,19 +6,23 @@
    ``train-labels-idx1-ubyte[.gz]``, ``t10k-images-idx3-ubyte[.gz]``, ``t10k-labels-idx1-ubyte[.gz]``)
    for MNIST / Fashion-MNIST, or CIFAR-10's python batches (``data_batch_1`` .. ``data_batch_5``,
    ``test_batch``, directly or under ``cifar-10-batches-py/``);
-2. the system directories of Debian's packages (``/usr/share/datasets/fashion-mnist`` from
-   ``dataset-fashion-mnist``);
+2. without ``data_dir`` only: the system directories of Debian's packages
+   (``/usr/share/datasets/fashion-mnist`` from ``dataset-fashion-mnist``);
 3. ``tfds.load`` (which downloads when there is a network; ``data_dir`` is passed on as its data
    directory).
 
-If none works, :class:`DatasetUnavailableError` says how to get the data.
+A ``data_dir`` that is given is the only place the data may come from besides tensorflow-datasets (it is what a
+run records): it must be an existing directory, and no system directory stands in for it. If nothing works,
+:class:`DatasetUnavailableError` says where it looked and how to get the data.
 
 Preprocessing: pixels scaled to [0, 1] (float32, images [N, H, W, C]); CIFAR-10 is then standardized
 per channel with the training set's mean and standard deviation. No augmentation.
 
 ``train_subset=N`` keeps a class-balanced subset of the training set: ``N // classes`` examples of each
 class (the first ``N % classes`` classes get one more), the first ones of each class in the file's order,
-so the subset is the same for every seed. The test set is always complete.
+so the subset is the same for every seed; ``N`` must be at least the number of classes and at most what
+:func:`balanced_subset_range` gives for the class counts (for the standard training sets, without loading them:
+``training.TRAIN_CLASS_COUNTS``). The test set is always complete.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from typing import Optional
 
 import numpy as np
 
-from keras_implicit.training import DATASETS  # the one list of dataset names (TensorFlow-free, for validation)
+# The one list of dataset names and of their training sets' class counts (TensorFlow-free, for validation).
+from keras_implicit.training import DATASETS, TRAIN_CLASS_COUNTS
 
 __all__ = [
     "DATASETS",
@@ -43,10 +48,11 @@ __all__ = [
     "write_idx",
     "load_idx_dir",
     "class_balanced_subset",
+    "balanced_subset_range",
     "load_dataset",
 ]
 
-NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10}
+NUM_CLASSES = {name: len(counts) for name, counts in TRAIN_CLASS_COUNTS.items()}
 
 # split -> (images file, labels file), without the optional ".gz".
 IDX_FILES = {
@@ -258,22 +264,38 @@ def _load_tfds(name, data_dir):
 # --------------------------------------------------------------------------- #
 # Subsets and preprocessing
 # --------------------------------------------------------------------------- #
+def balanced_subset_range(class_counts) -> tuple[int, int]:
+    """``(smallest, largest)`` size that :func:`class_balanced_subset` can take from a training set with
+    ``class_counts[c]`` examples of class ``c``: at least one example of each class, and at most ``q * C + r``
+    where ``q`` is the smallest class's count and the first ``r`` classes (those before the first class of
+    count ``q``) can give one more. Fashion-MNIST (6000 of each class): (10, 60000); MNIST (its class 5 has
+    5421): (10, 54215)."""
+    counts = [int(c) for c in class_counts]
+    smallest = min(counts)
+    return len(counts), smallest * len(counts) + counts.index(smallest)
+
+
 def class_balanced_subset(labels: np.ndarray, size: int, num_classes: int) -> np.ndarray:
     """Indices (sorted) of a class-balanced subset: ``size // num_classes`` of each class, the first
-    ``size % num_classes`` classes one more, taking each class's first examples in the given order."""
+    ``size % num_classes`` classes one more, taking each class's first examples in the given order.
+
+    Raises ValueError unless ``size`` is within :func:`balanced_subset_range` of the labels' class counts."""
     labels = np.asarray(labels)
     size = int(size)
+    counts = np.bincount(labels[(labels >= 0) & (labels < num_classes)], minlength=num_classes)
+    low, high = balanced_subset_range(counts)
+    limits = f"a class-balanced subset of these {len(labels)} examples holds from {low} to {high}"
     if size < num_classes:
-        raise ValueError(f"train_subset must be >= the number of classes ({num_classes}), got {size}")
+        raise ValueError(f"train_subset {size} is smaller than the number of classes ({num_classes}): {limits}")
     if size > len(labels):
-        raise ValueError(f"train_subset {size} is larger than the training set ({len(labels)} examples)")
+        raise ValueError(f"train_subset {size} is larger than the training set ({len(labels)} examples): {limits}")
     chosen = []
     for label in range(num_classes):
         wanted = size // num_classes + (1 if label < size % num_classes else 0)
         members = np.flatnonzero(labels == label)
         if len(members) < wanted:
             raise ValueError(
-                f"train_subset {size}: class {label} has only {len(members)} examples, {wanted} needed"
+                f"train_subset {size}: class {label} has only {len(members)} examples, {wanted} needed ({limits})"
             )
         chosen.append(members[:wanted])
     return np.sort(np.concatenate(chosen))
@@ -290,14 +312,39 @@ def _preprocess(name, x_train, y_train, x_test, y_test):
     return x_train, np.asarray(y_train, np.int32), x_test, np.asarray(y_test, np.int32)
 
 
+def _expected_files(name) -> str:
+    if name == "cifar10":
+        return ("CIFAR-10's python batches data_batch_1 .. data_batch_5 and test_batch, directly or under "
+                "cifar-10-batches-py/")
+    return "the IDX files " + ", ".join(s + "[.gz]" for pair in IDX_FILES.values() for s in pair)
+
+
+def _local_files(name, directory):
+    """The raw arrays of ``name`` in ``directory`` (IDX files or CIFAR-10 batches) and where they are, or
+    (None, None) when the directory does not hold them."""
+    if name == "cifar10":
+        found = _cifar_dir(directory)
+        return (_load_cifar_dir(found), found) if found else (None, None)
+    if _idx_paths(directory) is not None:
+        return load_idx_dir(directory), directory
+    return None, None
+
+
+def _missing_idx_files(directory) -> list[str]:
+    """The standard IDX files that ``directory`` lacks, when it holds some of them (else [])."""
+    missing = [s for pair in IDX_FILES.values() for s in pair if _find_file(directory, s) is None]
+    return missing if len(missing) < 4 else []
+
+
 def load_dataset(name: str = "fashion_mnist", data_dir: Optional[str] = None,
                  train_subset: Optional[int] = None, allow_download: bool = True) -> Dataset:
     """Loads and preprocesses one of :data:`DATASETS` (see the module docstring for the search order).
 
     Args:
         name: ``"fashion_mnist"``, ``"mnist"`` or ``"cifar10"``.
-        data_dir: a directory with the standard IDX files (or CIFAR-10 python batches), or a
-            tensorflow-datasets data directory.
+        data_dir: an existing directory with the standard IDX files (or CIFAR-10 python batches), or a
+            tensorflow-datasets data directory; given, it replaces the system directories (nothing else on
+            disk is read).
         train_subset: keep a class-balanced subset of this many training examples.
         allow_download: whether to fall back to ``tfds.load``.
 
@@ -305,8 +352,9 @@ def load_dataset(name: str = "fashion_mnist", data_dir: Optional[str] = None,
         A :class:`Dataset`.
 
     Raises:
-        ValueError: unknown name or bad subset size.
-        DatasetUnavailableError: no local files and tensorflow-datasets failed; says how to get it.
+        ValueError: unknown name or bad subset size (:func:`class_balanced_subset`), damaged files.
+        DatasetUnavailableError: ``data_dir`` does not exist or is not a directory; no local files and
+            tensorflow-datasets failed. The message says where it looked and how to get the data.
 
     Example:
         >>> data = load_dataset("fashion_mnist", train_subset=1000)
@@ -318,28 +366,38 @@ def load_dataset(name: str = "fashion_mnist", data_dir: Optional[str] = None,
     if train_subset is not None and int(train_subset) <= 0:
         raise ValueError(f"train_subset must be a positive number of examples, got {train_subset}")
     num_classes = NUM_CLASSES[name]
-    directories = ([data_dir] if data_dir else []) + list(SYSTEM_DIRS[name])
+    system = [d for d in SYSTEM_DIRS[name] if os.path.isdir(d)]
+    if data_dir:
+        if not os.path.isdir(data_dir):
+            what = "is not a directory" if os.path.exists(data_dir) else "does not exist"
+            elsewhere = f"leave it out to use {system[0]}" if system else "create it for tensorflow-datasets to use"
+            raise DatasetUnavailableError(
+                f"data_dir {data_dir} {what}: give a directory that holds {name}'s files ({_expected_files(name)}) "
+                f"or a tensorflow-datasets data directory, or {elsewhere}")
+        directories = [data_dir]  # given: it is what a run records, so nothing else on disk stands in for it
+    else:
+        directories = system
     raw, source = None, None
     for directory in directories:
-        if not os.path.isdir(directory):
-            continue
-        if name == "cifar10":
-            found = _cifar_dir(directory)
-            if found:
-                raw, source = _load_cifar_dir(found), found
-        elif _idx_paths(directory) is not None:
-            raw, source = load_idx_dir(directory), directory
+        raw, source = _local_files(name, directory)
         if raw is not None:
             break
     if raw is None:
+        if data_dir:
+            missing = [] if name == "cifar10" else _missing_idx_files(data_dir)
+            looked = (f"data_dir {data_dir} does not hold {name}'s files ("
+                      + (f"it lacks {', '.join(missing)}" if missing else f"{_expected_files(name)}") + ")")
+            if system:
+                looked += f"; leave data_dir out to use {system[0]}"
+        else:
+            looked = f"looked in {', '.join(SYSTEM_DIRS[name]) or 'no local directory'}"
         if not allow_download:
-            raise DatasetUnavailableError(f"{name} is not on this machine: {_HOW_TO_GET[name]}")
+            raise DatasetUnavailableError(f"{name} is not on this machine ({looked}): {_HOW_TO_GET[name]}")
         try:
             raw = _load_tfds(name, data_dir)
         except Exception as error:  # tfds raises many kinds (network, checksum, missing builder files)
-            looked = ", ".join(directories) or "no local directory"
             raise DatasetUnavailableError(
-                f"{name} is not on this machine (looked in {looked}) and tensorflow-datasets could not load it "
+                f"{name} is not on this machine ({looked}) and tensorflow-datasets could not load it "
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). To get it: "
                 f"{_HOW_TO_GET[name]}."
             ) from error

@@ -100,8 +100,8 @@ def _validate_parameters(values, name: str, *, allow_zero: bool):
         raise ValueError(f"{name} must be {relation}, got {array.tolist()}")
     names = [format_parameter(value) for value in array]
     if len(set(names)) < len(names):
-        raise ValueError(f"{name} holds values that are equal to 7 significant digits (their metrics would have "
-                         f"one name): {array.tolist()}")
+        raise ValueError(f"{name} has repeated values (equal to 7 significant digits, so their metrics would share "
+                         f"a name): {array.tolist()}")
     return array, scalar
 
 

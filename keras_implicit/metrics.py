@@ -176,8 +176,6 @@ class AltLossPanel(keras.metrics.Metric):
         self.names = _losses.panel_names(self.sigmas, self.temperatures, self.margins, self.error)
         if not self.names:
             raise ValueError("the panel is empty: give sigmas, temperatures, margins or error=True")
-        if len(set(self.names)) != len(self.names):
-            raise ValueError(f"the panel has repeated parameters: {self.names}")
         self.totals = self.add_variable(shape=(len(self.names),), initializer="zeros", name="totals")
         self.count = self.add_variable(shape=(), initializer="zeros", name="count")
 

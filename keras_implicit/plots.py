@@ -36,6 +36,7 @@ import functools
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -45,6 +46,7 @@ import matplotlib.font_manager
 import matplotlib.lines
 import matplotlib.ticker
 import numpy as np
+from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 from matplotlib.textpath import TextPath
 
@@ -62,6 +64,8 @@ __all__ = [
     "readable_log_ticks",
     "save_figure",
     "plot_all",
+    "PlotWarning",
+    "DEFAULT_QUANTITIES",
 ]
 
 # (colour, line style, marker) per run group: distinct in grayscale through style and marker.
@@ -107,6 +111,13 @@ def _mean_std(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     if stack.shape[0] < 2:
         return mean, None
     return mean, np.nanstd(stack, axis=0, ddof=1)
+
+
+def _legend_above(fig, ax, **kwargs):
+    """The legend of ``ax``'s lines, above every panel of ``fig`` (outside the axes, so it covers no data)."""
+    handles, labels = ax.get_legend_handles_labels()
+    return fig.legend(handles, labels, loc="outside upper center", ncol=min(len(handles), 3) or 1,
+                      fontsize=8, **kwargs)
 
 
 # --------------------------------------------------------------------------- #
@@ -433,13 +444,24 @@ def plot_training_curves(runs, family: str, split: str = "train", x: str = "epoc
 # Figs. 6, 15
 # --------------------------------------------------------------------------- #
 def _level_grid(runs: Sequence[analysis.Run], count: int) -> np.ndarray:
-    low = analysis.common_level(runs)
-    high = min(float(run.series("ce")[1][0]) for run in runs)
+    """``count`` log-spaced training-CE levels from just below the highest starting CE down to the lowest CE
+    that any run reaches (before a NaN: nothing after a divergence counts)."""
+    starts, lows = [], []
+    for run in runs:
+        ce = run.series("ce")[1]
+        finite = ce[:int(np.argmax(~np.isfinite(ce))) if not np.all(np.isfinite(ce)) else ce.size]
+        finite = finite[finite > 0]
+        if finite.size:
+            starts.append(float(ce[0]))
+            lows.append(float(finite.min()))
+    if not starts:
+        raise analysis.LevelNotReachedError("no run has a finite training CE > 0")
+    high, low = max(starts) * 0.999, min(lows)
     if not high > low:
         raise analysis.LevelNotReachedError(
-            f"the runs share no range of training CE: starts at {high:.4g}, lowest common level {low:.4g}"
-        )
-    return np.geomspace(high * 0.999, low, count)
+            f"the runs span no range of training CE: the highest start is {max(starts):.4g}, the lowest CE "
+            f"reached {low:.4g}")
+    return np.geomspace(high, low, count)
 
 
 def plot_against_train_loss(runs, quantities: Sequence[str] = ("gcdf@0.5", "gcdf@1", "gcdf@8", "error"),
@@ -447,9 +469,14 @@ def plot_against_train_loss(runs, quantities: Sequence[str] = ("gcdf@0.5", "gcdf
     """Figs. 6 and 15: chosen quantities against the training CE, runs overlaid, one panel each.
 
     Each curve gives the quantity at the first crossing of each training-CE level
-    (:func:`keras_implicit.analysis.at_level`) over log-spaced levels between the runs' common start
-    and the lowest level all of them reach; seeds are averaged, with a ± std band. The CE axis is
-    logarithmic and reversed, so training runs left to right.
+    (:func:`keras_implicit.analysis.at_level`) over log-spaced levels from the highest starting CE down to
+    the lowest CE that any run reaches; a group is drawn (as the mean of its seeds, with a ± std band) at the
+    levels that every one of its seeds reaches, so the runs need not share a level. The CE axis is
+    logarithmic and reversed, so training runs left to right. The legend sits above the panels.
+
+    Raises:
+        KeyError: a run did not track a quantity (named).
+        LevelNotReachedError: the runs span no range of training CE (a single point each).
 
     Returns:
         A Figure with one Axes per quantity.
@@ -466,10 +493,12 @@ def plot_against_train_loss(runs, quantities: Sequence[str] = ("gcdf@0.5", "gcdf
     for ax, quantity, letter in zip(axes[0], quantities, "abcdefghijklmnopqrstuvwxyz"):
         for g, group in enumerate(groups):
             stack = np.array([analysis.curve_at_levels(run, quantity, levels) for run in group.runs])
-            mean, std = _mean_std(stack)
+            mean = stack.mean(axis=0)  # NaN where some seed does not reach the level: the group's line ends
+            std = stack.std(axis=0, ddof=1) if stack.shape[0] > 1 else None
             colour, style, marker = RUN_STYLES[g % len(RUN_STYLES)]
+            label = f"{group.label} (n={len(group.runs)})" if len(group.runs) > 1 else group.label
             ax.plot(levels, mean, color=colour, linestyle=style, marker=marker, markevery=(g * 2, 10),
-                    markersize=4, label=group.label)
+                    markersize=4, label=label)
             _band(ax, levels, mean, std, colour)
         family, parameter = analysis.parse_name(quantity)
         title = ("train error" if quantity == "error" else
@@ -483,7 +512,7 @@ def plot_against_train_loss(runs, quantities: Sequence[str] = ("gcdf@0.5", "gcdf
         ax.set_xlabel("training cross-entropy")
         ax.set_ylabel(quantity)
         ax.grid(True, which="major", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    _legend_above(fig, axes[0][0])
     return fig
 
 
@@ -495,7 +524,10 @@ def plot_family_at_level(runs, level: float, families: Sequence[str] = analysis.
 
     Both axes are logarithmic. With ``ratio`` (and two or more groups) a second row shows each
     group's values divided by the first group's: a curve crossing 1 marks a crossover
-    (:func:`keras_implicit.analysis.crossovers`). Parameters <= 0 are left out (log axis).
+    (:func:`keras_implicit.analysis.crossovers`). Runs are grouped in the order of
+    :func:`keras_implicit.analysis.group_runs` (RunGroups keep the order given), so the reference is the
+    largest learning rate / smallest batch: a ratio above 1 at large parameters says that the slower
+    setting is higher there. Parameters <= 0 are left out (log axis). The legend sits above the panels.
 
     Raises:
         LevelNotReachedError: a run does not reach ``level``.
@@ -541,7 +573,7 @@ def plot_family_at_level(runs, level: float, families: Sequence[str] = analysis.
             axes[1][col].axhline(1.0, color="0.5", linewidth=0.8)
             axes[1][col].set_ylabel(f"ratio to {groups[0].label}", fontsize=8)
             axes[1][col].grid(True, which="major", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    _legend_above(fig, axes[0][0])
     return fig
 
 
@@ -552,7 +584,8 @@ def plot_ladder(ladder: analysis.Ladder, families: Sequence[str] | None = None, 
     the ratio is on the axis); a line crossing 1 marks a crossover.
     Both axes are logarithmic; parameters <= 0 are left out. The ratio axis shows at most [1 / ``limit``,
     ``limit``] (near convergence a loss that reaches 0 in one setting makes the ratio run off to 1e25 and
-    flatten every other line); a clipped axis says so in its label.
+    flatten every other line); a clipped axis says so in its label. The legend (one entry per level) sits to
+    the right of the panels.
 
     Returns:
         A Figure with one column per family.
@@ -596,7 +629,8 @@ def plot_ladder(ladder: analysis.Ladder, families: Sequence[str] | None = None, 
         axis.set_title(f"({'abc'[col] if col < 3 else col}) {analysis.FAMILY_TITLE[family]}", fontsize=10)
         axis.grid(True, which="major", alpha=0.3)
     crossing = "first crossing" if ladder.hold == 0 else f"crossing held {ladder.hold} points"
-    axes[0].legend(fontsize=7, title=crossing, title_fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7, title=crossing, title_fontsize=7)
     return fig
 
 
@@ -607,6 +641,26 @@ _SHARPNESS_LINES = (
     ("eq9", "eq. 9: (CE + σ²/2 Tr H) / log 2", ":", "^"),
     ("noisy_ce", "E[CE under noise] / log 2, Monte Carlo", "-.", None),
 )
+
+
+def _sharpness_grid(runs: Sequence[analysis.Run]) -> tuple[np.ndarray, list[str]]:
+    """The σ > 0 of the noisy error and their name suffixes; ValueError naming the run that lacks one of the
+    sharpness quantities."""
+    for run in runs:
+        if not analysis.family_names(run.quantities(), "noisy_error")[1]:
+            raise ValueError(f"run {run.name!r} did not track the noisy error: train with --noisy-error-draws "
+                             "(or AltLossTracker(noisy_error_draws=...))")
+    sigmas, noisy_names = analysis.family_names(runs[0].quantities(), "noisy_error")
+    keep = sigmas > 0
+    suffixes = [n.partition("@")[2] for n, k in zip(noisy_names, keep) if k]
+    for run in runs:
+        missing = [f"{prefix}@{s}" for prefix in ("gcdf", "noisy_error", "noisy_error_se", "eq9", "noisy_ce")
+                   for s in suffixes if f"{prefix}@{s}" not in run.quantities()]
+        if missing:
+            raise ValueError(f"run {run.name!r} did not track {', '.join(missing[:3])}"
+                             f"{' ...' if len(missing) > 3 else ''}: every run needs the same σ grid and "
+                             "--noisy-error-draws")
+    return sigmas[keep], suffixes
 
 
 def plot_sharpness(runs, levels: Sequence[float], hold: int = 0):
@@ -631,22 +685,7 @@ def plot_sharpness(runs, levels: Sequence[float], hold: int = 0):
     levels = [float(level) for level in levels]
     if not levels:
         raise ValueError("give at least one training-CE level")
-    first = groups[0].runs[0]
-    sigmas, noisy_names = analysis.family_names(first.quantities(), "noisy_error")
-    if not noisy_names:
-        raise ValueError(f"run {first.name!r} did not track the noisy error: train with --noisy-error-draws "
-                         "(or AltLossTracker(noisy_error_draws=...))")
-    keep = sigmas > 0
-    sigmas = sigmas[keep]
-    suffixes = [n.partition("@")[2] for n, k in zip(noisy_names, keep) if k]
-    for group in groups:
-        for run in group.runs:
-            missing = [f"{prefix}@{s}" for prefix in ("gcdf", "noisy_error", "noisy_error_se", "eq9", "noisy_ce")
-                       for s in suffixes if f"{prefix}@{s}" not in run.quantities()]
-            if missing:
-                raise ValueError(f"run {run.name!r} did not track {', '.join(missing[:3])}"
-                                 f"{' ...' if len(missing) > 3 else ''}: every run needs the same σ grid and "
-                                 "--noisy-error-draws")
+    sigmas, suffixes = _sharpness_grid([run for group in groups for run in group.runs])
     fig = Figure(figsize=(4.6 * len(levels), 6.8), layout="constrained")
     axes = fig.subplots(2, len(levels), squeeze=False, sharex=True, height_ratios=(2.2, 1))
     log2 = math.log(2.0)
@@ -718,42 +757,195 @@ def save_figure(fig, out_dir: str | os.PathLike, stem: str, formats: Sequence[st
     return paths
 
 
+class PlotWarning(UserWarning):
+    """A figure that :func:`plot_all` was asked for cannot be drawn from these runs (it draws the others)."""
+
+
+# The quantities of the against-train-loss figure when none are asked for (those that every run tracked).
+DEFAULT_QUANTITIES = ("gcdf@0.5", "gcdf@1", "gcdf@8", "error")
+
+
+def _tracked_text(names: Sequence[str]) -> str:
+    """Tracked names, each family's on one entry: ``"ce, error, gcdf@{0.5, 1, 8}, tce@{1, 4}"``."""
+    families: dict[str, list[tuple[float, str]]] = {}
+    plain = []
+    for name in names:
+        try:
+            family, parameter = analysis.parse_name(name)
+        except ValueError:
+            family, parameter = name, None
+        if parameter is None:
+            plain.append(name)
+        else:
+            families.setdefault(family, []).append((parameter, name.partition("@")[2]))
+    parts = plain + [f"{family}@{{{', '.join(text for _, text in sorted(values))}}}"
+                     for family, values in families.items()]
+    return ", ".join(parts) if parts else "nothing"
+
+
+def _check_level(value, what: str) -> float:
+    try:
+        level = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a training CE > 0, got {value!r}") from None
+    if not (math.isfinite(level) and level > 0):
+        raise ValueError(f"{what} must be a finite training CE > 0, got {value!r}")
+    return level
+
+
+def _check_reached(runs: Sequence[analysis.Run], levels: Sequence[float], hold: int = 0) -> None:
+    for level in levels:
+        for run in runs:
+            analysis.at_level(run, level, hold)  # LevelNotReachedError naming the run and its lowest CE
+
+
 def plot_all(runs, out_dir: str | os.PathLike, level: float | None = None, split: str = "train",
-             x: str = "epoch", quantities: Sequence[str] = ("gcdf@0.5", "gcdf@1", "gcdf@8", "error"),
+             x: str = "epoch", quantities: Sequence[str] | None = None,
              formats: Sequence[str] = ("png", "pdf"), loss_shapes: bool = True, dpi: int = 110,
-             kinds: Sequence[str] = KINDS) -> list[Path]:
+             kinds: Sequence[str] | None = None, sharpness_levels: Sequence[float] | None = None,
+             sharpness_hold: int = 0) -> list[Path]:
     """Every figure kind for a set of runs, written under ``out_dir``.
 
-    Writes ``fig1_loss_shapes``, ``curves_<family>`` (one per family), and, for the comparison of
-    runs, ``vs_train_loss``, ``at_level`` and, when every run tracked the noisy error, ``sharpness`` (at
-    ``level``, default: the lowest training CE that every run reaches,
-    :func:`keras_implicit.analysis.common_level`). Quantities of ``quantities`` that the
-    runs did not track are skipped. ``kinds`` chooses among :data:`KINDS` (``"loss_shapes"``, ``"curves"``,
-    ``"vs_train_loss"``, ``"at_level"``, ``"sharpness"``); ``loss_shapes=False`` also leaves fig. 1 out.
+    ``kinds`` chooses among :data:`KINDS` (default: all of them, ``sharpness`` only when the runs tracked the
+    noisy error):
+
+    - ``"loss_shapes"``: ``fig1_loss_shapes`` (needs TensorFlow; ``loss_shapes=False`` also leaves it out);
+    - ``"curves"``: ``curves_<family>_<split>`` for each family the runs tracked, against ``x``;
+    - ``"vs_train_loss"``: ``vs_train_loss``, ``quantities`` against the training CE (default:
+      :data:`DEFAULT_QUANTITIES`, those of them that every run tracked); it needs no common level;
+    - ``"at_level"``: ``at_level``, each family at the training CE ``level``;
+    - ``"sharpness"``: Gcdf, the noisy error and eq. 9 (runs trained with ``--noisy-error-draws``) at
+      ``sharpness_levels`` with ``sharpness_hold`` (:func:`plot_sharpness`), written as
+      ``sharpness_hold<k>``; without ``sharpness_levels``, at ``level``, written as ``sharpness`` (or
+      ``sharpness_hold<k>`` with a hold k > 0).
+
+    ``level`` defaults to the lowest training CE that every run reaches
+    (:func:`keras_implicit.analysis.common_level`), computed only when a kind needs it.
+
+    Everything is checked before any file is written: the kinds, formats, levels (finite, > 0, and reached by
+    every run), ``x``, the hold, and explicitly given ``quantities`` (each must be tracked by every run). A
+    kind that was asked for but cannot be drawn from these runs (a sharpness figure from runs without the
+    noisy error, curves of a split the runs lack, no default quantity tracked, no level that every run
+    reaches when ``level`` is not given) is left out with a :class:`PlotWarning` saying why; when none of
+    the kinds can be drawn, that is a ``ValueError`` and nothing is written.
 
     Returns:
         The paths written.
+
+    Raises:
+        ValueError: a bad argument, an explicitly given quantity that some run did not track (the message
+            lists what they tracked), or nothing to draw.
+        LevelNotReachedError: ``level`` or a ``sharpness_levels`` entry is not reached by every run.
+        GridMismatchError: the runs tracked different grids.
     """
-    unknown = set(kinds) - set(KINDS)
+    default_kinds = kinds is None
+    kinds = list(KINDS if default_kinds else dict.fromkeys(kinds))
+    unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ValueError(f"unknown figure kinds {sorted(unknown)}: choose among {KINDS}")
+    if not kinds:
+        raise ValueError(f"no figure kind asked for: choose among {KINDS}")
+    formats = list(formats)
+    supported = FigureCanvasBase.get_supported_filetypes()
+    bad = [f for f in formats if f not in supported]
+    if bad or not formats:
+        raise ValueError(f"unsupported figure formats {bad}: choose among {sorted(supported)}" if bad
+                         else "no figure format given")
+    if x not in ("epoch", "step"):
+        raise ValueError(f"x must be 'epoch' or 'step', got {x!r}")
+    if int(sharpness_hold) != sharpness_hold or sharpness_hold < 0:
+        raise ValueError(f"the sharpness hold must be a whole number of tracking points >= 0, got {sharpness_hold!r}")
+    sharpness_hold = int(sharpness_hold)
+    level = None if level is None else _check_level(level, "the level")
+    if sharpness_levels is not None:
+        sharpness_levels = [_check_level(v, "each sharpness level") for v in sharpness_levels]
+        if not sharpness_levels:
+            raise ValueError("sharpness_levels is empty: give at least one training CE, or None for the level")
     groups = _as_groups(runs)
     all_runs = [r for g in groups for r in g.runs]
+
+    plan: list[tuple[str, object]] = []  # (file stem, a function drawing the figure)
+    cannot: list[str] = []  # why a kind that was asked for is left out
+    if "loss_shapes" in kinds and loss_shapes:
+        plan.append(("fig1_loss_shapes", plot_loss_shapes))
+    if "curves" in kinds:
+        lacking = [r.name for r in all_runs if split not in r.splits]
+        families = [] if lacking else [f for f in analysis.FAMILIES if all_runs[0].family(f, split)[1]]
+        if lacking:
+            cannot.append(f"curves: run(s) {', '.join(lacking)} have no {split!r} records")
+        elif not families:
+            cannot.append(f"curves: the runs tracked no {', '.join(analysis.FAMILIES)} losses on {split!r}")
+        else:
+            analysis.check_same_grids(all_runs, families, split)
+        for family in families:
+            plan.append((f"curves_{family}_{split}",
+                         functools.partial(plot_training_curves, groups, family, split=split, x=x)))
+    common = [q for q in all_runs[0].quantities() if all(q in r.quantities() for r in all_runs[1:])]
+    if quantities is not None:  # asked for: each must be tracked, whatever the kinds
+        chosen = list(quantities)
+        if not chosen:
+            raise ValueError("no quantities given for the against-train-loss figure")
+        missing = [q for q in chosen if q not in common]
+        if missing:
+            raise ValueError(f"{'quantity' if len(missing) == 1 else 'quantities'} "
+                             f"{', '.join(map(repr, missing))} not tracked by every run: they tracked "
+                             f"{_tracked_text(common)}")
+    if "vs_train_loss" in kinds:
+        if quantities is None:
+            chosen = [q for q in DEFAULT_QUANTITIES if q in common]
+            if not chosen:
+                cannot.append(f"vs_train_loss: none of the default quantities ({', '.join(DEFAULT_QUANTITIES)}) "
+                              f"is tracked by every run; ask for some of {_tracked_text(common)}")
+        if chosen:
+            analysis.check_same_grids(all_runs)
+            try:
+                _level_grid(all_runs, 2)
+            except analysis.LevelNotReachedError as error:
+                cannot.append(f"vs_train_loss: {error}")
+            else:
+                plan.append(("vs_train_loss", functools.partial(plot_against_train_loss, groups, chosen)))
+    at_level_families = [f for f in analysis.FAMILIES if all_runs[0].family(f)[1]]
+    want_at_level = "at_level" in kinds
+    if want_at_level and not at_level_families:
+        cannot.append(f"at_level: the runs tracked no {', '.join(analysis.FAMILIES)} losses")
+        want_at_level = False
+    want_sharpness = "sharpness" in kinds
+    if want_sharpness:
+        try:
+            _sharpness_grid(all_runs)
+        except ValueError as error:
+            if not default_kinds:  # by default, runs without the noisy error just get no sharpness figure
+                cannot.append(f"sharpness: {error}")
+            want_sharpness = False
+    if want_at_level:
+        analysis.check_same_grids(all_runs, at_level_families)
+    needs_level = want_at_level or (want_sharpness and sharpness_levels is None)
+    if needs_level and level is None:
+        try:
+            level = analysis.common_level(all_runs)
+        except analysis.LevelNotReachedError as error:
+            if want_at_level:
+                cannot.append(f"at_level: {error}; give a level")
+            if want_sharpness and sharpness_levels is None:
+                cannot.append(f"sharpness: {error}; give sharpness levels")
+                want_sharpness = False
+            want_at_level = False
+    elif needs_level:
+        _check_reached(all_runs, [level])  # a level asked for: every run must reach it
+    if want_sharpness:
+        _check_reached(all_runs, sharpness_levels or [level], sharpness_hold)
+    if want_at_level:
+        plan.append(("at_level", functools.partial(plot_family_at_level, groups, level, at_level_families)))
+    if want_sharpness:
+        stem = "sharpness" if sharpness_levels is None and sharpness_hold == 0 else f"sharpness_hold{sharpness_hold}"
+        plan.append((stem, functools.partial(plot_sharpness, groups, sharpness_levels or [level], sharpness_hold)))
+
+    if not plan:
+        why = "; ".join(cannot) if cannot else "loss_shapes=False leaves out the only kind asked for"
+        raise ValueError(f"nothing to draw: {why}")
+    for message in cannot:
+        warnings.warn(f"not drawn: {message}", PlotWarning, stacklevel=2)
     paths: list[Path] = []
-    if loss_shapes and "loss_shapes" in kinds:
-        paths += save_figure(plot_loss_shapes(), out_dir, "fig1_loss_shapes", formats, dpi)
-    for family in analysis.FAMILIES if "curves" in kinds else ():
-        if all_runs[0].family(family, split)[1]:
-            fig = plot_training_curves(groups, family, split=split, x=x)
-            paths += save_figure(fig, out_dir, f"curves_{family}_{split}", formats, dpi)
-    level = analysis.common_level(all_runs) if level is None else float(level)
-    tracked = [q for q in quantities if all(q in run.quantities() for run in all_runs)]
-    if tracked and "vs_train_loss" in kinds:
-        paths += save_figure(plot_against_train_loss(groups, tracked), out_dir, "vs_train_loss", formats, dpi)
-    families = [f for f in analysis.FAMILIES if all_runs[0].family(f)[1]]
-    if families and "at_level" in kinds:
-        paths += save_figure(plot_family_at_level(groups, level, families), out_dir, "at_level", formats, dpi)
-    noisy = all(analysis.family_names(run.quantities(), "noisy_error")[1] for run in all_runs)
-    if noisy and "sharpness" in kinds:
-        paths += save_figure(plot_sharpness(groups, [level]), out_dir, "sharpness", formats, dpi)
+    for stem, draw in plan:
+        paths += save_figure(draw(), out_dir, stem, formats, dpi)
     return paths

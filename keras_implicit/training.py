@@ -39,10 +39,15 @@ accumulation window straddles two epochs and no partial micro-batch is ever weig
 **Resume.** Rerunning the same command on a run directory continues from the last checkpoint (the
 last completed epoch): ``metrics.jsonl`` is cut back to the checkpoint's length so no point is logged
 twice, TensorBoard points are written only at checkpoints. A finished run is left alone; a different
-configuration is refused unless ``overwrite``, except for ``epochs`` and ``target_train_loss``, which only
-say when to stop: changing them continues the run from its checkpoint (``config.json`` then holds the new
-values), as if it had been started with them. A second process on the same directory is refused
-(``fcntl.flock``). With ``deterministic=True`` (``tf.config.experimental.enable_op_determinism`` on TensorFlow)
+configuration is refused unless ``overwrite``, except for ``epochs`` and ``target_train_loss`` (``EXTENDABLE``),
+which only say when to stop: changing them continues the run from its checkpoint (``config.json`` then holds the
+new values), as if it had been started with them, within what it has trained. ``epochs`` below the steps the
+checkpoint holds cannot be undone: a RunError, with nothing changed (a cap at or above them is accepted, e.g. 2
+for a run stopped by its target inside epoch 2). A target that the records up to the checkpoint already went
+below stops the run there (nothing is trained or tracked again), and the status message gives the step of its
+first crossing, where a run started with it would have stopped, and the step the run went on to. A second
+process on the same directory is refused (``fcntl.flock``). A run that cannot start leaves no directory behind
+if ``train`` created it. With ``deterministic=True`` (``tf.config.experimental.enable_op_determinism`` on TensorFlow)
 the resumed run's metrics equal an uninterrupted run's bit for bit (see the README's Experiments
 section for what was measured).
 
@@ -86,6 +91,7 @@ from keras_implicit.analysis import parse_name
 __all__ = [
     "MODELS",
     "DATASETS",
+    "TRAIN_CLASS_COUNTS",
     "SCHEDULES",
     "OPTIMIZERS",
     "RunConfig",
@@ -106,14 +112,26 @@ __all__ = [
 # The names a RunConfig accepts. The modules that implement them (models, data, callbacks) import these,
 # so that validating a configuration imports no TensorFlow.
 MODELS = ("fc6", "c1")
-DATASETS = ("fashion_mnist", "mnist", "cifar10")
+# Each dataset's standard training set, as examples per class (label 0, 1, ...): what train_subset and batch_size
+# are checked against before any data is loaded (data.NUM_CLASSES comes from it too). MNIST's classes are uneven
+# (its class 5 has 5421), which caps its class-balanced subsets at 54215 of its 60000 examples.
+TRAIN_CLASS_COUNTS = {
+    "fashion_mnist": (6000,) * 10,
+    "mnist": (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
+    "cifar10": (5000,) * 10,
+}
+DATASETS = tuple(TRAIN_CLASS_COUNTS)
+# Seeds go to keras.utils.set_random_seed (NumPy's legacy seed: 0 .. 2**32 - 1) and numpy's SeedSequence.
+MAX_SEED = 2 ** 32 - 1
 SCHEDULES = ("epoch", "log")
 OPTIMIZERS = ("sgd", "adam")
 LOSS_FAMILIES = ("gcdf", "tce", "hinge")
 MOMENTUM = 0.9
 
 # The config keys that define a run (compared when resuming); versions and git commit are not.
-# Of those, EXTENDABLE only say when to stop: changing them continues the run from its checkpoint.
+# Of those, EXTENDABLE only say when to stop: changing them continues the run from its checkpoint, as if it had been
+# started with them, within what the records already hold (see _Training.extend): epochs below what the checkpoint
+# has trained are refused, and a target the records already reached stops the run, reported at its first crossing.
 CONFIG_FLAGS = (
     "model", "dataset", "lr", "batch_size", "ghost_batch_size", "epochs", "seed", "optimizer", "loss",
     "train_subset", "track_every", "track_schedule", "target_train_loss", "data_dir", "deterministic",
@@ -174,14 +192,17 @@ class RunConfig:
         batch_size: examples per optimizer step; a multiple of ``ghost_batch_size``.
         ghost_batch_size: examples per micro-batch (what BatchNorm normalizes).
         epochs: the number of epochs (the cap when ``target_train_loss`` is set).
-        seed: weights' initialization and the epochs' shuffling.
+        seed: weights' initialization and the epochs' shuffling; 0 to ``2**32 - 1`` (NumPy's and Keras' seeds).
         optimizer: ``"sgd"`` (momentum 0.9) or ``"adam"``.
         loss: ``"ce"``, or an alternative loss to train on: ``gcdf@SIGMA``, ``tce@T``, ``hinge@GAMMA``.
-        train_subset: a class-balanced subset of the training set of this size (None: all).
+        train_subset: a class-balanced subset of the training set of this size (None: all): at least one batch
+            and one example per class, at most the largest class-balanced subset of the dataset's standard
+            training set (:data:`TRAIN_CLASS_COUNTS`; 60000 for Fashion-MNIST, 54215 for MNIST, 50000 for CIFAR-10).
         track_every: also track every this many optimizer steps.
         track_schedule: ``"epoch"`` or ``"log"`` (dense log-spaced points over the first two epochs).
         target_train_loss: stop once the tracked training cross-entropy is below this.
-        data_dir: a directory with the dataset's files (see :func:`keras_implicit.data.load_dataset`).
+        data_dir: an existing directory with the dataset's files, or a tensorflow-datasets data directory (see
+            :func:`keras_implicit.data.load_dataset`); None: the system directories, then tensorflow-datasets.
         deterministic: ``tf.config.experimental.enable_op_determinism()`` (bit-exact resume).
         strategy: ``"default"`` (one device), ``"mirrored"`` or ``"multiworker"`` (TensorFlow only; see the
             module docstring). How the run is spread, not what it is: a run may resume under another strategy.
@@ -189,6 +210,9 @@ class RunConfig:
         noisy_error_draws: 0 (off), or the Monte Carlo draws per example with which every tracking point also
             measures the noisy error, the noisy CE and eq. 9 for each sigma of the Gcdf grid
             (:mod:`keras_implicit.sharpness`; the draws' seed is ``seed``).
+
+    ``epochs`` and ``target_train_loss`` may change when a run is resumed (``EXTENDABLE``, see the module
+    docstring); every other setting but ``strategy`` and ``cpu_replicas`` defines the run.
     """
 
     model: str = "fc6"
@@ -223,20 +247,22 @@ class RunConfig:
             raise ValueError(f"the learning rate must be a finite number > 0, got {self.lr}")
         for name in ("batch_size", "ghost_batch_size", "epochs"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.batch_size % self.ghost_batch_size:
             raise ValueError(
                 f"batch_size {self.batch_size} is not a multiple of ghost_batch_size {self.ghost_batch_size}: "
                 "a large batch is applied as whole micro-batches of the ghost size"
             )
-        if self.train_subset is not None and (not isinstance(self.train_subset, int) or self.train_subset < 1):
-            raise ValueError(f"train_subset must be a positive integer, got {self.train_subset!r}")
-        if self.train_subset is not None and self.train_subset < self.batch_size:
-            raise ValueError(
-                f"train_subset {self.train_subset} is smaller than one batch ({self.batch_size}): an epoch would "
-                "have no step"
-            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer from 0 to {MAX_SEED} (2**32 - 1, what NumPy and Keras take as "
+                             f"a seed), got {self.seed!r}")
+        self._validate_size()
+        if self.data_dir and not os.path.isdir(self.data_dir):
+            raise ValueError(f"data_dir {self.data_dir} " + (
+                "is not a directory" if os.path.exists(self.data_dir) else "does not exist")
+                + ": give the directory that holds the dataset's files (or a tensorflow-datasets data directory), "
+                "or leave data_dir out")
         if self.track_every is not None and (not isinstance(self.track_every, int) or self.track_every < 1):
             raise ValueError(f"track_every must be a positive number of steps, got {self.track_every!r}")
         if self.track_schedule not in SCHEDULES:
@@ -250,6 +276,37 @@ class RunConfig:
             raise ValueError(f"noisy_error_draws must be 0 (off) or an integer >= 2, got {self.noisy_error_draws!r}")
         self._validate_strategy()
         return self
+
+    def _validate_size(self):
+        """batch_size and train_subset against the dataset's standard training set (no data is loaded)."""
+        from keras_implicit.data import balanced_subset_range  # NumPy only
+
+        counts = TRAIN_CLASS_COUNTS[self.dataset]
+        total, classes = sum(counts), len(counts)
+        if self.batch_size > total:
+            raise ValueError(f"batch_size {self.batch_size} is larger than {self.dataset}'s training set ({total} "
+                             "examples): an epoch would have no step")
+        subset = self.train_subset
+        if subset is None:
+            return
+        if isinstance(subset, bool) or not isinstance(subset, int) or subset < 1:
+            raise ValueError(f"train_subset must be a positive integer, got {subset!r}")
+        low, high = balanced_subset_range(counts)
+        low = max(low, self.batch_size)
+        limits = (f"train_subset must be from {low} to {high} for {self.dataset} with batch_size {self.batch_size}"
+                  if low <= high else f"no class-balanced subset of {self.dataset} holds a batch of {self.batch_size}")
+        if subset < self.batch_size:
+            raise ValueError(f"train_subset {subset} is smaller than one batch ({self.batch_size}): an epoch would "
+                             f"have no step ({limits})")
+        if subset < classes:
+            raise ValueError(f"train_subset {subset} is smaller than the number of classes ({classes}): a "
+                             f"class-balanced subset holds at least one example of each ({limits})")
+        if subset > high:
+            smallest = min(counts)
+            what = (f"{self.dataset}'s training set ({total} examples)" if high == total else
+                    f"the largest class-balanced subset of {self.dataset}'s training set ({high} of its {total} "
+                    f"examples: its smallest class, {counts.index(smallest)}, has {smallest})")
+            raise ValueError(f"train_subset {subset} is larger than {what} ({limits})")
 
     def _validate_strategy(self):
         if self.strategy not in STRATEGIES:
@@ -548,6 +605,15 @@ class RunDirectory:
     def contents(self):
         return sorted(n for n in os.listdir(self.path) if n != self.LOCK) if os.path.isdir(self.path) else []
 
+    def discard(self):
+        """Removes the lock file and the directory, which must hold nothing else (a run that could not start in
+        a directory it created); the lock stays held until :meth:`unlock`."""
+        try:
+            os.remove(self.file(self.LOCK))
+            os.rmdir(self.path)
+        except OSError:  # something else appeared in it meanwhile: leave it
+            pass
+
     def clear(self):
         """Removes everything but the lock (``overwrite=True``)."""
         for name in self.contents():
@@ -753,7 +819,17 @@ def _print(stream, text):
         stream.flush()
 
 
-def _summary_line(epoch, epochs, step, tracker, train_seconds, tracking_seconds):
+def _epoch_text(step: int, steps_per_epoch: int) -> str:
+    """The epochs done at an optimizer step: ``"3"`` at an epoch's end, ``"0.77"`` inside one (a run stopped by its
+    target between two epochs' ends)."""
+    whole, rest = divmod(int(step), int(steps_per_epoch))
+    if not rest:
+        return str(whole)
+    text = f"{step / steps_per_epoch:.2f}"
+    return text if not text.endswith(".00") else f"{step / steps_per_epoch:.6f}".rstrip("0")
+
+
+def _summary_line(epoch: str, epochs, step, tracker, train_seconds, tracking_seconds):
     parts = [f"epoch {epoch}/{epochs}", f"step {step}"]
     for split in ("train", "test"):
         record = tracker.last.get(split)
@@ -785,8 +861,9 @@ def train(config: RunConfig, run_dir, overwrite: bool = False, progress: bool = 
         A :class:`TrainResult`.
 
     Raises:
-        ValueError: bad configuration. RunError: the directory is locked or holds another run,
-        the data is unavailable. WorkerLostError (a RunError): another worker of a multi-worker run stopped.
+        ValueError: bad configuration. RunError: the directory is locked or holds another run (or fewer
+        ``epochs`` than it has trained), the data is unavailable or cannot give ``train_subset``.
+        WorkerLostError (a RunError): another worker of a multi-worker run stopped.
     """
     config.validate()
     if config.strategy != "default":
@@ -801,8 +878,14 @@ def train(config: RunConfig, run_dir, overwrite: bool = False, progress: bool = 
     session = _Training(config, stream, progress, dataset, tracking_batch_size)
     if not session.chief:
         return session.run(None, overwrite)
+    created = not os.path.exists(run_dir)
     with RunDirectory(run_dir) as run:
-        return session.run(run, overwrite)
+        try:
+            return session.run(run, overwrite)
+        except BaseException:
+            if created and not run.contents():  # refused before writing anything: leave no empty directory
+                run.discard()
+            raise
 
 
 class WorkerLostError(RunError):
@@ -866,7 +949,7 @@ def _grids() -> dict:
 
 
 # What the chief tells the other workers before training (broadcast_from_chief): one number each.
-_PLAN_FIELDS = ("action", "resumed", "epoch", "step", "target_reached")
+_PLAN_FIELDS = ("action", "resumed", "epoch", "step", "target_reached", "target_step")
 _TRAIN, _ALREADY_FINISHED, _ALREADY_DIVERGED, _REFUSED = 0, 1, 2, 3
 
 
@@ -891,6 +974,8 @@ class _Training:
         self.chief = _cluster_role()[2] if self.multiworker else True
         self.run_dir: Optional[RunDirectory] = None
         self.existing: Optional[dict] = None
+        self.changed: dict = {}  # EXTENDABLE settings asked to change: {key: (stored, asked)}
+        self.target_step: Optional[int] = None
         self.stored_config: Optional[dict] = None
 
     # ------------------------------------------------------------------ #
@@ -963,9 +1048,8 @@ class _Training:
             return None, error
         status = _read_status(run)
         if changed and status.get("state") != "diverged":
-            _print(self.stream, f"{run.path}: continuing with " + ", ".join(
-                f"{k} {wanted[k]} (was {before[k]})" for k in changed))
-            run.write_json(run.CONFIG, {**existing, **{k: wanted[k] for k in changed}})
+            # Checked against the checkpoint and written by extend(), once the checkpoint is restored.
+            self.changed = {k: (before[k], wanted[k]) for k in changed}
         elif status.get("state") in ("finished", "diverged"):
             message = (f"{run.path}: run already {status['state']} at epoch {status.get('epoch')}, step "
                        f"{status.get('step')}; nothing to do"
@@ -984,7 +1068,8 @@ class _Training:
         if self.dataset is None:
             try:
                 self.dataset = ki_data.load_dataset(config.dataset, config.data_dir, config.train_subset)
-            except ki_data.DatasetUnavailableError as error:
+            # Missing files, damaged ones, or (custom data_dir files) fewer examples than train_subset: one line.
+            except (ki_data.DatasetUnavailableError, ValueError) as error:
                 raise RunError(str(error)) from None
         n_train = len(self.dataset.y_train)
         self.steps_per_epoch = n_train // config.batch_size
@@ -1015,13 +1100,18 @@ class _Training:
 
     def restore(self) -> Optional[dict]:
         """The chief's checkpoint restored into the model and optimizer (None: a fresh run); writes
-        ``config.json`` for a fresh run and cuts ``metrics.jsonl`` and TensorBoard back to the checkpoint."""
+        ``config.json`` for a fresh run (or with the EXTENDABLE settings changed, :meth:`extend`) and cuts
+        ``metrics.jsonl`` and TensorBoard back to the checkpoint. The meta gets ``target_reached`` and
+        ``target_step``: whether and where the training CE first went below the target asked now (which may
+        have changed) in the records up to the checkpoint."""
         run, config = self.run_dir, self.config
         if self.existing is None:
             run.write_json(run.CONFIG, {**config.flags(), **_grids(), "versions": library_versions(),
                                         "git_commit": git_commit()})
-        self.stored_config = run.config()  # each checkpoint keeps a copy: a damaged config.json is restored from it
         meta = run.restore_checkpoint(self.model, self.optimizer)  # .prev, with a warning, if the latest is damaged
+        if self.changed:
+            self.extend(meta)  # may refuse: nothing is written before
+        self.stored_config = run.config()  # each checkpoint keeps a copy: a damaged config.json is restored from it
         if meta is None:
             run.truncate_metrics(0)
             return None
@@ -1029,12 +1119,33 @@ class _Training:
         run.truncate_metrics(meta["metrics_bytes"])
         if isinstance(meta.get("tensorboard_bytes"), dict):  # checkpoints from before it was kept hold none
             run.truncate_tensorboard(meta["tensorboard_bytes"])
-        # Against the target asked now (it may have changed): the last training point before the checkpoint.
-        last_train = [r for r in run.read_metrics() if r.get("split") == "train"][-1:]
-        meta["target_reached"] = bool(self.config.target_train_loss is not None and last_train
-                                      and last_train[0]["ce"] < self.config.target_train_loss)
-        _print(self.stream, f"resuming {run.path} from epoch {meta['epoch']} (step {meta['step']})")
+        # Against the target asked now: a run started with it would have stopped at the first training point below
+        # it, so that point (not the checkpoint's) is where it was reached.
+        target = config.target_train_loss
+        below = [r for r in run.read_metrics()
+                 if target is not None and r.get("split") == "train" and r["ce"] < target]
+        meta["target_reached"] = bool(below)
+        meta["target_step"] = int(below[0]["step"]) if below else None
+        _print(self.stream, f"resuming {run.path} from epoch {_epoch_text(meta['step'], self.steps_per_epoch)} "
+                            f"(step {meta['step']})")
         return meta
+
+    def extend(self, meta: Optional[dict]):
+        """Applies the changed EXTENDABLE settings (``self.changed``) to ``config.json``, as if the run had been
+        started with them, or raises a RunError (having written nothing) for ``epochs`` below what the
+        checkpoint has trained: its records and weights cannot be cut back."""
+        run, config, steps_per_epoch = self.run_dir, self.config, self.steps_per_epoch
+        trained = int(meta["step"]) if meta is not None else 0
+        if "epochs" in self.changed and config.epochs * steps_per_epoch < trained:
+            raise RunError(
+                f"{run.path} has trained {_epoch_text(trained, steps_per_epoch)} epochs (step {trained}), more than "
+                f"the {config.epochs} asked: a run cannot be cut back to fewer epochs (its checkpoint and "
+                f"metrics.jsonl hold every step trained); ask for epochs={math.ceil(trained / steps_per_epoch)} or "
+                "more (the earlier epochs' points are in its metrics.jsonl), or use overwrite=True to start again "
+                "or another run_dir")
+        _print(self.stream, f"{run.path}: continuing with " + ", ".join(
+            f"{k} {asked} (was {stored})" for k, (stored, asked) in self.changed.items()))
+        run.write_json(run.CONFIG, {**self.existing, **{k: asked for k, (_, asked) in self.changed.items()}})
 
     def share_plan(self, plan: Optional[TrainResult], refusal: Optional[RunError], meta: Optional[dict]):
         """(action, meta): on several workers, the chief's decision and restored weights on every worker;
@@ -1051,8 +1162,10 @@ class _Training:
         if plan is not None:
             numbers.update(epoch=plan.epoch, step=plan.step)
         if meta is not None:
+            target_step = meta.get("target_step")
             numbers.update(resumed=1, epoch=meta["epoch"], step=meta["step"],
-                           target_reached=int(meta["target_reached"]))
+                           target_reached=int(meta["target_reached"]),
+                           target_step=-1 if target_step is None else target_step)
         variables = [*self.model.weights, *self.optimizer.variables]
         arrays = [np.array([float(numbers[k]) for k in _PLAN_FIELDS])] + [np.asarray(v) for v in variables]
         shared = _distribute.broadcast_from_chief(self.strategy, arrays)
@@ -1062,7 +1175,8 @@ class _Training:
                 variable.assign(value)
             if received["resumed"]:
                 meta = {**(meta or {}), "epoch": received["epoch"], "step": received["step"],
-                        "target_reached": bool(received["target_reached"])}
+                        "target_reached": bool(received["target_reached"]),
+                        "target_step": received["target_step"] if received["target_step"] >= 0 else None}
         else:
             meta = {"epoch": received["epoch"], "step": received["step"]}
         return received["action"], meta
@@ -1128,6 +1242,8 @@ class _Training:
         config, tracker, steps_per_epoch = self.config, self.tracker, self.steps_per_epoch
         start_epoch, step = (meta["epoch"], meta["step"]) if meta is not None else (0, 0)
         target_reached = bool(meta["target_reached"]) if meta is not None else False
+        # Where the records first went below the target, when they did before this call (else: where it stops).
+        self.target_step = meta.get("target_step") if meta is not None else None
         result = TrainResult("finished", start_epoch, step)
         self.write_status("running", start_epoch, step)
         if meta is None:
@@ -1138,7 +1254,7 @@ class _Training:
                 return self.diverged(result, 0, tracker.diverged)
             self.checkpoint(0, 0, tracker.target_reached)
             target_reached = tracker.target_reached
-            _print(self.stream, _summary_line(0, config.epochs, 0, tracker, 0.0, tracker.tracking_seconds))
+            _print(self.stream, _summary_line("0", config.epochs, 0, tracker, 0.0, tracker.tracking_seconds))
 
         epoch = start_epoch
         while epoch < config.epochs and not target_reached:
@@ -1159,17 +1275,23 @@ class _Training:
             self.checkpoint(completed, step, target_reached)
             result.epoch_seconds.append(elapsed - tracking)
             result.tracking_seconds.append(tracking)
-            _print(self.stream, _summary_line(epoch + 1, config.epochs, step, tracker, elapsed - tracking, tracking))
+            _print(self.stream, _summary_line(_epoch_text(step, steps_per_epoch), config.epochs, step, tracker,
+                                              elapsed - tracking, tracking))
             self.write_status("running", completed, step)
             epoch += 1
         return self.finish(result, step, target_reached)
 
     def finish(self, result: TrainResult, step: int, target_reached: bool) -> TrainResult:
-        config = self.config
-        epochs_done = int(step // self.steps_per_epoch)
-        message = (f"target train loss {config.target_train_loss} reached at step {step} "
-                   f"(epoch {step / self.steps_per_epoch:.3g})"
-                   if target_reached else f"{epochs_done} epochs")
+        config, steps_per_epoch = self.config, self.steps_per_epoch
+        epochs_done = int(step // steps_per_epoch)
+        message = f"{epochs_done} epochs"
+        if target_reached:
+            reached = step if self.target_step is None else int(self.target_step)
+            message = (f"target train loss {config.target_train_loss} reached at step {reached} "
+                       f"(epoch {_epoch_text(reached, steps_per_epoch)})")
+            if reached != step:  # already in the records when this target was asked for: the run went on
+                message += (f"; the run goes on to step {step} (epoch {_epoch_text(step, steps_per_epoch)}), "
+                            "trained before this target was asked for")
         self.write_status("finished", epochs_done, step, message)
         self.tracker.close()
         return dataclasses.replace(result, state="finished", epoch=epochs_done, step=step, message=message,

@@ -1,5 +1,6 @@
 """keras_implicit.analysis on synthetic run directories with known answers."""
 
+import itertools
 import json
 import math
 import subprocess
@@ -60,9 +61,10 @@ def records_from(ce, family_fn, steps_per_epoch=10, grids=(SIGMAS, TEMPERATURES,
     return out
 
 
-def linear_in_log_ce(family, param, ce):
-    # Exactly linear in log CE: interpolation must reproduce it at any level.
-    return 3.0 + param + 2.0 * math.log(ce)
+def power_of_ce(family, param, ce):
+    # A power of the CE: exponential in time wherever the CE is, so the interpolation at a level (geometric in the
+    # fraction of time t) reproduces it exactly at any level.
+    return (3.0 + param) * ce ** 0.5
 
 
 # --------------------------------------------------------------------------- #
@@ -101,7 +103,7 @@ def test_parses_the_core_names():
 # Loading and bad input
 # --------------------------------------------------------------------------- #
 def test_load_run_columns(tmp_path):
-    run = analysis.load_run(write_run(tmp_path / "r", records_from([2.0, 1.0, 0.5], linear_in_log_ce)))
+    run = analysis.load_run(write_run(tmp_path / "r", records_from([2.0, 1.0, 0.5], power_of_ce)))
     assert run.name == "r" and run.state == "finished" and run.seed == 0
     epochs, ce = run.series("ce")
     np.testing.assert_array_equal(epochs, [0, 1, 2])
@@ -116,26 +118,59 @@ def test_load_run_columns(tmp_path):
 
 
 def test_missing_metrics_file(tmp_path):
-    path = write_run(tmp_path / "r", records_from([2.0, 1.0], linear_in_log_ce))
+    path = write_run(tmp_path / "r", records_from([2.0, 1.0], power_of_ce))
     (path / "metrics.jsonl").unlink()
     with pytest.raises(analysis.RunDirectoryError, match="metrics.jsonl is missing"):
         analysis.load_run(path)
 
 
 def test_missing_config(tmp_path):
-    path = write_run(tmp_path / "r", records_from([2.0, 1.0], linear_in_log_ce))
+    path = write_run(tmp_path / "r", records_from([2.0, 1.0], power_of_ce))
     (path / "config.json").unlink()
     with pytest.raises(analysis.RunDirectoryError, match="config.json is missing"):
         analysis.load_run(path)
 
 
 def test_not_a_directory(tmp_path):
-    with pytest.raises(analysis.RunDirectoryError, match="not a directory"):
+    with pytest.raises(analysis.RunDirectoryError, match="nothing does not exist"):
         analysis.load_run(tmp_path / "nothing")
+    path = write_run(tmp_path / "r", records_from([2.0, 1.0], power_of_ce))
+    # A file of a run directory, given for the directory: said so, not "does not exist".
+    for find in (analysis.load_run, lambda p: analysis.find_run_dirs([p]), lambda p: analysis.load_runs([p])):
+        with pytest.raises(analysis.RunDirectoryError,
+                           match=r"metrics.jsonl is a file, not a run directory.*did you mean .*r\?\)"):
+            find(path / "metrics.jsonl")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(analysis.RunDirectoryError, match=r"notes.txt is a file, not a run directory: give"):
+        analysis.find_run_dirs([tmp_path / "notes.txt"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not an object", "a directory"])
+def test_unreadable_status_is_a_warning_and_an_unknown_state(tmp_path, damage):
+    # status.json only summarizes the run: run.py resumes over a damaged one, and so the analysis reads the run.
+    path = write_run(tmp_path / "r", records_from([2.0, 1.0, 0.5], power_of_ce))
+    status = path / "status.json"
+    if damage == "truncated":
+        status.write_text('{"state": "fini')
+    elif damage == "not an object":
+        status.write_text("[1, 2]")
+    else:
+        status.unlink()
+        status.mkdir()
+    with pytest.warns(RuntimeWarning, match=r"status.json .*it only summarizes the run; reading the run with its "
+                                            r"state unknown"):
+        run = analysis.load_run(path)
+    assert run.state == "unknown" and run.status == {}
+    assert analysis.at_level(run, 1.0).values["ce"] == 1.0
+    status_missing = write_run(tmp_path / "m", records_from([2.0, 1.0], power_of_ce))
+    (status_missing / "status.json").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert analysis.load_run(status_missing).state == "unknown"  # missing: no warning
 
 
 def test_truncated_last_line_dropped_with_warning_or_error_when_strict(tmp_path):
-    path = write_run(tmp_path / "r", records_from([2.0, 1.0, 0.5], linear_in_log_ce, test=False), state="running")
+    path = write_run(tmp_path / "r", records_from([2.0, 1.0, 0.5], power_of_ce, test=False), state="running")
     with open(path / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 3.0, "step": 30, "split": "train", "ce": 0.2')
     with pytest.warns(RuntimeWarning, match="truncated last line"):
@@ -146,7 +181,7 @@ def test_truncated_last_line_dropped_with_warning_or_error_when_strict(tmp_path)
 
 
 def test_malformed_middle_line_is_an_error(tmp_path):
-    path = write_run(tmp_path / "r", records_from([2.0, 1.0, 0.5], linear_in_log_ce, test=False))
+    path = write_run(tmp_path / "r", records_from([2.0, 1.0, 0.5], power_of_ce, test=False))
     lines = (path / "metrics.jsonl").read_text().splitlines()
     lines[1] = lines[1][:20]
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
@@ -172,8 +207,8 @@ def test_unusable_metrics_file(tmp_path, content, match):
 
 def test_resumed_run_replaces_retracked_points(tmp_path):
     # Logged epochs 0..3, killed, resumed from the epoch-1 checkpoint: epochs 2.. are tracked again.
-    first = records_from([2.0, 1.0, 0.9, 0.8], linear_in_log_ce, test=False)
-    again = records_from([2.0, 1.0, 0.5, 0.25, 0.1], linear_in_log_ce, test=False)[2:]
+    first = records_from([2.0, 1.0, 0.9, 0.8], power_of_ce, test=False)
+    again = records_from([2.0, 1.0, 0.5, 0.25, 0.1], power_of_ce, test=False)[2:]
     run = analysis.load_run(write_run(tmp_path / "r", first + again))
     np.testing.assert_array_equal(run.series("ce")[1], [2.0, 1.0, 0.5, 0.25, 0.1])
     np.testing.assert_array_equal(run.series("ce", x="step")[0], [0, 10, 20, 30, 40])
@@ -181,7 +216,7 @@ def test_resumed_run_replaces_retracked_points(tmp_path):
 
 def test_find_run_dirs_expands_a_folder(tmp_path):
     for name in ("b", "a"):
-        write_run(tmp_path / "runs" / name, records_from([2.0, 1.0], linear_in_log_ce))
+        write_run(tmp_path / "runs" / name, records_from([2.0, 1.0], power_of_ce))
     (tmp_path / "runs" / "not_a_run").mkdir()
     assert [p.name for p in analysis.find_run_dirs([tmp_path / "runs"])] == ["a", "b"]
     with pytest.raises(analysis.RunDirectoryError, match="neither a run directory"):
@@ -189,9 +224,9 @@ def test_find_run_dirs_expands_a_folder(tmp_path):
 
 
 def test_different_grids_are_an_error(tmp_path):
-    a = analysis.load_run(write_run(tmp_path / "a", records_from([2.0, 0.5], linear_in_log_ce)))
+    a = analysis.load_run(write_run(tmp_path / "a", records_from([2.0, 0.5], power_of_ce)))
     other = ((0.25, 0.5, 1.0, 8.0), TEMPERATURES, MARGINS)
-    b = analysis.load_run(write_run(tmp_path / "b", records_from([2.0, 0.5], linear_in_log_ce, grids=other),
+    b = analysis.load_run(write_run(tmp_path / "b", records_from([2.0, 0.5], power_of_ce, grids=other),
                                     grids=other))
     with pytest.raises(analysis.GridMismatchError, match=r"different gcdf grids.*\[0.25, 0.5, 1.0, 8.0\]"):
         analysis.check_same_grids([a, b])
@@ -203,34 +238,216 @@ def test_different_grids_are_an_error(tmp_path):
 # --------------------------------------------------------------------------- #
 # Interpolation at a level
 # --------------------------------------------------------------------------- #
-def test_at_level_linear_in_log_ce(tmp_path):
+def test_at_level_geometric_at_the_fraction_of_time(tmp_path):
     ce = [2.0, 1.0, 0.25, 0.1]
     gcdf = {2.0: 0.9, 1.0: 0.5, 0.25: 0.1, 0.1: 0.05}
     run = analysis.load_run(write_run(tmp_path / "r", records_from(ce, lambda f, p, c: gcdf[c])))
     point = analysis.at_level(run, 0.5)
-    # log 0.5 is halfway between log 1 and log 0.25.
-    assert point.values["gcdf@1"] == pytest.approx(0.3)
+    # log 0.5 is halfway between log 1 and log 0.25: t = 1/2 of the time between epochs 1 and 2.
     assert point.epoch == pytest.approx(1.5) and point.step == pytest.approx(15)
+    assert point.values["gcdf@1"] == pytest.approx(math.sqrt(0.5 * 0.1))  # geometric: both values > 0
     assert point.values["ce"] == 0.5
-    assert point.values["error"] == pytest.approx((1.0 + 0.25) / 2 / 4)
-    assert point.values["top_kernel_norm"] == pytest.approx(2.5)
-    # Test quantities: linear in step between the test points at steps 10 and 20.
-    assert point.test["ce"] == pytest.approx((1.5 + 0.375) / 2)
+    assert point.values["error"] == pytest.approx(0.5 / 4)  # error = CE / 4 at every point: exactly level / 4
+    assert point.values["top_kernel_norm"] == pytest.approx(math.sqrt(2.0 * 3.0))
+    # Test quantities: the same rule at the crossing's step, halfway between the test points at steps 10 and 20.
+    assert point.test["ce"] == pytest.approx(math.sqrt(1.5 * 0.375))
     # Exactly at a tracking point.
     assert analysis.at_level(run, 1.0).values["gcdf@1"] == pytest.approx(0.5)
     assert analysis.at_level(run, 1.0).epoch == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("level", [1.9, 1.3, 0.77, 0.3, 0.0502])
-def test_at_level_reproduces_a_quantity_linear_in_log_ce(tmp_path, level):
+def test_at_level_reproduces_a_power_of_ce(tmp_path, level):
     ce = np.geomspace(2.3, 0.05, 9)
-    run = analysis.load_run(write_run(tmp_path / "r", records_from(ce, linear_in_log_ce)))
+    run = analysis.load_run(write_run(tmp_path / "r", records_from(ce, power_of_ce)))
     point = analysis.at_level(run, level)
     for sigma in SIGMAS:
-        assert point.values[f"gcdf@{analysis_format(sigma)}"] == pytest.approx(3.0 + sigma + 2 * math.log(level))
+        expected = (3.0 + sigma) * level ** 0.5
+        assert point.values[f"gcdf@{analysis_format(sigma)}"] == pytest.approx(expected, rel=1e-12)
     # Epoch is linear in log CE too, with CE geometric in epoch: epoch = log(2.3 / level) / log(ratio).
     ratio = ce[0] / ce[1]
     assert point.epoch == pytest.approx(math.log(2.3 / level) / math.log(ratio))
+
+
+def _thinned_records(seed=0, points=12):
+    """Train records whose CE falls irregularly (factors 1.1-8 between points, with a bump), as records thinned
+    to one per epoch are; ``tce@1`` is the CE itself, ``gcdf@1`` an unrelated positive quantity, the error
+    sometimes 0."""
+    rng = np.random.default_rng(seed)
+    ce = 2.3 * np.cumprod(np.r_[1.0, rng.uniform(1 / 8, 1 / 1.1, points - 1)])
+    ce[4] = ce[3] * 1.2  # a bump: the first crossing of levels just below ce[3] comes before it
+    records = []
+    for k, c in enumerate(ce):
+        records.append({"epoch": float(k), "step": 7 * k, "split": "train", "ce": float(c), "tce@1": float(c),
+                        "gcdf@1": float(rng.uniform(0.1, 3.0)), "error": float(max(0.0, rng.uniform(-0.2, 0.5)))})
+    return ce, records
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_quantity_equal_to_ce_comes_out_at_the_level(tmp_path, seed):
+    # tce@1 (the tempered CE at T = 1) is the training CE: at any level it must read as the level itself.
+    ce, records = _thinned_records(seed)
+    run = analysis.load_run(write_run(tmp_path / "r", records, grids=((1.0,), (1.0,), ())))
+    for level in np.geomspace(ce[0] * 0.999, ce.min(), 25):
+        point = analysis.at_level(run, level)
+        assert abs(point.values["tce@1"] / level - 1) < 1e-12, (level, point.values["tce@1"])
+        assert point.values["ce"] == level
+
+
+def test_a_quantity_exponential_in_time_is_recovered_exactly(tmp_path):
+    # The CE decays exponentially in time between points, at a different rate in each interval; v(time) =
+    # 2.5 exp(-0.37 time) and 0.4 exp(0.8 time) have rates of their own. Where CE(T*) = level, at_level must
+    # give the time T* and v(T*) exactly.
+    times = np.array([0.0, 0.5, 2.0, 2.75, 5.0, 6.0])
+    rates = np.array([0.9, 0.3, 1.7, 0.2, 1.1])  # the CE's decay rate in each interval
+    log_ce = np.log(2.3) - np.r_[0.0, np.cumsum(rates * np.diff(times))]
+    records = [{"epoch": float(t), "step": float(100 * t), "split": "train", "ce": float(math.exp(lc)),
+                "gcdf@1": 2.5 * math.exp(-0.37 * t), "hinge@1": 0.4 * math.exp(0.8 * t)}
+               for t, lc in zip(times, log_ce)]
+    run = analysis.load_run(write_run(tmp_path / "r", records, grids=((1.0,), (), (1.0,))))
+    for level in np.exp(np.linspace(log_ce[0] - 0.01, log_ce[-1], 17)):
+        k = int(np.argmax(log_ce <= math.log(level)))  # the interval (k - 1, k) holding the crossing
+        crossing = times[k - 1] + (log_ce[k - 1] - math.log(level)) / rates[k - 1]  # CE(T*) = level
+        point = analysis.at_level(run, level)
+        assert point.epoch == pytest.approx(crossing, rel=1e-12)
+        assert point.step == pytest.approx(100 * crossing, rel=1e-12)
+        assert point.values["gcdf@1"] == pytest.approx(2.5 * math.exp(-0.37 * crossing), rel=1e-12)
+        assert point.values["hinge@1"] == pytest.approx(0.4 * math.exp(0.8 * crossing), rel=1e-12)
+
+
+def test_linear_where_a_value_is_zero(tmp_path):
+    # The error and the hinge reach 0; gcdf@0 starts at 0: no logarithm there, the interpolation is linear.
+    ce = [2.0, 1.0, 0.25]
+    columns = zip(ce, [0.5, 0.2, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.3])
+    records = [{"epoch": float(k), "step": 10 * k, "split": "train", "ce": c, "error": e, "hinge@1": h,
+                "gcdf@0": g, "gcdf@1": 0.5 * c} for k, (c, e, h, g) in enumerate(columns)]
+    run = analysis.load_run(write_run(tmp_path / "r", records, grids=((0.0, 1.0), (), (1.0,))))
+    point = analysis.at_level(run, 0.5)  # t = 1/2 between points 1 and 2
+    assert point.values["error"] == pytest.approx(0.1)
+    assert point.values["hinge@1"] == 0.0
+    assert point.values["gcdf@0"] == pytest.approx(0.15)
+    assert point.values["gcdf@1"] == pytest.approx(0.25, rel=1e-12)  # > 0 at both ends: geometric
+    t = math.log(2.0 / 1.5) / math.log(2.0)  # level 1.5, between points 0 and 1
+    point = analysis.at_level(run, 1.5)
+    assert point.values["hinge@1"] == pytest.approx(1.0 - t)
+    assert point.values["error"] == pytest.approx(0.5 * (0.2 / 0.5) ** t)
+
+
+def reference_interpolate(v0, v1, t):
+    """The rule written out per element, independently: v0 (v1 / v0)^t when both are > 0, else linear."""
+    out = []
+    for a, b in zip(np.ravel(v0), np.ravel(v1)):
+        if a > 0 and b > 0 and math.isfinite(a) and math.isfinite(b):
+            out.append(a * (b / a) ** t)
+        else:
+            out.append(a + t * (b - a))
+    return np.array(out)
+
+
+def test_interpolate_against_a_numpy_reference():
+    rng = np.random.default_rng(3)
+    v0 = np.exp(rng.uniform(-30, 5, 400))
+    v1 = np.exp(rng.uniform(-30, 5, 400))
+    v0[::7], v1[::11], v0[::13] = 0.0, 0.0, -0.5  # zeros and a negative value: the linear rule
+    v1[5] = math.nan
+    for t in (1e-9, 0.25, 0.5, 0.731, 1 - 1e-12):
+        got = analysis.interpolate(v0, v1, t)
+        np.testing.assert_allclose(got, reference_interpolate(v0, v1, t), rtol=1e-12, atol=0)
+        assert math.isnan(got[5])
+    np.testing.assert_array_equal(analysis.interpolate(v0, v1, 0.0), v0)
+    np.testing.assert_array_equal(analysis.interpolate(v0, v1, 1.0), v1)
+    assert analysis.interpolate(4, 1, 0.5) == pytest.approx(2.0) and isinstance(analysis.interpolate(4, 1, 0.5), float)
+    with pytest.raises(ValueError, match=r"fraction t must lie in \[0, 1\]"):
+        analysis.interpolate(1.0, 2.0, 1.5)
+
+
+def reference_at_level(train, test, level):
+    """at_level written independently with NumPy: the first crossing, t in log CE, epoch and step linear in t,
+    every other column by reference_interpolate; test columns at the crossing's step, at the fraction of the
+    steps between the test points around it."""
+    ce = train["ce"]
+    i = int(np.flatnonzero((ce[1:] <= level) & (ce[:-1] > level))[0]) + 1
+    t = (np.log(ce[i - 1]) - np.log(level)) / (np.log(ce[i - 1]) - np.log(ce[i]))
+    values = {}
+    for key, column in train.items():
+        if key in ("epoch", "step"):
+            values[key] = column[i - 1] + t * (column[i] - column[i - 1])
+        else:
+            values[key] = reference_interpolate([column[i - 1]], [column[i]], t)[0]
+    values["ce"] = level
+    step = values["step"]
+    j = int(np.searchsorted(test["step"], step))
+    s = (step - test["step"][j - 1]) / (test["step"][j] - test["step"][j - 1])
+    tested = {key: reference_interpolate([column[j - 1]], [column[j]], s)[0]
+              for key, column in test.items() if key not in ("epoch", "step")}
+    return values, tested
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_at_level_against_a_numpy_reference(tmp_path, seed):
+    # A noisy CE; quantities equal to it, positive, sometimes 0, or unrelated to it; test points at steps of their
+    # own (every third train point, shifted).
+    rng = np.random.default_rng(seed)
+    n = 40
+    ce = 2.3 * np.exp(np.cumsum(np.r_[0.0, rng.normal(-0.12, 0.15, n - 1)]))
+    train = {"epoch": np.arange(n) / 4.0, "step": np.arange(n) * 8.0, "ce": ce,
+             "tce@1": ce.copy(), "gcdf@1": np.exp(rng.normal(0, 1, n)), "error": np.maximum(rng.normal(0.1, 0.1, n), 0),
+             "hinge@1": np.where(rng.uniform(size=n) < 0.3, 0.0, rng.uniform(0, 3, n))}
+    test_steps = np.r_[0.0, np.arange(1, n // 3 + 1) * 24.0 - 5.0, (n - 1) * 8.0]
+    test = {"epoch": test_steps / 32, "step": test_steps, "ce": np.exp(rng.normal(0, 0.5, test_steps.size)),
+            "error": np.maximum(rng.normal(0.1, 0.1, test_steps.size), 0)}
+    records = [{"split": "train", **{key: float(column[k]) for key, column in train.items()}} for k in range(n)]
+    records += [{"split": "test", **{key: float(column[k]) for key, column in test.items()}}
+                for k in range(test_steps.size)]
+    records.sort(key=lambda r: r["step"])
+    run = analysis.load_run(write_run(tmp_path / "r", records, grids=((1.0,), (1.0,), (1.0,))))
+    checked = 0
+    for level in np.geomspace(2.2, ce.min() * 1.0001, 30):
+        if ce[0] <= level:
+            continue
+        checked += 1
+        point = analysis.at_level(run, level)
+        values, tested = reference_at_level(train, test, level)
+        assert point.epoch == pytest.approx(values.pop("epoch"), rel=1e-12)
+        assert point.step == pytest.approx(values.pop("step"), rel=1e-12)
+        assert set(point.values) == set(values) and set(point.test) == set(tested)
+        for key, value in values.items():
+            assert point.values[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+        for key, value in tested.items():
+            assert point.test[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+    assert checked > 20
+
+
+def test_every_reading_at_a_level_is_at_level(tmp_path):
+    # One definition: aggregate, compare_at_level, loss_ladder (its ratios, train and test error),
+    # curve_at_levels, summary_rows and hparams_records give at_level's values, here on irregular single-seed
+    # runs where the interpolation rule matters.
+    ce_a, records_a = _thinned_records(4)
+    ce_b, records_b = _thinned_records(5)
+    for record in records_a + records_b:
+        record["hinge@1"] = record["gcdf@1"] ** 2
+    grids = ((1.0,), (1.0,), (1.0,))
+    tests_a = [{**r, "split": "test", "error": r["error"] + 0.05} for r in records_a]
+    a = analysis.load_run(write_run(tmp_path / "a", records_a + tests_a, grids=grids))
+    b = analysis.load_run(write_run(tmp_path / "b", records_b + [{**r, "split": "test"} for r in records_b],
+                                    grids=grids, lr=0.001))
+    level = float(np.sqrt(max(ce_a.min(), ce_b.min()) * 2.0))
+    pa, pb = analysis.at_level(a, level), analysis.at_level(b, level)
+    group_a, group_b = analysis.group_runs([b, a])
+    assert (group_a.runs, group_b.runs) == ([a], [b])
+    assert analysis.aggregate(group_a, level).mean == pa.values
+    result = analysis.compare_at_level(group_a, group_b, "gcdf", level)
+    assert (result.a_values[0], result.b_values[0]) == (pa.values["gcdf@1"], pb.values["gcdf@1"])
+    ladder = analysis.loss_ladder(group_a, group_b, levels=(level,))
+    for family in analysis.FAMILIES:
+        assert ladder.ratio[family][0][0] == pa.values[f"{family}@1"] / pb.values[f"{family}@1"]
+    assert ladder.test_error["a"][0] == pa.test["error"] and ladder.train_error["b"][0] == pb.values["error"]
+    assert analysis.curve_at_levels(a, "gcdf@1", [level])[0] == pa.values["gcdf@1"]
+    row = analysis.summary_rows([a], level)[0]
+    assert row["gcdf@1"] == pa.values["gcdf@1"] and row["test_error"] == pa.test["error"]
+    metrics = analysis.hparams_records([a], level, quantities=("gcdf@1",))[0]["metrics"]
+    assert metrics["at_level/gcdf@1"] == pa.values["gcdf@1"]
+    assert pa.values["tce@1"] == pytest.approx(level, rel=1e-12)
 
 
 def test_at_level_uses_the_first_crossing(tmp_path):
@@ -244,7 +461,7 @@ def test_at_level_uses_the_first_crossing(tmp_path):
 
 
 def test_level_not_reached(tmp_path):
-    run = analysis.load_run(write_run(tmp_path / "r", records_from([2.3, 1.0, 0.7], linear_in_log_ce)))
+    run = analysis.load_run(write_run(tmp_path / "r", records_from([2.3, 1.0, 0.7], power_of_ce)))
     with pytest.raises(analysis.LevelNotReachedError, match=r"never reaches a training CE of 0.5: its lowest is 0.7"):
         analysis.at_level(run, 0.5)
     with pytest.raises(analysis.LevelNotReachedError, match="starts below the level"):
@@ -254,7 +471,7 @@ def test_level_not_reached(tmp_path):
 
 
 def test_nan_after_divergence_is_not_a_crossing(tmp_path):
-    records = records_from([2.3, 1.0, 0.9], linear_in_log_ce, test=False)
+    records = records_from([2.3, 1.0, 0.9], power_of_ce, test=False)
     records.append({**records[-1], "epoch": 3.0, "step": 30, "ce": None})
     records.append({**records[-1], "epoch": 4.0, "step": 40, "ce": 0.01})
     run = analysis.load_run(write_run(tmp_path / "r", records, state="diverged"))
@@ -264,21 +481,21 @@ def test_nan_after_divergence_is_not_a_crossing(tmp_path):
 
 
 def test_common_level(tmp_path):
-    a = analysis.load_run(write_run(tmp_path / "a", records_from([2.3, 0.5, 0.2], linear_in_log_ce)))
-    b = analysis.load_run(write_run(tmp_path / "b", records_from([2.2, 0.6, 0.3], linear_in_log_ce)))
+    a = analysis.load_run(write_run(tmp_path / "a", records_from([2.3, 0.5, 0.2], power_of_ce)))
+    b = analysis.load_run(write_run(tmp_path / "b", records_from([2.2, 0.6, 0.3], power_of_ce)))
     level = analysis.common_level([a, b])
     assert level == pytest.approx(0.3)
     analysis.at_level(a, level)
     analysis.at_level(b, level)
-    c = analysis.load_run(write_run(tmp_path / "c", records_from([0.15, 0.1], linear_in_log_ce)))
+    c = analysis.load_run(write_run(tmp_path / "c", records_from([0.15, 0.1], power_of_ce)))
     with pytest.raises(analysis.LevelNotReachedError, match="no training CE level is reached by every run"):
         analysis.common_level([a, c])
 
 
 def test_curve_at_levels(tmp_path):
-    run = analysis.load_run(write_run(tmp_path / "r", records_from(np.geomspace(2.0, 0.1, 6), linear_in_log_ce)))
+    run = analysis.load_run(write_run(tmp_path / "r", records_from(np.geomspace(2.0, 0.1, 6), power_of_ce)))
     values = analysis.curve_at_levels(run, "gcdf@1", [1.5, 0.5, 0.05])
-    np.testing.assert_allclose(values[:2], [4 + 2 * math.log(1.5), 4 + 2 * math.log(0.5)])
+    np.testing.assert_allclose(values[:2], [4 * 1.5 ** 0.5, 4 * 0.5 ** 0.5], rtol=1e-12)
     assert math.isnan(values[2])
 
 
@@ -313,16 +530,17 @@ def test_crossovers_bad_shapes():
         analysis.crossovers([1, 2], [1, 2, 3], [1, 2])
 
 
-AT_HALF = 3 + math.log(0.5)  # the CE factor of two_lr_runs' values at level 0.5
+AT_HALF = 0.5 ** 0.5  # the CE factor of two_lr_runs' values at level 0.5
 
 
 def two_lr_runs(tmp_path, crossing=1.0, seeds=(0,), offsets=(0.0,)):
-    """lr 0.1 lower on gcdf for sigma > crossing, lr 0.001 lower below it, at every CE (linear in log CE)."""
+    """lr 0.1 lower on gcdf for sigma > crossing, lr 0.001 lower below it, at every CE (a power of the CE, so
+    exact at any level; a seed's offset scales all its values by 1 + offset)."""
     runs = []
     for lr, sign in ((0.1, 1.0), (0.001, -1.0)):
         for seed, offset in zip(seeds, offsets):
             def fn(family, param, ce, sign=sign, offset=offset):
-                return (2.0 - sign * 0.3 * math.log(param / crossing)) * (3 + math.log(ce)) + offset
+                return (2.0 - sign * 0.3 * math.log(param / crossing)) * ce ** 0.5 * (1 + offset)
             path = write_run(tmp_path / f"lr{lr}_s{seed}", records_from(np.geomspace(2.3, 0.1, 8), fn),
                              lr=lr, seed=seed)
             runs.append(analysis.load_run(path))
@@ -350,16 +568,52 @@ def test_group_runs_and_aggregate(tmp_path):
     assert [g.seeds for g in groups] == [[0, 1, 2], [0, 1, 2]]
     agg = analysis.aggregate(groups[0], 0.5)
     base = (2.0 - 0.3 * math.log(4.0)) * AT_HALF
-    values = np.array([base + o for o in offsets])
+    values = np.array([base * (1 + o) for o in offsets])
     assert agg.n == 3
     assert agg.mean["gcdf@4"] == pytest.approx(values.mean())
     assert agg.std["gcdf@4"] == pytest.approx(math.sqrt(((values - values.mean()) ** 2).sum() / 2))
-    assert agg.std["gcdf@4"] == pytest.approx(math.sqrt(0.07))
+    assert agg.std["gcdf@4"] == pytest.approx(base * math.sqrt(0.07))
     assert agg.std["ce"] == pytest.approx(0.0)
     # Seed means cross where the shared part does (offsets are the same in both groups).
     result = analysis.compare_at_level(groups[0], groups[1], "gcdf", 0.5)
     assert result.crossings == pytest.approx([1.0])
     assert (result.a, result.b) == ("lr=0.1", "lr=0.001")
+
+
+def test_group_order_is_fast_to_slow_whatever_the_names(tmp_path):
+    # load_runs sorts directory names: lr0.01 before lr0.1, b1024 before b256. group_runs orders the groups by
+    # descending learning rate, then ascending batch size, whatever the order of the runs.
+    folder = tmp_path / "sweep"
+    for lr, batch, seed in itertools.product((0.1, 0.01), (256, 1024), (1, 0)):
+        write_run(folder / f"fashion_mnist-fc6-ce-sgd-lr{lr:g}-b{batch}-s{seed}",
+                  records_from([2.3, 0.5, 0.2], power_of_ce), lr=lr, batch_size=batch, seed=seed)
+    runs = analysis.load_runs([folder])
+    assert [r.name for r in runs][:2] == ["fashion_mnist-fc6-ce-sgd-lr0.01-b1024-s0",
+                                          "fashion_mnist-fc6-ce-sgd-lr0.01-b1024-s1"]
+    expected = ["lr=0.1 batch=256", "lr=0.1 batch=1024", "lr=0.01 batch=256", "lr=0.01 batch=1024"]
+    rng = np.random.default_rng(0)
+    for order in [runs, runs[::-1], *(list(rng.permutation(runs)) for _ in range(5))]:
+        groups = analysis.group_runs(order)
+        assert [g.label for g in groups] == expected
+        assert [g.seeds for g in groups] == [[0, 1]] * 4
+        assert [g.config["seed"] for g in groups] == [0] * 4  # the first run's config, whatever came first
+    # The README's unpacking: a folder of two learning rates gives the fast one first.
+    lr_only = [r for r in runs if r.config["batch_size"] == 256]
+    fast, slow = analysis.group_runs(sorted(lr_only, key=lambda r: r.name))
+    assert (fast.config["lr"], slow.config["lr"]) == (0.1, 0.01)
+    small, large = analysis.group_runs([r for r in runs if r.config["lr"] == 0.01])
+    assert (small.config["batch_size"], large.config["batch_size"]) == (256, 1024)
+
+
+def test_group_order_puts_the_setting_first(tmp_path):
+    # Model, dataset, optimizer, loss and subset before speed: each model's groups together, fast to slow.
+    runs = [analysis.load_run(write_run(tmp_path / f"{model}_{lr}", records_from([2.3, 0.5], power_of_ce),
+                                        model=model, lr=lr))
+            for model in ("fc6", "c1") for lr in (0.001, 0.1)]
+    runs.append(analysis.load_run(write_run(tmp_path / "adam", records_from([2.3, 0.5], power_of_ce),
+                                            optimizer="adam", lr=1.0)))
+    assert [g.label for g in analysis.group_runs(runs)] == [
+        "c1 sgd lr=0.1", "c1 sgd lr=0.001", "fc6 adam lr=1", "fc6 sgd lr=0.1", "fc6 sgd lr=0.001"]
 
 
 def test_runs_spread_over_devices_are_one_experiment(tmp_path):
@@ -379,10 +633,10 @@ def test_crossover_spread_over_seeds(tmp_path):
     runs = []
     for seed, c in crossings.items():
         def fast(family, param, ce, c=c):
-            return (2.0 - 0.3 * math.log(param / c)) * (3 + math.log(ce))
+            return (2.0 - 0.3 * math.log(param / c)) * ce ** 0.5
         runs.append(analysis.load_run(write_run(tmp_path / f"a{seed}", records_from([2.3, 0.2], fast), seed=seed)))
         runs.append(analysis.load_run(write_run(tmp_path / f"b{seed}", records_from(
-            [2.3, 0.2], lambda f, p, ce: 2.0 * (3 + math.log(ce))), seed=seed, lr=0.001)))
+            [2.3, 0.2], lambda f, p, ce: 2.0 * ce ** 0.5), seed=seed, lr=0.001)))
     fast_group, slow_group = analysis.group_runs(runs)
     result = analysis.compare_at_level(fast_group, slow_group, "gcdf", 0.5)
     assert result.seed_crossings == {s: pytest.approx([c]) for s, c in crossings.items()}
@@ -394,22 +648,22 @@ def test_crossover_spread_over_seeds(tmp_path):
 
 
 def test_single_seed_std_is_nan(tmp_path):
-    run = analysis.load_run(write_run(tmp_path / "r", records_from([2.0, 0.5], linear_in_log_ce)))
+    run = analysis.load_run(write_run(tmp_path / "r", records_from([2.0, 0.5], power_of_ce)))
     agg = analysis.aggregate([run], 1.0)
     assert agg.n == 1 and math.isnan(agg.std["gcdf@1"])
 
 
 def test_aggregate_names_the_run_that_misses_the_level(tmp_path):
-    a = analysis.load_run(write_run(tmp_path / "a", records_from([2.0, 0.5], linear_in_log_ce), seed=0))
-    b = analysis.load_run(write_run(tmp_path / "b", records_from([2.0, 0.9], linear_in_log_ce), seed=1))
+    a = analysis.load_run(write_run(tmp_path / "a", records_from([2.0, 0.5], power_of_ce), seed=0))
+    b = analysis.load_run(write_run(tmp_path / "b", records_from([2.0, 0.9], power_of_ce), seed=1))
     with pytest.raises(analysis.LevelNotReachedError, match="run 'b' never reaches"):
         analysis.aggregate([a, b], 0.6)
 
 
 def test_group_ignores_tracking_and_stopping_settings(tmp_path):
-    runs = [analysis.load_run(write_run(tmp_path / "a", records_from([2.0, 0.5], linear_in_log_ce), seed=0,
+    runs = [analysis.load_run(write_run(tmp_path / "a", records_from([2.0, 0.5], power_of_ce), seed=0,
                                         track_schedule="log", track_every=16, epochs=30, target_train_loss=0.8)),
-            analysis.load_run(write_run(tmp_path / "b", records_from([2.0, 0.5], linear_in_log_ce), seed=1,
+            analysis.load_run(write_run(tmp_path / "b", records_from([2.0, 0.5], power_of_ce), seed=1,
                                         track_schedule="epoch", epochs=12, deterministic=True))]
     groups = analysis.group_runs(runs)
     assert len(groups) == 1 and groups[0].seeds == [0, 1]
@@ -417,13 +671,13 @@ def test_group_ignores_tracking_and_stopping_settings(tmp_path):
 
 def test_group_labels_cover_batch_and_model(tmp_path):
     runs = [
-        analysis.load_run(write_run(tmp_path / "a", records_from([2.0, 0.5], linear_in_log_ce), batch_size=256)),
-        analysis.load_run(write_run(tmp_path / "b", records_from([2.0, 0.5], linear_in_log_ce), batch_size=16384,
+        analysis.load_run(write_run(tmp_path / "a", records_from([2.0, 0.5], power_of_ce), batch_size=256)),
+        analysis.load_run(write_run(tmp_path / "b", records_from([2.0, 0.5], power_of_ce), batch_size=16384,
                                     ghost_batch_size=256)),
-        analysis.load_run(write_run(tmp_path / "c", records_from([2.0, 0.5], linear_in_log_ce), model="c1")),
+        analysis.load_run(write_run(tmp_path / "c", records_from([2.0, 0.5], power_of_ce), model="c1")),
     ]
     labels = [g.label for g in analysis.group_runs(runs)]
-    assert labels == ["fc6 batch=256", "fc6 batch=16384 ghost=256", "c1 batch=256"]
+    assert labels == ["c1 batch=256", "fc6 batch=256", "fc6 batch=16384 ghost=256"]
 
 
 # --------------------------------------------------------------------------- #
@@ -431,7 +685,7 @@ def test_group_labels_cover_batch_and_model(tmp_path):
 # --------------------------------------------------------------------------- #
 def test_summary_rows_csv_and_markdown(tmp_path):
     runs = two_lr_runs(tmp_path, crossing=1.0, seeds=(0, 1), offsets=(0.0, 0.1))
-    short = analysis.load_run(write_run(tmp_path / "short", records_from([2.3, 0.9], linear_in_log_ce),
+    short = analysis.load_run(write_run(tmp_path / "short", records_from([2.3, 0.9], power_of_ce),
                                         lr=0.01, state="running"))
     rows = analysis.summary_rows([*runs, short], 0.5)
     assert [r["reached"] for r in rows] == [True, True, True, True, False]
@@ -454,7 +708,7 @@ def test_extreme_pairs(tmp_path):
     runs = []
     for lr in (0.1, 0.01, 0.001):
         for batch in (256, 1024, 16384):
-            path = write_run(tmp_path / f"{lr}_{batch}", records_from([2.0, 0.5], linear_in_log_ce),
+            path = write_run(tmp_path / f"{lr}_{batch}", records_from([2.0, 0.5], power_of_ce),
                              lr=lr, batch_size=batch)
             runs.append(analysis.load_run(path))
     pairs = analysis.extreme_pairs(analysis.group_runs(runs))
@@ -509,23 +763,23 @@ def test_no_tensorflow_import():
 # The ladder: gaps against the level, with known answers
 # --------------------------------------------------------------------------- #
 def _ladder_runs(tmp_path, offsets_a=(0.0, 0.1, -0.05), offsets_b=(0.0, -0.1, 0.2)):
-    """Two groups of three seeds whose CE falls from 2.3 to about 0.02. b = 8 + log ce + p; a = b + log p - (-0.5
-    log ce), so a and b cross at p* = ce^-0.5 (1 at CE 1, 2 at CE 0.25, 5 at CE 0.04); every value is linear in
-    log CE, so the interpolation at a level is exact. Seeds add constant offsets."""
+    """Two groups of three seeds whose CE falls from 2.3 to about 0.02. b = (1 + p) ce^0.5; a = b (p ce^0.5)^0.3,
+    so a and b cross at p* = ce^-0.5 (1 at CE 1, 2 at CE 0.25, 5 at CE 0.04); every value is a power of the CE,
+    so the interpolation at a level is exact. A seed scales its values by 1 + its offset."""
     ce = 2.3 * 0.6 ** np.arange(10)
 
     def b_value(family, p, c):
-        return 8.0 + math.log(c) + p
+        return (1.0 + p) * c ** 0.5
 
     def a_value(family, p, c):
-        return b_value(family, p, c) + math.log(p) + 0.5 * math.log(c)
+        return b_value(family, p, c) * (p * c ** 0.5) ** 0.3
 
     runs = []
     for seed, (oa, ob) in enumerate(zip(offsets_a, offsets_b)):
         runs.append(analysis.load_run(write_run(tmp_path / f"a{seed}", records_from(
-            ce, lambda f, p, c, oa=oa: a_value(f, p, c) + oa), seed=seed)))
+            ce, lambda f, p, c, oa=oa: a_value(f, p, c) * (1 + oa)), seed=seed)))
         runs.append(analysis.load_run(write_run(tmp_path / f"b{seed}", records_from(
-            ce, lambda f, p, c, ob=ob: b_value(f, p, c) + ob), seed=seed, lr=0.001)))
+            ce, lambda f, p, c, ob=ob: b_value(f, p, c) * (1 + ob)), seed=seed, lr=0.001)))
     a, b = analysis.group_runs(runs)
     return a, b, a_value, b_value, offsets_a, offsets_b, ce
 
@@ -538,11 +792,11 @@ def test_ladder_gaps_and_crossovers_are_the_constructed_ones(tmp_path, family, g
     assert list(ladder.skipped) == [0.01] and "never reaches a training CE of 0.01" in ladder.skipped[0.01]
     assert (ladder.a, ladder.b) == ("lr=0.1", "lr=0.001")
     for row, level in enumerate(ladder.levels):
-        mean_a = np.array([np.mean([a_value(family, p, level) + o for o in offsets_a]) for p in grid])
-        mean_b = np.array([np.mean([b_value(family, p, level) + o for o in offsets_b]) for p in grid])
+        mean_a = np.array([np.mean([a_value(family, p, level) * (1 + o) for o in offsets_a]) for p in grid])
+        mean_b = np.array([np.mean([b_value(family, p, level) * (1 + o) for o in offsets_b]) for p in grid])
         np.testing.assert_allclose(ladder.ratio[family][row], mean_a / mean_b, rtol=1e-12)
-        paired = np.array([[(a_value(family, p, level) + oa) / (b_value(family, p, level) + ob) for p in grid]
-                           for oa, ob in zip(offsets_a, offsets_b)])
+        paired = np.array([[a_value(family, p, level) * (1 + oa) / (b_value(family, p, level) * (1 + ob))
+                            for p in grid] for oa, ob in zip(offsets_a, offsets_b)])
         np.testing.assert_allclose(ladder.ratio_std[family][row], paired.std(axis=0, ddof=1), rtol=1e-10)
         # With the offsets, the seed means cross where mean(a) = mean(b); without them at level^-0.5.
         expected = analysis.crossovers(grid, mean_a, mean_b)
@@ -568,10 +822,13 @@ def test_ladder_crossover_moves_with_the_level(tmp_path):
 def test_ladder_test_error_is_interpolated_at_the_crossing(tmp_path):
     a, b, *_, ce = _ladder_runs(tmp_path)
     ladder = analysis.loss_ladder(a, b, levels=(0.3,), families=("gcdf",))
-    steps = np.arange(10) * 10.0
     step = 10 * math.log(0.3 / 2.3) / math.log(0.6)  # where log CE crosses log 0.3
-    assert ladder.test_error["a"][0] == pytest.approx(np.interp(step, steps, ce / 3))
-    assert ladder.train_error["a"][0] == pytest.approx(np.interp(step, steps, ce / 4))
+    k = math.ceil(step / 10)  # the test points at steps 10 (k - 1) and 10 k are around it
+    s = (step - 10 * (k - 1)) / 10
+    assert ladder.test_error["a"][0] == pytest.approx(reference_interpolate([ce[k - 1] / 3], [ce[k] / 3], s)[0],
+                                                      rel=1e-12)
+    assert ladder.test_error["a"][0] == pytest.approx(0.3 / 3, rel=1e-12)  # the test error is CE / 3 here
+    assert ladder.train_error["a"][0] == pytest.approx(0.3 / 4, rel=1e-12)
     assert ladder.test_error["a_std"][0] == pytest.approx(0.0)
 
 
@@ -583,7 +840,7 @@ def test_no_level_reached_by_every_run_is_an_error(tmp_path):
 
 def test_a_settled_crossing_skips_a_dip(tmp_path):
     ce = [2.3, 1.0, 0.5, 0.2, 0.4, 0.3, 0.15, 0.1]
-    run = analysis.load_run(write_run(tmp_path / "noisy", records_from(ce, linear_in_log_ce)))
+    run = analysis.load_run(write_run(tmp_path / "noisy", records_from(ce, power_of_ce)))
     first = analysis.at_level(run, 0.3)
     assert first.epoch == pytest.approx(2 + math.log(0.5 / 0.3) / math.log(0.5 / 0.2))
     settled = analysis.at_level(run, 0.3, hold=2)
@@ -591,7 +848,7 @@ def test_a_settled_crossing_skips_a_dip(tmp_path):
     # hold=1 also skips the dip (the next point, 0.4, is above); the level 0.45 is crossed at 0.2 and holds.
     assert analysis.at_level(run, 0.3, hold=1).epoch == pytest.approx(5.0)
     assert analysis.at_level(run, 0.45, hold=2).epoch == analysis.at_level(run, 0.45).epoch
-    rising = analysis.load_run(write_run(tmp_path / "rising", records_from([2.3, 1.0, 0.2, 0.5], linear_in_log_ce)))
+    rising = analysis.load_run(write_run(tmp_path / "rising", records_from([2.3, 1.0, 0.2, 0.5], power_of_ce)))
     assert analysis.at_level(rising, 0.3).epoch < 2
     with pytest.raises(analysis.LevelNotReachedError, match="reaches a training CE of 0.3 and stays there for 1 more"):
         analysis.at_level(rising, 0.3, hold=1)

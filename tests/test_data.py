@@ -85,7 +85,8 @@ def test_train_subset_is_class_balanced_and_fixed(tmp_path):
     expected = np.sort(np.concatenate([np.flatnonzero(labels == c)[:counts[c]] for c in range(10)]))
     np.testing.assert_allclose(dataset.x_train[..., 0], arrays["train"][0][expected] / 255.0, rtol=1e-6)
     assert len(dataset.y_test) == 20  # the test set stays complete
-    with pytest.raises(ValueError, match="larger than the training set"):
+    with pytest.raises(ValueError, match=r"larger than the training set \(200 examples\): a class-balanced subset of "
+                                         "these 200 examples holds from 10 to 200"):
         ki_data.load_dataset("mnist", data_dir=str(tmp_path), train_subset=201)
     with pytest.raises(ValueError, match="class 3 has only"):
         ki_data.class_balanced_subset(np.array([0, 1, 2] * 10 + [3]), 8, 4)
@@ -152,8 +153,61 @@ def test_unavailable_dataset_says_how_to_get_it(name, hint, tmp_path, monkeypatc
 
 def test_offline_tfds_fails_fast_without_network(monkeypatch, tmp_path):
     monkeypatch.setattr(ki_data, "_network_reachable", lambda *a, **k: False)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ki_data.DatasetUnavailableError, match="no network"):
         ki_data.load_dataset("mnist", data_dir=str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("what", ["missing", "file"])
+def test_a_data_dir_that_is_not_a_directory_is_refused(what, tmp_path, monkeypatch):
+    # Not silently replaced by a system directory (a run would record a data_dir its data did not come from).
+    system = tmp_path / "system"
+    system.mkdir()
+    _write_idx_dir(str(system))
+    monkeypatch.setattr(ki_data, "SYSTEM_DIRS", {**ki_data.SYSTEM_DIRS, "fashion_mnist": (str(system),)})
+    given = tmp_path / "given"
+    if what == "file":
+        given.write_text("not a directory")
+    message = "does not exist" if what == "missing" else "is not a directory"
+    with pytest.raises(ki_data.DatasetUnavailableError, match=f"data_dir {given} {message}: .*leave it out to use "
+                                                              f"{system}"):
+        ki_data.load_dataset("fashion_mnist", data_dir=str(given))
+    assert ki_data.load_dataset("fashion_mnist").source == str(system)  # without data_dir, the system directory
+
+
+def test_a_data_dir_without_the_files_does_not_fall_back_on_a_system_directory(tmp_path, monkeypatch):
+    system = tmp_path / "system"
+    system.mkdir()
+    _write_idx_dir(str(system))
+    monkeypatch.setattr(ki_data, "SYSTEM_DIRS", {**ki_data.SYSTEM_DIRS, "fashion_mnist": (str(system),)})
+    given = tmp_path / "given"
+    given.mkdir()
+    ki_data.write_idx(given / "train-images-idx3-ubyte.gz", np.zeros((3, 2, 2), np.uint8))  # one of the four
+
+    def offline(*args):
+        raise ConnectionError("no network to download it")
+
+    monkeypatch.setattr(ki_data, "_load_tfds", offline)
+    with pytest.raises(ki_data.DatasetUnavailableError) as raised:
+        ki_data.load_dataset("fashion_mnist", data_dir=str(given))
+    message = str(raised.value)
+    assert (f"data_dir {given} does not hold fashion_mnist's files (it lacks train-labels-idx1-ubyte, "
+            f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte); leave data_dir out to use {system}") in message
+    assert "tensorflow-datasets could not load it (ConnectionError: no network" in message
+    with pytest.raises(ki_data.DatasetUnavailableError, match=f"not on this machine \\(data_dir {given} does not"):
+        ki_data.load_dataset("fashion_mnist", data_dir=str(given), allow_download=False)
+
+
+def test_balanced_subset_range():
+    assert ki_data.balanced_subset_range([6000] * 10) == (10, 60000)
+    assert ki_data.balanced_subset_range([5, 7, 4, 4]) == (4, 4 * 4 + 2)  # classes 0 and 1 can give one more
+    labels = np.repeat(np.arange(4), [5, 7, 4, 4])
+    assert len(ki_data.class_balanced_subset(labels, 18, 4)) == 18
+    with pytest.raises(ValueError, match=r"class 2 has only 4 examples, 5 needed \(a class-balanced subset of these "
+                                          "20 examples holds from 4 to 18\\)"):
+        ki_data.class_balanced_subset(labels, 19, 4)
+    with pytest.raises(ValueError, match=r"smaller than the number of classes \(4\)"):
+        ki_data.class_balanced_subset(labels, 3, 4)
 
 
 def test_unknown_dataset():
@@ -164,6 +218,10 @@ def test_unknown_dataset():
 @pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
                     reason="dataset-fashion-mnist not installed")
 def test_debian_fashion_mnist():
+    from keras_implicit.training import TRAIN_CLASS_COUNTS
+
+    _, y_train, _, _ = ki_data.load_idx_dir("/usr/share/datasets/fashion-mnist")
+    assert tuple(np.bincount(y_train).tolist()) == TRAIN_CLASS_COUNTS["fashion_mnist"]  # what validation assumes
     dataset = ki_data.load_dataset("fashion_mnist", train_subset=1000)
     assert dataset.source == "/usr/share/datasets/fashion-mnist"
     assert dataset.x_train.shape == (1000, 28, 28, 1) and dataset.x_test.shape == (10000, 28, 28, 1)

@@ -129,9 +129,9 @@ def test_names_of_numpy_grids_carry_no_rounding_noise():
 
 
 def test_a_grid_whose_values_share_a_name_is_refused():
-    with pytest.raises(ValueError, match="sigma holds values that are equal to 7 significant digits"):
+    with pytest.raises(ValueError, match=r"sigma has repeated values \(equal to 7 significant digits"):
         ki.gcdf([0], [[1.0, 0.0]], [1.0, 1.00000001])
-    with pytest.raises(ValueError, match="margin holds values"):
+    with pytest.raises(ValueError, match="margin has repeated values"):
         ki.alt_loss_panel(margins=[2, 2])
 
 

@@ -106,7 +106,7 @@ def test_panel_rejects_bad_grids():
         ki.alt_loss_panel(margins=[float("nan")])
     with pytest.raises(ValueError, match="empty"):
         ki.alt_loss_panel(sigmas=[], temperatures=[], margins=[], error=False)
-    with pytest.raises(ValueError, match="repeated"):
+    with pytest.raises(ValueError, match="sigma has repeated values"):
         ki.alt_loss_panel(sigmas=[1, 1.0])
 
 

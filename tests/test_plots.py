@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -220,8 +221,8 @@ def assert_plain(texts):
 
 
 def test_narrow_ce_range_has_plain_readable_ticks(tmp_path):
-    # Two short runs that share only training CE 2.30-2.29 (the log x axis spans 0.15% of a decade).
-    runs = analysis.load_runs([write_narrow_run(tmp_path / "fast", 0.1, [2.30, 2.295, 2.29, 2.2]),
+    # Two short runs whose training CE spans only 2.30-2.289 (the log x axis spans 0.2% of a decade).
+    runs = analysis.load_runs([write_narrow_run(tmp_path / "fast", 0.1, [2.30, 2.295, 2.29, 2.289]),
                                write_narrow_run(tmp_path / "slow", 0.001, [2.30, 2.29])])
     fig = plots.plot_against_train_loss(runs, ("gcdf@0.5", "gcdf@1", "gcdf@8", "error"))
     for ax in fig.axes:
@@ -353,6 +354,25 @@ def test_plot_script(runs, tmp_path, capsys):
     assert "never reaches a training CE of 1e-09" in capsys.readouterr().err
     assert script.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "bad")]) == 1
     assert "does not exist" in capsys.readouterr().err
+    assert script.main([str(runs[0].path / "metrics.jsonl"), "--out", str(tmp_path / "bad")]) == 1
+    assert f"{runs[0].path / 'metrics.jsonl'} is a file, not a run directory" in capsys.readouterr().err
+    # Problems are found before any file is written, and named.
+    for flags, message in ((["--kinds", "sharpness"], "error: nothing to draw: sharpness: run 'lr0.1_s0' did not "
+                                                      "track the noisy error"),
+                           (["--quantities", "foo@1"], "error: quantity 'foo@1' not tracked by every run: they "
+                                                       "tracked ce, error, gcdf@{0.25, 0.5, 1, 8}"),
+                           (["--level", "-1"], "error: the level must be a finite training CE > 0, got -1.0"),
+                           (["--level", "0.0001"], "error: run 'lr0.1_s0' never reaches a training CE of 0.0001")):
+        assert script.main([str(folder), "--out", str(tmp_path / "bad"), "--no-loss-shapes", *flags]) == 1, flags
+        err = capsys.readouterr().err
+        assert message in err, err
+    assert not (tmp_path / "bad").exists()
+    # A kind that cannot be drawn beside one that can: a warning line, and the other written.
+    assert script.main([str(folder), "--out", str(tmp_path / "some"), "--kinds", "at_level", "sharpness",
+                        "--formats", "png"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: not drawn: sharpness: run 'lr0.1_s0' did not track the noisy error" in captured.err
+    assert sorted(p.name for p in (tmp_path / "some").iterdir()) == ["at_level.png"]
 
 
 def test_ladder_one_line_per_level_ratio_and_band(tmp_path):
@@ -443,8 +463,8 @@ def test_sharpness_figure_lines_values_and_tightness(tmp_path):
             np.testing.assert_allclose(gcdf.get_ydata(), means[:len(SIGMAS)], rtol=1e-12)
             np.testing.assert_allclose(eq9.get_ydata(), means[len(SIGMAS):], rtol=1e-12)
             assert np.isnan(noisy.get_ydata()[0])  # 0 is left off the log axis
-            # Interpolated linearly in log CE between tracking points, so within 0.5 % of CE (1 + s) / log 2.
-            np.testing.assert_allclose(noisy_ce.get_ydata(), level * (1 + np.array(SIGMAS)) / math.log(2), rtol=5e-3)
+            # A multiple of the CE: read at a level, exactly the level's multiple (analysis.interpolate).
+            np.testing.assert_allclose(noisy_ce.get_ydata(), level * (1 + np.array(SIGMAS)) / math.log(2), rtol=1e-12)
         for group, line in zip(groups, bottom.get_lines()[:len(groups)]):
             np.testing.assert_allclose(line.get_ydata()[1:], 0.5 if "0.1" in group.label else 0.25, rtol=1e-12)
     assert [t.get_text() for t in fig.legends[0].get_texts()][-2:] == [f"{g.label} (n=2)" for g in groups]
@@ -452,9 +472,124 @@ def test_sharpness_figure_lines_values_and_tightness(tmp_path):
     check_image(paths[0], "png")
     assert "sharpness.png" in [p.name for p in plots.plot_all(runs, tmp_path / "all", level=0.3, formats=("png",),
                                                                kinds=("sharpness",))]
+    paths = plots.plot_all(runs, tmp_path / "levels", formats=("png",), kinds=("sharpness",),
+                           sharpness_levels=(0.5, 0.2), sharpness_hold=1)
+    assert [p.name for p in paths] == ["sharpness_hold1.png"]
+    with pytest.raises(analysis.LevelNotReachedError, match="never reaches a training CE of 1e-06"):
+        plots.plot_all(runs, tmp_path / "unreached", formats=("png",), kinds=("sharpness",), sharpness_levels=(1e-6,))
+    assert not (tmp_path / "unreached").exists()
 
 
-def test_sharpness_figure_needs_the_noisy_error(runs):
+def test_sharpness_figure_needs_the_noisy_error(runs, tmp_path):
     with pytest.raises(ValueError, match="did not track the noisy error: train with --noisy-error-draws"):
         plots.plot_sharpness(runs, [0.3])
-    assert plots.plot_all(runs, "/nonexistent", formats=("png",), kinds=("sharpness",)) == []
+    # Asked for alone: an error, and nothing written.
+    with pytest.raises(ValueError, match=r"nothing to draw: sharpness: run 'lr0.1_s0' did not track the noisy "
+                                         r"error: train with --noisy-error-draws"):
+        plots.plot_all(runs, tmp_path / "alone", formats=("png",), kinds=("sharpness",))
+    assert not (tmp_path / "alone").exists()
+    # Asked for beside another kind: the other is drawn, and a warning says why the sharpness figure is not.
+    with pytest.warns(plots.PlotWarning, match=r"not drawn: sharpness: run 'lr0.1_s0' did not track the noisy"):
+        paths = plots.plot_all(runs, tmp_path / "both", formats=("png",), kinds=("at_level", "sharpness"))
+    assert [p.name for p in paths] == ["at_level.png"]
+    # Not asked for (the default kinds): runs without the noisy error simply get no sharpness figure.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", plots.PlotWarning)
+        paths = plots.plot_all(runs, tmp_path / "default", formats=("png",), loss_shapes=False)
+    assert "at_level.png" in [p.name for p in paths] and not any("sharpness" in p.name for p in paths)
+
+
+def _tree(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else None
+
+
+@pytest.mark.parametrize("arguments, error, match", [
+    ({"level": -1}, ValueError, r"the level must be a finite training CE > 0, got -1"),
+    ({"level": 0.0}, ValueError, r"the level must be a finite training CE > 0, got 0.0"),
+    ({"level": math.nan}, ValueError, r"the level must be a finite training CE > 0, got nan"),
+    ({"level": 1e-4}, analysis.LevelNotReachedError, r"run 'lr0.1_s0' never reaches a training CE of 0.0001"),
+    ({"quantities": ("gcdf@1", "foo@1")}, ValueError,
+     r"quantity 'foo@1' not tracked by every run: they tracked ce, error, gcdf@\{0.25, 0.5, 1, 8\}, "
+     r"tce@\{0.5, 1, 4\}, hinge@\{0.5, 1, 4\}"),
+    ({"quantities": ("gcdf@3", "tce@0.25")}, ValueError, r"quantities 'gcdf@3', 'tce@0.25' not tracked by every"),
+    ({"quantities": ("foo@1",), "kinds": ("curves",)}, ValueError, r"quantity 'foo@1' not tracked by every run"),
+    ({"quantities": ()}, ValueError, r"no quantities given"),
+    ({"formats": ("png", "jpeg2000")}, ValueError, r"unsupported figure formats \['jpeg2000'\]"),
+    ({"x": "time"}, ValueError, r"x must be 'epoch' or 'step', got 'time'"),
+    ({"kinds": ()}, ValueError, r"no figure kind asked for"),
+    ({"kinds": ("heatmap",)}, ValueError, r"unknown figure kinds \['heatmap'\]"),
+    ({"sharpness_levels": [0.3, -2.0], "kinds": ("curves", "sharpness")}, ValueError,
+     r"each sharpness level must be a finite training CE > 0, got -2.0"),
+    ({"sharpness_hold": -1}, ValueError, r"the sharpness hold must be a whole number"),
+])
+def test_plot_all_checks_everything_before_writing(runs, tmp_path, arguments, error, match):
+    # Curves come first in the plan: any of these problems used to surface only after they were written.
+    out = tmp_path / "figs"
+    with pytest.raises(error, match=match):
+        plots.plot_all(runs, out, loss_shapes=False, **{"formats": ("png",), **arguments})
+    assert _tree(out) is None
+
+
+def test_a_level_only_for_the_kinds_that_need_one(tmp_path):
+    # Two runs with no training CE in common: the first goes from 2.3 down to 1.0, the second from 0.9 to 0.1.
+    runs = analysis.load_runs([write_narrow_run(tmp_path / "fast", 0.1, [2.3, 1.7, 1.2, 1.0]),
+                               write_narrow_run(tmp_path / "slow", 0.001, [0.9, 0.5, 0.2, 0.1])])
+    with pytest.raises(analysis.LevelNotReachedError, match="no training CE level is reached by every run"):
+        analysis.common_level(runs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", plots.PlotWarning)
+        paths = plots.plot_all(runs, tmp_path / "figs", formats=("png",), kinds=("curves", "vs_train_loss"))
+    assert sorted(p.name for p in paths) == ["curves_gcdf_train.png", "curves_hinge_train.png",
+                                             "curves_tce_train.png", "vs_train_loss.png"]
+    # Each run is drawn over the CE range it covers, on one axis from 2.3 down to 0.1.
+    fig = plots.plot_against_train_loss(runs, ("gcdf@1",), points=30)
+    fast, slow = fig.axes[0].get_lines()
+    levels = fast.get_xdata()
+    assert levels[0] == pytest.approx(2.3 * 0.999) and levels[-1] == pytest.approx(0.1)
+    assert np.array_equal(np.isfinite(fast.get_ydata()), levels >= 1.0)
+    assert np.array_equal(np.isfinite(slow.get_ydata()), levels < 0.9)
+    np.testing.assert_allclose(slow.get_ydata()[levels < 0.9],
+                               analysis.curve_at_levels(runs[1], "gcdf@1", levels[levels < 0.9]))
+    # The default kinds draw what they can, and say which one they cannot.
+    with pytest.warns(plots.PlotWarning, match=r"not drawn: at_level: no training CE level is reached by every "
+                                               r"run.*; give a level"):
+        paths = plots.plot_all(runs, tmp_path / "all", formats=("png",), loss_shapes=False)
+    assert "at_level.png" not in [p.name for p in paths] and "vs_train_loss.png" in [p.name for p in paths]
+    # A level that only one run reaches is an error, before any file.
+    with pytest.raises(analysis.LevelNotReachedError, match="never reaches a training CE of 0.5"):
+        plots.plot_all(runs, tmp_path / "none", formats=("png",), level=0.5, loss_shapes=False)
+    assert _tree(tmp_path / "none") is None
+
+
+def _overlaps(fig, legend):
+    """The axes of ``fig`` that ``legend`` overlaps on the drawn canvas."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    box = legend.get_window_extent(renderer)
+    return [ax for ax in fig.axes if box.overlaps(ax.get_window_extent(renderer))]
+
+
+def test_legends_are_outside_the_data(runs, tmp_path):
+    # Long group labels (as plot.py makes them for runs that differ in several settings) would cover points.
+    from tests.test_analysis import _ladder_runs
+
+    figures = {"at_level": plots.plot_family_at_level(runs, 0.3),
+               "vs_train_loss": plots.plot_against_train_loss(runs, ("gcdf@0.5", "gcdf@8", "error"), points=20)}
+    a, b, *_ = _ladder_runs(tmp_path)
+    figures["ladder"] = plots.plot_ladder(analysis.loss_ladder(a, b, levels=(1.0, 0.25, 0.04)))
+    for name, fig in figures.items():
+        assert all(ax.get_legend() is None for ax in fig.axes), name
+        assert len(fig.legends) == 1, name
+        assert _overlaps(fig, fig.legends[0]) == [], name
+    labels = [t.get_text() for t in figures["at_level"].legends[0].get_texts()]
+    assert labels == ["lr=0.1 (n=3)", "lr=0.001 (n=3)"]
+
+
+def test_at_level_ratio_is_to_the_fastest_group_whatever_the_order(runs):
+    # Loaded from a folder, lr0.001 sorts before lr0.1; the ratio row still divides by lr 0.1 (group_runs' order).
+    fig = plots.plot_family_at_level(list(reversed(runs)), 0.3)
+    assert fig.axes[3].get_ylabel() == "ratio to lr=0.1"
+    np.testing.assert_allclose(fig.axes[3].get_lines()[0].get_ydata(), 1.0)
+    fast = analysis.aggregate(analysis.group_runs(runs)[0], 0.3)
+    np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), [fast.mean[f"gcdf@{fmt(s)}"] for s in SIGMAS])

@@ -54,6 +54,11 @@ def _cli(args, timeout=240):
     (["--epochs", "0"], "--epochs: must be a positive integer"),
     (["--track-schedule", "cosine"], "unknown tracking schedule 'cosine'"),
     (["--train-subset", "100"], "smaller than one batch"),
+    (["--train-subset", "100000"], "--train-subset 100000 is larger than fashion_mnist's training set (60000 "
+                                   "examples) (--train-subset must be from 256 to 60000 for fashion_mnist with "
+                                   "--batch-size 256)"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to 4294967295"),
+    (["--data-dir", "/nonexistent/data"], "--data-dir /nonexistent/data does not exist"),
     (["--learning-rate", "0.1"], "unrecognized arguments"),
     (["--noisy-error-draws", "1"], "--noisy-error-draws: must be 0 (off) or at least 2"),
     (["--noisy-error-draws", "many"], "--noisy-error-draws: 'many' is not an integer"),
@@ -80,6 +85,15 @@ def test_bad_flags_fail_before_any_work(flags, message, tmp_path, capsys):
     (["--lr", "-1"], "--lr: must be a finite number > 0"),
     (["--track-schedule", "cosine"], "unknown tracking schedule 'cosine'"),
     (["--train-subset", "100"], "smaller than one batch"),
+    (["--train-subset", "100000"], "--train-subset 100000 is larger than fashion_mnist's training set"),
+    (["--dataset", "mnist", "--train-subset", "60000"], "largest class-balanced subset of mnist's training set "
+                                                        "(54215 of its 60000 examples"),
+    (["--dataset", "cifar10", "--batch-size", "65536"], "--batch-size 65536 is larger than cifar10's training set"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to 4294967295 (2**32 - 1, what NumPy and Keras take as a "
+                       "seed), got -1"),
+    (["--seed", "4294967296"], "got 4294967296"),
+    (["--data-dir", "/nonexistent/data"], "--data-dir /nonexistent/data does not exist: give the directory that holds "
+                                          "the dataset's files"),
 ])
 def test_bad_flags_are_refused_before_tensorflow_is_imported(flags, message, tmp_path):
     # run.py's main in a fresh interpreter: after the refusal, neither TensorFlow nor Keras has been imported.
@@ -127,12 +141,38 @@ def test_end_to_end_on_an_idx_fixture_then_rerun(idx_dir, tmp_path, capsys):
     assert error.startswith("error: ") and "lr: 0.1 there, 0.05 asked" in error
     assert "use --overwrite to replace it or --out for another directory" in error and "overwrite=True" not in error
 
+    # Fewer epochs than trained: refused, config.json untouched (it still says what metrics.jsonl holds).
+    config_before = open(os.path.join(out, "config.json")).read()
+    assert run_script.main([*args, "--epochs", "1"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: {out} has trained 2 epochs (step 18), more than the 1 asked")
+    assert "ask for --epochs 2 or more" in error and "use --overwrite to start again" in error
+    assert open(os.path.join(out, "config.json")).read() == config_before
+
+    # A target the records already went below (at step 9): reported there, not at the checkpoint's step 18.
+    train_ce = {r["step"]: r["ce"] for r in _records(out) if r["split"] == "train"}
+    assert train_ce[0] > train_ce[9] * 1.01
+    target = f"{train_ce[9] * 1.01:.6g}"
+    assert run_script.main([*args, "--target-train-loss", target]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == (f"finished {out}: target train loss {float(target)} reached at step 9 (epoch 1); the run "
+                         "goes on to step 18 (epoch 2), trained before this target was asked for")
+    assert _status(out)["step"] == 18 and len(_records(out)) == 6
+
 
 def test_library_settings_read_as_flags():
     assert run_script.as_flags("rerun with overwrite=True to start again") == "rerun with --overwrite to start again"
     assert run_script.as_flags("or another run_dir") == "or --out for another directory"
     assert run_script.as_flags("resume it with KERAS_BACKEND=jax") == "resume it with --backend jax"
     assert run_script.as_flags("ghost_batch_size 256; cpu_replicas") == "--ghost-batch-size 256; --cpu-replicas"
+    assert run_script.as_flags("ask for epochs=3 or more") == "ask for --epochs 3 or more"
+    assert run_script.as_flags("train_subset 9 (batch_size 8).") == "--train-subset 9 (--batch-size 8)."
+    # Not inside a path or a longer name.
+    for text in ("/data/data_dir/x holds", "runs/data_dir does", "my_train_subset", "/tmp/test_data_dir_a/empty",
+                 "/x/data_dir.bak", "noise_seed must"):
+        assert run_script.as_flags(text) == text
+    assert run_script.as_flags("data_dir /data/data_dir/x: leave data_dir out") == (
+        "--data-dir /data/data_dir/x: leave --data-dir out")
 
 
 def test_kill_9_and_resume_equals_an_uninterrupted_run(idx_dir, tmp_path, capsys):
@@ -191,6 +231,7 @@ def test_tensorflow_datasets_path_end_to_end(dataset, model, tmp_path, capsys):
     import tensorflow_datasets as tfds
 
     out = str(tmp_path / "run")
+    (tmp_path / "tfds").mkdir()  # a data_dir that is given must exist (tensorflow-datasets downloads into it)
     with tfds.testing.mock_data(num_examples=64):
         code = run_script.main(["--dataset", dataset, "--model", model, "--data-dir", str(tmp_path / "tfds"),
                                 "--epochs", "1", "--batch-size", "32", "--ghost-batch-size", "16", "--out", out])
@@ -202,6 +243,27 @@ def test_tensorflow_datasets_path_end_to_end(dataset, model, tmp_path, capsys):
     config = json.load(open(os.path.join(out, "config.json")))
     assert (config["dataset"], config["model"], config["batch_size"], config["ghost_batch_size"]) == (
         dataset, model, 32, 16)
+
+
+def test_a_data_dir_without_the_files_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    # Not replaced by /usr/share/datasets/fashion-mnist (config.json would record a data_dir the data did not come
+    # from); offline (made so here), tensorflow-datasets cannot download it into the directory either.
+    from keras_implicit import data as ki_data
+
+    def offline(*args):
+        raise ConnectionError("no network to download it (storage.googleapis.com unreachable)")
+
+    monkeypatch.setattr(ki_data, "_load_tfds", offline)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert run_script.main(["--data-dir", str(empty), "--train-subset", "1024", "--epochs", "1", "--out",
+                            str(out)]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith(f"error: fashion_mnist is not on this machine (--data-dir "
+                                                     f"{empty} does not hold fashion_mnist's files")
+    assert not out.exists()  # the run could not start: no directory left behind
 
 
 def test_a_locked_directory_is_refused(idx_dir, tmp_path, capsys):

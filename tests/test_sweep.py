@@ -148,6 +148,11 @@ def test_commands_parse_with_run_py(tmp_path):
     (["--lrs", "0.1", "-1"], "argument --lrs: must be a finite number > 0, got -1"),
     (["--jobs", "0"], "argument --jobs: must be a positive integer"),
     (["--train-subset", "100"], "smaller than one batch"),
+    (["--train-subset", "100000"], "train_subset 100000 is larger than fashion_mnist's training set (60000 examples) "
+                                   "(train_subset must be from 256 to 60000"),
+    (["--seeds", "0", "-1"], "grid point fc6 fashion_mnist lr=0.1 batch=256 seed=-1: seed must be an integer from 0 "
+                             "to 4294967295"),
+    (["--data-dir", "/nonexistent/data"], "data_dir /nonexistent/data does not exist"),
     (["--", "--loss", "mse"], "unknown loss 'mse'"),
     (["--", "--loss", "gcdf@0"], "gradient is zero almost everywhere"),
     (["--", "--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'"),
@@ -252,7 +257,7 @@ def test_loss_and_optimizer_passed_on_name_and_group_the_runs(tmp_path, fake_run
 
 def test_parallel_jobs_overlap_but_never_exceed(tmp_path, fake_run, monkeypatch):
     monkeypatch.setenv("FAKE_RUN_SECONDS", "1.5")
-    assert run_sweep(tmp_path, fake_run, "--no-hparams", "--summary-only") == 0  # nothing run yet: no summary
+    assert run_sweep(tmp_path, fake_run, "--no-hparams", "--summary-only") == 1  # nothing run yet: nothing to summarize
     assert not any((tmp_path / "runs").glob("*/invocations.jsonl"))
     assert run_sweep(tmp_path, fake_run, "--no-hparams", jobs=2) == 0
     spans = []
@@ -276,8 +281,9 @@ def test_summary_csv_markdown_and_hparams(tmp_path, fake_run):
     row = next(r for r in rows if r["run"] == "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0")
     # ce(epoch) = 2.3 exp(-0.7 epoch): 0.5 is crossed at epoch log(4.6) / 0.7.
     assert float(row["epoch_at_level"]) == pytest.approx(math.log(4.6) / 0.7, rel=1e-9)
-    # Values linear in log CE are interpolated exactly.
-    assert float(row["gcdf@8"]) == pytest.approx((5 + math.log(0.5)) * 8 * (1 - 0.2 * math.log(8)), rel=1e-9)
+    # The summary's values are analysis.at_level's (whose interpolation tests/test_analysis.py checks).
+    point = analysis.at_level(analysis.load_run(runs / row["run"]), 0.5)
+    assert float(row["gcdf@8"]) == pytest.approx(point.values["gcdf@8"], rel=1e-9)
     markdown = (runs / "summary.md").read_text()
     assert "# Sweep summary at training CE = 0.5" in markdown
     # lr 0.1 at batch 256 is lower at large sigma, higher at small: a crossover at sigma = 1 exactly.
@@ -304,6 +310,54 @@ def test_summary_dir(tmp_path, fake_run):
     assert run_sweep(tmp_path, fake_run, "--no-hparams", "--summary-dir", str(tmp_path / "report")) == 0
     assert (tmp_path / "report" / "summary.md").exists() and (tmp_path / "report" / "summary.csv").exists()
     assert not (tmp_path / "runs" / "summary.md").exists()
+
+
+def test_summary_only_names_the_grid_points_it_lacks(tmp_path, fake_run, capsys):
+    # Runs of lr 0.1 and 0.01; the default grid is lr 0.1 and 0.001: the 0.001 points are named, the 0.01 runs
+    # are mentioned as outside the grid, and the lr 0.1 group is summarized.
+    assert run_sweep(tmp_path, fake_run, "--no-hparams", "--lrs", "0.1", "0.01") == 0
+    capsys.readouterr()
+    runs = tmp_path / "runs"
+    (runs / "summary.md").unlink()
+    assert sweep.main(["--runs-dir", str(runs), "--seeds", "0", "1", "--summary-only", "--no-hparams"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (
+        "[sweep] 2 of the grid's 4 points are not in the summary (no run directory: "
+        "fashion_mnist-fc6-ce-sgd-lr0.001-b256-s0, fashion_mnist-fc6-ce-sgd-lr0.001-b256-s1); "
+        f"{runs} also holds 2 run(s) outside this grid (fashion_mnist-fc6-ce-sgd-lr0.01-b256-s0, "
+        "fashion_mnist-fc6-ce-sgd-lr0.01-b256-s1), left out too")
+    assert out[1].startswith("[sweep] summary at training CE ")
+    rows = list(csv.DictReader((runs / "summary.csv").open()))
+    assert sorted(r["run"] for r in rows) == ["fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0",
+                                              "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s1"]
+
+
+def test_summary_only_with_no_run_of_the_grid_says_what_is_there(tmp_path, fake_run, capsys):
+    # Runs made with --train-subset 2048 are named ...-n2048-...: a grid without it names none of them.
+    assert run_sweep(tmp_path, fake_run, "--no-hparams", "--train-subset", "2048") == 0
+    capsys.readouterr()
+    runs = tmp_path / "runs"
+    (runs / "summary.md").unlink()
+    assert sweep.main(["--runs-dir", str(runs), "--lrs", "0.1", "0.001", "--seeds", "0", "1", "--summary-only",
+                       "--no-hparams"]) == 1
+    captured = capsys.readouterr()
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith(
+        f"[sweep] error: nothing to summarize: none of the grid's 4 run(s) has metrics in {runs} (no run directory: "
+        "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0, ")
+    assert (f"{runs} holds 4 other run directories: fashion_mnist-fc6-ce-sgd-lr0.001-b256-n2048-s0, "
+            "fashion_mnist-fc6-ce-sgd-lr0.001-b256-n2048-s1, fashion_mnist-fc6-ce-sgd-lr0.1-b256-n2048-s0, "
+            "fashion_mnist-fc6-ce-sgd-lr0.1-b256-n2048-s1.") in errors[0]
+    assert "must be the ones the runs were made with" in errors[0]
+    assert not (runs / "summary.md").exists()
+    # With the flags they were made with, they are summarized.
+    assert sweep.main(["--runs-dir", str(runs), "--lrs", "0.1", "0.001", "--seeds", "0", "1", "--train-subset", "2048",
+                       "--summary-only", "--no-hparams"]) == 0
+    assert (runs / "summary.md").exists()
+    # A --runs-dir that does not exist is said so (and nothing is created).
+    assert sweep.main(["--runs-dir", str(tmp_path / "elsewhere"), "--summary-only"]) == 1
+    assert f"{tmp_path / 'elsewhere'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_failed_run_is_reported(tmp_path, fake_run, capsys):

@@ -1,5 +1,6 @@
 """keras_implicit.training: ghost batches, epochs, run directories, resume, divergence, target loss, locks."""
 
+import io
 import json
 import math
 import os
@@ -94,6 +95,19 @@ def test_epoch_batches_are_whole_batches_of_the_epoch_order():
     ({"track_every": 0}, "track_every"),
     ({"target_train_loss": -1.0}, "target_train_loss"),
     ({"train_subset": 100}, "smaller than one batch"),
+    ({"train_subset": 100000}, r"larger than fashion_mnist's training set \(60000 examples\) \(train_subset must be "
+                               r"from 256 to 60000 for fashion_mnist with batch_size 256\)"),
+    ({"train_subset": 50001, "dataset": "cifar10"}, "must be from 256 to 50000"),
+    # MNIST's classes are uneven: its class 5 (5421 examples) caps a balanced subset at 54215.
+    ({"train_subset": 54216, "dataset": "mnist"}, "largest class-balanced subset of mnist's training set "
+                                                  r"\(54215 of its 60000 examples: its smallest class, 5, has 5421\)"),
+    ({"train_subset": 9, "batch_size": 8, "ghost_batch_size": 8}, r"smaller than the number of classes \(10\).*"
+                                                                  "must be from 10 to 60000"),
+    ({"batch_size": 65536}, r"batch_size 65536 is larger than fashion_mnist's training set \(60000 examples\)"),
+    ({"seed": -1}, r"seed must be an integer from 0 to 4294967295 .*got -1"),
+    ({"seed": 2 ** 32}, "got 4294967296"),
+    ({"seed": 1.5}, "seed must be an integer"),
+    ({"data_dir": "/nonexistent/data"}, "data_dir /nonexistent/data does not exist"),
     ({"strategy": "horovod"}, "unknown strategy"),
     ({"cpu_replicas": 2}, "for strategy 'mirrored' only"),
     ({"cpu_replicas": 0, "strategy": "mirrored"}, "cpu_replicas must be a positive integer"),
@@ -105,6 +119,37 @@ def test_epoch_batches_are_whole_batches_of_the_epoch_order():
 def test_bad_settings_are_refused_with_a_clear_message(overrides, message):
     with pytest.raises(ValueError, match=message):
         RunConfig(**overrides).validate()
+
+
+@pytest.mark.parametrize("overrides", [
+    {"seed": 0}, {"seed": 2 ** 32 - 1}, {"train_subset": 60000}, {"dataset": "mnist", "train_subset": 54215},
+    {"dataset": "cifar10", "train_subset": 50000}, {"train_subset": 10, "batch_size": 10, "ghost_batch_size": 10},
+])
+def test_the_limits_themselves_are_accepted(overrides):
+    RunConfig(**overrides).validate()
+
+
+def test_the_subset_limits_are_class_balanced_subset_s_own():
+    # What validate() checks without data is what class_balanced_subset takes from labels with those counts.
+    for name, counts in training.TRAIN_CLASS_COUNTS.items():
+        labels = np.repeat(np.arange(len(counts)), counts)
+        low, high = ki_data.balanced_subset_range(counts)
+        assert ki_data.NUM_CLASSES[name] == len(counts) == low and name in training.DATASETS
+        assert len(ki_data.class_balanced_subset(labels, high, len(counts))) == high
+        assert len(ki_data.class_balanced_subset(labels, low, len(counts))) == low
+        with pytest.raises(ValueError):
+            ki_data.class_balanced_subset(labels, high + 1, len(counts))
+        with pytest.raises(ValueError):
+            ki_data.class_balanced_subset(labels, low - 1, len(counts))
+        RunConfig(dataset=name, train_subset=high).validate()
+        with pytest.raises(ValueError, match=f"must be from 256 to {high} for {name}"):
+            RunConfig(dataset=name, train_subset=high + 1).validate()
+    assert sum(training.TRAIN_CLASS_COUNTS["mnist"]) == 60000
+
+
+def test_epoch_text():
+    assert [training._epoch_text(step, 78) for step in (0, 60, 78, 156, 200)] == ["0", "0.77", "1", "2", "2.56"]
+    assert training._epoch_text(7799, 7800) == "0.999872"  # not "1.00": that reads as a whole epoch
 
 
 def test_parse_and_make_loss():
@@ -218,15 +263,69 @@ def test_more_epochs_or_a_lower_target_continue_a_finished_run(idx_dir, tmp_path
     run_dir = str(tmp_path / "run")
     first = training.train(dataclass_replace(base, epochs=1), run_dir, progress=False, verbose=False)
     assert first.state == "finished" and first.step == 9
-    # A target reached inside an epoch: the run stops there, at a step that is not an epoch's end.
-    second = training.train(dataclass_replace(base, target_train_loss=2.05), run_dir, progress=False, verbose=False)
+    # A target reached inside an epoch: the run stops there, at a step that is not an epoch's end, and says so.
+    lines = io.StringIO()
+    second = training.train(dataclass_replace(base, target_train_loss=2.05), run_dir, progress=False, stream=lines)
     assert second.state == "finished" and "target train loss 2.05 reached" in second.message
     assert second.step % 9 != 0  # inside epoch 2: the third call finishes that epoch's remaining batches
+    fraction = f"{second.step / 9:.2f}"
+    assert lines.getvalue().splitlines()[-1].startswith(f"epoch {fraction}/4 | step {second.step} | train ce ")
+    assert second.message == f"target train loss 2.05 reached at step {second.step} (epoch {fraction})"
+    # It has trained 1.xx epochs: a cap of 1 is refused, a cap of 2 is "as if started with it" (nothing to train).
+    with pytest.raises(RunError, match=rf"has trained {fraction} epochs \(step {second.step}\), more than the 1 "
+                                       "asked.*ask for epochs=2 or more"):
+        training.train(dataclass_replace(base, target_train_loss=2.05, epochs=1), run_dir, progress=False,
+                       verbose=False)
+    lines = io.StringIO()
+    capped = training.train(dataclass_replace(base, target_train_loss=2.05, epochs=2), run_dir, progress=False,
+                            stream=lines)
+    assert capped.state == "finished" and capped.step == second.step and capped.message == second.message
+    assert lines.getvalue().splitlines() == [f"{run_dir}: continuing with epochs 2 (was 4)",
+                                             f"resuming {run_dir} from epoch {fraction} (step {second.step})"]
     third = training.train(dataclass_replace(base, target_train_loss=1.0), run_dir, progress=False, verbose=False)
     assert third.state == "finished"
     assert read_metrics(run_dir) == expected
     stored = json.load(open(os.path.join(run_dir, "config.json")))
     assert (stored["epochs"], stored["target_train_loss"]) == (4, 1.0)
+
+
+def test_fewer_epochs_than_trained_are_refused_and_nothing_changes(idx_dir, two_epochs, tmp_path):
+    run_dir = copy_run(two_epochs, tmp_path)  # resume_config with 2 epochs, finished: 18 steps of 9 per epoch
+    before = {name: open(os.path.join(run_dir, name), "rb").read()
+              for name in ("config.json", "status.json", "metrics.jsonl", "checkpoint.npz")}
+    with pytest.raises(RunError) as raised:
+        training.train(dataclass_replace(resume_config(idx_dir), epochs=1), run_dir, progress=False, verbose=False)
+    assert str(raised.value) == (
+        f"{run_dir} has trained 2 epochs (step 18), more than the 1 asked: a run cannot be cut back to fewer epochs "
+        "(its checkpoint and metrics.jsonl hold every step trained); ask for epochs=2 or more (the earlier epochs' "
+        "points are in its metrics.jsonl), or use overwrite=True to start again or another run_dir")
+    for name, content in before.items():
+        assert open(os.path.join(run_dir, name), "rb").read() == content, name
+    assert json.load(open(os.path.join(run_dir, "config.json")))["epochs"] == 2
+
+
+def test_a_target_the_records_already_reached_is_reported_where_it_was_reached(idx_dir, two_epochs, tmp_path,
+                                                                                capsys):
+    run_dir = copy_run(two_epochs, tmp_path)  # finished, 2 epochs, no target; tracked at steps 0, 4, 8, 9, 12, 16, 18
+    train = [r for r in read_metrics(run_dir) if r["split"] == "train"]
+    # A target first crossed by the second tracking point (step 4): the records go on to step 18.
+    target = train[1]["ce"] * 1.0001
+    first = next(r for r in train if r["ce"] < target)
+    assert first["step"] < 18 and train[-1]["ce"] < target
+    records_before = read_metrics(run_dir)
+    config = dataclass_replace(resume_config(idx_dir), epochs=2, target_train_loss=target)
+    capsys.readouterr()
+    result = training.train(config, run_dir, progress=False)
+    expected = (f"target train loss {target} reached at step {first['step']} (epoch "
+                f"{training._epoch_text(first['step'], 9)}); the run goes on to step 18 (epoch 2), trained before this "
+                "target was asked for")
+    assert result.state == "finished" and result.step == 18 and result.message == expected
+    assert json.load(open(os.path.join(run_dir, "status.json"))) == {
+        "state": "finished", "epoch": 2, "step": 18, "message": expected}
+    assert read_metrics(run_dir) == records_before  # nothing trained, nothing tracked again
+    assert json.load(open(os.path.join(run_dir, "config.json")))["target_train_loss"] == target
+    again = training.train(config, run_dir, progress=False, verbose=False)
+    assert again.state == "already-finished" and expected in again.message
 
 
 def test_a_directory_that_is_not_a_run_is_refused(idx_dir, tmp_path):
@@ -243,6 +342,29 @@ def test_a_second_process_is_refused_by_the_lock(idx_dir, tmp_path):
             training.train(small_config(idx_dir), run_dir, progress=False, verbose=False)
     # Released: now it runs.
     assert training.train(small_config(idx_dir, epochs=1), run_dir, progress=False, verbose=False).state == "finished"
+
+
+def test_data_that_cannot_be_used_is_a_run_error_and_leaves_no_directory(idx_dir, tmp_path, monkeypatch):
+    def offline(*args):
+        raise ConnectionError("no network to download it")
+
+    monkeypatch.setattr(ki_data, "_load_tfds", offline)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_dir = tmp_path / "run"
+    # A data_dir without the files: no system directory stands in for it.
+    with pytest.raises(RunError, match=f"data_dir {empty} does not hold mnist's files"):
+        training.train(small_config(str(empty)), str(run_dir), progress=False, verbose=False)
+    assert not run_dir.exists()
+    # More examples than the (custom, 600-example) files hold: one line, not a traceback.
+    with pytest.raises(RunError, match="train_subset 640 is larger than the training set \\(600 examples\\)"):
+        training.train(small_config(idx_dir, train_subset=640), str(run_dir), progress=False, verbose=False)
+    assert not run_dir.exists()
+    # A directory that existed is left as it was.
+    run_dir.mkdir()
+    with pytest.raises(RunError):
+        training.train(small_config(str(empty)), str(run_dir), progress=False, verbose=False)
+    assert run_dir.is_dir() and os.listdir(run_dir) == [".lock"]
 
 
 def test_same_seed_same_metrics_other_seed_other_metrics(idx_dir, tmp_path):
