@@ -57,3 +57,14 @@ def idx_dir(tmp_path_factory):
         ki_data.write_idx(os.path.join(directory, images_name + ".gz"), images)
         ki_data.write_idx(os.path.join(directory, labels_name + ".gz"), labels)
     return str(directory)
+
+
+@pytest.fixture
+def offline_tfds(monkeypatch):
+    """tensorflow-datasets as on a machine without a network: every download attempt fails."""
+    from keras_implicit import data as ki_data
+
+    def offline(*args):
+        raise ConnectionError("no network to download it")
+
+    monkeypatch.setattr(ki_data, "_load_tfds", offline)

@@ -137,13 +137,9 @@ def test_tensorflow_datasets_path_under_mock_data(name, shape, tmp_path):
     ("mnist", "--data-dir"),
     ("cifar10", "cifar-10-batches-py"),
 ])
-def test_unavailable_dataset_says_how_to_get_it(name, hint, tmp_path, monkeypatch):
+def test_unavailable_dataset_says_how_to_get_it(name, hint, tmp_path, monkeypatch, offline_tfds):
     monkeypatch.setattr(ki_data, "SYSTEM_DIRS", {k: () for k in ki_data.SYSTEM_DIRS})
 
-    def offline(*args):
-        raise ConnectionError("no network to download it")
-
-    monkeypatch.setattr(ki_data, "_load_tfds", offline)
     with pytest.raises(ki_data.DatasetUnavailableError, match="could not load it") as raised:
         ki_data.load_dataset(name, data_dir=str(tmp_path))
     assert hint in str(raised.value) and str(tmp_path) in str(raised.value)
@@ -175,7 +171,7 @@ def test_a_data_dir_that_is_not_a_directory_is_refused(what, tmp_path, monkeypat
     assert ki_data.load_dataset("fashion_mnist").source == str(system)  # without data_dir, the system directory
 
 
-def test_a_data_dir_without_the_files_does_not_fall_back_on_a_system_directory(tmp_path, monkeypatch):
+def test_a_data_dir_without_the_files_does_not_fall_back_on_a_system_directory(tmp_path, monkeypatch, offline_tfds):
     system = tmp_path / "system"
     system.mkdir()
     _write_idx_dir(str(system))
@@ -184,10 +180,6 @@ def test_a_data_dir_without_the_files_does_not_fall_back_on_a_system_directory(t
     given.mkdir()
     ki_data.write_idx(given / "train-images-idx3-ubyte.gz", np.zeros((3, 2, 2), np.uint8))  # one of the four
 
-    def offline(*args):
-        raise ConnectionError("no network to download it")
-
-    monkeypatch.setattr(ki_data, "_load_tfds", offline)
     with pytest.raises(ki_data.DatasetUnavailableError) as raised:
         ki_data.load_dataset("fashion_mnist", data_dir=str(given))
     message = str(raised.value)

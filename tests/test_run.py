@@ -245,15 +245,9 @@ def test_tensorflow_datasets_path_end_to_end(dataset, model, tmp_path, capsys):
         dataset, model, 32, 16)
 
 
-def test_a_data_dir_without_the_files_is_refused_before_training(tmp_path, capsys, monkeypatch):
+def test_a_data_dir_without_the_files_is_refused_before_training(tmp_path, capsys, offline_tfds):
     # Not replaced by /usr/share/datasets/fashion-mnist (config.json would record a data_dir the data did not come
     # from); offline (made so here), tensorflow-datasets cannot download it into the directory either.
-    from keras_implicit import data as ki_data
-
-    def offline(*args):
-        raise ConnectionError("no network to download it (storage.googleapis.com unreachable)")
-
-    monkeypatch.setattr(ki_data, "_load_tfds", offline)
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "run"

@@ -344,11 +344,7 @@ def test_a_second_process_is_refused_by_the_lock(idx_dir, tmp_path):
     assert training.train(small_config(idx_dir, epochs=1), run_dir, progress=False, verbose=False).state == "finished"
 
 
-def test_data_that_cannot_be_used_is_a_run_error_and_leaves_no_directory(idx_dir, tmp_path, monkeypatch):
-    def offline(*args):
-        raise ConnectionError("no network to download it")
-
-    monkeypatch.setattr(ki_data, "_load_tfds", offline)
+def test_data_that_cannot_be_used_is_a_run_error_and_leaves_no_directory(idx_dir, tmp_path, offline_tfds):
     empty = tmp_path / "empty"
     empty.mkdir()
     run_dir = tmp_path / "run"
