@@ -103,6 +103,7 @@ __all__ = [
     "find_run_dirs",
     "check_same_grids",
     "interpolate",
+    "check_level",
     "at_level",
     "curve_at_levels",
     "common_level",
@@ -407,14 +408,25 @@ class LevelPoint:
     test: dict[str, float]
 
 
+def check_level(value, what: str = "the level") -> float:
+    """``value`` as a training-CE level (a float), or a ValueError naming it as ``what``: a level must be a finite
+    number > 0."""
+    try:
+        level = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a training CE > 0, got {value!r}") from None
+    if not (math.isfinite(level) and level > 0):
+        raise ValueError(f"{what} must be a finite training CE > 0, got {value!r}")
+    return level
+
+
 def _crossing(ce: np.ndarray, level: float, run_name: str, state: str = "unknown",
               hold: int = 0) -> tuple[int, float]:
     """(i, t): the crossing is between points i-1 and i at fraction t (t = 1 at point i). With ``hold`` > 0,
     the first crossing after which the CE stays at or below the level for the next ``hold`` points."""
     if int(hold) != hold or hold < 0:
         raise ValueError(f"hold must be a whole number of tracking points >= 0, got {hold!r}")
-    if not (level > 0 and math.isfinite(level)):
-        raise ValueError(f"the level must be a finite CE > 0, got {level!r}")
+    level = check_level(level)
     if ce.size == 0:
         raise LevelNotReachedError(f"run {run_name!r} has no training points")
     if not np.isfinite(ce[0]) or ce[0] <= 0:
@@ -514,13 +526,14 @@ def at_level(run: Run, level: float, hold: int = 0) -> LevelPoint:
 
     Raises:
         LevelNotReachedError: the run's CE never comes down to ``level`` (or starts below it).
+        ValueError: ``level`` is not a finite number > 0 (:func:`check_level`), or ``hold`` not a whole number >= 0.
 
     Example:
         >>> point = at_level(load_run("runs/fc6_lr0.1"), level=0.08)
         >>> point.values["gcdf@1"], point.epoch
     """
     train = run.columns("train")
-    i, t = _crossing(train["ce"], float(level), run.name, run.state, hold)
+    i, t = _crossing(train["ce"], level, run.name, run.state, hold)
     values = {}
     for key, column in train.items():
         if i == 0:

@@ -17,7 +17,8 @@ paper figure           what                                             function
 =====================  ===============================================  =================================
 
 Runs are seed groups (:func:`keras_implicit.analysis.group_runs`): a line is the mean over seeds and
-a shaded band spans mean ± one standard deviation. Lines differ by line style and marker as well as
+a shaded band spans mean ± one standard deviation (on a log axis the lower edge is mean / (1 + std / mean),
+which stays positive where the seeds spread more than their mean). Lines differ by line style and marker as well as
 colour, so the figures read in grayscale. Only :func:`plot_loss_shapes` imports TensorFlow (through
 :mod:`keras_implicit.losses`, so each formula has one definition); the others need only the run
 directories.
@@ -101,9 +102,17 @@ def _parameter_style(k: int, count: int):
     return colour, _PARAMETER_STYLES[k % len(_PARAMETER_STYLES)], _PARAMETER_MARKERS[k % len(_PARAMETER_MARKERS)]
 
 
-def _band(ax, x, mean, std, colour):
-    if std is not None and np.any(np.isfinite(std)):
-        ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.18, linewidth=0)
+def _band(ax, x, mean, std, colour, log: bool = False):
+    """A ± ``std`` band around ``mean``. On a log axis (``log``) the lower edge is ``mean / (1 + std / mean)``:
+    ``mean - std`` to first order, but positive where the seeds spread more than their mean (``mean - std`` would
+    fill down to the bottom of the axis there)."""
+    if std is None or not np.any(np.isfinite(std)):
+        return
+    lower = mean - std
+    if log:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lower = np.where(mean > 0, mean / (1.0 + std / mean), np.nan)
+    ax.fill_between(x, lower, mean + std, color=colour, alpha=0.18, linewidth=0)
 
 
 def _mean_std(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -427,7 +436,7 @@ def plot_training_curves(runs, family: str, split: str = "train", x: str = "epoc
             colour, style, marker = _parameter_style(k, len(names))
             ax.plot(xs, mean, color=colour, linestyle=style, marker=marker, markevery=max(len(xs) // 8, 1),
                     markersize=4, label=f"{symbol} = {p:g}")
-            _band(ax, xs, mean, std, colour)
+            _band(ax, xs, mean, std, colour, log=yscale == "log")
         seeds = f" ({len(group.runs)} seeds)" if len(group.runs) > 1 else ""
         ax.set_title(f"({letter}) {group.label}{seeds}", fontsize=10)
         ax.set_xlabel(x)
@@ -554,7 +563,7 @@ def plot_family_at_level(runs, level: float, families: Sequence[str] = analysis.
             colour, style, marker = RUN_STYLES[g % len(RUN_STYLES)]
             label = f"{group.label} (n={agg.n})" if agg.n > 1 else group.label
             axes[0][col].plot(params, mean, color=colour, linestyle=style, marker=marker, markersize=5, label=label)
-            _band(axes[0][col], params, mean, std if agg.n > 1 else None, colour)
+            _band(axes[0][col], params, mean, std if agg.n > 1 else None, colour, log=True)
             if rows == 2:
                 axes[1][col].plot(params, mean / reference, color=colour, linestyle=style, marker=marker,
                                   markersize=5, label=label)
@@ -705,7 +714,7 @@ def plot_sharpness(runs, levels: Sequence[float], hold: int = 0):
                          linewidth=1.0 if prefix == "noisy_ce" else 1.4)
                 if prefix == "noisy_error":  # the seeds' spread where it exceeds 2 standard errors (fmax: NaN at n=1)
                     spread = np.fmax(2 * over_sigma("noisy_error_se"), over_sigma(prefix, "std"))
-                    _band(top, sigmas, shown, spread, colour)
+                    _band(top, sigmas, shown, spread, colour, log=True)
             ratio = over_sigma("noisy_error") / over_sigma("gcdf")
             bottom.plot(sigmas, np.where(ratio > 0, ratio, np.nan), color=colour, linestyle="--", marker="s",
                         markersize=4)
@@ -783,16 +792,6 @@ def _tracked_text(names: Sequence[str]) -> str:
     return ", ".join(parts) if parts else "nothing"
 
 
-def _check_level(value, what: str) -> float:
-    try:
-        level = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a training CE > 0, got {value!r}") from None
-    if not (math.isfinite(level) and level > 0):
-        raise ValueError(f"{what} must be a finite training CE > 0, got {value!r}")
-    return level
-
-
 def _check_reached(runs: Sequence[analysis.Run], levels: Sequence[float], hold: int = 0) -> None:
     for level in levels:
         for run in runs:
@@ -856,9 +855,9 @@ def plot_all(runs, out_dir: str | os.PathLike, level: float | None = None, split
     if int(sharpness_hold) != sharpness_hold or sharpness_hold < 0:
         raise ValueError(f"the sharpness hold must be a whole number of tracking points >= 0, got {sharpness_hold!r}")
     sharpness_hold = int(sharpness_hold)
-    level = None if level is None else _check_level(level, "the level")
+    level = None if level is None else analysis.check_level(level)
     if sharpness_levels is not None:
-        sharpness_levels = [_check_level(v, "each sharpness level") for v in sharpness_levels]
+        sharpness_levels = [analysis.check_level(v, "each sharpness level") for v in sharpness_levels]
         if not sharpness_levels:
             raise ValueError("sharpness_levels is empty: give at least one training CE, or None for the level")
     groups = _as_groups(runs)

@@ -930,6 +930,11 @@ def _read_status(run: RunDirectory) -> dict:
         return {}
 
 
+def _data_text(data: dict) -> str:
+    return (f"{data.get('train_examples')} training and {data.get('test_examples')} test examples from "
+            f"{data.get('source')}")
+
+
 def _check_same_backend(run: RunDirectory, existing: dict) -> None:
     """A run continues on the Keras backend it started on (a resume is then the run it would have been)."""
     import keras
@@ -1077,6 +1082,15 @@ class _Training:
             raise RunError(f"the training set has {n_train} examples, fewer than one batch of {config.batch_size}")
         self.x_train, self.y_train = _backend.training_arrays(self.dataset.x_train, self.dataset.y_train)
 
+    def data_provenance(self) -> dict:
+        """What ``config.json`` records of the data read: where from (an absolute directory, or
+        ``"tensorflow-datasets"``) and how many examples (after ``train_subset``)."""
+        source = self.dataset.source
+        if source != "tensorflow-datasets" and os.path.isdir(source):
+            source = os.path.abspath(source)
+        return {"source": source, "train_examples": int(len(self.dataset.y_train)),
+                "test_examples": int(len(self.dataset.y_test))}
+
     def build(self):
         """The model (a :class:`~keras_implicit.ghost.GhostBatchModel`), its optimizer, compiled and built;
         under a strategy, inside its scope (the variables mirrored on every replica)."""
@@ -1105,14 +1119,19 @@ class _Training:
         ``target_step``: whether and where the training CE first went below the target asked now (which may
         have changed) in the records up to the checkpoint."""
         run, config = self.run_dir, self.config
+        data = self.data_provenance()
         if self.existing is None:
-            run.write_json(run.CONFIG, {**config.flags(), **_grids(), "versions": library_versions(),
+            run.write_json(run.CONFIG, {**config.flags(), **_grids(), "data": data, "versions": library_versions(),
                                         "git_commit": git_commit()})
+        elif self.existing.get("data") not in (None, data):  # older runs recorded none
+            _warn(f"{run.path} was started on {_data_text(self.existing['data'])}; this process loaded "
+                  f"{_data_text(data)}: the run goes on with these data (config.json keeps the first)")
         meta = run.restore_checkpoint(self.model, self.optimizer)  # .prev, with a warning, if the latest is damaged
-        if self.changed:
-            self.extend(meta)  # may refuse: nothing is written before
+        changes = self.extend(meta) if self.changed else None  # may refuse: nothing is written before
         self.stored_config = run.config()  # each checkpoint keeps a copy: a damaged config.json is restored from it
         if meta is None:
+            if changes:
+                _print(self.stream, f"{run.path}: continuing with {changes}")
             run.truncate_metrics(0)
             return None
         # Cut what was written after the checkpoint (a torn last line too): it is tracked again.
@@ -1126,14 +1145,24 @@ class _Training:
                  if target is not None and r.get("split") == "train" and r["ce"] < target]
         meta["target_reached"] = bool(below)
         meta["target_step"] = int(below[0]["step"]) if below else None
-        _print(self.stream, f"resuming {run.path} from epoch {_epoch_text(meta['step'], self.steps_per_epoch)} "
-                            f"(step {meta['step']})")
+        step, steps_per_epoch = int(meta["step"]), self.steps_per_epoch
+        if meta["target_reached"] or step >= config.epochs * steps_per_epoch:
+            # The new settings ask for nothing more (a target the records reached, or no more epochs than trained).
+            done = (f"target train loss {target} reached at step {meta['target_step']}" if meta["target_reached"]
+                    else f"all {config.epochs} epochs trained")
+            _print(self.stream, f"{run.path}: " + (f"now with {changes}; " if changes else "")
+                   + f"nothing left to train at epoch {_epoch_text(step, steps_per_epoch)} (step {step}): {done}")
+            return meta
+        if changes:
+            _print(self.stream, f"{run.path}: continuing with {changes}")
+        _print(self.stream, f"resuming {run.path} from epoch {_epoch_text(step, steps_per_epoch)} (step {step})")
         return meta
 
-    def extend(self, meta: Optional[dict]):
+    def extend(self, meta: Optional[dict]) -> str:
         """Applies the changed EXTENDABLE settings (``self.changed``) to ``config.json``, as if the run had been
-        started with them, or raises a RunError (having written nothing) for ``epochs`` below what the
-        checkpoint has trained: its records and weights cannot be cut back."""
+        started with them, and returns them as text (``"epochs 8 (was 4)"``); or raises a RunError (having written
+        nothing) for ``epochs`` below what the checkpoint has trained: its records and weights cannot be cut
+        back."""
         run, config, steps_per_epoch = self.run_dir, self.config, self.steps_per_epoch
         trained = int(meta["step"]) if meta is not None else 0
         if "epochs" in self.changed and config.epochs * steps_per_epoch < trained:
@@ -1143,9 +1172,8 @@ class _Training:
                 f"metrics.jsonl hold every step trained); ask for epochs={math.ceil(trained / steps_per_epoch)} or "
                 "more (the earlier epochs' points are in its metrics.jsonl), or use overwrite=True to start again "
                 "or another run_dir")
-        _print(self.stream, f"{run.path}: continuing with " + ", ".join(
-            f"{k} {asked} (was {stored})" for k, (stored, asked) in self.changed.items()))
         run.write_json(run.CONFIG, {**self.existing, **{k: asked for k, (_, asked) in self.changed.items()}})
+        return ", ".join(f"{k} {asked} (was {stored})" for k, (stored, asked) in self.changed.items())
 
     def share_plan(self, plan: Optional[TrainResult], refusal: Optional[RunError], meta: Optional[dict]):
         """(action, meta): on several workers, the chief's decision and restored weights on every worker;

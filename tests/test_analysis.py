@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+import re
 import subprocess
 import sys
 import warnings
@@ -466,8 +467,12 @@ def test_level_not_reached(tmp_path):
         analysis.at_level(run, 0.5)
     with pytest.raises(analysis.LevelNotReachedError, match="starts below the level"):
         analysis.at_level(run, 3.0)
-    with pytest.raises(ValueError, match="finite CE > 0"):
-        analysis.at_level(run, 0.0)
+    for bad, message in ((0.0, "the level must be a finite training CE > 0, got 0.0"),
+                         (math.inf, "the level must be a finite training CE > 0, got inf"),
+                         ("low", "the level must be a training CE > 0, got 'low'")):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            analysis.at_level(run, bad)
+    assert analysis.check_level("0.25") == 0.25
 
 
 def test_nan_after_divergence_is_not_a_crossing(tmp_path):

@@ -593,3 +593,21 @@ def test_at_level_ratio_is_to_the_fastest_group_whatever_the_order(runs):
     np.testing.assert_allclose(fig.axes[3].get_lines()[0].get_ydata(), 1.0)
     fast = analysis.aggregate(analysis.group_runs(runs)[0], 0.3)
     np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), [fast.mean[f"gcdf@{fmt(s)}"] for s in SIGMAS])
+
+
+def test_band_on_a_log_axis_stays_positive_where_the_seeds_spread_more_than_their_mean():
+    x = np.array([1.0, 2.0, 3.0])
+    mean, std = np.array([1.0, 0.5, 0.2]), np.array([0.1, 1.0, 0.6])
+    for log, expected_lower in ((False, mean - std), (True, mean**2 / (mean + std))):
+        fig = Figure()
+        ax = fig.subplots()
+        plots._band(ax, x, mean, std, "k", log=log)
+        (band,) = ax.collections
+        vertices = band.get_paths()[0].vertices
+        upper = np.array([vertices[(vertices[:, 0] == v)][:, 1].max() for v in x])
+        lower = np.array([vertices[(vertices[:, 0] == v)][:, 1].min() for v in x])
+        np.testing.assert_allclose(upper, mean + std)
+        np.testing.assert_allclose(lower, expected_lower)
+    assert np.all(expected_lower > 0) and np.any(mean - std < 0)
+    np.testing.assert_allclose(expected_lower[0], 1.0 / 1.1)  # ~ mean - std = 0.9 where the spread is small
+

@@ -193,6 +193,7 @@ def test_train_writes_the_run_directory(idx_dir, tmp_path):
     assert set(stored["versions"]) == {"python", "keras", "backend", "tensorflow", "numpy", "keras_implicit"}
     assert stored["versions"]["backend"] == "tensorflow"
     assert "git_commit" in stored
+    assert stored["data"] == {"source": os.path.abspath(idx_dir), "train_examples": 600, "test_examples": 200}
     assert json.load(open(os.path.join(run_dir, "status.json"))) == {
         "state": "finished", "epoch": 2, "step": 18, "message": "2 epochs"}
 
@@ -280,13 +281,35 @@ def test_more_epochs_or_a_lower_target_continue_a_finished_run(idx_dir, tmp_path
     capped = training.train(dataclass_replace(base, target_train_loss=2.05, epochs=2), run_dir, progress=False,
                             stream=lines)
     assert capped.state == "finished" and capped.step == second.step and capped.message == second.message
-    assert lines.getvalue().splitlines() == [f"{run_dir}: continuing with epochs 2 (was 4)",
-                                             f"resuming {run_dir} from epoch {fraction} (step {second.step})"]
-    third = training.train(dataclass_replace(base, target_train_loss=1.0), run_dir, progress=False, verbose=False)
+    assert lines.getvalue().splitlines() == [
+        f"{run_dir}: now with epochs 2 (was 4); nothing left to train at epoch {fraction} (step {second.step}): "
+        f"target train loss 2.05 reached at step {second.step}"]
+    lines = io.StringIO()
+    third = training.train(dataclass_replace(base, target_train_loss=1.0), run_dir, progress=False, stream=lines)
     assert third.state == "finished"
+    assert lines.getvalue().splitlines()[:2] == [
+        f"{run_dir}: continuing with epochs 4 (was 2), target_train_loss 1.0 (was 2.05)",
+        f"resuming {run_dir} from epoch {fraction} (step {second.step})"]
     assert read_metrics(run_dir) == expected
     stored = json.load(open(os.path.join(run_dir, "config.json")))
     assert (stored["epochs"], stored["target_train_loss"]) == (4, 1.0)
+
+
+def test_a_resume_on_other_data_than_recorded_warns(idx_dir, two_epochs, tmp_path, capsys):
+    run_dir = copy_run(two_epochs, tmp_path)
+    path = os.path.join(run_dir, "config.json")
+    stored = json.load(open(path))
+    recorded = {**stored["data"], "source": "/elsewhere/mnist"}
+    with open(path, "w") as handle:
+        json.dump({**stored, "data": recorded}, handle)
+    capsys.readouterr()
+    result = training.train(resume_config(idx_dir), run_dir, progress=False, verbose=False)
+    assert result.state == "finished" and result.epoch == 3
+    assert warning_lines(capsys.readouterr()) == [
+        f"warning: {run_dir} was started on 600 training and 200 test examples from /elsewhere/mnist; this process "
+        f"loaded 600 training and 200 test examples from {os.path.abspath(idx_dir)}: the run goes on with these "
+        "data (config.json keeps the first)"]
+    assert json.load(open(path))["data"] == recorded
 
 
 def test_fewer_epochs_than_trained_are_refused_and_nothing_changes(idx_dir, two_epochs, tmp_path):
@@ -320,6 +343,9 @@ def test_a_target_the_records_already_reached_is_reported_where_it_was_reached(i
                 f"{training._epoch_text(first['step'], 9)}); the run goes on to step 18 (epoch 2), trained before this "
                 "target was asked for")
     assert result.state == "finished" and result.step == 18 and result.message == expected
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"{run_dir}: now with target_train_loss {target} (was None); nothing left to train at epoch 2 (step 18): "
+        f"target train loss {target} reached at step {first['step']}")
     assert json.load(open(os.path.join(run_dir, "status.json"))) == {
         "state": "finished", "epoch": 2, "step": 18, "message": expected}
     assert read_metrics(run_dir) == records_before  # nothing trained, nothing tracked again
