@@ -210,7 +210,7 @@ class AltLossTracker(keras.callbacks.Callback):
         self._writer = None
         self._sums_fn = None
         self._sums_model = None
-        self._log_steps: set[int] = set()
+        self._log_steps: Optional[set[int]] = None  # from steps_per_epoch, known once training starts
         self._last_seen_step: Optional[int] = None
 
     @staticmethod
@@ -381,9 +381,31 @@ class AltLossTracker(keras.callbacks.Callback):
             return True
         return self.schedule == "log" and step in self._log_steps
 
+    def due(self, step: int) -> bool:
+        """Whether ``step`` (optimizer updates so far) is a tracking point not tracked yet: step 0, an epoch's end,
+        every ``track_every`` steps, and the ``"log"`` schedule's steps; what :meth:`track` is called at in
+        ``model.fit``. For a training loop of your own (``steps_per_epoch`` given)::
+
+            tracker = AltLossTracker((x, y), (x_test, y_test), steps_per_epoch=steps, metrics_path="metrics.jsonl")
+            tracker.set_model(model)
+            for step in range(total_steps + 1):
+                if tracker.due(step):
+                    tracker.track(step)  # before update ``step + 1``: the weights after ``step`` updates
+                if step < total_steps:
+                    ...  # one update
+            tracker.close()
+        """
+        step = int(step)
+        self._set_log_steps()
+        return self._due(step) or (step not in self._tracked_steps and step % self._resolve_steps_per_epoch() == 0)
+
+    def _set_log_steps(self):
+        if self._log_steps is None:
+            steps_per_epoch = self._resolve_steps_per_epoch()
+            self._log_steps = set(log_spaced_steps(2 * steps_per_epoch)) if self.schedule == "log" else set()
+
     def on_train_begin(self, logs=None):
-        steps_per_epoch = self._resolve_steps_per_epoch()
-        self._log_steps = set(log_spaced_steps(2 * steps_per_epoch)) if self.schedule == "log" else set()
+        self._set_log_steps()
         step = self.optimizer_step()
         self._last_seen_step = step
         if step == 0 and self._due(0):

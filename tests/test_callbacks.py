@@ -136,6 +136,45 @@ def test_tracker_in_a_users_fit_with_gradient_accumulation(users_fit, track_ever
     assert tracker.records == records
 
 
+def test_a_users_own_loop_with_due_and_track_gets_the_records_of_fit(tmp_path):
+    """A loop of train_on_batch calls, tracked where ``due`` says, writes the records that the same tracker writes
+    in ``model.fit`` over the same batches; ``due`` agrees with :func:`callbacks.tracking_steps`."""
+    rng = np.random.default_rng(2)
+    x = rng.random((192, 3, 3, 1)).astype(np.float32)
+    y = rng.integers(0, 3, 192).astype(np.int32)
+    steps_per_epoch, epochs, batch = 6, 2, 32
+    records = {}
+    for how in ("fit", "loop"):
+        model = make_model("fc6", (3, 3, 1), 3, seed=4)
+        model.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        tracker = callbacks.AltLossTracker((x, y), (x[:40], y[:40]), metrics_path=str(tmp_path / f"{how}.jsonl"),
+                                           track_every=5, schedule="log", steps_per_epoch=steps_per_epoch)
+        if how == "fit":
+            model.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0, callbacks=[tracker])
+        else:
+            tracker.set_model(model)
+            total = epochs * steps_per_epoch
+            due = []
+            for step in range(total + 1):
+                if tracker.due(step):
+                    due.append(step)
+                    tracker.track(step)
+                    assert not tracker.due(step)  # tracked now
+                if step < total:
+                    start = batch * (step % steps_per_epoch)
+                    model.train_on_batch(x[start:start + batch], y[start:start + batch])
+            tracker.close()
+            assert due == callbacks.tracking_steps(steps_per_epoch, total, track_every=5, schedule="log")
+        records[how] = [json.loads(line) for line in (tmp_path / f"{how}.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records["loop"][::2]] == [0, 1, 2, 3, 4, 5, 6, 8, 10, 11, 12]
+    assert [(r["step"], r["split"]) for r in records["loop"]] == [(r["step"], r["split"]) for r in records["fit"]]
+    for mine, theirs in zip(records["loop"], records["fit"]):
+        assert set(mine) == set(theirs)
+        for name in mine:
+            assert mine[name] == pytest.approx(theirs[name], rel=1e-5, abs=1e-7), (mine["step"], name)
+
+
 def test_tensorboard_scalars_and_custom_scalars_layout(tmp_path, trained):
     model, x, y = trained
     from tensorboard.backend.event_processing import event_accumulator
