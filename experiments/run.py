@@ -204,7 +204,12 @@ def main(argv=None) -> int:
         print(f"error: {as_flags(str(error))}", file=sys.stderr)
         return EXIT_CANNOT_START
     except KeyboardInterrupt:
-        print(f"\ninterrupted: rerun the same command to resume {out} from its last completed epoch", file=sys.stderr)
+        checkpoints = [os.path.join(out, name) for name in ("checkpoint.npz", "checkpoint.prev.npz")]
+        if any(os.path.isfile(path) for path in checkpoints):
+            print(f"\ninterrupted: rerun the same command to resume {out} from its last completed epoch",
+                  file=sys.stderr)
+        else:
+            print(f"\ninterrupted before {out} held a checkpoint: rerun the same command to start it", file=sys.stderr)
         return EXIT_INTERRUPTED
     if result.state.startswith("already-"):
         print(result.message)

@@ -9,7 +9,11 @@ The grid is models × datasets × learning rates × batch sizes × seeds; each p
 its output going to ``RUNS_DIR/logs/<run name>.log``. Every point's command line is parsed with run.py's own
 parser and validated before any process starts (bad flags: exit code 2, nothing started or written).
 At most ``--jobs`` processes run at once. A run whose status.json says "finished" or "diverged" is
-skipped; any other run is started again and run.py resumes it from its last checkpoint.
+skipped when its config.json holds the settings asked now (``keras_implicit.training.stored_differences``);
+any other run is started again and run.py resumes it from its last checkpoint, continues a finished run asked for
+more ``--epochs`` or a lower ``--target-train-loss``, and refuses (exit code 1, in the run's log) a run directory
+made with other settings. Ctrl-C stops the runs at their next batch (each keeps its last checkpoint) and the
+sweep with exit code 130: rerun the same command to go on.
 
 When every process has ended, the sweep writes ``RUNS_DIR/summary.md`` and ``RUNS_DIR/summary.csv``
 (each run's values at one training-CE level, seed means ± std, and the crossovers between the grid's
@@ -30,15 +34,24 @@ import functools
 import importlib.util
 import itertools
 import shlex
+import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from keras_implicit import analysis  # noqa: E402
-from keras_implicit.training import DATASETS, MODELS, SCHEDULES, RunConfig, default_run_name  # noqa: E402
+from keras_implicit.training import (  # noqa: E402
+    DATASETS,
+    MODELS,
+    SCHEDULES,
+    RunConfig,
+    default_run_name,
+    stored_differences,
+)
 
 RUN_SCRIPT = Path(__file__).resolve().parent / "run.py"
 TERMINAL_STATES = ("finished", "diverged")
@@ -51,6 +64,15 @@ def run_py():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class Job(typing.NamedTuple):
+    """One grid point's run: its name, run.py command line, run directory and the configuration run.py builds."""
+
+    name: str
+    command: list[str]
+    run_dir: Path
+    config: RunConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,11 +125,15 @@ def run_config(point: GridPoint, args) -> RunConfig:
     if parsed.strategy == "multiworker":
         raise ValueError("--strategy multiworker cannot be passed on: each worker of a cluster runs run.py with "
                          "its own TF_CONFIG (README, \"More than one GPU or machine\"); --strategy mirrored can")
-    return run.config_from_args(parsed).validate()
+    try:
+        return run.config_from_args(parsed).validate()
+    except ValueError as error:
+        raise ValueError(run.as_flags(str(error))) from None  # in flags' words, as run.py says it
 
 
-def plan(points: list[GridPoint], args) -> list[tuple[str, list[str], Path]]:
-    """``(run name, run.py command, run directory)`` of every point; every configuration is validated first.
+def plan(points: list[GridPoint], args) -> list[Job]:
+    """The :class:`Job` (run name, run.py command, run directory, configuration) of every point; every
+    configuration is validated first.
 
     The name is :func:`keras_implicit.training.default_run_name` of the configuration run.py will build,
     so the loss, optimizer, ghost batch and subset passed on are in it. Raises ValueError (naming the point)
@@ -116,7 +142,8 @@ def plan(points: list[GridPoint], args) -> list[tuple[str, list[str], Path]]:
     jobs, seen = [], {}
     for point in points:
         try:
-            name = default_run_name(run_config(point, args))
+            config = run_config(point, args)
+            name = default_run_name(config)
         except ValueError as error:
             raise ValueError(f"grid point {point}: {error}") from None
         if name in seen:
@@ -124,7 +151,7 @@ def plan(points: list[GridPoint], args) -> list[tuple[str, list[str], Path]]:
                              "override the grid?)")
         seen[name] = point
         run_dir = args.runs_dir / name
-        jobs.append((name, command(point, run_dir, args, args.run_script), run_dir))
+        jobs.append(Job(name, command(point, run_dir, args, args.run_script), run_dir, config))
     return jobs
 
 
@@ -145,49 +172,80 @@ def state_of(run_dir: Path) -> str:
         return "unreadable"
 
 
-def run_grid(jobs: list[tuple[str, list[str], Path]], parallel: int, logs_dir: Path, poll: float = 0.5,
-             stream=None) -> dict[str, int]:
-    """Runs ``(name, command, run_dir)`` jobs, at most ``parallel`` at a time; skips a run_dir whose
-    state is terminal. Returns each name's exit code (None when skipped)."""
+def run_grid(jobs: list[Job], parallel: int, logs_dir: Path, poll: float = 0.5, stream=None,
+             interrupt_grace: float = 120.0) -> dict[str, int]:
+    """Runs the jobs' run.py processes, at most ``parallel`` at a time. A run directory whose state is
+    terminal is skipped when its ``config.json`` holds the job's configuration (or a job has none); otherwise
+    run.py is started and continues (more epochs, a new target) or refuses (other settings) it. Returns each name's
+    exit code (None when skipped).
+
+    On KeyboardInterrupt the running processes get SIGINT (run.py stops at its next batch, keeping its last
+    checkpoint), are waited for up to ``interrupt_grace`` seconds, and the KeyboardInterrupt goes on."""
     if parallel < 1:
         raise ValueError(f"--jobs must be >= 1, got {parallel}")
     stream = stream or sys.stdout
     logs_dir.mkdir(parents=True, exist_ok=True)
     pending = []
     codes: dict[str, int | None] = {}
-    for name, cmd, run_dir in jobs:
+    for job in jobs:
+        name, cmd, run_dir, config = job
         state = state_of(run_dir)
+        verb, detail = ("start" if state == "missing" else "resume"), ""
         if state in TERMINAL_STATES:
-            print(f"[sweep] skip {name}: {state}", file=stream, flush=True)
-            codes[name] = None
-        else:
-            pending.append((name, cmd, run_dir, state))
+            changes = stored_differences(run_dir, config) if config is not None else None
+            if not changes:
+                print(f"[sweep] skip {name}: {state}", file=stream, flush=True)
+                codes[name] = None
+                continue
+            verb, detail = "continue", f"{state}, asked with " + ", ".join(
+                f"--{k.replace('_', '-')} {asked} (was {stored})" for k, (stored, asked) in changes.items()) + "; "
+        pending.append((name, cmd, verb, detail))
     running: dict[str, tuple[subprocess.Popen, object, float]] = {}
-    while pending or running:
-        while pending and len(running) < parallel:
-            name, cmd, run_dir, state = pending.pop(0)
-            log = open(logs_dir / f"{name}.log", "a")
-            log.write(f"$ {shlex.join(cmd)}\n")
-            log.flush()
-            verb = "resume" if state != "missing" else "start"
-            print(f"[sweep] {verb} {name} (log: {logs_dir / (name + '.log')})", file=stream, flush=True)
-            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.time())
-        time.sleep(poll)
-        for name in list(running):
-            process, log, started = running[name]
-            if process.poll() is not None:
-                log.close()
-                codes[name] = process.returncode
-                print(f"[sweep] done  {name}: exit {process.returncode} after {time.time() - started:.0f} s",
-                      file=stream, flush=True)
-                del running[name]
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                name, cmd, verb, detail = pending.pop(0)
+                log = open(logs_dir / f"{name}.log", "a")
+                log.write(f"$ {shlex.join(cmd)}\n")
+                log.flush()
+                print(f"[sweep] {verb} {name} ({detail}log: {logs_dir / (name + '.log')})", file=stream, flush=True)
+                running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.time())
+            time.sleep(poll)
+            for name in list(running):
+                process, log, started = running[name]
+                if process.poll() is not None:
+                    log.close()
+                    codes[name] = process.returncode
+                    print(f"[sweep] done  {name}: exit {process.returncode} after {time.time() - started:.0f} s",
+                          file=stream, flush=True)
+                    del running[name]
+    except KeyboardInterrupt:
+        # A Ctrl-C in a terminal reaches the runs too; a SIGINT sent to this process alone does not.
+        for process, _, _ in running.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+        deadline = time.time() + interrupt_grace
+        for name, (process, log, _) in running.items():
+            try:
+                code = process.wait(timeout=max(deadline - time.time(), 0.1))
+                print(f"[sweep] stopped {name}: exit {code}", file=stream, flush=True)
+            except subprocess.TimeoutExpired:
+                print(f"[sweep] {name} is still running (pid {process.pid})", file=stream, flush=True)
+            log.close()
+        raise
     return codes
 
 
-def write_hparams(records: list[dict], log_dir: Path) -> None:
-    """TensorBoard's hparams dashboard: one session per run (needs TensorFlow)."""
+def write_hparams(records: list[dict], log_dir: Path, level: float | None = None) -> None:
+    """TensorBoard's hparams dashboard: one session per run (needs TensorFlow). ``log_dir`` is replaced as a whole,
+    so that a summary at another level (named in the metrics' display names) never sits beside an older one."""
+    import shutil
+
     import tensorflow as tf
     from tensorboard.plugins.hparams import api as hp
+
+    final, log_dir = log_dir, log_dir.with_name(f".{log_dir.name}.writing")
+    shutil.rmtree(log_dir, ignore_errors=True)
 
     keys = sorted({k for r in records for k in r["hparams"]})
     hparams = []
@@ -195,14 +253,21 @@ def write_hparams(records: list[dict], log_dir: Path) -> None:
         values = sorted({r["hparams"][key] for r in records if key in r["hparams"]}, key=str)
         hparams.append(hp.HParam(key, hp.Discrete(values)))
     metric_names = sorted({k for r in records for k in r["metrics"]})
-    with tf.summary.create_file_writer(str(log_dir)).as_default():
-        hp.hparams_config(hparams=hparams, metrics=[hp.Metric(m, display_name=m) for m in metric_names])
+    writer = tf.summary.create_file_writer(str(log_dir))
+    with writer.as_default():
+        at = "" if level is None else f" (train CE {level:.4g})"
+        hp.hparams_config(hparams=hparams, metrics=[hp.Metric(m, display_name=m + at) for m in metric_names])
+    writer.close()
     for record in records:
-        with tf.summary.create_file_writer(str(log_dir / record["run"])).as_default():
+        writer = tf.summary.create_file_writer(str(log_dir / record["run"]))
+        with writer.as_default():
             hp.hparams({h: record["hparams"][h.name] for h in hparams if h.name in record["hparams"]},
                        trial_id=record["run"])
             for name, value in record["metrics"].items():
                 tf.summary.scalar(name, value, step=0)
+        writer.close()
+    shutil.rmtree(final, ignore_errors=True)
+    log_dir.rename(final)
 
 
 # Folders that the sweep itself writes under --runs-dir (not run directories).
@@ -281,7 +346,7 @@ def summarize(run_dirs: list[Path], out_dir: Path, level: float | None, hparams:
     (out_dir / "summary.md").write_text(markdown)
     (out_dir / "summary.csv").write_text(table)
     if hparams:
-        write_hparams(analysis.hparams_records(runs, level), out_dir / "hparams")
+        write_hparams(analysis.hparams_records(runs, level), out_dir / "hparams", level)
     print(f"[sweep] summary at training CE {level:.4g}: {out_dir / 'summary.md'}, {out_dir / 'summary.csv'}",
           file=stream)
     return level
@@ -347,20 +412,25 @@ def main(argv=None) -> int:
     except ValueError as error:
         parser.error(str(error))
     if args.dry_run:
-        for _, cmd, _ in jobs:
-            print(shlex.join(cmd))
+        for job in jobs:
+            print(shlex.join(job.command))
         return 0
     failed = []
     if not args.summary_only:
         args.runs_dir.mkdir(parents=True, exist_ok=True)
-        codes = run_grid(jobs, args.jobs, args.runs_dir / "logs")
+        try:
+            codes = run_grid(jobs, args.jobs, args.runs_dir / "logs")
+        except KeyboardInterrupt:
+            print(f"[sweep] interrupted: rerun the same command to go on (finished runs are skipped, the others "
+                  f"resume from their last checkpoint; logs in {args.runs_dir / 'logs'})", file=sys.stderr)
+            return 130
         # run.py exits 3 for a diverged run: a result, not a failure.
         failed = [name for name, code in codes.items() if code not in (None, 0, 3)]
     elif not args.runs_dir.is_dir():
         print(f"[sweep] error: nothing to summarize: {args.runs_dir} does not exist (--runs-dir names the folder "
               "of the run directories)", file=sys.stderr)
         return 1
-    level = summarize([run_dir for _, _, run_dir in jobs], args.summary_dir or args.runs_dir, args.level,
+    level = summarize([job.run_dir for job in jobs], args.summary_dir or args.runs_dir, args.level,
                       hparams=not args.no_hparams, runs_dir=args.runs_dir)
     if failed:
         print(f"[sweep] {len(failed)} run(s) failed: {', '.join(failed)} (see {args.runs_dir / 'logs'})",

@@ -951,6 +951,10 @@ def group_runs(runs: Sequence[Run]) -> list[RunGroup]:
     ``fast, slow = group_runs(runs)``: the larger learning rate or the smaller batch first, the setting the
     paper expects to be lower at large σ, T, γ. Within a group runs are sorted by seed (then by name), and
     ``config`` is the first one's.
+
+    Raises:
+        ValueError: two runs of one group have the same seed (e.g. the same run in two folders, or trained for
+            different numbers of epochs): the seed statistics would count one trajectory twice.
     """
     groups: dict[str, list[Run]] = {}
     for run in runs:
@@ -958,6 +962,12 @@ def group_runs(runs: Sequence[Run]) -> list[RunGroup]:
     members_of = [sorted(members, key=lambda r: (r.seed is None, r.seed if isinstance(r.seed, (int, float)) else 0,
                                                  r.name))
                   for members in groups.values()]
+    for members in members_of:
+        for first, second in zip(members, members[1:]):
+            if first.seed is not None and first.seed == second.seed:
+                raise ValueError(
+                    f"runs {first.path} and {second.path} are the same setting with seed {first.seed}: the seed "
+                    "statistics would count it twice; give one of them (another seed is another run)")
     members_of.sort(key=lambda members: _group_order(members[0].config))
     configs = [members[0].config for members in members_of]
     differing = [k for k in _LABEL_KEYS if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]

@@ -84,8 +84,8 @@ class GhostBatchModel(keras.Model):
         return [output.dtype for output in self.outputs]
 
     def _predictions(self, flat):
-        """The model's output structure (one tensor, or a list) from its flat list of outputs."""
-        return flat[0] if len(self.outputs) == 1 else list(flat)
+        """The model's output structure (one tensor, a list, a dict) from its flat list of outputs."""
+        return keras.tree.pack_sequence_as(self.output, list(flat))
 
     # ------------------------------------------------------------------ #
     def _tf_train_step(self, data):
@@ -234,6 +234,6 @@ def ghost_batch_model(model: keras.Model, ghost_batch_size: int) -> GhostBatchMo
     """
     if not getattr(model, "inputs", None):
         raise ValueError("ghost_batch_model needs a functional model with known inputs (make_model returns one)")
-    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-    outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
-    return GhostBatchModel(inputs, outputs, name=model.name, ghost_batch_size=ghost_batch_size)
+    # model.input / model.output: the structures the model was built with (a tensor, a list, a dict of outputs),
+    # so that losses and metrics compiled per output name find their outputs.
+    return GhostBatchModel(model.input, model.output, name=model.name, ghost_batch_size=ghost_batch_size)

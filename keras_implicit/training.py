@@ -106,6 +106,7 @@ __all__ = [
     "make_optimizer",
     "epoch_batches",
     "default_run_name",
+    "stored_differences",
     "train",
 ]
 
@@ -898,6 +899,29 @@ _ADDED_LATER = {"noisy_error_draws": RunConfig.noisy_error_draws}
 
 def _comparable(content: dict) -> dict:
     return {k: content.get(k, _ADDED_LATER.get(k)) for k in (*CONFIG_FLAGS, "sigmas", "temperatures", "margins")}
+
+
+def stored_differences(run_dir, config: RunConfig) -> Optional[dict]:
+    """``{setting: (stored, asked)}`` for the settings that define a run (``CONFIG_FLAGS``) in which ``config``
+    differs from the run in ``run_dir``, read from its ``config.json`` without locking or changing anything; None
+    when it holds no readable ``config.json``. :func:`train` continues a run that differs only in ``EXTENDABLE``
+    settings and refuses any other difference; a scheduler (``experiments/sweep.py``) can skip a finished run
+    only when this is empty.
+
+    Example:
+        >>> stored_differences("runs/fc6_lr0.1", dataclasses.replace(config, epochs=20))
+        {'epochs': (10, 20)}
+    """
+    try:
+        with open(os.path.join(os.fspath(run_dir), RunDirectory.CONFIG), encoding="utf-8") as handle:
+            stored = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict):
+        return None
+    before = _comparable(stored)
+    asked = json.loads(json.dumps(config.flags()))  # as config.json would hold it (tuples as lists)
+    return {k: (before[k], asked.get(k)) for k in CONFIG_FLAGS if before[k] != asked.get(k)}
 
 
 def _read_config(run: RunDirectory) -> Optional[dict]:

@@ -585,6 +585,15 @@ def test_group_runs_and_aggregate(tmp_path):
     assert (result.a, result.b) == ("lr=0.1", "lr=0.001")
 
 
+def test_a_seed_given_twice_in_a_group_is_refused(tmp_path):
+    runs = two_lr_runs(tmp_path / "a", crossing=1.0, seeds=(0, 1), offsets=(0.1, 0.2))
+    again = two_lr_runs(tmp_path / "b", crossing=1.0, seeds=(1,), offsets=(0.2,))  # the same run in another folder
+    with pytest.raises(ValueError, match=r"runs .*/a/\S+ and .*/b/\S+ are the same setting with seed 1: the seed "
+                                         "statistics would count it twice"):
+        analysis.group_runs([*runs, *again])
+    assert [g.seeds for g in analysis.group_runs(runs)] == [[0, 1], [0, 1]]
+
+
 def test_group_order_is_fast_to_slow_whatever_the_names(tmp_path):
     # load_runs sorts directory names: lr0.01 before lr0.1, b1024 before b256. group_runs orders the groups by
     # descending learning rate, then ascending batch size, whatever the order of the runs.

@@ -99,6 +99,35 @@ def test_in_a_users_fit_logs_metrics_and_sample_weights_are_those_of_keras_own_s
             np.testing.assert_array_equal(np.asarray(a), np.asarray(initial))
 
 
+def test_a_model_with_named_outputs_keeps_them_and_takes_keras_own_step():
+    """Losses and metrics compiled per output name (a dict of outputs) find their outputs in the ghost model, and
+    without BatchNorm its step is Keras' own."""
+    import keras_implicit as ki
+
+    def two_heads(seed):
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((20,))
+        hidden = keras.layers.Dense(16, activation="relu")(inputs)
+        return keras.Model(inputs, {"digit": keras.layers.Dense(10)(hidden), "parity": keras.layers.Dense(2)(hidden)})
+
+    x, y = _data(512, seed=5)
+    labels = {"digit": y, "parity": y % 2}
+    histories, models = [], []
+    for model in (ghost.ghost_batch_model(two_heads(2), 64), two_heads(2)):
+        assert isinstance(model.output, dict) and sorted(model.output) == ["digit", "parity"]
+        model.compile(training.make_optimizer("sgd", 0.1),
+                      {"digit": LOSS, "parity": ki.losses.MulticlassHinge(margin=1.0)},
+                      metrics={"digit": [ki.metrics.Gcdf(1.0)], "parity": ["accuracy"]})
+        histories.append(model.fit(x, labels, batch_size=256, epochs=2, shuffle=False, verbose=0).history)
+        models.append(model)
+    micro, whole = histories
+    assert set(micro) == set(whole) >= {"loss", "digit_loss", "parity_loss", "digit_gcdf@1", "parity_accuracy"}
+    for name in whole:
+        np.testing.assert_allclose(micro[name], whole[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    for a, b in zip(models[0].weights, models[1].weights):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+
+
 @pytest.mark.parametrize("ghost_batch_size, micro_batches", [(16, 4), (32, 2), (8, 8)])
 def test_batch_norm_normalizes_each_micro_batch_and_averages_its_moments(ghost_batch_size, micro_batches):
     x, y = _data(ghost_batch_size * micro_batches, seed=1)

@@ -373,6 +373,10 @@ def test_plot_script(runs, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "warning: not drawn: sharpness: run 'lr0.1_s0' did not track the noisy error" in captured.err
     assert sorted(p.name for p in (tmp_path / "some").iterdir()) == ["at_level.png"]
+    # The same runs twice (two folders holding one run): one line, nothing written.
+    assert script.main([str(folder), str(runs[0].path), "--out", str(tmp_path / "twice")]) == 1
+    assert "are the same setting with seed 0: the seed statistics would count it twice" in capsys.readouterr().err
+    assert not (tmp_path / "twice").exists()
 
 
 def test_ladder_one_line_per_level_ratio_and_band(tmp_path):

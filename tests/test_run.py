@@ -285,3 +285,21 @@ def test_default_output_directory_name(idx_dir, tmp_path, monkeypatch):
                             "--no-progress"])
     assert code == 0
     assert os.listdir(tmp_path / "runs") == ["mnist-fc6-ce-sgd-lr0.1-b256-n512-s0"]
+
+
+@pytest.mark.parametrize("checkpoint", [None, "checkpoint.npz", "checkpoint.prev.npz"])
+def test_ctrl_c_promises_a_resume_only_where_there_is_a_checkpoint(checkpoint, tmp_path, monkeypatch, capsys):
+    from keras_implicit import training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    out = tmp_path / "run"
+    if checkpoint:
+        out.mkdir()
+        (out / checkpoint).write_bytes(b"")
+    assert run_script.main(["--out", str(out), "--epochs", "1"]) == 130
+    expected = (f"interrupted: rerun the same command to resume {out} from its last completed epoch" if checkpoint
+                else f"interrupted before {out} held a checkpoint: rerun the same command to start it")
+    assert capsys.readouterr().err.strip().splitlines() == [expected]

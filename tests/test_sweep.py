@@ -55,10 +55,14 @@ FAKE_RUN = textwrap.dedent('''
     if args.seed == 99:
         sys.exit(1)
     sigmas, temperatures, margins = [0.5, 1.0, 8.0], [1.0, 4.0], [1.0, 4.0]
+    # Every setting that defines a run, as run.py's config.json holds them.
     config = {"model": args.model, "dataset": args.dataset, "lr": args.lr, "batch_size": args.batch_size,
               "ghost_batch_size": args.ghost_batch_size, "seed": args.seed, "epochs": args.epochs,
-              "optimizer": args.optimizer, "loss": args.loss,
-              "train_subset": args.train_subset, "sigmas": sigmas, "temperatures": temperatures, "margins": margins}
+              "optimizer": args.optimizer, "loss": args.loss, "train_subset": args.train_subset,
+              "track_every": args.track_every, "track_schedule": args.track_schedule or "epoch",
+              "target_train_loss": args.target_train_loss, "data_dir": args.data_dir,
+              "deterministic": args.deterministic, "noisy_error_draws": 0,
+              "sigmas": sigmas, "temperatures": temperatures, "margins": margins}
     json.dump(config, open(os.path.join(out, "config.json"), "w"))
     sign = 1.0 if (args.lr > 0.01 and args.batch_size < 1000) else -1.0
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
@@ -93,7 +97,7 @@ def invocations(run_dir):
 
 def plan_names(*argv):
     args = sweep.parse_args(["--runs-dir", "r", *argv])
-    return [name for name, _, _ in sweep.plan(sweep.grid(args.models, args.datasets, args.lrs, args.batch_sizes,
+    return [job.name for job in sweep.plan(sweep.grid(args.models, args.datasets, args.lrs, args.batch_sizes,
                                                          args.seeds), args)]
 
 
@@ -120,7 +124,8 @@ def test_names_are_run_py_default_names(extra, config):
     point = sweep.GridPoint("fc6", "fashion_mnist", 0.001, 16384, 2)
     expected = RunConfig(lr=0.001, batch_size=16384, seed=2, **config)
     assert sweep.run_config(point, args) == expected
-    (name, cmd, run_dir), = sweep.plan([point], args)
+    (name, cmd, run_dir, planned), = sweep.plan([point], args)
+    assert planned == expected
     assert name == default_run_name(expected) and run_dir.name == name
     run = load_script("run")
     assert run.config_from_args(run.build_parser().parse_args(cmd[2:])) == expected
@@ -144,15 +149,15 @@ def test_commands_parse_with_run_py(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--models", "resnet50"], "unknown model 'resnet50'"),
     (["--datasets", "imagenet"], "unknown dataset 'imagenet'"),
-    (["--batch-sizes", "1000"], "batch_size 1000 is not a multiple of ghost_batch_size 256"),
+    (["--batch-sizes", "1000"], "--batch-size 1000 is not a multiple of --ghost-batch-size 256"),
     (["--lrs", "0.1", "-1"], "argument --lrs: must be a finite number > 0, got -1"),
     (["--jobs", "0"], "argument --jobs: must be a positive integer"),
     (["--train-subset", "100"], "smaller than one batch"),
-    (["--train-subset", "100000"], "train_subset 100000 is larger than fashion_mnist's training set (60000 examples) "
-                                   "(train_subset must be from 256 to 60000"),
-    (["--seeds", "0", "-1"], "grid point fc6 fashion_mnist lr=0.1 batch=256 seed=-1: seed must be an integer from 0 "
+    (["--train-subset", "100000"], "--train-subset 100000 is larger than fashion_mnist's training set (60000 "
+                                   "examples) (--train-subset must be from 256 to 60000"),
+    (["--seeds", "0", "-1"], "grid point fc6 fashion_mnist lr=0.1 batch=256 seed=-1: --seed must be an integer from 0 "
                              "to 4294967295"),
-    (["--data-dir", "/nonexistent/data"], "data_dir /nonexistent/data does not exist"),
+    (["--data-dir", "/nonexistent/data"], "--data-dir /nonexistent/data does not exist"),
     (["--", "--loss", "mse"], "unknown loss 'mse'"),
     (["--", "--loss", "gcdf@0"], "gradient is zero almost everywhere"),
     (["--", "--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'"),
@@ -273,6 +278,50 @@ def test_parallel_jobs_overlap_but_never_exceed(tmp_path, fake_run, monkeypatch)
     assert peak == 2
 
 
+def test_a_finished_run_asked_with_other_settings_goes_to_run_py(tmp_path, fake_run, capsys):
+    runs = tmp_path / "runs"
+    assert run_sweep(tmp_path, fake_run, "--no-hparams") == 0
+    capsys.readouterr()
+    # More epochs: run.py (which continues such a run) is started for every run, and the sweep says why.
+    assert run_sweep(tmp_path, fake_run, "--no-hparams", "--epochs", "8") == 0
+    out = capsys.readouterr().out
+    name = "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0"
+    assert (f"[sweep] continue {name} (finished, asked with --epochs 8 (was 6); log: {runs / 'logs' / name}.log)"
+            in out)
+    assert out.count("[sweep] continue ") == 4 and "skip " not in out
+    assert len([i for i in invocations(runs / name) if "start" in i]) == 2
+    # The settings asked now are those stored: skipped. A setting that defines the run: run.py is started (the
+    # real one refuses the directory, which the sweep reports as a failed run).
+    assert run_sweep(tmp_path, fake_run, "--no-hparams", "--epochs", "8") == 0
+    assert capsys.readouterr().out.count("skip ") == 4
+    assert run_sweep(tmp_path, fake_run, "--no-hparams", "--epochs", "8", "--track-schedule", "log") == 0
+    assert "asked with --track-schedule log (was epoch)" in capsys.readouterr().out
+
+
+def test_ctrl_c_stops_the_runs_and_the_sweep_with_one_line(tmp_path, fake_run):
+    import signal
+    import time
+
+    runs = tmp_path / "runs"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "experiments" / "sweep.py"), "--runs-dir", str(runs), "--lrs", "0.1", "0.001",
+         "--seeds", "0", "--jobs", "2", "--epochs", "3", "--run-script", str(fake_run), "--no-hparams"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "FAKE_RUN_SECONDS": "60"})
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(runs.glob("*/invocations.jsonl"))) < 2:
+        time.sleep(0.1)
+    assert len(list(runs.glob("*/invocations.jsonl"))) == 2, "the runs did not start"
+    started = time.time()
+    os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the sweep and its runs
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and time.time() - started < 30
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        f"[sweep] interrupted: rerun the same command to go on (finished runs are skipped, the others resume from "
+        f"their last checkpoint; logs in {runs / 'logs'})"]
+    assert out.count("[sweep] stopped ") == 2
+
+
 def test_summary_csv_markdown_and_hparams(tmp_path, fake_run):
     assert run_sweep(tmp_path, fake_run, "--batch-sizes", "256", "4096", "--level", "0.5") == 0
     runs = tmp_path / "runs"
@@ -304,6 +353,21 @@ def test_summary_csv_markdown_and_hparams(tmp_path, fake_run):
 
     value = float(tensor_util.make_ndarray(session.Tensors("at_level/gcdf@8")[0].tensor_proto))
     assert value == pytest.approx(float(row["gcdf@8"]), rel=1e-5)
+    # A summary at another level of part of the grid replaces the dashboard: no session of the first stays.
+    assert sweep.main(["--runs-dir", str(runs), "--lrs", "0.1", "--seeds", "0", "1", "--batch-sizes", "256",
+                       "--epochs", "6", "--summary-only", "--level", "1"]) == 0
+    assert sorted(p.name for p in (runs / "hparams").iterdir() if p.is_dir()) == [
+        "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0", "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s1"]
+    assert len(list((runs / "hparams").glob("events.out.tfevents.*"))) == 1
+    config = event_accumulator.EventAccumulator(str(runs / "hparams"), size_guidance={event_accumulator.TENSORS: 0})
+    config.Reload()
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = plugin_data_pb2.HParamsPluginData.FromString(
+        config.SummaryMetadata("_hparams_/experiment").plugin_data.content)
+    names = {m.display_name for m in content.experiment.metric_infos}
+    assert "at_level/gcdf@8 (train CE 1)" in names
+    assert not (runs / ".hparams.writing").exists()
 
 
 def test_summary_dir(tmp_path, fake_run):

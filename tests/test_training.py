@@ -295,6 +295,16 @@ def test_more_epochs_or_a_lower_target_continue_a_finished_run(idx_dir, tmp_path
     assert (stored["epochs"], stored["target_train_loss"]) == (4, 1.0)
 
 
+def test_stored_differences_are_what_train_would_continue_or_refuse(one_epoch, tmp_path):
+    config, run_dir = one_epoch
+    assert training.stored_differences(run_dir, config) == {}
+    assert training.stored_differences(run_dir, dataclass_replace(config, epochs=3, lr=0.05)) == {
+        "lr": (0.1, 0.05), "epochs": (1, 3)}
+    assert training.stored_differences(tmp_path / "nothing", config) is None
+    (tmp_path / "config.json").write_text("{torn")
+    assert training.stored_differences(tmp_path, config) is None
+
+
 def test_a_resume_on_other_data_than_recorded_warns(idx_dir, two_epochs, tmp_path, capsys):
     run_dir = copy_run(two_epochs, tmp_path)
     path = os.path.join(run_dir, "config.json")
