@@ -443,6 +443,7 @@ def _integer_labels(y, what: str) -> np.ndarray:
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     elif labels.ndim == 2:
+        _losses._check_one_hot(labels)
         labels = np.argmax(labels, axis=1)
     if labels.ndim != 1 or labels.dtype.kind not in "iuf":
         raise ValueError(f"{what}: y must be integer labels [n] or [n, 1], or one-hot rows [n, classes]; got "

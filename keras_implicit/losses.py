@@ -186,6 +186,8 @@ def _prepare(y_true, y_pred):
                 "y_true must be integer labels [batch] or [batch, 1], or one-hot [batch, classes]; "
                 f"got shape {tuple(labels.shape)} for y_pred of shape {tuple(logits.shape)}"
             )
+        if _checks.is_concrete(labels):
+            _check_one_hot(np.asarray(ops.convert_to_numpy(labels)))
         labels = ops.argmax(labels, axis=-1)
     elif label_rank is not None and label_rank != 1:
         raise ValueError(
@@ -200,6 +202,19 @@ def _prepare(y_true, y_pred):
     labels = ops.cast(labels, "int32")
     labels = _checks.check_batch(labels, logits)
     return labels, logits  # label values are checked in _panel, by the path that computes them
+
+
+def _check_one_hot(rows: np.ndarray) -> None:
+    """Refuses rows [batch, classes] that are not one 1 among zeros: soft labels (label smoothing, mixup) or
+    padding rows have no single true class y, which every family is defined for (checked where the values are
+    known: eagerly, not inside a traced function, where such rows are read as their argmax)."""
+    bad = ~(np.all((rows == 0) | (rows == 1), axis=-1) & (rows.sum(axis=-1) == 1))
+    if np.any(bad):
+        raise ValueError(
+            f"y_true: one-hot rows must hold one 1 among zeros, but {int(bad.sum())} of {len(rows)} do not (the "
+            f"first: {rows[bad][0].tolist()[:8]}); soft labels (label smoothing, mixup) have no single true class, "
+            "which Gcdf, the tempered CE and the hinge need: pass integer labels"
+        )
 
 
 def _feature_norm_tensor(feature_norm, logits):

@@ -148,6 +148,10 @@ class AltLossPanel(keras.metrics.Metric):
         feature_norm: ||x|| as one positive number for Gcdf; None means 1.
         name: the metric's own name (not shown in the logs).
         dtype: the dtype of the accumulators (default float32).
+        prefix: put before every log name (``"digit_"`` gives ``digit_gcdf@1``). Keras does not rename the
+            entries of a metric's dict result, so two panels of one model (one per output of a multi-output
+            model, or one in ``metrics`` and one in ``weighted_metrics``) need different prefixes: their logs
+            would otherwise share names and one panel's values would hide the other's.
 
     Example:
         >>> panel = AltLossPanel(sigmas=[0.5, 1], temperatures=[2], margins=[1])
@@ -165,8 +169,12 @@ class AltLossPanel(keras.metrics.Metric):
         feature_norm=None,
         name="alt_loss_panel",
         dtype=None,
+        prefix="",
     ):
         super().__init__(name=name, dtype=dtype)
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a string, got {prefix!r}")
+        self.prefix = prefix
         self.sigmas = _parameter_list(sigmas, "sigma", allow_zero=True)
         self.temperatures = _parameter_list(temperatures, "temperature", allow_zero=False)
         self.margins = _parameter_list(margins, "margin", allow_zero=True)
@@ -197,7 +205,7 @@ class AltLossPanel(keras.metrics.Metric):
 
     def result(self):
         means = ops.divide_no_nan(self.totals, self.count)
-        return {name: means[i] for i, name in enumerate(self.names)}
+        return {self.prefix + name: means[i] for i, name in enumerate(self.names)}
 
     def reset_state(self):
         self.totals.assign(ops.zeros(self.totals.shape, dtype=self.dtype))
@@ -212,6 +220,7 @@ class AltLossPanel(keras.metrics.Metric):
             "feature_norm": self.feature_norm,
             "name": self.name,
             "dtype": self.dtype,
+            "prefix": self.prefix,
         }
 
 
@@ -225,6 +234,7 @@ def alt_loss_panel(
     margins=DEFAULT_MARGINS,
     error=True,
     feature_norm=None,
+    prefix="",
 ):
     """The metrics to pass to ``model.compile(metrics=...)`` to track the paper's loss families.
 
@@ -239,6 +249,8 @@ def alt_loss_panel(
         margins: multi-class hinge margins, each >= 0.
         error: whether to track the zero-one error.
         feature_norm: ||x|| as one positive number; None means 1 (normalized features).
+        prefix: put before every log name; give each panel of a model its own (one per output, or
+            ``"weighted_"`` for one in ``weighted_metrics``): see :class:`AltLossPanel`.
 
     Returns:
         ``[AltLossPanel(...)]``.
@@ -247,4 +259,4 @@ def alt_loss_panel(
         >>> model.compile("sgd", "sparse_categorical_crossentropy",
         ...               metrics=alt_loss_panel(sigmas=[0.5, 1, 8], temperatures=[1, 4], margins=[1, 4]))
     """
-    return [AltLossPanel(sigmas, temperatures, margins, error, feature_norm)]
+    return [AltLossPanel(sigmas, temperatures, margins, error, feature_norm, prefix=prefix)]

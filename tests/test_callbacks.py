@@ -267,6 +267,8 @@ def test_bad_data_is_refused():
         callbacks.AltLossTracker((np.zeros((2, 3)), np.zeros((2, 3, 1))))
     with pytest.raises(ValueError, match="test_data: float labels must be whole numbers"):
         callbacks.AltLossTracker((np.zeros((2, 3)), np.zeros(2)), (np.zeros((2, 3)), np.array([0.5, 1.0])))
+    with pytest.raises(ValueError, match="one-hot rows must hold one 1 among zeros, but 1 of 2 do not"):
+        callbacks.AltLossTracker((np.zeros((2, 3)), np.array([[0.0, 1.0], [0.1, 0.9]])))
 
 
 def test_labels_in_every_format_give_the_same_values(trained):

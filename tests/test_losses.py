@@ -490,6 +490,22 @@ def test_labels_that_are_not_whole_numbers_are_refused():
     np.testing.assert_array_equal(to_numpy(ki.zero_one_error(np.array([2.0, 0.0]), logits)), [1.0, 0.0])
 
 
+@pytest.mark.parametrize("function", ["gcdf", "tempered_crossentropy", "multiclass_hinge", "zero_one_error"])
+def test_rows_that_are_not_one_hot_are_refused(function):
+    logits = np.array([[1.0, 0.0, 2.0], [0.5, 0.5, 0.0], [0.0, 3.0, 1.0]], np.float32)
+    call = {"zero_one_error": lambda y: ki.zero_one_error(y, logits)}.get(
+        function, lambda y: getattr(ki, function)(y, logits, 1.0))
+    smoothed = np.array([[0.05, 0.05, 0.9], [0.9, 0.05, 0.05], [0.05, 0.9, 0.05]], np.float32)  # label smoothing
+    with pytest.raises(ValueError, match=r"one-hot rows must hold one 1 among zeros, but 3 of 3 do not \(the first: "
+                                         r"\[0.05000000074505806, 0.05000000074505806, 0.8999999761581421\]\)"):
+        call(smoothed)
+    padded = np.array([[0, 0, 1], [0, 0, 0], [0, 1, 0]], np.float32)  # an all-zero padding row
+    with pytest.raises(ValueError, match=r"but 1 of 3 do not \(the first: \[0.0, 0.0, 0.0\]\)"):
+        call(padded)
+    one_hot = np.eye(3, dtype=np.float32)[[2, 0, 1]]
+    np.testing.assert_allclose(to_numpy(call(one_hot)), to_numpy(call(np.array([2, 0, 1]))))
+
+
 @tensorflow_only
 def test_string_labels_are_refused_naming_y_true():
     with pytest.raises(TypeError, match="y_true must be integer labels or one-hot rows of numbers, got dtype string"):

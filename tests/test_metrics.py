@@ -168,6 +168,7 @@ def test_model_with_panel_and_metrics_survives_save_and_load(tmp_path):
 
 @pytest.mark.parametrize("metric", [
     metrics.AltLossPanel(sigmas=[0, 2], temperatures=[0.5], margins=[], error=False, feature_norm=3.0, name="p"),
+    metrics.AltLossPanel(sigmas=[1], temperatures=[], margins=[2], name="q", prefix="digit_"),
     metrics.Gcdf(sigma=0.25, feature_norm=2.0, name="g"),
     metrics.TemperedCrossentropy(temperature=8.0),
     metrics.MulticlassHinge(margin=0.0, dtype="float64"),
@@ -257,3 +258,30 @@ def test_monitoring_a_panel_entry_needs_mode_min():
     stopper = keras.callbacks.EarlyStopping(monitor="gcdf@1", mode="min", patience=5)
     history = model.fit(features, labels, epochs=2, verbose=0, callbacks=[stopper])
     assert stopper.best == pytest.approx(min(history.history["gcdf@1"]))
+
+
+def test_panels_of_two_outputs_and_a_weighted_panel_keep_apart_with_prefixes():
+    """Keras spreads a dict result into the logs without its metric's name: panels with their own prefixes keep
+    apart (each output's values from its logits, the weighted one weighted), without them one hides the other."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(48, 4)).astype(np.float32)
+    labels = {"digit": rng.integers(0, 5, 48), "parity": rng.integers(0, 2, 48)}
+    weights = rng.uniform(0, 2, 48).astype(np.float32)
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, {"digit": keras.layers.Dense(5)(inputs), "parity": keras.layers.Dense(2)(inputs)})
+    panel = dict(sigmas=[1], temperatures=[2], margins=[], error=False)
+    model.compile("sgd", {"digit": losses.TemperedCrossentropy(1.0), "parity": losses.TemperedCrossentropy(1.0)},
+                  metrics={"digit": ki.alt_loss_panel(**panel, prefix="digit_"),
+                           "parity": ki.alt_loss_panel(**panel, prefix="parity_")},
+                  weighted_metrics={"digit": ki.alt_loss_panel(**panel, prefix="weighted_digit_")})
+    logs = model.evaluate(x, labels, sample_weight=weights, batch_size=48, verbose=0, return_dict=True)
+    logits = {k: np.asarray(v) for k, v in model.predict(x, batch_size=48, verbose=0).items()}
+    for output in ("digit", "parity"):
+        y, s = labels[output], logits[output]
+        assert logs[f"{output}_gcdf@1"] == pytest.approx(ref_gcdf(y, s, 1.0).mean(), rel=1e-5)
+        assert logs[f"{output}_tce@2"] == pytest.approx(ref_tce(y, s, 2.0).mean(), rel=1e-5)
+    weighted = np.sum(ref_gcdf(labels["digit"], logits["digit"], 1.0) * weights) / weights.sum()
+    assert logs["weighted_digit_gcdf@1"] == pytest.approx(weighted, rel=1e-5)
+    assert logs["weighted_digit_gcdf@1"] != pytest.approx(logs["digit_gcdf@1"], rel=1e-3)
+    with pytest.raises(TypeError, match="prefix must be a string"):
+        ki.alt_loss_panel(prefix=1)
