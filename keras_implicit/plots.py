@@ -738,8 +738,9 @@ def plot_sharpness(runs, levels: Sequence[float], hold: int = 0):
     setting_handles = [matplotlib.lines.Line2D([], [], color=RUN_STYLES[g % len(RUN_STYLES)][0], linewidth=3,
                                                label=f"{group.label} (n={len(group.runs)})")
                        for g, group in enumerate(groups)]
+    # One column of panels is narrower than three columns of these labels: one legend column then.
     fig.legend(handles=quantity_handles + setting_handles, loc="outside upper center",
-               ncol=min(3, len(quantity_handles) + len(setting_handles)), fontsize=8)
+               ncol=1 if len(levels) == 1 else min(3, len(quantity_handles) + len(setting_handles)), fontsize=8)
     return fig
 
 
@@ -823,10 +824,11 @@ def plot_all(runs, out_dir: str | os.PathLike, level: float | None = None, split
 
     Everything is checked before any file is written: the kinds, formats, levels (finite, > 0, and reached by
     every run), ``x``, the hold, and explicitly given ``quantities`` (each must be tracked by every run). A
-    kind that was asked for but cannot be drawn from these runs (a sharpness figure from runs without the
-    noisy error, curves of a split the runs lack, no default quantity tracked, no level that every run
-    reaches when ``level`` is not given) is left out with a :class:`PlotWarning` saying why; when none of
-    the kinds can be drawn, that is a ``ValueError`` and nothing is written.
+    kind that was asked for (or, for the sharpness figure, given ``sharpness_levels``) but cannot be drawn from
+    these runs (a sharpness figure from runs without the noisy error, curves of a split the runs lack, no
+    default quantity tracked, no level that every run reaches when ``level`` is not given) is left out with a
+    :class:`PlotWarning` saying why; when none of the kinds can be drawn, that is a ``ValueError`` and nothing is
+    written.
 
     Returns:
         The paths written.
@@ -913,7 +915,8 @@ def plot_all(runs, out_dir: str | os.PathLike, level: float | None = None, split
         try:
             _sharpness_grid(all_runs)
         except ValueError as error:
-            if not default_kinds:  # by default, runs without the noisy error just get no sharpness figure
+            # By default, runs without the noisy error just get no sharpness figure, unless levels were given for it.
+            if not default_kinds or sharpness_levels is not None:
                 cannot.append(f"sharpness: {error}")
             want_sharpness = False
     if want_at_level:

@@ -373,6 +373,10 @@ def test_plot_script(runs, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "warning: not drawn: sharpness: run 'lr0.1_s0' did not track the noisy error" in captured.err
     assert sorted(p.name for p in (tmp_path / "some").iterdir()) == ["at_level.png"]
+    # Sharpness levels for runs without the noisy error: said, as when the kind is asked for.
+    assert script.main([str(folder), "--out", str(tmp_path / "levels"), "--no-loss-shapes", "--formats", "png",
+                        "--sharpness-levels", "0.5"]) == 0
+    assert "warning: not drawn: sharpness: run 'lr0.1_s0' did not track the noisy error" in capsys.readouterr().err
     # The same runs twice (two folders holding one run): one line, nothing written.
     assert script.main([str(folder), str(runs[0].path), "--out", str(tmp_path / "twice")]) == 1
     assert "are the same setting with seed 0: the seed statistics would count it twice" in capsys.readouterr().err
