@@ -209,7 +209,8 @@ class _ReadableLogLocator(matplotlib.ticker.Locator):
 
     Candidate tick sets, measured against the axis' length and its label font at draw time:
     powers of ten (every decade, every second, ...), then 1-3, 1-2-5 and 1-...-9 per decade; within
-    one decade, when those give fewer than three ticks, evenly spaced decimals (steps 1, 2, 5 × 10^k).
+    one decade, when those give fewer than five ticks, evenly spaced decimals (steps 1, 2, 5 × 10^k) that give
+    more.
     Of the sets whose neighbouring labels keep at least half a font size apart and that have at most
     ``max_ticks`` ticks, the one with the count nearest five wins (the sparser on a tie). With
     ``at``, the candidates are every k-th of those values instead (counted from the one nearest 1),
@@ -295,9 +296,12 @@ class _ReadableLogLocator(matplotlib.ticker.Locator):
             return min(candidates, key=lambda t: (abs(len(t) - _TARGET_TICKS), len(t)), default=None)
 
         chosen = best(fitting(self._log_candidates(vmin, vmax)))
-        if (chosen is None or len(chosen) < 3) and vmax < 10 * vmin:
-            linear = best(fitting(self._linear_candidates(vmin, vmax)))
-            if linear is not None and (chosen is None or len(linear) > len(chosen)):
+        if (chosen is None or len(chosen) < _TARGET_TICKS) and vmax < 10 * vmin:
+            # Under a decade, evenly spaced decimals where they label more than the round log values do (a ratio
+            # axis from 0.9 to 2.2: 1.0, 1.2, ..., 2.2 rather than 0.9, 1, 2).
+            linear = best([t for t in fitting(self._linear_candidates(vmin, vmax))
+                           if chosen is None or len(t) > len(chosen)])
+            if linear is not None:
                 chosen = linear
         if chosen is None:  # not even one label fits: the one tick nearest the middle of the axis
             middle = 10 ** ((log_low + log_high) / 2)

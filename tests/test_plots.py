@@ -283,6 +283,19 @@ def test_readable_log_ticks_at_any_range(low, high, which):
         assert all(MATHTEXT_TICK.fullmatch(t) for t in texts), texts  # one notation per axis
 
 
+@pytest.mark.parametrize("low, high", [(0.88, 2.2), (0.9, 2.0), (1.0, 3.5), (0.7, 1.3)])
+def test_under_a_decade_evenly_spaced_labels_where_round_log_values_are_few(low, high):
+    """A ratio axis from 0.9 to 2.2 used to read 0.9, 1, 2: now as many evenly spaced labels as fit (5 or more)."""
+    fig = Figure(figsize=(4.2, 3.6), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([1, 2], [low, high])
+    ax.set_yscale("log")
+    ax.set_ylim(low, high)
+    plots.readable_log_ticks(ax.yaxis)
+    values = [tick_value(t) for t in readable_tick_labels(fig, ax.yaxis, min_labels=5)]
+    np.testing.assert_allclose(np.diff(values), np.diff(values)[0], rtol=1e-9)
+
+
 def test_readable_log_ticks_on_a_parameter_grid():
     grid = 2.0 ** np.arange(-6, 7)  # 13 values: not all labels fit
     fig = Figure(figsize=(3.6, 3.0), layout="constrained")
