@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from keras_implicit.training import (  # noqa: E402  (no TensorFlow)
     STRATEGIES,
     RunConfig,
+    RunDirectory,
     RunError,
     WorkerLostError,
     default_run_name,
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
         print(f"error: {as_flags(str(error))}", file=sys.stderr)
         return EXIT_CANNOT_START
     except KeyboardInterrupt:
-        checkpoints = [os.path.join(out, name) for name in ("checkpoint.npz", "checkpoint.prev.npz")]
+        checkpoints = [os.path.join(out, name) for name in (RunDirectory.CHECKPOINT, RunDirectory.PREVIOUS_CHECKPOINT)]
         if any(os.path.isfile(path) for path in checkpoints):
             print(f"\ninterrupted: rerun the same command to resume {out} from its last completed epoch",
                   file=sys.stderr)

@@ -187,8 +187,7 @@ def run_grid(jobs: list[Job], parallel: int, logs_dir: Path, poll: float = 0.5, 
     logs_dir.mkdir(parents=True, exist_ok=True)
     pending = []
     codes: dict[str, int | None] = {}
-    for job in jobs:
-        name, cmd, run_dir, config = job
+    for name, cmd, run_dir, config in jobs:
         state = state_of(run_dir)
         verb, detail = ("start" if state == "missing" else "resume"), ""
         if state in TERMINAL_STATES:

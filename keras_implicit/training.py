@@ -901,6 +901,14 @@ def _comparable(content: dict) -> dict:
     return {k: content.get(k, _ADDED_LATER.get(k)) for k in (*CONFIG_FLAGS, "sigmas", "temperatures", "margins")}
 
 
+def _differences(stored: dict, wanted: dict, keys=None) -> dict:
+    """``{key: (stored, wanted)}`` where a ``config.json`` content and the settings wanted now differ, over ``keys``
+    (default: every key that defines a run, the grids included); ``wanted`` is compared as config.json would hold
+    it (tuples as lists)."""
+    before, asked = _comparable(stored), json.loads(json.dumps(wanted))
+    return {k: (before[k], asked.get(k)) for k in (keys or before) if before[k] != asked.get(k)}
+
+
 def stored_differences(run_dir, config: RunConfig) -> Optional[dict]:
     """``{setting: (stored, asked)}`` for the settings that define a run (``CONFIG_FLAGS``) in which ``config``
     differs from the run in ``run_dir``, read from its ``config.json`` without locking or changing anything; None
@@ -919,9 +927,7 @@ def stored_differences(run_dir, config: RunConfig) -> Optional[dict]:
         return None
     if not isinstance(stored, dict):
         return None
-    before = _comparable(stored)
-    asked = json.loads(json.dumps(config.flags()))  # as config.json would hold it (tuples as lists)
-    return {k: (before[k], asked.get(k)) for k in CONFIG_FLAGS if before[k] != asked.get(k)}
+    return _differences(stored, config.flags(), CONFIG_FLAGS)  # the grids are the library's, not a setting
 
 
 def _read_config(run: RunDirectory) -> Optional[dict]:
@@ -1066,10 +1072,9 @@ class _Training:
                                    "overwrite=True to replace its contents or another run_dir")
                 return None, None
             existing = self.existing
-            before = _comparable(existing)
-            changed = [k for k in _comparable(wanted) if before[k] != wanted.get(k)]
+            changed = _differences(existing, wanted)
             if any(k not in EXTENDABLE for k in changed):
-                differences = [f"{k}: {before[k]!r} there, {wanted.get(k)!r} asked" for k in changed]
+                differences = [f"{k}: {stored!r} there, {asked!r} asked" for k, (stored, asked) in changed.items()]
                 raise RunError(f"{run.path} holds another run ({'; '.join(differences)}); use overwrite=True to "
                                "replace it or another run_dir")
             _check_same_backend(run, existing)
@@ -1078,7 +1083,7 @@ class _Training:
         status = _read_status(run)
         if changed and status.get("state") != "diverged":
             # Checked against the checkpoint and written by extend(), once the checkpoint is restored.
-            self.changed = {k: (before[k], wanted[k]) for k in changed}
+            self.changed = changed
         elif status.get("state") in ("finished", "diverged"):
             message = (f"{run.path}: run already {status['state']} at epoch {status.get('epoch')}, step "
                        f"{status.get('step')}; nothing to do"
