@@ -8,11 +8,11 @@
     python experiments/run.py --strategy mirrored   # every GPU of this machine (tf.distribute)
 
 Writes runs/NAME/ (config.json, status.json, metrics.jsonl, tb/, checkpoint.npz and checkpoint.prev.npz);
-rerunning the same command resumes an interrupted run. Everything here is ``keras_implicit.training.train``; this script
-only parses flags. Exit codes: 0 finished (or already finished), 1 the run cannot start (locked
-directory, another configuration, --epochs below what the run has trained, missing or unusable data), 2 bad
-flags, 3 diverged, 4 another worker of a multi-worker run stopped (rerun every worker's command to resume), 130
-interrupted (Ctrl-C).
+rerunning the same command resumes an interrupted run. Everything here is
+``keras_implicit.training.train_with_exit_code``; this script only parses flags. Exit codes: 0 finished (or
+already finished), 1 the run cannot start (locked directory, another configuration, --epochs below what the run has
+trained, missing or unusable data), 2 bad flags, 3 diverged, 4 another worker of a multi-worker run stopped (rerun
+every worker's command to resume), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -29,13 +29,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from keras_implicit.training import (  # noqa: E402  (no TensorFlow)
     STRATEGIES,
     RunConfig,
-    RunDirectory,
-    RunError,
-    WorkerLostError,
     default_run_name,
 )
 
-EXIT_CANNOT_START, EXIT_BAD_FLAGS, EXIT_DIVERGED, EXIT_WORKER_LOST, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 # The library's errors name its settings; a user of this script knows them as flags.
 SETTINGS_AS_FLAGS = {
     "overwrite=True": "--overwrite",
@@ -194,33 +190,10 @@ def main(argv=None) -> int:
         parser.error(as_flags(str(error)))
     out = args.out or os.path.join("runs", default_run_name(config))
 
-    from keras_implicit.training import train
+    from keras_implicit.training import train_with_exit_code
 
-    try:
-        result = train(config, out, overwrite=args.overwrite, progress=not args.no_progress)
-    except WorkerLostError as error:
-        print(f"error: {as_flags(str(error))}", file=sys.stderr)
-        return EXIT_WORKER_LOST
-    except RunError as error:
-        print(f"error: {as_flags(str(error))}", file=sys.stderr)
-        return EXIT_CANNOT_START
-    except KeyboardInterrupt:
-        checkpoints = [os.path.join(out, name) for name in (RunDirectory.CHECKPOINT, RunDirectory.PREVIOUS_CHECKPOINT)]
-        if any(os.path.isfile(path) for path in checkpoints):
-            print(f"\ninterrupted: rerun the same command to resume {out} from its last completed epoch",
-                  file=sys.stderr)
-        else:
-            print(f"\ninterrupted before {out} held a checkpoint: rerun the same command to start it", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if result.state.startswith("already-"):
-        print(result.message)
-        return EXIT_DIVERGED if result.state == "already-diverged" else 0
-    if result.state == "diverged":
-        print(f"error: {out}: {result.message}", file=sys.stderr)
-        return EXIT_DIVERGED
-    print(f"finished {out}: {result.message}" + ("" if f"step {result.step}" in result.message
-                                                   else f", step {result.step}"))
-    return 0
+    return train_with_exit_code(config, out, overwrite=args.overwrite, progress=not args.no_progress,
+                                wording=as_flags)
 
 
 if __name__ == "__main__":

@@ -48,9 +48,10 @@ _EXPORTS = {
     "RunConfig": "training",
     "RunDirectory": "training",
     "train": "training",
+    "train_with_exit_code": "training",
 }
 _SUBMODULES = ("losses", "metrics", "sharpness", "analysis", "plots", "data", "models", "ghost", "callbacks",
-               "training")
+               "training", "sweep")
 
 # The submodules that define classes registered with keras.saving.register_keras_serializable.
 _REGISTERING = ("losses", "metrics", "models", "ghost")

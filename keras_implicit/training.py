@@ -108,6 +108,13 @@ __all__ = [
     "default_run_name",
     "stored_differences",
     "train",
+    "train_with_exit_code",
+    "EXIT_FINISHED",
+    "EXIT_CANNOT_START",
+    "EXIT_BAD_SETTINGS",
+    "EXIT_DIVERGED",
+    "EXIT_WORKER_LOST",
+    "EXIT_INTERRUPTED",
 ]
 
 # The names a RunConfig accepts. The modules that implement them (models, data, callbacks) import these,
@@ -840,6 +847,17 @@ def _summary_line(epoch: str, epochs, step, tracker, train_seconds, tracking_sec
     return " | ".join(parts)
 
 
+def _check_settings(config: RunConfig) -> None:
+    """``config.validate()``, and a tf.distribute strategy only on the TensorFlow backend (imports Keras then)."""
+    config.validate()
+    if config.strategy != "default":
+        import keras
+
+        if keras.backend.backend() != "tensorflow":
+            raise ValueError(f"strategy {config.strategy!r} is tf.distribute: it needs the tensorflow backend, "
+                             f"this process runs Keras on {keras.backend.backend()}")
+
+
 def train(config: RunConfig, run_dir, overwrite: bool = False, progress: bool = True, verbose: bool = True,
           stream=None, dataset=None, tracking_batch_size: Optional[int] = None) -> TrainResult:
     """Runs (or resumes) one training run into ``run_dir``; see the module docstring.
@@ -866,13 +884,7 @@ def train(config: RunConfig, run_dir, overwrite: bool = False, progress: bool = 
         ``epochs`` than it has trained), the data is unavailable or cannot give ``train_subset``.
         WorkerLostError (a RunError): another worker of a multi-worker run stopped.
     """
-    config.validate()
-    if config.strategy != "default":
-        import keras
-
-        if keras.backend.backend() != "tensorflow":
-            raise ValueError(f"strategy {config.strategy!r} is tf.distribute: it needs the tensorflow backend, "
-                             f"this process runs Keras on {keras.backend.backend()}")
+    _check_settings(config)
     stream = (stream or sys.stdout) if verbose else None
     if tracking_batch_size is None:
         tracking_batch_size = TRACKING_BATCH_SIZES.get(config.model, 1024)
@@ -891,6 +903,68 @@ def train(config: RunConfig, run_dir, overwrite: bool = False, progress: bool = 
 
 class WorkerLostError(RunError):
     """Another worker of a multi-worker run stopped (or cannot be reached): this one stopped too."""
+
+
+# The exit codes of a training process (experiments/run.py, keras_implicit.sweep's runs).
+EXIT_FINISHED, EXIT_CANNOT_START, EXIT_BAD_SETTINGS, EXIT_DIVERGED, EXIT_WORKER_LOST = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
+
+
+def train_with_exit_code(config: RunConfig, run_dir, overwrite: bool = False, progress: bool = True,
+                         wording=None, stdout=None, stderr=None) -> int:
+    """:func:`train` as a process runs it: its outcome as one line and an exit code, never a traceback for what
+    a user can fix.
+
+    Args:
+        config, run_dir, overwrite, progress: as for :func:`train`.
+        wording: rewrites the library's messages for the caller's users (``experiments/run.py`` turns setting
+            names into its flags); None leaves them as they are.
+        stdout, stderr: where the lines go (default ``sys.stdout``, ``sys.stderr``).
+
+    Returns:
+        ``EXIT_FINISHED`` (0): finished, or already finished; ``EXIT_CANNOT_START`` (1): a :class:`RunError` (a
+        locked directory, another configuration, ``epochs`` below what the run has trained, missing data);
+        ``EXIT_BAD_SETTINGS`` (2): a bad setting (checked before anything is loaded); ``EXIT_DIVERGED`` (3):
+        diverged, now or before; ``EXIT_WORKER_LOST`` (4): another worker of a multi-worker run stopped;
+        ``EXIT_INTERRUPTED`` (130): KeyboardInterrupt (Ctrl-C, SIGINT), after the last completed epoch's
+        checkpoint.
+    """
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    wording = wording or (lambda text: text)
+    out = os.fspath(run_dir)
+
+    def say(text, stream):
+        print(text, file=stream, flush=True)
+
+    try:
+        _check_settings(config)  # here, so that a ValueError raised while training stays a traceback (a bug)
+    except ValueError as error:
+        say(f"error: {wording(str(error))}", stderr)
+        return EXIT_BAD_SETTINGS
+    try:
+        result = train(config, out, overwrite=overwrite, progress=progress, stream=stdout)
+    except WorkerLostError as error:
+        say(f"error: {wording(str(error))}", stderr)
+        return EXIT_WORKER_LOST
+    except RunError as error:
+        say(f"error: {wording(str(error))}", stderr)
+        return EXIT_CANNOT_START
+    except KeyboardInterrupt:
+        checkpoints = [os.path.join(out, name) for name in (RunDirectory.CHECKPOINT, RunDirectory.PREVIOUS_CHECKPOINT)]
+        if any(os.path.isfile(path) for path in checkpoints):
+            say(f"\ninterrupted: rerun the same command to resume {out} from its last completed epoch", stderr)
+        else:
+            say(f"\ninterrupted before {out} held a checkpoint: rerun the same command to start it", stderr)
+        return EXIT_INTERRUPTED
+    if result.state.startswith("already-"):
+        say(result.message, stdout)
+        return EXIT_DIVERGED if result.state == "already-diverged" else EXIT_FINISHED
+    if result.state == "diverged":
+        say(f"error: {out}: {result.message}", stderr)
+        return EXIT_DIVERGED
+    say(f"finished {out}: {result.message}" + ("" if f"step {result.step}" in result.message
+                                               else f", step {result.step}"), stdout)
+    return EXIT_FINISHED
 
 
 # Settings added after runs were made: a config.json without them had the default.

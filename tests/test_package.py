@@ -83,7 +83,7 @@ def test_a_saved_model_loads_in_a_fresh_process_after_a_plain_import(saved_model
 def test_importing_the_package_alone_imports_no_keras():
     child = _child("""
         import sys
-        import keras_implicit, keras_implicit.analysis, keras_implicit.plots
+        import keras_implicit, keras_implicit.analysis, keras_implicit.plots, keras_implicit.sweep
         print(sorted(name for name in ("keras", "tensorflow", "jax") if name in sys.modules))
     """)
     stdout, stderr = child.communicate(timeout=120)

@@ -1,7 +1,9 @@
-"""experiments/sweep.py: the grid, parallel processes, skip/resume, summary and hparams logs.
+"""keras_implicit.sweep and experiments/sweep.py over it: the grid, parallel processes, skip/resume, summary and
+hparams logs.
 
 Most tests drive the sweep with a stand-in for run.py (``fake_run.py``, written below) that accepts
-run.py's flags and writes a synthetic run directory at once; one slow test runs the real run.py.
+run.py's flags and writes a synthetic run directory at once; one test trains for real through the library's own
+command (``python -m keras_implicit.sweep``), and one slow test runs the real run.py.
 """
 
 import csv
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from keras_implicit import analysis
+from keras_implicit import analysis, sweep
 from keras_implicit.training import RunConfig, default_run_name
 from tests.runs import assert_refused_before_tensorflow
 
@@ -31,7 +33,7 @@ def load_script(name):
     return module
 
 
-sweep = load_script("sweep")
+script = load_script("sweep")
 
 FAKE_RUN = textwrap.dedent('''
     import argparse, json, math, os, sys, time
@@ -96,20 +98,80 @@ def invocations(run_dir):
 
 
 def plan_names(*argv):
-    args = sweep.parse_args(["--runs-dir", "r", *argv])
-    return [job.name for job in sweep.plan(sweep.grid(args.models, args.datasets, args.lrs, args.batch_sizes,
-                                                         args.seeds), args)]
+    return [job.name for job in script.plan(script.parse_args(["--runs-dir", "r", *argv]))]
 
 
 def test_grid_and_names():
-    points = sweep.grid(["fc6", "c1"], ["fashion_mnist"], [0.1, 0.001], [256, 16384], [0, 1, 2])
-    assert len(points) == 2 * 2 * 2 * 3
-    assert points[0] == sweep.GridPoint("fc6", "fashion_mnist", 0.1, 256, 0)
+    configs = sweep.grid(RunConfig(epochs=3), model=["fc6", "c1"], lr=[0.1, 0.001], batch_size=[256, 16384],
+                         seed=[0, 1, 2])
+    assert len(configs) == 2 * 2 * 2 * 3
+    assert configs[0] == RunConfig(epochs=3, model="fc6", lr=0.1, batch_size=256, seed=0)
+    assert configs[1] == RunConfig(epochs=3, model="fc6", lr=0.1, batch_size=256, seed=1)
+    assert configs[-1] == RunConfig(epochs=3, model="c1", lr=0.001, batch_size=16384, seed=2)
+    assert sweep.grid(RunConfig(seed=4)) == [RunConfig(seed=4)]
     assert plan_names("--lrs", "0.1", "--seeds", "0")[0] == "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0"
     assert plan_names("--lrs", "0.1", "--seeds", "0", "--ghost-batch-size", "128", "--train-subset", "8192") == [
         "fashion_mnist-fc6-ce-sgd-lr0.1-b256-g128-n8192-s0"]
-    with pytest.raises(ValueError, match="repeats a point"):
-        sweep.grid(["fc6"], ["fashion_mnist"], [0.1, 0.1], [256], [0])
+
+
+@pytest.mark.parametrize("axes, message", [
+    ({"lr": [0.1, 0.1]}, r"lr repeats a value: \[0.1, 0.1\]"),
+    ({"learning_rate": [0.1]}, "unknown RunConfig setting 'learning_rate'"),
+    ({"seed": []}, "seed must be a non-empty list"),
+    ({"model": "fc6"}, "model must be a non-empty list of values, got 'fc6'"),
+])
+def test_grid_refuses(axes, message):
+    with pytest.raises(ValueError, match=message):
+        sweep.grid(RunConfig(), **axes)
+
+
+def test_plan_names_validates_and_refuses_one_name_twice(tmp_path):
+    configs = sweep.grid(RunConfig(epochs=2), lr=[0.1, 0.001], seed=[0, 1])
+    jobs = sweep.plan(configs, tmp_path)
+    assert [job.name for job in jobs] == [default_run_name(c) for c in configs]
+    assert [job.run_dir for job in jobs] == [tmp_path / default_run_name(c) for c in configs]
+    assert [job.config for job in jobs] == configs
+    assert jobs[0].command == sweep.train_command(configs[0], tmp_path / jobs[0].name)
+    with pytest.raises(ValueError, match=r"^configuration 2: seed must be an integer from 0 to 4294967295"):
+        sweep.plan([RunConfig(), RunConfig(seed=-1)], tmp_path)
+    with pytest.raises(ValueError, match="^point b: unknown model 'resnet'"):
+        sweep.plan([RunConfig(), RunConfig(model="resnet")], tmp_path, labels=["point a", "point b"])
+    # lr 0.1 and 0.1000001 print alike (lr{:g}) in the name: one directory for two runs.
+    with pytest.raises(ValueError, match="^configuration 1 and configuration 2 are the same run "
+                                         "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0"):
+        sweep.plan([RunConfig(lr=0.1), RunConfig(lr=0.1000001)], tmp_path)
+    with pytest.raises(ValueError, match="2 labels for 1 configurations"):
+        sweep.plan([RunConfig()], tmp_path, labels=["a", "b"])
+
+
+def test_run_state(tmp_path):
+    assert sweep.run_state(tmp_path / "none") == "missing"
+    (tmp_path / "status.json").write_text('{"state": "diverged", "epoch": 1}')
+    assert sweep.run_state(tmp_path) == "diverged"
+    (tmp_path / "status.json").write_text('{"state": "runn')
+    assert sweep.run_state(tmp_path) == "unreadable"
+    (tmp_path / "status.json").write_text("[1, 2]")
+    assert sweep.run_state(tmp_path) == "unreadable"
+    (tmp_path / "status.json").write_text("{}")
+    assert sweep.run_state(tmp_path) == "unknown"
+
+
+def test_run_jobs_without_configuration_never_skips(tmp_path, capsys):
+    # A job whose configuration is not known (a command of the user's own) is started even on a finished run:
+    # its command decides. One whose config.json cannot be read is started too (run.py restores it or refuses).
+    run_dir = tmp_path / "runs" / "mine"
+    run_dir.mkdir(parents=True)
+    (run_dir / "status.json").write_text('{"state": "finished"}')
+    marker = tmp_path / "ran"
+    job = sweep.Job("mine", [sys.executable, "-c", f"open({str(marker)!r}, 'a').write('x')"], run_dir)
+    assert sweep.run_jobs([job], 1, tmp_path / "logs", poll=0.05) == {"mine": 0}
+    assert marker.read_text() == "x"
+    assert "[sweep] continue mine (finished; log: " in capsys.readouterr().out
+    (run_dir / "config.json").write_text("{not json")
+    assert sweep.run_jobs([job._replace(config=RunConfig())], 1, tmp_path / "logs", poll=0.05) == {"mine": 0}
+    assert marker.read_text() == "xx"
+    with pytest.raises(ValueError, match="parallel must be >= 1, got 0"):
+        sweep.run_jobs([job], 0, tmp_path / "logs")
 
 
 @pytest.mark.parametrize("extra, config", [
@@ -120,11 +182,9 @@ def test_grid_and_names():
 ])
 def test_names_are_run_py_default_names(extra, config):
     # The sweep's configuration of a point is the one run.py builds from the same command line.
-    args = sweep.parse_args(["--lrs", "0.001", "--batch-sizes", "16384", "--seeds", "2", *extra])
-    point = sweep.GridPoint("fc6", "fashion_mnist", 0.001, 16384, 2)
+    args = script.parse_args(["--lrs", "0.001", "--batch-sizes", "16384", "--seeds", "2", *extra])
     expected = RunConfig(lr=0.001, batch_size=16384, seed=2, **config)
-    assert sweep.run_config(point, args) == expected
-    (name, cmd, run_dir, planned), = sweep.plan([point], args)
+    (name, cmd, run_dir, planned), = script.plan(args)
     assert planned == expected
     assert name == default_run_name(expected) and run_dir.name == name
     run = load_script("run")
@@ -133,10 +193,10 @@ def test_names_are_run_py_default_names(extra, config):
 
 def test_commands_parse_with_run_py(tmp_path):
     run = load_script("run")
-    args = sweep.parse_args(["--epochs", "7", "--train-subset", "8192", "--target-train-loss", "0.3",
-                             "--track-schedule", "log", "--", "--deterministic"])
-    point = sweep.GridPoint("fc6", "fashion_mnist", 0.001, 16384, 2)
-    cmd = sweep.command(point, tmp_path / "r", args)
+    args = script.parse_args(["--epochs", "7", "--train-subset", "8192", "--target-train-loss", "0.3",
+                              "--track-schedule", "log", "--", "--deterministic"])
+    config = RunConfig(lr=0.001, batch_size=16384, seed=2)
+    cmd = script.command(config, tmp_path / "r", args)
     assert cmd[:2] == [sys.executable, str(ROOT / "experiments" / "run.py")]
     parsed = run.build_parser().parse_args(cmd[2:])
     assert (parsed.model, parsed.lr, parsed.batch_size, parsed.ghost_batch_size, parsed.seed) == (
@@ -164,7 +224,9 @@ def test_commands_parse_with_run_py(tmp_path):
     (["--", "--learning-rate", "0.1"], "run.py: unrecognized arguments: --learning-rate 0.1"),
     (["--", "--out", "elsewhere"], "--out cannot be passed on"),
     (["--", "--strategy", "multiworker"], "--strategy multiworker cannot be passed on"),
-    (["--", "--lr", "0.5"], "are the same run fashion_mnist-fc6-ce-sgd-lr0.5-b256-s0"),
+    (["--", "--lr", "0.5"], "--lr cannot be passed on after --: the grid sets it (--lrs)"),
+    (["--", "--se", "3"], "--seed cannot be passed on after --: the grid sets it (--seeds)"),
+    (["--lrs", "0.1", "0.1"], "--lrs repeats a value: 0.1 0.1"),
 ])
 def test_bad_flags_are_refused_before_tensorflow_or_any_process(flags, message, tmp_path, fake_run):
     runs = tmp_path / "runs"
@@ -175,7 +237,7 @@ def test_bad_flags_are_refused_before_tensorflow_or_any_process(flags, message, 
 
 def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
-        sweep.parse_args(["--help"])
+        script.parse_args(["--help"])
     out = capsys.readouterr().out
     # The docstring as written (not re-wrapped), then each flag's default.
     assert "\n    python experiments/sweep.py --runs-dir runs/sweep --models fc6 --datasets fashion_mnist \\\n" in out
@@ -187,7 +249,7 @@ def test_help_shows_the_defaults(capsys):
 
 
 def test_dry_run_prints_every_command(capsys):
-    assert sweep.main(["--lrs", "0.1", "0.001", "--batch-sizes", "256", "16384", "--seeds", "0", "1",
+    assert script.main(["--lrs", "0.1", "0.001", "--batch-sizes", "256", "16384", "--seeds", "0", "1",
                        "--dry-run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 8
@@ -197,7 +259,7 @@ def test_dry_run_prints_every_command(capsys):
 def run_sweep(tmp_path, fake_run, *extra, jobs=1):
     argv = ["--runs-dir", str(tmp_path / "runs"), "--lrs", "0.1", "0.001", "--seeds", "0", "1",
             "--epochs", "6", "--jobs", str(jobs), "--run-script", str(fake_run), *extra]
-    return sweep.main(argv)
+    return script.main(argv)
 
 
 def test_sweep_runs_skips_and_resumes(tmp_path, fake_run, capsys):
@@ -205,10 +267,12 @@ def test_sweep_runs_skips_and_resumes(tmp_path, fake_run, capsys):
     finished = runs / "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0"
     finished.mkdir(parents=True)
     (finished / "status.json").write_text(json.dumps({"state": "finished", "epoch": 6, "step": 60}))
+    (finished / "config.json").write_text(json.dumps(RunConfig(lr=0.1, seed=0, epochs=6).flags()))
     killed = runs / "fashion_mnist-fc6-ce-sgd-lr0.001-b256-s1"
     killed.mkdir(parents=True)
     (killed / "status.json").write_text(json.dumps({"state": "running", "epoch": 2, "step": 20}))
-    # The finished one has no metrics: it must be skipped, not run (and the summary leaves it out).
+    # The finished one holds the settings asked and no metrics: it must be skipped, not run (and the summary leaves
+    # it out).
     assert run_sweep(tmp_path, fake_run, "--no-hparams") == 0
     out = capsys.readouterr().out
     assert "skip fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0: finished" in out
@@ -354,7 +418,7 @@ def test_summary_csv_markdown_and_hparams(tmp_path, fake_run):
     value = float(tensor_util.make_ndarray(session.Tensors("at_level/gcdf@8")[0].tensor_proto))
     assert value == pytest.approx(float(row["gcdf@8"]), rel=1e-5)
     # A summary at another level of part of the grid replaces the dashboard: no session of the first stays.
-    assert sweep.main(["--runs-dir", str(runs), "--lrs", "0.1", "--seeds", "0", "1", "--batch-sizes", "256",
+    assert script.main(["--runs-dir", str(runs), "--lrs", "0.1", "--seeds", "0", "1", "--batch-sizes", "256",
                        "--epochs", "6", "--summary-only", "--level", "1"]) == 0
     assert sorted(p.name for p in (runs / "hparams").iterdir() if p.is_dir()) == [
         "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0", "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s1"]
@@ -370,6 +434,19 @@ def test_summary_csv_markdown_and_hparams(tmp_path, fake_run):
     assert not (runs / ".hparams.writing").exists()
 
 
+def test_summary_without_tensorflow_says_the_hparams_are_not_written(tmp_path, fake_run, capsys, monkeypatch):
+    assert run_sweep(tmp_path, fake_run, "--no-hparams") == 0
+    capsys.readouterr()
+    find_spec = sweep.importlib.util.find_spec
+    monkeypatch.setattr(sweep.importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow"
+                        else find_spec(name, *a))
+    run_dirs = sorted((tmp_path / "runs").glob("fashion_mnist-*"))
+    assert sweep.summarize(run_dirs, tmp_path / "out", level=0.5) == 0.5
+    out = capsys.readouterr().out
+    assert "[sweep] hparams logs not written: TensorBoard's hparams summaries need TensorFlow" in out
+    assert (tmp_path / "out" / "summary.md").exists() and not (tmp_path / "out" / "hparams").exists()
+
+
 def test_summary_dir(tmp_path, fake_run):
     assert run_sweep(tmp_path, fake_run, "--no-hparams", "--summary-dir", str(tmp_path / "report")) == 0
     assert (tmp_path / "report" / "summary.md").exists() and (tmp_path / "report" / "summary.csv").exists()
@@ -383,7 +460,7 @@ def test_summary_only_names_the_grid_points_it_lacks(tmp_path, fake_run, capsys)
     capsys.readouterr()
     runs = tmp_path / "runs"
     (runs / "summary.md").unlink()
-    assert sweep.main(["--runs-dir", str(runs), "--seeds", "0", "1", "--summary-only", "--no-hparams"]) == 0
+    assert script.main(["--runs-dir", str(runs), "--seeds", "0", "1", "--summary-only", "--no-hparams"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == (
         "[sweep] 2 of the grid's 4 points are not in the summary (no run directory: "
@@ -402,7 +479,7 @@ def test_summary_only_with_no_run_of_the_grid_says_what_is_there(tmp_path, fake_
     capsys.readouterr()
     runs = tmp_path / "runs"
     (runs / "summary.md").unlink()
-    assert sweep.main(["--runs-dir", str(runs), "--lrs", "0.1", "0.001", "--seeds", "0", "1", "--summary-only",
+    assert script.main(["--runs-dir", str(runs), "--lrs", "0.1", "0.001", "--seeds", "0", "1", "--summary-only",
                        "--no-hparams"]) == 1
     captured = capsys.readouterr()
     errors = captured.err.strip().splitlines()
@@ -415,20 +492,57 @@ def test_summary_only_with_no_run_of_the_grid_says_what_is_there(tmp_path, fake_
     assert "must be the ones the runs were made with" in errors[0]
     assert not (runs / "summary.md").exists()
     # With the flags they were made with, they are summarized.
-    assert sweep.main(["--runs-dir", str(runs), "--lrs", "0.1", "0.001", "--seeds", "0", "1", "--train-subset", "2048",
+    assert script.main(["--runs-dir", str(runs), "--lrs", "0.1", "0.001", "--seeds", "0", "1", "--train-subset", "2048",
                        "--summary-only", "--no-hparams"]) == 0
     assert (runs / "summary.md").exists()
     # A --runs-dir that does not exist is said so (and nothing is created).
-    assert sweep.main(["--runs-dir", str(tmp_path / "elsewhere"), "--summary-only"]) == 1
+    assert script.main(["--runs-dir", str(tmp_path / "elsewhere"), "--summary-only"]) == 1
     assert f"{tmp_path / 'elsewhere'} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "elsewhere").exists()
 
 
 def test_failed_run_is_reported(tmp_path, fake_run, capsys):
-    code = sweep.main(["--runs-dir", str(tmp_path / "runs"), "--seeds", "99", "--lrs", "0.1", "--epochs", "3",
+    code = script.main(["--runs-dir", str(tmp_path / "runs"), "--seeds", "99", "--lrs", "0.1", "--epochs", "3",
                        "--run-script", str(fake_run), "--no-hparams"])
     assert code == 1
     assert "1 run(s) failed" in capsys.readouterr().err
+
+
+def test_library_sweep_trains_skips_and_summarizes(tmp_path, capsys):
+    # The library's own command (python -m keras_implicit.sweep) trains for real, as run.py would.
+    configs = sweep.grid(RunConfig(epochs=1, train_subset=512), lr=[0.1, 0.01])
+    jobs = sweep.plan(configs, tmp_path / "runs")
+    assert jobs[0].command[1:3] == ["-m", "keras_implicit.sweep"]
+    assert sweep.run_jobs(jobs, 2, tmp_path / "runs" / "logs", poll=0.1) == {job.name: 0 for job in jobs}
+    for job in jobs:
+        assert sweep.run_state(job.run_dir) == "finished"
+        assert json.loads((job.run_dir / "config.json").read_text())["lr"] == job.config.lr
+        log = (tmp_path / "runs" / "logs" / f"{job.name}.log").read_text()
+        assert log.startswith("$ ") and f"finished {job.run_dir}: " in log
+    capsys.readouterr()
+    # Asked again: both skipped; asked for another epoch: both continued, and trained to epoch 2.
+    assert sweep.run_jobs(jobs, 2, tmp_path / "runs" / "logs", poll=0.1) == {job.name: None for job in jobs}
+    assert capsys.readouterr().out.count("[sweep] skip ") == 2
+    more = sweep.plan(sweep.grid(RunConfig(epochs=2, train_subset=512), lr=[0.1, 0.01]), tmp_path / "runs")
+    assert sweep.run_jobs(more[:1], 1, tmp_path / "runs" / "logs", poll=0.1) == {more[0].name: 0}
+    assert "asked with epochs 2 (was 1)" in capsys.readouterr().out
+    assert json.loads((more[0].run_dir / "status.json").read_text())["epoch"] == 2
+    level = sweep.summarize([job.run_dir for job in jobs], tmp_path / "summary", hparams=False)
+    runs = analysis.load_runs([job.run_dir for job in jobs])
+    assert level == pytest.approx(analysis.common_level(runs))
+    rows = list(csv.DictReader((tmp_path / "summary" / "summary.csv").open()))
+    assert sorted(r["run"] for r in rows) == sorted(job.name for job in jobs)
+
+
+def test_library_worker_refuses_bad_settings(tmp_path):
+    for config, message in (('{"lr": -1}', "error: the learning rate must be a finite number > 0, got -1"),
+                            ('{"learning_rate": 1}', "--config: unknown setting learning_rate"),
+                            ("[1]", "--config: not a JSON object")):
+        result = subprocess.run([sys.executable, "-m", "keras_implicit.sweep", "--out", str(tmp_path / "r"),
+                                 "--config", config], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.slow
