@@ -175,10 +175,15 @@ def run_jobs(jobs: Sequence[Job], parallel: int, logs_dir, stream=None, poll: fl
     checkpoint) and are waited for up to ``interrupt_grace`` seconds; then the KeyboardInterrupt goes on.
 
     Raises:
-        ValueError: ``parallel`` below 1.
+        ValueError: ``parallel`` below 1, or two jobs with one name or one run directory.
     """
     if parallel < 1:
         raise ValueError(f"parallel must be >= 1, got {parallel}")
+    for what, values in (("name", [job.name for job in jobs]),
+                         ("run directory", [Path(job.run_dir).resolve() for job in jobs])):
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise ValueError(f"two jobs share a {what}: {', '.join(repeated)} (one process per run directory)")
     stream = stream or sys.stdout
     logs_dir = Path(logs_dir)
     logs_dir.mkdir(parents=True, exist_ok=True)

@@ -172,6 +172,12 @@ def test_run_jobs_without_configuration_never_skips(tmp_path, capsys):
     assert marker.read_text() == "xx"
     with pytest.raises(ValueError, match="parallel must be >= 1, got 0"):
         sweep.run_jobs([job], 0, tmp_path / "logs")
+    with pytest.raises(ValueError, match="two jobs share a name: mine"):
+        sweep.run_jobs([job, job._replace(run_dir=tmp_path / "other")], 1, tmp_path / "logs")
+    with pytest.raises(ValueError, match="two jobs share a run directory: .*mine"):
+        sweep.run_jobs([job, job._replace(name="yours", run_dir=tmp_path / "runs" / ".." / "runs" / "mine")], 1,
+                       tmp_path / "logs")
+    assert marker.read_text() == "xx"  # nothing was started
 
 
 @pytest.mark.parametrize("extra, config", [
