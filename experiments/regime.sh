@@ -9,7 +9,7 @@
 # Scale, chosen to finish on a 2-core CPU: a class-balanced subset of 4096 training images (4 batches of
 # 1024 per epoch, so the large-batch epoch is not full-batch descent), the whole test set; runs stop at the
 # target CE (the epoch cap is only a bound). Measured: lr 0.1 reaches CE 0.04 in 720-812 steps at batch 256
-# (minutes), 332-336 at batch 1024; lr 0.001 in 32,128-32,384 steps (hours per run on 2 shared cores).
+# (minutes), ~330 at batch 1024; lr 0.001 in 32,128-32,384 steps (hours per run on 2 shared cores).
 # Rerunning resumes unfinished runs and skips finished ones.
 set -e
 cd "$(dirname "$0")/.."

@@ -27,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from keras_implicit.training import (  # noqa: E402  (no TensorFlow)
+    MOVING_STATISTICS,
     STRATEGIES,
     RunConfig,
     default_run_name,
@@ -44,6 +45,7 @@ SETTINGS_AS_FLAGS = {
     "seed must": "--seed must",
     "epochs=": "--epochs ",
     "KERAS_BACKEND=": "--backend ",
+    "moving_statistics": "--moving-statistics",
 }
 
 
@@ -119,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="micro-batch size: BatchNorm normalizes this many examples; the optimizer steps "
                              "once per batch, with the mean gradient of its batch-size / ghost-batch-size "
                              "micro-batches")
+    parser.add_argument("--moving-statistics", choices=MOVING_STATISTICS, default=defaults.moving_statistics,
+                        help="how a batch of several micro-batches updates BatchNorm's moving statistics: "
+                             "sequential (once per micro-batch, in order, the paper's sequence of mini-batches) or "
+                             "mean (once per step with the micro-batches' mean moments, tf.keras 2's "
+                             "virtual_batch_size)")
     parser.add_argument("--epochs", type=_positive_int, default=defaults.epochs,
                         help="number of epochs (the cap with --target-train-loss); an epoch is "
                              "n_train // batch-size whole batches")
@@ -173,6 +180,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         track_schedule=args.track_schedule, target_train_loss=args.target_train_loss,
         data_dir=args.data_dir, deterministic=args.deterministic, strategy=args.strategy,
         cpu_replicas=args.cpu_replicas, noisy_error_draws=args.noisy_error_draws,
+        moving_statistics=args.moving_statistics,
     )
 
 

@@ -5,7 +5,8 @@
   ``"multiworker"`` (``tf.distribute.MultiWorkerMirroredStrategy``: one process per machine, the cluster in
   ``TF_CONFIG``);
 - the cross-replica pieces of :class:`keras_implicit.ghost.GhostBatchModel`'s step (:func:`mean_over_replicas`,
-  :func:`assign_on_every_replica`, :func:`replicas_in_sync`), no-ops without a strategy;
+  :func:`sum_over_replicas`, :func:`assign_on_every_replica`, :func:`replicas_in_sync`, :func:`replica_index`),
+  no-ops without a strategy;
 - :func:`run_epoch`: one epoch of ``model.train_step`` under ``strategy.run`` with the Keras callbacks
   (``model.fit`` is not used under a strategy: Keras 3 cannot fit under ``MultiWorkerMirroredStrategy``,
   keras-team/keras#20585);
@@ -28,12 +29,15 @@ from typing import Callable, Optional
 import numpy as np
 
 __all__ = [
-    "STRATEGIES", "check_divides", "cluster_role", "split_cpu", "make_strategy", "replicas_in_sync",
-    "mean_over_replicas", "assign_on_every_replica", "distribute_batches", "run_epoch", "summed_over_replicas",
+    "STRATEGIES", "MOVING_STATISTICS", "check_divides", "cluster_role", "split_cpu", "make_strategy",
+    "replicas_in_sync", "replica_index", "mean_over_replicas", "sum_over_replicas", "assign_on_every_replica",
+    "distribute_batches", "run_epoch", "summed_over_replicas",
     "broadcast_from_chief", "WorkerLostError", "COLLECTIVE_TIMEOUT_SECONDS",
 ]
 
 STRATEGIES = ("default", "mirrored", "multiworker")
+# How a ghost-batch step updates BatchNorm's moving statistics (keras_implicit.ghost).
+MOVING_STATISTICS = ("sequential", "mean")
 # A worker that stops answering (killed, machine lost) fails the others' collectives after this long instead
 # of leaving them waiting forever. Long enough for the chief's slowest pause between two steps (a checkpoint).
 COLLECTIVE_TIMEOUT_SECONDS = 300
@@ -128,6 +132,25 @@ def replicas_in_sync() -> int:
     import tensorflow as tf
 
     return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def replica_index():
+    """This replica's index in its strategy's replicas (a tensor inside a replica's step), 0 without a strategy;
+    replica ``r`` holds the ``r``-th contiguous slice of every batch (:func:`distribute_batches`)."""
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    return 0 if context is None else context.replica_id_in_sync_group
+
+
+def sum_over_replicas(values: list) -> list:
+    """The sum of each tensor over all replicas (every replica gets it); ``values`` unchanged with one."""
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if not values or context is None or context.num_replicas_in_sync == 1:
+        return list(values)
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, values)
 
 
 def mean_over_replicas(values: list) -> list:

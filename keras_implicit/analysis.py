@@ -130,8 +130,10 @@ _BOOKKEEPING = ("seed", "data_dir", "versions", "git_commit", "run_dir", "name",
                 "track_schedule", "target_train_loss", "epochs", "deterministic", "strategy", "cpu_replicas",
                 "noisy_error_draws")
 # Config keys that identify an experiment, in the order labels list them.
-_LABEL_KEYS = ("model", "dataset", "optimizer", "loss", "lr", "batch_size", "ghost_batch_size", "train_subset")
-_LABEL_SHORT = {"lr": "lr", "batch_size": "batch", "ghost_batch_size": "ghost", "train_subset": "subset"}
+_LABEL_KEYS = ("model", "dataset", "optimizer", "loss", "lr", "batch_size", "ghost_batch_size", "train_subset",
+               "moving_statistics")
+_LABEL_SHORT = {"lr": "lr", "batch_size": "batch", "ghost_batch_size": "ghost", "train_subset": "subset",
+                "moving_statistics": "bn"}
 
 
 class RunDirectoryError(ValueError):
@@ -318,7 +320,8 @@ def load_run(path: str | os.PathLike, strict: bool = False) -> Run:
 
     Returns:
         A :class:`Run`. A missing status.json gives ``state == "unknown"``; so does an unreadable one, with a
-        ``RuntimeWarning`` (it only summarizes the run: ``run.py`` resumes over it the same way).
+        ``RuntimeWarning`` (it only summarizes the run: ``run.py`` resumes over it the same way). The config's
+        ``moving_statistics`` is the one the run was trained with (:func:`effective_moving_statistics`).
 
     Raises:
         RunDirectoryError: no such directory (or a file instead of one), config.json or metrics.jsonl missing
@@ -328,6 +331,8 @@ def load_run(path: str | os.PathLike, strict: bool = False) -> Run:
     if not path.is_dir():
         raise RunDirectoryError(_not_a_run_directory(path))
     config = _read_json(path / "config.json", required=True)
+    # As the run was trained: None with one micro-batch per step, "mean" for a config.json from before the setting.
+    config["moving_statistics"] = effective_moving_statistics(config)
     try:
         status = _read_json(path / "status.json", required=False)
     except RunDirectoryError as error:
@@ -873,8 +878,20 @@ def ladder_markdown(ladder: Ladder, family: str, parameters: Optional[Sequence[f
 # --------------------------------------------------------------------------- #
 # Seeds
 # --------------------------------------------------------------------------- #
+def effective_moving_statistics(config: Mapping) -> str | None:
+    """How a run's ghost batches updated BatchNorm's moving statistics (``RunConfig.moving_statistics``):
+    ``"sequential"`` or ``"mean"``; None with one micro-batch per step (``batch_size == ghost_batch_size``), where
+    the two are the same. A ``config.json`` written before the setting existed says nothing: those runs used
+    ``"mean"``."""
+    batch, ghost = config.get("batch_size"), config.get("ghost_batch_size")
+    if batch is not None and batch == ghost:
+        return None
+    return config.get("moving_statistics", "mean")
+
+
 def _experiment_key(config: Mapping) -> str:
     kept = {k: v for k, v in config.items() if k not in _BOOKKEEPING}
+    kept["moving_statistics"] = effective_moving_statistics(config)
     return json.dumps(kept, sort_keys=True, default=str)
 
 
@@ -970,7 +987,11 @@ def group_runs(runs: Sequence[Run]) -> list[RunGroup]:
                     "statistics would count it twice; give one of them (another seed is another run)")
     members_of.sort(key=lambda members: _group_order(members[0].config))
     configs = [members[0].config for members in members_of]
-    differing = [k for k in _LABEL_KEYS if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
+    # A key is named where groups differ by it; the moving statistics only where two ways of updating them meet
+    # (runs of one micro-batch per step have none).
+    differing = [k for k in _LABEL_KEYS
+                 if len({json.dumps(c.get(k), default=str) for c in configs
+                         if k != "moving_statistics" or c.get(k) is not None}) > 1]
     result = []
     for members in members_of:
         config = members[0].config
@@ -1087,15 +1108,20 @@ def extreme_pairs(groups: Sequence[RunGroup]) -> list[tuple[RunGroup, RunGroup, 
     varying = [k for k in _SETTING_KEYS if len({json.dumps(g.config.get(k), default=str) for g in groups}) > 1]
     label_keys = [k for k in _LABEL_KEYS if k in ("model", "dataset", *varying)]
 
-    def index(key):
+    def index(*keys):
         table: dict = {}
         for group in groups:
-            table.setdefault(json.dumps([group.config.get(k) for k in (*setting, key)], default=str),
+            table.setdefault(json.dumps([group.config.get(k) for k in (*setting, *keys)], default=str),
                              []).append(group)
         return table.values()
 
-    for members in index("batch_size"):
+    # Learning rates are compared at one batch size and one way of updating BatchNorm's moving statistics;
+    # batch sizes from the smallest to the largest with each way the largest was trained.
+    ways = {g.config.get("moving_statistics") for g in groups} - {None}
+    for members in index("batch_size", "moving_statistics"):
         name, batch = describe_config(members[0].config, label_keys), members[0].config.get("batch_size")
+        if len(ways) > 1 and members[0].config.get("moving_statistics") is not None:
+            batch = f"{batch} bn={members[0].config['moving_statistics']}"
         lrs = sorted({g.config.get("lr") for g in members if g.config.get("lr") is not None})
         if len(lrs) >= 2:
             high = next(g for g in members if g.config.get("lr") == lrs[-1])
@@ -1106,8 +1132,10 @@ def extreme_pairs(groups: Sequence[RunGroup]) -> list[tuple[RunGroup, RunGroup, 
         batches = sorted({g.config.get("batch_size") for g in members if g.config.get("batch_size") is not None})
         if len(batches) >= 2:
             small = next(g for g in members if g.config.get("batch_size") == batches[0])
-            large = next(g for g in members if g.config.get("batch_size") == batches[-1])
-            pairs.append((small, large, f"{name} lr={lr:g}: batch {batches[0]} vs {batches[-1]}"))
+            larges = [g for g in members if g.config.get("batch_size") == batches[-1]]
+            for large in larges:
+                how = f" (bn={large.config['moving_statistics']})" if len(larges) > 1 else ""
+                pairs.append((small, large, f"{name} lr={lr:g}: batch {batches[0]} vs {batches[-1]}{how}"))
     return pairs
 
 

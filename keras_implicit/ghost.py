@@ -9,13 +9,21 @@ A batch of ``B`` examples is applied as ``B / ghost_batch_size`` micro-batches (
 - the gradients of all micro-batches (of all replicas) are averaged, and the optimizer takes **one step
   per batch** with that mean (the gradient of the mean loss over the batch): ``optimizer.iterations``
   counts batches;
-- every float non-trainable variable (BatchNorm's moving mean and variance) ends the step at the **mean of
-  the values the micro-batches would have given it**, ``moving = m * moving + (1 - m) * mean_k(stat_k)``:
-  one moving-average update per step with the mean of the micro-batches' moments, as tf.keras 2's
-  ``BatchNormalization(virtual_batch_size=...)`` did. Unlike a sequential update per micro-batch, this
-  does not depend on how micro-batches are spread over replicas, so 1 device and N replicas end with the
-  same moving statistics on every replica (and evaluation gives the same logits). Non-float state
-  (random seeds) is carried from one micro-batch to the next.
+- BatchNorm's moving mean and variance (every float non-trainable variable) take **one moving-average
+  update per micro-batch, in order** (``moving_statistics="sequential"``, the default): the values a sequence
+  of ``B / ghost_batch_size`` training steps on the micro-batches would leave, as in the paper ("the
+  gradients are accumulated on a sequence of smaller mini-batches of size 256") and in Hoffer et al.'s ghost
+  batch norm. On ``R`` replicas each replica runs its micro-batches in order from the step's initial values,
+  and the replicas' results are composed in the order of their slices,
+  ``moving = m**(RK) * moving0 + sum_r m**((R - 1 - r) K) * (f_r - m**K * moving0)`` for a BatchNormalization of
+  momentum ``m`` whose replica ``r`` ended its ``K`` micro-batches at ``f_r``, so 1 device and N replicas end
+  with the same moving statistics on every replica. ``moving_statistics="mean"`` takes one update per step with
+  the mean of the micro-batches' moments instead, ``moving = m * moving + (1 - m) * mean_k(stat_k)``, as tf.keras
+  2's ``BatchNormalization(virtual_batch_size=...)`` did: its moving statistics warm up ``B / ghost_batch_size``
+  times more slowly per example seen, which matters to everything measured in inference mode while a large-batch
+  run has taken few steps (docs/REPRODUCTION.md). Other float non-trainable variables (no momentum known) are
+  carried in order on one device and averaged over replicas. Non-float state (random seeds) is carried from one
+  micro-batch to the next.
 
 Micro-batches run one after another (a ``tf.while_loop`` / ``jax.lax.scan``): memory is that of one
 micro-batch, whatever the batch size. Keras 3's ``BatchNormalization`` has no ``virtual_batch_size`` and its
@@ -33,9 +41,9 @@ from __future__ import annotations
 
 import keras
 
-from keras_implicit._distribute import check_divides
+from keras_implicit._distribute import MOVING_STATISTICS, check_divides
 
-__all__ = ["GhostBatchModel", "ghost_batch_model", "check_divides"]
+__all__ = ["GhostBatchModel", "ghost_batch_model", "check_divides", "MOVING_STATISTICS"]
 
 
 @keras.saving.register_keras_serializable(package="keras_implicit")
@@ -47,28 +55,54 @@ class GhostBatchModel(keras.Model):
     Args:
         ghost_batch_size: examples per micro-batch (what BatchNorm normalizes). Each replica's batch
             must be a whole number of micro-batches (:func:`check_divides`).
+        moving_statistics: ``"sequential"`` or ``"mean"``: how BatchNorm's moving statistics are updated (see
+            the module docstring).
         *args, **kwargs: those of a functional ``keras.Model`` (``inputs``, ``outputs``, ``name``).
     """
 
-    def __init__(self, *args, ghost_batch_size: int = 256, **kwargs):
+    def __init__(self, *args, ghost_batch_size: int = 256, moving_statistics: str = "sequential", **kwargs):
         super().__init__(*args, **kwargs)
         if int(ghost_batch_size) < 1:
             raise ValueError(f"ghost_batch_size must be >= 1, got {ghost_batch_size!r}")
+        if moving_statistics not in MOVING_STATISTICS:
+            raise ValueError(f"moving_statistics must be one of {', '.join(MOVING_STATISTICS)}, got "
+                             f"{moving_statistics!r}")
         if keras.backend.backend() not in ("tensorflow", "jax"):
             raise ValueError(f"ghost batches run on the tensorflow and jax backends, not {keras.backend.backend()}")
         self.ghost_batch_size = int(ghost_batch_size)
+        self.moving_statistics = moving_statistics
 
     def get_config(self):
-        return {**super().get_config(), "ghost_batch_size": self.ghost_batch_size}
+        return {**super().get_config(), "ghost_batch_size": self.ghost_batch_size,
+                "moving_statistics": self.moving_statistics}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         ghost_batch_size = config.pop("ghost_batch_size", 256)
-        return ghost_batch_model(keras.Model.from_config(config, custom_objects=custom_objects), ghost_batch_size)
+        moving_statistics = config.pop("moving_statistics", "sequential")
+        return ghost_batch_model(keras.Model.from_config(config, custom_objects=custom_objects), ghost_batch_size,
+                                 moving_statistics)
 
     def _floats(self):
         return [keras.backend.is_float_dtype(v.dtype) for v in self.non_trainable_variables]
+
+    def _carried(self):
+        """Which non-trainable variables a micro-batch takes from the one before it (the others start from the
+        step's initial values): non-float state always, float state too when updates are sequential."""
+        sequential = self.moving_statistics == "sequential"
+        return [sequential or not f for f in self._floats()]
+
+    def _momenta(self):
+        """Each non-trainable variable's moving-average momentum: its BatchNormalization's, or None."""
+        momenta = {}
+        for layer in self._flatten_layers(include_self=False):
+            momentum = getattr(layer, "momentum", None)
+            for name in ("moving_mean", "moving_variance"):
+                variable = getattr(layer, name, None)
+                if momentum is not None and variable is not None:
+                    momenta[id(variable)] = float(momentum)
+        return [momenta.get(id(v)) for v in self.non_trainable_variables]
 
     def train_step(self, *args):
         x = keras.utils.unpack_x_y_sample_weight(args[-1])[0]
@@ -117,8 +151,10 @@ class GhostBatchModel(keras.Model):
         initial = [v.value for v in self.non_trainable_variables]
         floats = self._floats()
 
+        carried = self._carried()
+
         def micro_batch(index, gradient_sums, state, state_sums, loss_sum, predictions):
-            inputs = [s if f else c for s, c, f in zip(initial, state, floats)]
+            inputs = [c if k else s for s, c, k in zip(initial, state, carried)]
             with tf.GradientTape() as tape:
                 tape.watch(trainable)
                 y_pred, updated = self.stateless_call(trainable, inputs, part(xs, index), training=True)
@@ -138,10 +174,13 @@ class GhostBatchModel(keras.Model):
         gradients = [g / tf.cast(count, g.dtype) for g in gradient_sums]
         # compute_loss divides by the number of replicas and the optimizer sums over them: the mean gradient.
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
-        means = iter(_distribute.mean_over_replicas(
-            [t / tf.cast(count, t.dtype) for t, f in zip(state_sums, floats) if f]))
-        _distribute.assign_on_every_replica(self.non_trainable_variables,
-                                            [next(means) if f else s for s, f in zip(state, floats)])
+        if self.moving_statistics == "sequential":
+            final = _compose_replicas(initial, state, floats, self._momenta(), count)
+        else:
+            means = iter(_distribute.mean_over_replicas(
+                [t / tf.cast(count, t.dtype) for t, f in zip(state_sums, floats) if f]))
+            final = [next(means) if f else s for s, f in zip(state, floats)]
+        _distribute.assign_on_every_replica(self.non_trainable_variables, final)
         # The replica's mean loss, unscaled (compute_loss divided it by the number of replicas).
         loss = loss_sum / tf.cast(count, "float32") * _distribute.replicas_in_sync()
         y_pred = self._predictions([array.concat() for array in arrays])
@@ -170,7 +209,7 @@ class GhostBatchModel(keras.Model):
         count = size // micro
         xs, ys, weights = jax.tree_util.tree_map(lambda t: jnp.reshape(t, (count, micro) + tuple(t.shape[1:])),
                                                  (x, y, sample_weight))
-        floats = self._floats()
+        floats, carried_state = self._floats(), self._carried()
         optimizer_mapping = list(zip(self.optimizer.variables, optimizer_variables))
 
         def loss_and_state(trainable, inputs, metrics_variables, x_micro, y_micro, weight_micro):
@@ -186,7 +225,7 @@ class GhostBatchModel(keras.Model):
 
         def micro_batch(carry, batch):
             gradient_sums, carried, state_sums, loss_sum, metrics_variables = carry
-            inputs = [s if f else c for s, c, f in zip(non_trainable, carried, floats)]
+            inputs = [c if k else s for s, c, k in zip(non_trainable, carried, carried_state)]
             (_, (loss, updated, metrics_variables, y_pred)), gradients = gradient_of(
                 trainable, inputs, metrics_variables, *batch)
             carry = ([a + b for a, b in zip(gradient_sums, gradients)], list(updated),
@@ -200,7 +239,10 @@ class GhostBatchModel(keras.Model):
             micro_batch, start, (xs, ys, weights))
         gradients = [g / count for g in gradient_sums]
         trainable, optimizer_variables = self.optimizer.stateless_apply(optimizer_variables, gradients, trainable)
-        non_trainable = [(t / count).astype(t.dtype) if f else c for t, c, f in zip(state_sums, carried, floats)]
+        if self.moving_statistics == "sequential":  # one device: the state carried through the micro-batches
+            non_trainable = list(carried)
+        else:
+            non_trainable = [(t / count).astype(t.dtype) if f else c for t, c, f in zip(state_sums, carried, floats)]
         y_pred = jax.tree_util.tree_map(lambda t: jnp.reshape(t, (size,) + tuple(t.shape[2:])), y_pred)
         with keras.StatelessScope(state_mapping=list(zip(self.metrics_variables, metrics_variables))) as scope:
             logs = self._logs(loss_sum / count, size, x, y, y_pred, sample_weight)
@@ -222,12 +264,47 @@ def _one_replica() -> bool:
     return _distribute.replicas_in_sync() == 1
 
 
-def ghost_batch_model(model: keras.Model, ghost_batch_size: int) -> GhostBatchModel:
+def _compose_replicas(initial, state, floats, momenta, count):
+    """The moving statistics after every replica's micro-batches in the order of the replicas' slices, on every
+    replica (see the module docstring): ``state`` is this replica's values after its ``count`` micro-batches run in
+    order from ``initial``."""
+    import tensorflow as tf
+
+    from keras_implicit import _distribute
+
+    replicas = _distribute.replicas_in_sync()
+    if replicas == 1:
+        return list(state)
+    index = _distribute.replica_index()
+    composed, averaged = [], []
+    for start, end, f, m in zip(initial, state, floats, momenta):
+        if f and m is not None:
+            decay = tf.cast(m, end.dtype) ** tf.cast(count, end.dtype)  # m**K: one replica's K updates
+            later = tf.cast(replicas - 1 - index, end.dtype)
+            composed.append(decay ** later * (end - decay * start))
+        elif f:
+            averaged.append(end)
+    composed, averaged = iter(_distribute.sum_over_replicas(composed)), iter(_distribute.mean_over_replicas(averaged))
+    final = []
+    for start, end, f, m in zip(initial, state, floats, momenta):
+        if f and m is not None:
+            total = tf.cast(m, end.dtype) ** tf.cast(count * replicas, end.dtype)
+            final.append(total * start + next(composed))
+        else:
+            final.append(next(averaged) if f else end)
+    return final
+
+
+def ghost_batch_model(model: keras.Model, ghost_batch_size: int,
+                      moving_statistics: str = "sequential") -> GhostBatchModel:
     """A :class:`GhostBatchModel` over the layers of the functional ``model`` (the same weights, shared).
 
     Args:
         model: a functional ``keras.Model`` (as :func:`keras_implicit.models.make_model` returns).
         ghost_batch_size: examples per micro-batch.
+        moving_statistics: ``"sequential"`` (one moving-average update per micro-batch, in order; the paper's
+            sequence of mini-batches) or ``"mean"`` (one per step with the micro-batches' mean moments; tf.keras
+            2's ``virtual_batch_size``). See the module docstring.
 
     Returns:
         The model to compile and fit; ``model`` itself is unchanged and shares its variables.
@@ -236,4 +313,5 @@ def ghost_batch_model(model: keras.Model, ghost_batch_size: int) -> GhostBatchMo
         raise ValueError("ghost_batch_model needs a functional model with known inputs (make_model returns one)")
     # model.input / model.output: the structures the model was built with (a tensor, a list, a dict of outputs),
     # so that losses and metrics compiled per output name find their outputs.
-    return GhostBatchModel(model.input, model.output, name=model.name, ghost_batch_size=ghost_batch_size)
+    return GhostBatchModel(model.input, model.output, name=model.name, ghost_batch_size=ghost_batch_size,
+                           moving_statistics=moving_statistics)

@@ -18,8 +18,9 @@ and writes the run directory:
 **Ghost batches** (the paper's section 4.2): the model is a :class:`~keras_implicit.ghost.GhostBatchModel`,
 which applies each batch as micro-batches of ``ghost_batch_size``: each BatchNormalization normalizes its
 own micro-batch, the optimizer takes one step per batch with the mean of the micro-batch gradients (equal
-to the gradient of the mean loss over the batch), and the moving statistics take one update per step with
-the mean of the micro-batches' moments. ``optimizer.iterations`` counts batches.
+to the gradient of the mean loss over the batch), and the moving statistics take one update per micro-batch, in
+order (``moving_statistics="sequential"``; ``"mean"``: one per step with the micro-batches' mean moments).
+``optimizer.iterations`` counts batches.
 
 **Several devices or machines** (``strategy``, TensorFlow only): ``"mirrored"`` trains on every GPU of the
 machine (or on ``cpu_replicas`` logical CPU devices), ``"multiworker"`` on every machine of ``TF_CONFIG``'s
@@ -83,10 +84,10 @@ from typing import Optional
 
 import numpy as np
 
-from keras_implicit._distribute import STRATEGIES
+from keras_implicit._distribute import MOVING_STATISTICS, STRATEGIES
 from keras_implicit._distribute import check_divides as _check_divides
 from keras_implicit._distribute import cluster_role as _cluster_role
-from keras_implicit.analysis import parse_name
+from keras_implicit.analysis import effective_moving_statistics, parse_name
 
 __all__ = [
     "MODELS",
@@ -99,6 +100,7 @@ __all__ = [
     "RunLockedError",
     "WorkerLostError",
     "STRATEGIES",
+    "MOVING_STATISTICS",
     "RunDirectory",
     "TrainResult",
     "parse_loss",
@@ -143,7 +145,7 @@ MOMENTUM = 0.9
 CONFIG_FLAGS = (
     "model", "dataset", "lr", "batch_size", "ghost_batch_size", "epochs", "seed", "optimizer", "loss",
     "train_subset", "track_every", "track_schedule", "target_train_loss", "data_dir", "deterministic",
-    "noisy_error_draws",
+    "noisy_error_draws", "moving_statistics",
 )
 EXTENDABLE = ("epochs", "target_train_loss")
 # Examples per forward pass when tracking (inference only: large batches amortize the per-call cost).
@@ -218,6 +220,12 @@ class RunConfig:
         noisy_error_draws: 0 (off), or the Monte Carlo draws per example with which every tracking point also
             measures the noisy error, the noisy CE and eq. 9 for each sigma of the Gcdf grid
             (:mod:`keras_implicit.sharpness`; the draws' seed is ``seed``).
+        moving_statistics: how a batch of several micro-batches updates BatchNorm's moving statistics:
+            ``"sequential"`` (one update per micro-batch, in order: the paper's sequence of mini-batches) or
+            ``"mean"`` (one update per step with the micro-batches' mean moments, as tf.keras 2's
+            ``virtual_batch_size``; how run directories written before this setting existed were trained). See
+            :mod:`keras_implicit.ghost`. With one micro-batch per step (``batch_size == ghost_batch_size``) the two
+            are the same run.
 
     ``epochs`` and ``target_train_loss`` may change when a run is resumed (``EXTENDABLE``, see the module
     docstring); every other setting but ``strategy`` and ``cpu_replicas`` defines the run.
@@ -241,6 +249,7 @@ class RunConfig:
     strategy: str = "default"
     cpu_replicas: Optional[int] = None
     noisy_error_draws: int = 0
+    moving_statistics: str = "sequential"
 
     def validate(self) -> "RunConfig":
         """Raises ValueError with a clear message on any bad setting; returns self. Imports no TensorFlow."""
@@ -282,6 +291,9 @@ class RunConfig:
         if (isinstance(self.noisy_error_draws, bool) or not isinstance(self.noisy_error_draws, int)
                 or self.noisy_error_draws == 1 or self.noisy_error_draws < 0):
             raise ValueError(f"noisy_error_draws must be 0 (off) or an integer >= 2, got {self.noisy_error_draws!r}")
+        if self.moving_statistics not in MOVING_STATISTICS:
+            raise ValueError(f"unknown moving_statistics {self.moving_statistics!r}: choose one of "
+                             f"{', '.join(MOVING_STATISTICS)}")
         self._validate_strategy()
         return self
 
@@ -340,14 +352,17 @@ class RunConfig:
 
 def default_run_name(config: RunConfig) -> str:
     """A directory name from the settings that differ between the paper's runs:
-    ``<dataset>-<model>-<loss>-<optimizer>-lr<lr>-b<batch>[-g<ghost>][-n<subset>]-s<seed>`` (the loss without
-    its ``@``; ``-g`` when the ghost batch size is not the default 256, ``-n`` with ``train_subset``), e.g.
+    ``<dataset>-<model>-<loss>-<optimizer>-lr<lr>-b<batch>[-g<ghost>][-n<subset>][-bnmean]-s<seed>`` (the loss
+    without its ``@``; ``-g`` when the ghost batch size is not the default 256, ``-n`` with ``train_subset``,
+    ``-bnmean`` with ``moving_statistics="mean"`` on batches of several micro-batches), e.g.
     ``fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0``. ``run.py`` and ``sweep.py`` both name runs with it."""
     parts = [config.dataset, config.model, config.loss, config.optimizer, f"lr{config.lr:g}", f"b{config.batch_size}"]
     if config.ghost_batch_size != RunConfig.ghost_batch_size:
         parts.append(f"g{config.ghost_batch_size}")
     if config.train_subset is not None:
         parts.append(f"n{config.train_subset}")
+    if effective_moving_statistics(config.flags()) == "mean":
+        parts.append("bnmean")
     parts.append(f"s{config.seed}")
     return "-".join(parts).replace("@", "")
 
@@ -972,14 +987,17 @@ _ADDED_LATER = {"noisy_error_draws": RunConfig.noisy_error_draws}
 
 
 def _comparable(content: dict) -> dict:
-    return {k: content.get(k, _ADDED_LATER.get(k)) for k in (*CONFIG_FLAGS, "sigmas", "temperatures", "margins")}
+    comparable = {k: content.get(k, _ADDED_LATER.get(k)) for k in (*CONFIG_FLAGS, "sigmas", "temperatures", "margins")}
+    # What a run's config.json lacks, or what cannot differ with one micro-batch per step, as analysis reads it.
+    comparable["moving_statistics"] = effective_moving_statistics(content)
+    return comparable
 
 
 def _differences(stored: dict, wanted: dict, keys=None) -> dict:
     """``{key: (stored, wanted)}`` where a ``config.json`` content and the settings wanted now differ, over ``keys``
     (default: every key that defines a run, the grids included); ``wanted`` is compared as config.json would hold
     it (tuples as lists)."""
-    before, asked = _comparable(stored), json.loads(json.dumps(wanted))
+    before, asked = _comparable(stored), _comparable(json.loads(json.dumps(wanted)))
     return {k: (before[k], asked.get(k)) for k in (keys or before) if before[k] != asked.get(k)}
 
 
@@ -1210,7 +1228,7 @@ class _Training:
             raise RunError(str(error)) from None
         with self.strategy.scope() if self.strategy is not None else contextlib.nullcontext():
             network = ki_models.make_model(config.model, dataset.input_shape, dataset.num_classes, seed=config.seed)
-            self.model = ghost.ghost_batch_model(network, config.ghost_batch_size)
+            self.model = ghost.ghost_batch_model(network, config.ghost_batch_size, config.moving_statistics)
             self.optimizer = make_optimizer(config.optimizer, config.lr)
             self.model.compile(optimizer=self.optimizer, loss=make_loss(config.loss))
             self.optimizer.build(self.model.trainable_variables)

@@ -683,6 +683,27 @@ def test_group_ignores_tracking_and_stopping_settings(tmp_path):
     assert len(groups) == 1 and groups[0].seeds == [0, 1]
 
 
+def test_groups_and_pairs_tell_the_ways_of_updating_moving_statistics_apart(tmp_path):
+    records = records_from([2.0, 0.5], power_of_ce)
+    runs = [analysis.load_run(write_run(tmp_path / "small", records, ghost_batch_size=256)),
+            analysis.load_run(write_run(tmp_path / "old", records, batch_size=16384, ghost_batch_size=256)),
+            analysis.load_run(write_run(tmp_path / "new", records, batch_size=16384, ghost_batch_size=256,
+                                        moving_statistics="sequential"))]
+    # As trained: one micro-batch per step (None), a config.json from before the setting ("mean"), a new one.
+    assert [r.config["moving_statistics"] for r in runs] == [None, "mean", "sequential"]
+    groups = analysis.group_runs(runs)
+    assert [g.label for g in groups] == ["batch=256", "batch=16384 bn=mean", "batch=16384 bn=sequential"]
+    assert [what for _, _, what in analysis.extreme_pairs(groups)] == [
+        "fc6 fashion_mnist lr=0.1: batch 256 vs 16384 (bn=mean)",
+        "fc6 fashion_mnist lr=0.1: batch 256 vs 16384 (bn=sequential)"]
+    # Named only where two ways meet: a batch comparison of one way reads as before.
+    assert [g.label for g in analysis.group_runs(runs[:1] + runs[2:])] == ["batch=256", "batch=16384"]
+    # A batch-256 run from before the setting and a new one are one experiment.
+    again = analysis.load_run(write_run(tmp_path / "small_new", records, ghost_batch_size=256, seed=1,
+                                        moving_statistics="sequential"))
+    assert [g.seeds for g in analysis.group_runs([runs[0], again])] == [[0, 1]]
+
+
 def test_group_labels_cover_batch_and_model(tmp_path):
     runs = [
         analysis.load_run(write_run(tmp_path / "a", records_from([2.0, 0.5], power_of_ce), batch_size=256)),

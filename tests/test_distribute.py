@@ -93,10 +93,11 @@ CHECKS = textwrap.dedent(
             optimizer.build(model.trainable_variables)
         return model
 
-    def fc6(scope=contextlib.nullcontext(), ghost_batch_size=None):
+    def fc6(scope=contextlib.nullcontext(), ghost_batch_size=None, moving_statistics="sequential"):
         with scope:
             network = models.make_model("fc6", (10, 10, 1), 10, seed=0)
-            return network if ghost_batch_size is None else ghost.ghost_batch_model(network, ghost_batch_size)
+            return network if ghost_batch_size is None else ghost.ghost_batch_model(network, ghost_batch_size,
+                                                                                    moving_statistics)
 
     def one_step_on_two_replicas(model, x, y):
         batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(len(x))
@@ -128,7 +129,8 @@ CHECKS = textwrap.dedent(
                    "moved": difference(single.weights, mlp().weights)}
 
     # (b) fc6 with BatchNorm, batch 1024 in ghost batches of 256 (2 per replica), against an independent
-    # reference: four plain training-mode calls, one per group of 256, from the same initial weights.
+    # reference: four plain training-mode calls, one per group of 256, from the same initial weights, and one plain
+    # model called on the four groups in order (each call updates its moving statistics once).
     x = rng.normal(size=(1024, 10, 10, 1)).astype(np.float32)
     y = rng.integers(0, 10, 1024).astype(np.int32)
     loss = training.make_loss("ce")
@@ -139,10 +141,14 @@ CHECKS = textwrap.dedent(
             value = loss(y[256 * k:256 * (k + 1)], plain(x[256 * k:256 * (k + 1)], training=True))
         gradients.append([g.numpy() for g in tape.gradient(value, plain.trainable_variables)])
         moving.append([np.asarray(v) for v in plain.non_trainable_variables])
+    in_order = fc6()
+    for k in range(4):
+        in_order(x[256 * k:256 * (k + 1)], training=True)
     initial = fc6()
     expected_trainable = [np.asarray(w) - LR * np.mean(g, axis=0)
                           for w, g in zip(initial.trainable_variables, zip(*gradients))]
-    expected_moving = [np.mean(values, axis=0) for values in zip(*moving)]
+    expected_moving = [np.asarray(v) for v in in_order.non_trainable_variables]
+    expected_mean = [np.mean(values, axis=0) for values in zip(*moving)]
     single = compiled(fc6(ghost_batch_size=256))
     single.fit(x, y, batch_size=1024, epochs=1, shuffle=False, verbose=0)
     double = compiled(fc6(strategy.scope(), ghost_batch_size=256), strategy.scope())
@@ -157,7 +163,16 @@ CHECKS = textwrap.dedent(
         "local_copies_equal": local_copies_equal(double),
         "evaluation_logits": difference([single(test_x, training=False)], [double(test_x, training=False)]),
         "steps": [int(np.asarray(m.optimizer.iterations)) for m in (single, double)],
+        "sequential_vs_mean": difference(expected_moving, expected_mean),
     }
+    # The same step with moving_statistics="mean": one update with the mean of the four micro-batches' moments.
+    mean_single = compiled(fc6(ghost_batch_size=256, moving_statistics="mean"))
+    mean_single.fit(x, y, batch_size=1024, epochs=1, shuffle=False, verbose=0)
+    mean_double = compiled(fc6(strategy.scope(), ghost_batch_size=256, moving_statistics="mean"), strategy.scope())
+    one_step_on_two_replicas(mean_double, x, y)
+    report["b_mean"] = {"moving_vs_reference": difference(mean_double.non_trainable_variables, expected_mean),
+                        "vs_one_device": difference(mean_single.weights, mean_double.weights),
+                        "local_copies_equal": local_copies_equal(mean_double)}
 
     # (c) batch 16384 in ghost batches of 256: 64 on one device, 32 on each of 2 replicas.
     x = rng.normal(size=(16384, 10, 10, 1)).astype(np.float32)
@@ -210,6 +225,10 @@ def test_with_ghost_batch_norm_two_replicas_equal_the_micro_batch_reference(two_
     assert b["vs_one_device"] < 2e-6, b
     assert b["local_copies_equal"]  # no drift between replicas
     assert b["evaluation_logits"] < 1e-5, b
+    # Sequential and mean updates differ by more than the tolerance: the test tells them apart.
+    assert b["sequential_vs_mean"] > 1e-4, b
+    mean = two_replica_report["b_mean"]
+    assert mean["moving_vs_reference"] < 2e-6 and mean["vs_one_device"] < 2e-6 and mean["local_copies_equal"], mean
 
 
 def test_a_16384_batch_on_two_replicas_equals_one_device(two_replica_report):

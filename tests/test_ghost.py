@@ -128,11 +128,13 @@ def test_a_model_with_named_outputs_keeps_them_and_takes_keras_own_step():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("moving_statistics", ["sequential", "mean"])
 @pytest.mark.parametrize("ghost_batch_size, micro_batches", [(16, 4), (32, 2), (8, 8)])
-def test_batch_norm_normalizes_each_micro_batch_and_averages_its_moments(ghost_batch_size, micro_batches):
+def test_batch_norm_normalizes_each_micro_batch_and_updates_its_moving_statistics(ghost_batch_size, micro_batches,
+                                                                                   moving_statistics):
     x, y = _data(ghost_batch_size * micro_batches, seed=1)
     lr = 0.1
-    model = ghost.ghost_batch_model(_mlp(2, batch_norm=True), ghost_batch_size)
+    model = ghost.ghost_batch_model(_mlp(2, batch_norm=True), ghost_batch_size, moving_statistics)
     start = {v.path: np.asarray(v).copy() for v in model.weights}
 
     # Reference gradients: each micro-batch through a plain model in training mode (its own statistics),
@@ -152,18 +154,25 @@ def test_batch_norm_normalizes_each_micro_batch_and_averages_its_moments(ghost_b
     for variable, gradient in zip(model.trainable_variables, mean_gradient):
         np.testing.assert_allclose(np.asarray(variable), start[variable.path] - lr * gradient, rtol=1e-4, atol=1e-6)
 
-    # Moving statistics: one update with the mean of the micro-batches' moments (in NumPy, float64), from the
-    # initial weights (they do not change within a step).
+    # Moving statistics (in NumPy, float64) from the micro-batches' moments under the initial weights (they do not
+    # change within a step), from Keras' initial moving mean 0 and variance 1: "sequential", one update per
+    # micro-batch in order; "mean", one update with the mean of the moments.
     bn = model.get_layer("batch_norm")
     dense = model.get_layer("dense")
     kernel, bias = start[dense.kernel.path].astype(np.float64), start[dense.bias.path].astype(np.float64)
     moments = [x[k * ghost_batch_size:(k + 1) * ghost_batch_size].astype(np.float64) @ kernel + bias
                for k in range(micro_batches)]
-    mean = np.mean([h.mean(axis=0) for h in moments], axis=0)
-    variance = np.mean([h.var(axis=0) for h in moments], axis=0)
-    np.testing.assert_allclose(np.asarray(bn.moving_mean), (1 - bn.momentum) * mean, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(bn.moving_variance), bn.momentum + (1 - bn.momentum) * variance,
-                               rtol=1e-4, atol=1e-6)
+    m = bn.momentum
+    if moving_statistics == "sequential":
+        moving_mean, moving_variance = 0.0, 1.0
+        for h in moments:
+            moving_mean = m * moving_mean + (1 - m) * h.mean(axis=0)
+            moving_variance = m * moving_variance + (1 - m) * h.var(axis=0)
+    else:
+        moving_mean = (1 - m) * np.mean([h.mean(axis=0) for h in moments], axis=0)
+        moving_variance = m + (1 - m) * np.mean([h.var(axis=0) for h in moments], axis=0)
+    np.testing.assert_allclose(np.asarray(bn.moving_mean), moving_mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(bn.moving_variance), moving_variance, rtol=1e-4, atol=1e-6)
 
 
 def test_seed_state_is_carried_from_one_micro_batch_to_the_next():
@@ -193,11 +202,14 @@ def test_shares_the_layers_of_the_model_it_wraps():
 
 
 def test_config_round_trip():
-    model = ghost.ghost_batch_model(_mlp(6, batch_norm=True), 64)
+    model = ghost.ghost_batch_model(_mlp(6, batch_norm=True), 64, moving_statistics="mean")
     config = model.get_config()
-    assert config["ghost_batch_size"] == 64
+    assert config["ghost_batch_size"] == 64 and config["moving_statistics"] == "mean"
     again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
     assert isinstance(again, ghost.GhostBatchModel) and again.ghost_batch_size == 64
+    assert again.moving_statistics == "mean"
+    with pytest.raises(ValueError, match="moving_statistics must be one of sequential, mean, got 'last'"):
+        ghost.ghost_batch_model(_mlp(6, batch_norm=True), 64, moving_statistics="last")
     assert [tuple(v.shape) for v in again.weights] == [tuple(v.shape) for v in model.weights]
     x = _data(8)[0]
     again.set_weights(model.get_weights())

@@ -115,6 +115,7 @@ def test_epoch_batches_are_whole_batches_of_the_epoch_order():
     ({"strategy": "multiworker"}, "needs TF_CONFIG"),
     ({"noisy_error_draws": 1}, "noisy_error_draws must be 0"),
     ({"noisy_error_draws": -4}, "noisy_error_draws must be 0"),
+    ({"moving_statistics": "last"}, "unknown moving_statistics 'last': choose one of sequential, mean"),
 ])
 def test_bad_settings_are_refused_with_a_clear_message(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -171,6 +172,10 @@ def test_default_run_name():
     assert training.default_run_name(RunConfig()) == "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0"
     name = training.default_run_name(RunConfig(batch_size=16384, lr=0.001, loss="gcdf@0.5", train_subset=5000))
     assert name == "fashion_mnist-fc6-gcdf0.5-sgd-lr0.001-b16384-n5000-s0"
+    # The moving statistics' "mean" updates show where they differ from sequential ones (several micro-batches).
+    assert training.default_run_name(RunConfig(batch_size=16384, moving_statistics="mean")) == (
+        "fashion_mnist-fc6-ce-sgd-lr0.1-b16384-bnmean-s0")
+    assert training.default_run_name(RunConfig(moving_statistics="mean")) == "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0"
 
 
 # --------------------------------------------------------------------------- #
@@ -303,6 +308,30 @@ def test_stored_differences_are_what_train_would_continue_or_refuse(one_epoch, t
     assert training.stored_differences(tmp_path / "nothing", config) is None
     (tmp_path / "config.json").write_text("{torn")
     assert training.stored_differences(tmp_path, config) is None
+
+
+def test_moving_statistics_define_a_run_of_several_micro_batches(idx_dir, one_epoch, tmp_path):
+    config = small_config(idx_dir, epochs=1, batch_size=128, moving_statistics="mean")
+    run_dir = str(tmp_path / "run")
+    assert training.train(config, run_dir, progress=False, verbose=False).state == "finished"
+    path = os.path.join(run_dir, "config.json")
+    assert json.load(open(path))["moving_statistics"] == "mean"
+    sequential = dataclass_replace(config, moving_statistics="sequential", epochs=2)
+    with pytest.raises(training.RunError, match=r"holds another run \(.*moving_statistics: 'mean' there, "
+                                                r"'sequential' asked"):
+        training.train(sequential, run_dir, progress=False, verbose=False)
+    # A config.json from before the setting existed: those runs took one update per step ("mean").
+    stored = json.load(open(path))
+    del stored["moving_statistics"]
+    with open(path, "w") as handle:
+        json.dump(stored, handle)
+    assert training.stored_differences(run_dir, config) == {}
+    assert training.stored_differences(run_dir, sequential) == {"moving_statistics": ("mean", "sequential"),
+                                                                "epochs": (1, 2)}
+    assert training.train(dataclass_replace(config, epochs=2), run_dir, progress=False, verbose=False).epoch == 2
+    # With one micro-batch per step the two are the same run: either resumes it.
+    one_config, one_dir = one_epoch
+    assert training.stored_differences(one_dir, dataclass_replace(one_config, moving_statistics="mean")) == {}
 
 
 def test_a_resume_on_other_data_than_recorded_warns(idx_dir, two_epochs, tmp_path, capsys):
