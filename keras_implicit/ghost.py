@@ -95,8 +95,10 @@ class GhostBatchModel(keras.Model):
 
     def _momenta(self):
         """Each non-trainable variable's moving-average momentum: its BatchNormalization's, or None."""
-        momenta = {}
-        for layer in self._flatten_layers(include_self=False):
+        momenta, layers = {}, list(self.layers)
+        while layers:
+            layer = layers.pop()
+            layers.extend(getattr(layer, "layers", []))  # nested models
             momentum = getattr(layer, "momentum", None)
             for name in ("moving_mean", "moving_variance"):
                 variable = getattr(layer, name, None)
