@@ -149,27 +149,39 @@ class _TFWriter(ScalarWriter):
 
 
 class _TensorboardXWriter(ScalarWriter):
-    # tensorboardX's FileWriter and Summary protos directly: its SummaryWriter.add_scalar rewrites tags,
-    # turning "train/gcdf@1" into "train/gcdf_1", and the logs must carry the same tags on every backend.
+    # tensorboardX's synchronous EventsWriter and its Summary protos directly. Its FileWriter hands events to a
+    # thread that writes them when it gets to them and flushes every 120 s, and its flush() does not wait for
+    # that thread: the event file's size at a checkpoint (RunDirectory.tensorboard_sizes, which a resume cuts the
+    # file back to) must hold every point written before it. Its SummaryWriter.add_scalar also rewrites tags
+    # ("train/gcdf@1" into "train/gcdf_1"), and the logs must carry the same tags on every backend.
     def __init__(self, log_dir: str):
+        import time
+
         import tensorboardX
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.proto.summary_pb2 import Summary
 
+        os.makedirs(log_dir, exist_ok=True)
+        self._time = time.time
+        self._event = Event
         self._summary = Summary
         self._custom_scalars = tensorboardX.summary.custom_scalars
-        self._writer = tensorboardX.FileWriter(log_dir)
+        self._writer = EventsWriter(os.path.join(log_dir, "events"))
+
+    def _write(self, summary, step: int):
+        self._writer.write_event(self._event(wall_time=self._time(), step=step, summary=summary))
 
     def scalars(self, values, step):
-        summary = self._summary(value=[self._summary.Value(tag=tag, simple_value=float(value))
-                                       for tag, value in values.items()])
-        self._writer.add_summary(summary, global_step=int(step))
+        self._write(self._summary(value=[self._summary.Value(tag=tag, simple_value=float(value))
+                                         for tag, value in values.items()]), int(step))
 
     def layout(self, layout_proto):
         # tensorboardX takes the layout as {category: {chart: ["Multiline", [tag regexes]]}}.
-        self._writer.add_summary(self._custom_scalars({
+        self._write(self._custom_scalars({
             category.title: {chart.title: ["Multiline", list(chart.multiline.tag)] for chart in category.chart}
             for category in layout_proto.category
-        }))
+        }), 0)
 
     def flush(self):
         self._writer.flush()

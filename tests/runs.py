@@ -20,19 +20,42 @@ def read_json(run_dir, name: str):
         return json.load(handle)
 
 
+def tensorboard_points(run_dir) -> list[tuple]:
+    """Sorted (tag, step, value) of every scalar in the run's event files under ``tb/`` (a point written twice
+    shows twice): tf.summary's tensor summaries (TensorFlow) and tensorboardX's simple values (other backends)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util.tensor_util import make_ndarray
+
+    points = []
+    tb = os.path.join(run_dir, "tb")
+    for name in sorted(os.listdir(tb)):
+        for event in EventFileLoader(os.path.join(tb, name)).Load():
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    points.append((value.tag, event.step, value.simple_value))
+                elif value.metadata.plugin_data.plugin_name == "scalars":
+                    points.append((value.tag, event.step, float(make_ndarray(value.tensor))))
+    return sorted(points)
+
+
 def kill_9_after_the_first_epoch(process, run_dir, timeout: float) -> None:
-    """Waits until the run's status says epoch >= 1 (a checkpoint is written), lets it go on into the next epoch
-    (records after the checkpoint are being written), then SIGKILLs it; fails if it finished first."""
+    """Waits until the run's status says epoch >= 1 (a checkpoint is written), then until metrics.jsonl has grown
+    past what it held then (the next epoch's records are being written, after the checkpoint), then SIGKILLs
+    it; fails if it finished first. No fixed sleep: a small model on JAX trains an epoch in 0.1 s here."""
+    metrics = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.time() + timeout
+    checkpointed_size = None
     while time.time() < deadline and process.poll() is None:
-        try:
-            status = read_json(run_dir, "status.json")
-        except (FileNotFoundError, json.JSONDecodeError):
-            status = None
-        if status and status["state"] == "running" and status["epoch"] >= 1:
-            time.sleep(0.2)
+        if checkpointed_size is None:
+            try:
+                status = read_json(run_dir, "status.json")
+            except (FileNotFoundError, json.JSONDecodeError):
+                status = None
+            if status and status["state"] == "running" and status["epoch"] >= 1:
+                checkpointed_size = os.path.getsize(metrics)
+        elif os.path.getsize(metrics) > checkpointed_size:
             break
-        time.sleep(0.02)
+        time.sleep(0.002)
     if process.poll() is not None:
         pytest.fail("the run finished before it could be killed; make the fixture run longer")
     process.send_signal(signal.SIGKILL)

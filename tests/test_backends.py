@@ -13,7 +13,7 @@ import textwrap
 
 import keras
 
-from tests.runs import kill_9_after_the_first_epoch, read_json, read_records
+from tests.runs import kill_9_after_the_first_epoch, read_json, read_records, tensorboard_points
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "run.py")
@@ -123,6 +123,9 @@ def test_kill_9_and_resume_on_jax_equals_an_uninterrupted_run(idx_dir, tmp_path)
     assert len(steps) == len(set(steps))  # nothing logged twice
     assert whole_report["code"] == 0
     assert after == read_records(whole)  # bit for bit
+    # tensorboardX's events, cut back to the checkpoint on resume: every point once, none lost.
+    points = tensorboard_points(killed)
+    assert points and points == tensorboard_points(whole)
 
 
 # Ghost batches on JAX: tests/test_ghost.py, which .ci/run runs on the JAX backend too.

@@ -14,6 +14,7 @@ import tensorflow as tf
 from keras_implicit import data as ki_data
 from keras_implicit import training
 from keras_implicit.training import RunConfig, RunDirectory, RunError, RunLockedError
+from tests.runs import tensorboard_points
 
 CONTRACT_FLAGS = {"model", "dataset", "lr", "batch_size", "ghost_batch_size", "epochs", "seed", "optimizer", "loss",
                   "train_subset", "track_every", "target_train_loss", "data_dir"}
@@ -530,18 +531,6 @@ def damage(path, how):
         content = noise
     with open(path, "wb") as handle:
         handle.write(content)
-
-
-def tensorboard_points(run_dir):
-    """Sorted (tag, step, value) of every scalar in the run's event files (a point written twice shows twice)."""
-    points = []
-    tb = os.path.join(run_dir, "tb")
-    for name in sorted(os.listdir(tb)):
-        for event in tf.compat.v1.train.summary_iterator(os.path.join(tb, name)):
-            for value in event.summary.value:
-                if value.metadata.plugin_data.plugin_name == "scalars":
-                    points.append((value.tag, event.step, float(tf.make_ndarray(value.tensor))))
-    return sorted(points)
 
 
 def warning_lines(captured):
