@@ -14,7 +14,8 @@ float64. Each tracking point gives one record per split::
 ``step`` counts optimizer updates (large batches: with ghost batches or Keras' gradient accumulation, one
 step per batch of micro-batches), ``epoch`` is ``step / steps_per_epoch`` (0 before
 training). ``feature_norm`` is the mean L2 norm of the top layer's input (1 for the library's models,
-whose features are normalized), ``top_kernel_norm`` / ``top_bias_norm`` the Frobenius norms of the top
+whose features are normalized); the Gcdf columns use each example's own norm (eq. 6), so they hold for models
+whose features are not normalized too. ``top_kernel_norm`` / ``top_bias_norm`` the Frobenius norms of the top
 Dense layer's weights.
 
 The schedule (:func:`tracking_steps`): step 0 (before training), every epoch end, plus every
@@ -51,6 +52,9 @@ __all__ = [
     "custom_scalars_layout",
     "FAMILY_TITLES",
 ]
+
+# sqrt(2) * sigma * 1e-30 stays a normal float32 for every sigma >= 1e-8, so a tie still gives Phi(0) = 1/2.
+_SMALLEST_FEATURE_NORM = 1e-30
 
 FAMILY_TITLES = {
     "gcdf": "Gcdf(sigma), eq. 6",
@@ -223,7 +227,7 @@ class AltLossTracker(keras.callbacks.Callback):
             raise ValueError(f"{what}: x and y must hold the same, non-zero number of examples "
                              f"(got {len(x)} and {len(y)})")
         x = x if ops.is_tensor(x) else ops.convert_to_tensor(np.asarray(x, np.float32))
-        return x, ops.convert_to_tensor(_integer_labels(y, what))
+        return x, ops.convert_to_tensor(_losses._integer_labels(y, what))
 
     # ------------------------------------------------------------------ #
     # The measurement: one forward pass per split.
@@ -238,9 +242,14 @@ class AltLossTracker(keras.callbacks.Callback):
 
         def column_sums(logits, features, y, *noise):
             logits = ops.cast(logits, "float32")
-            panel = _losses.panel_values(y, logits, sigmas, temperatures, margins, error=True)
-            ce = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
             norms = ops.norm(ops.cast(features, "float32"), axis=-1)
+            # Gcdf with each example's own ||x|| (eq. 6; 1 for the library's normalized models), as the noisy
+            # error beside it. A zero feature vector takes the limit sigma * ||x|| -> 0 (the classes beating y,
+            # a tie 1/2) through a norm far below any other yet above float32's underflow. A non-finite one
+            # (a diverged network) is replaced, as the kernel refuses it: the feature_norm column still shows it.
+            usable = ops.where(ops.isfinite(norms), ops.maximum(norms, _SMALLEST_FEATURE_NORM), 1.0)
+            panel = _losses.panel_values(y, logits, sigmas, temperatures, margins, error=True, feature_norm=usable)
+            ce = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
             columns = ops.concatenate([ce[:, None], ops.cast(panel, "float32"), norms[:, None]], axis=-1)
             sums = ops.sum(ops.cast(columns, total_dtype), axis=0)
             if noise:  # the noisy error and eq. 9 from the same logits and features
@@ -435,22 +444,6 @@ class AltLossTracker(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if not self.buffer_summaries:
             self.flush_summaries()
-
-
-def _integer_labels(y, what: str) -> np.ndarray:
-    """int32 labels [n] from integer labels [n] or [n, 1], or one-hot rows [n, classes] (as the losses take)."""
-    labels = np.asarray(ops.convert_to_numpy(y) if ops.is_tensor(y) else y)
-    if labels.ndim == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    elif labels.ndim == 2:
-        _losses._check_one_hot(labels)
-        labels = np.argmax(labels, axis=1)
-    if labels.ndim != 1 or labels.dtype.kind not in "iuf":
-        raise ValueError(f"{what}: y must be integer labels [n] or [n, 1], or one-hot rows [n, classes]; got "
-                         f"shape {labels.shape} of {labels.dtype}")
-    if labels.dtype.kind == "f" and np.any(labels != np.round(labels)):
-        raise ValueError(f"{what}: float labels must be whole numbers, got {labels[labels != np.round(labels)][:5]}")
-    return labels.astype(np.int32)
 
 
 class DivergenceMonitor(keras.callbacks.Callback):

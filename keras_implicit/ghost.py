@@ -302,7 +302,8 @@ def ghost_batch_model(model: keras.Model, ghost_batch_size: int,
     """A :class:`GhostBatchModel` over the layers of the functional ``model`` (the same weights, shared).
 
     Args:
-        model: a functional ``keras.Model`` (as :func:`keras_implicit.models.make_model` returns).
+        model: a functional ``keras.Model`` (as :func:`keras_implicit.models.make_model` returns), or a
+            ``keras.Sequential`` built on a ``keras.Input``.
         ghost_batch_size: examples per micro-batch.
         moving_statistics: ``"sequential"`` (one moving-average update per micro-batch, in order; the paper's
             sequence of mini-batches) or ``"mean"`` (one per step with the micro-batches' mean moments; tf.keras
@@ -312,8 +313,13 @@ def ghost_batch_model(model: keras.Model, ghost_batch_size: int,
         The model to compile and fit; ``model`` itself is unchanged and shares its variables.
     """
     if not getattr(model, "inputs", None):
-        raise ValueError("ghost_batch_model needs a functional model with known inputs (make_model returns one)")
-    # model.input / model.output: the structures the model was built with (a tensor, a list, a dict of outputs),
-    # so that losses and metrics compiled per output name find their outputs.
-    return GhostBatchModel(model.input, model.output, name=model.name, ghost_batch_size=ghost_batch_size,
+        raise ValueError("ghost_batch_model needs a functional model, or a Sequential one built on keras.Input, with "
+                         "known inputs (make_model returns one)")
+    if isinstance(model, keras.Sequential):  # one input, one output; Sequential has no model.input/.output
+        inputs, outputs = model.inputs[0], model.outputs[0]
+    else:
+        # The structures the model was built with (a tensor, a list, a dict of outputs), so that losses and
+        # metrics compiled per output name find their outputs.
+        inputs, outputs = model.input, model.output
+    return GhostBatchModel(inputs, outputs, name=model.name, ghost_batch_size=ghost_batch_size,
                            moving_statistics=moving_statistics)

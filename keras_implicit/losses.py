@@ -142,8 +142,9 @@ def _compute_dtype(dtype: str) -> str:
     return dtype if dtype in ("float32", "float64") else "float32"
 
 
-def _as_tensor(x):
-    """``ops.convert_to_tensor``, which gives a variable (Keras' or TensorFlow's) back as itself: its value."""
+def _as_tensor(x, name: str):
+    """``ops.convert_to_tensor``, which gives a variable (Keras' or TensorFlow's) back as itself: its value.
+    Ragged and sparse tensors, which it passes through, are refused: every row needs every class's logit."""
     if isinstance(x, keras.Variable):
         x = x.value
     tensor = ops.convert_to_tensor(x)
@@ -152,12 +153,15 @@ def _as_tensor(x):
 
         if isinstance(tensor, tf.Variable):
             tensor = tf.convert_to_tensor(tensor)
+        if isinstance(tensor, (tf.RaggedTensor, tf.SparseTensor)):
+            raise TypeError(f"{name} must be a dense tensor, got a {type(tensor).__name__}: pad it, or pass "
+                            f"{'.to_tensor()' if isinstance(tensor, tf.RaggedTensor) else 'tf.sparse.to_dense(...)'}")
     return tensor
 
 
 def _prepare(y_true, y_pred):
     """Validates shapes (values are checked in ``_panel``); returns (labels int32 [B], logits [B, C] float32/64)."""
-    logits = _as_tensor(y_pred)
+    logits = _as_tensor(y_pred, "y_pred")
     dtype = keras.backend.standardize_dtype(logits.dtype)
     if _compute_dtype(dtype) != dtype:
         logits = ops.cast(logits, _compute_dtype(dtype))
@@ -168,7 +172,7 @@ def _prepare(y_true, y_pred):
     if classes is not None and classes < 2:
         raise ValueError(f"y_pred must have at least 2 classes, got shape {tuple(logits.shape)}")
 
-    labels = _as_tensor(y_true)
+    labels = _as_tensor(y_true, "y_true")
     label_dtype = keras.backend.standardize_dtype(labels.dtype)
     if label_dtype == "string" or label_dtype.startswith("complex"):
         raise TypeError(f"y_true must be integer labels or one-hot rows of numbers, got dtype {label_dtype}")
@@ -215,6 +219,23 @@ def _check_one_hot(rows: np.ndarray) -> None:
             f"first: {rows[bad][0].tolist()[:8]}); soft labels (label smoothing, mixup) have no single true class, "
             "which Gcdf, the tempered CE and the hinge need: pass integer labels"
         )
+
+
+def _integer_labels(y, what: str) -> np.ndarray:
+    """int32 labels [n] from integer labels [n] or [n, 1], or one-hot rows [n, classes], as NumPy (the whole
+    dataset of the tracker or of sharpness.evaluate_sharpness at once; traced batches go through _prepare)."""
+    labels = np.asarray(ops.convert_to_numpy(y) if ops.is_tensor(y) else y)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    elif labels.ndim == 2:
+        _check_one_hot(labels)
+        labels = np.argmax(labels, axis=1)
+    if labels.ndim != 1 or labels.dtype.kind not in "iuf":
+        raise ValueError(f"{what}: y must be integer labels [n] or [n, 1], or one-hot rows [n, classes]; got "
+                         f"shape {labels.shape} of {labels.dtype}")
+    if labels.dtype.kind == "f" and np.any(labels != np.round(labels)):
+        raise ValueError(f"{what}: float labels must be whole numbers, got {labels[labels != np.round(labels)][:5]}")
+    return labels.astype(np.int32)
 
 
 def _feature_norm_tensor(feature_norm, logits):

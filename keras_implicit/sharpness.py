@@ -346,7 +346,7 @@ def evaluate_sharpness(model: keras.Model, x, y, sigmas: Sequence[float] = _metr
 
     Args:
         model: a functional Keras model (see above).
-        x: inputs [N, ...]; y: integer labels [N].
+        x: inputs [N, ...]; y: integer labels [N] or [N, 1], or one-hot rows [N, classes].
         sigmas: noise levels, each >= 0.
         draws: draws per example, >= 2.
         seed: the draws' seed.
@@ -366,6 +366,7 @@ def evaluate_sharpness(model: keras.Model, x, y, sigmas: Sequence[float] = _metr
     draws, seed = _validate_draws(draws), _validate_seed(seed)
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"x and y must hold the same, non-zero number of examples (got {len(x)} and {len(y)})")
+    y = _losses._integer_labels(y, "evaluate_sharpness")
     evaluator = SharpnessSums(model, sigmas, draws)
     total = None
     size = noise_batch_size(batch_size, draws, evaluator.classes)

@@ -58,6 +58,28 @@ def test_evaluate_matches_an_independent_forward_pass_and_references(trained):
     assert tracker.evaluate("train")["error"] < 0.5
 
 
+@pytest.mark.parametrize("sigma", [0.25, 1.0, 8.0])
+def test_gcdf_uses_each_examples_feature_norm(sigma):
+    # A top layer on raw inputs (||x|| about 17, one row of zeros): Gcdf with each example's own norm (eq. 6), and
+    # for the zero row the limit sigma * ||x|| -> 0, sigma = 0's count of classes beating y (a tie 1/2).
+    rng = np.random.default_rng(1)
+    x = 7.0 * rng.standard_normal((40, 6)).astype(np.float32)
+    x[5] = 0.0
+    y = rng.integers(0, 5, 40)
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, keras.layers.Dense(5, name="logits")(inputs))
+    model.layers[-1].bias.assign(np.array([0.0, 0.0, 1.0, -1.0, 0.0], np.float32))  # ties on the zero row
+    tracker = callbacks.AltLossTracker((x, y), sigmas=[sigma], temperatures=[1.0], margins=[1.0], steps_per_epoch=1)
+    tracker.set_model(model)
+    logits = x.astype(np.float64) @ to_numpy(model.layers[-1].kernel) + to_numpy(model.layers[-1].bias)
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    expected = ref_gcdf(y, logits, sigma, np.where(norms > 0, norms, 1.0))
+    expected[5] = ref_gcdf(y[5:6], logits[5:6], 0.0)[0]
+    value = tracker.evaluate("train")[f"gcdf@{losses.format_parameter(sigma)}"]
+    assert value == pytest.approx(np.mean(expected), rel=1e-5)
+    assert value != pytest.approx(np.mean(ref_gcdf(y, logits, sigma)), rel=1e-2)  # not the ||x|| = 1 value
+
+
 def test_evaluate_does_not_depend_on_the_batch_size(trained):
     model, x, y = trained
     results = []

@@ -201,6 +201,23 @@ def test_shares_the_layers_of_the_model_it_wraps():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_sequential_model_trains_as_the_same_functional_one():
+    functional = _mlp(3, batch_norm=True)
+    sequential = keras.Sequential([keras.Input((20,)), *functional.layers[1:]], name="sequential_mlp")
+    copy = _mlp(4, batch_norm=True)
+    copy.set_weights(functional.get_weights())
+    x, y = _data(64)
+    for network in (sequential, copy):
+        model = ghost.ghost_batch_model(network, 16)
+        model.compile(training.make_optimizer("sgd", 0.1), LOSS)
+        model.fit(x, y, batch_size=64, epochs=2, shuffle=False, verbose=0)
+    assert not np.allclose(functional.get_weights()[0], _mlp(3, batch_norm=True).get_weights()[0])
+    for a, b in zip(sequential.get_weights(), copy.get_weights()):  # BatchNorm's moving statistics included
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="built on keras.Input"):
+        ghost.ghost_batch_model(keras.Sequential([keras.layers.Dense(3)]), 8)
+
+
 def test_config_round_trip():
     model = ghost.ghost_batch_model(_mlp(6, batch_norm=True), 64, moving_statistics="mean")
     config = model.get_config()

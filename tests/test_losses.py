@@ -512,6 +512,19 @@ def test_string_labels_are_refused_naming_y_true():
         ki.gcdf(np.array(["a", "b"]), np.zeros((2, 3), np.float32), 1.0)
 
 
+@tensorflow_only
+def test_ragged_and_sparse_tensors_are_refused_naming_the_argument():
+    import tensorflow as tf
+
+    ragged = tf.ragged.constant([[1.0, 0.0], [0.0, 1.0, 2.0]])
+    with pytest.raises(TypeError, match=r"y_pred must be a dense tensor, got a RaggedTensor: pad it, or pass "
+                                        r"\.to_tensor\(\)"):
+        ki.gcdf(tf.constant([0, 1]), ragged, sigma=1.0)
+    sparse = tf.sparse.from_dense(tf.constant([[0.0, 1.0], [1.0, 0.0]]))
+    with pytest.raises(TypeError, match="y_true must be a dense tensor, got a SparseTensor"):
+        ki.multiclass_hinge(sparse, tf.zeros((2, 2)), margin=1.0)
+
+
 def test_feature_norms_must_be_one_per_sample():
     labels, logits = random_batch(1, 3)
     with pytest.raises(ValueError, match="feature_norm and y_pred have different batch sizes: 3 and 1"):

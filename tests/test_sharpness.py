@@ -205,6 +205,18 @@ def test_batches_are_cut_to_the_noise_budget(trained, monkeypatch):
     assert cut["eq9@1"] == pytest.approx(whole["eq9@1"], rel=1e-5)  # no draws in eq. 9
 
 
+def test_evaluate_sharpness_takes_labels_in_every_format(trained):
+    # [N, 1] as keras.datasets.cifar10 gives them, and one-hot rows: the same values as [N], the same draws.
+    model, x, y = trained
+    y = np.asarray(y)
+    expected = sharpness.evaluate_sharpness(model, x[:64], y[:64], sigmas=[0.5, 2.0], draws=8, seed=3)
+    for labels in (y[:64, None], np.eye(int(y.max()) + 1, dtype=np.float32)[y[:64]], y[:64].astype(np.float32)):
+        values = sharpness.evaluate_sharpness(model, x[:64], labels, sigmas=[0.5, 2.0], draws=8, seed=3)
+        assert values == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    with pytest.raises(ValueError, match="one-hot rows must hold one 1"):
+        sharpness.evaluate_sharpness(model, x[:4], np.full((4, 4), 0.25), sigmas=[1.0], draws=8)
+
+
 # --------------------------------------------------------------------------- #
 # The tracker
 # --------------------------------------------------------------------------- #
