@@ -1162,7 +1162,7 @@ def summary_markdown(
 ) -> str:
     """A markdown report: seed means ± std at ``level`` per group, and the crossovers between the
     grid's extremes (:func:`extreme_pairs`) for each family. Runs that do not reach the level are
-    listed and left out of the means."""
+    listed and left out of the means; :class:`LevelNotReachedError` when none does (an empty table)."""
     lines = [f"# Sweep summary at training CE = {level:.4g}", ""]
     reached, missing = [], []
     for run in runs:
@@ -1171,10 +1171,15 @@ def summary_markdown(
             reached.append(run)
         except LevelNotReachedError as error:
             missing.append((run, str(error)))
+    if not reached:
+        finite = [ce[np.isfinite(ce)] for ce in (run.splits.get("train", {}).get("ce", np.zeros(0)) for run in runs)]
+        lowest = min((float(ce.min()) for ce in finite if ce.size), default=math.nan)
+        raise LevelNotReachedError(f"none of the {len(runs)} run(s) reaches a training CE of {level:.6g} (the lowest "
+                                   f"any reaches is {lowest:.6g}): choose a higher level or train longer")
     groups = group_runs(reached)
-    available = [q for q in quantities if reached and q in reached[0].quantities()]
-    lines += ["| group | seeds | epoch at level | " + " | ".join(available) + " |",
-              "|---|---|---|" + "---|" * len(available)]
+    available = [q for q in quantities if q in reached[0].quantities()]
+    lines += ["| " + " | ".join(["group", "seeds", "epoch at level", *available]) + " |",
+              "|" + "---|" * (3 + len(available))]
     for group in groups:
         agg = aggregate(group, level)
         cells = [_fmt(agg.mean[q], agg.std[q]) for q in available]

@@ -739,6 +739,15 @@ def test_summary_rows_csv_and_markdown(tmp_path):
     assert "short (running)" in markdown
 
 
+def test_summary_markdown_refuses_a_level_no_run_reaches_and_keeps_its_table_whole(tmp_path):
+    runs = two_lr_runs(tmp_path, crossing=1.0, seeds=(0,), offsets=(0.0,))
+    with pytest.raises(analysis.LevelNotReachedError, match=r"none of the 2 run\(s\) reaches a training CE of 0.001"):
+        analysis.summary_markdown(runs, 0.001)
+    # Quantities the runs did not log: a header of the first three columns, as wide as its separator.
+    header, separator = analysis.summary_markdown(runs, 0.5, quantities=("gcdf@123",)).splitlines()[2:4]
+    assert header == "| group | seeds | epoch at level |" and separator == "|---|---|---|"
+
+
 def test_extreme_pairs(tmp_path):
     runs = []
     for lr in (0.1, 0.01, 0.001):

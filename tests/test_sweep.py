@@ -507,6 +507,22 @@ def test_summary_only_with_no_run_of_the_grid_says_what_is_there(tmp_path, fake_
     assert not (tmp_path / "elsewhere").exists()
 
 
+def test_summary_at_a_level_no_run_reaches_fails_and_writes_nothing(tmp_path, fake_run, capsys):
+    # The fake runs' CE comes down to about 0.03: none reaches 0.001.
+    assert run_sweep(tmp_path, fake_run, "--no-hparams") == 0
+    runs = tmp_path / "runs"
+    lowest = min(analysis.load_run(path).splits["train"]["ce"].min() for path in runs.glob("fashion_mnist-*"))
+    (runs / "summary.md").unlink()
+    (runs / "summary.csv").unlink()
+    capsys.readouterr()
+    assert script.main(["--runs-dir", str(runs), "--seeds", "0", "1", "--summary-only", "--level", "0.001"]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == [f"[sweep] error: cannot summarize the grid's 4 run(s) with metrics: none of the 4 run(s) "
+                      f"reaches a training CE of 0.001 (the lowest any reaches is {lowest:.6g}): "
+                      "choose a higher level or train longer"]
+    assert not any((runs / name).exists() for name in ("summary.md", "summary.csv", "hparams"))
+
+
 def test_failed_run_is_reported(tmp_path, fake_run, capsys):
     code = script.main(["--runs-dir", str(tmp_path / "runs"), "--seeds", "99", "--lrs", "0.1", "--epochs", "3",
                        "--run-script", str(fake_run), "--no-hparams"])
