@@ -986,10 +986,23 @@ def train_with_exit_code(config: RunConfig, run_dir, overwrite: bool = False, pr
 _ADDED_LATER = {"noisy_error_draws": RunConfig.noisy_error_draws}
 
 
+def _data_directory(content: dict) -> Optional[str]:
+    """The directory a ``data_dir`` setting reads: itself, or without it the dataset's system directory where this
+    machine has one (``data.SYSTEM_DIRS``), resolved; None (tensorflow-datasets' default) otherwise. Leaving
+    ``--data-dir`` out and naming that directory are one setting."""
+    from keras_implicit import data as ki_data
+
+    data_dir = content.get("data_dir")
+    if not data_dir:
+        data_dir = next((d for d in ki_data.SYSTEM_DIRS.get(content.get("dataset"), ()) if os.path.isdir(d)), None)
+    return os.path.realpath(data_dir) if data_dir else None
+
+
 def _comparable(content: dict) -> dict:
     comparable = {k: content.get(k, _ADDED_LATER.get(k)) for k in (*CONFIG_FLAGS, "sigmas", "temperatures", "margins")}
     # What a run's config.json lacks, or what cannot differ with one micro-batch per step, as analysis reads it.
     comparable["moving_statistics"] = effective_moving_statistics(content)
+    comparable["data_dir"] = _data_directory(content)
     return comparable
 
 

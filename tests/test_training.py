@@ -311,6 +311,24 @@ def test_stored_differences_are_what_train_would_continue_or_refuse(one_epoch, t
     assert training.stored_differences(tmp_path, config) is None
 
 
+def test_the_data_dir_is_compared_by_the_directory_it_reads(idx_dir, one_epoch, tmp_path, monkeypatch):
+    # The finished run read idx_dir, named as data_dir. Leaving data_dir out reads the dataset's system
+    # directory: the same run where that is idx_dir (as /usr/share/datasets/fashion-mnist for fashion_mnist).
+    config, source = one_epoch
+    run_dir = copy_run(source, tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    without = dataclass_replace(config, data_dir=None)
+    monkeypatch.setitem(ki_data.SYSTEM_DIRS, "mnist", (str(other),))
+    assert training.stored_differences(run_dir, without) == {"data_dir": (os.path.realpath(idx_dir), str(other))}
+    with pytest.raises(RunError, match=rf"holds another run \(data_dir: '{idx_dir}' there, '{other}' asked\)"):
+        training.train(without, run_dir, progress=False, verbose=False)
+    monkeypatch.setitem(ki_data.SYSTEM_DIRS, "mnist", (str(other / "missing"), os.path.join(idx_dir, ".")))
+    assert training.stored_differences(run_dir, without) == {}
+    assert training.train(without, run_dir, progress=False, verbose=False).state == "already-finished"
+    assert training.stored_differences(run_dir, dataclass_replace(config, data_dir=os.path.join(idx_dir, "."))) == {}
+
+
 def test_moving_statistics_define_a_run_of_several_micro_batches(idx_dir, one_epoch, tmp_path):
     config = small_config(idx_dir, epochs=1, batch_size=128, moving_statistics="mean")
     run_dir = str(tmp_path / "run")
