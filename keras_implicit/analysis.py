@@ -30,11 +30,11 @@ values are > 0, linearly otherwise (the error, ``gcdf@0`` and the hinge can be e
     log value = log value[i-1] + t * (log value[i] - log value[i-1])     value[i-1], value[i] > 0
     value     = value[i-1] + t * (value[i] - value[i-1])                 otherwise
 
-So a quantity that equals the training CE (``tce@1``, the tempered CE at T = 1, *is* the cross-entropy)
-comes out at exactly the level, and one that changes exponentially in time between the two points is
-recovered exactly. ``values["ce"]`` is the level itself. The test split is read the same way at the
-crossing's step, at the fraction of the steps between the two test points around it (``t`` itself when
-the test points are at the training points' steps). A run whose CE never gets down to the level (or
+So a quantity that equals the training CE (``tce@1``, the tempered CE at T = 1, *is* the cross-entropy) comes
+out at the level (up to the float32 rounding of the records), and one that changes exponentially in time
+between the two points is recovered exactly. ``values["ce"]`` is the level itself. The test split is read the
+same way at the crossing's step, at the fraction of the steps between the two test points around it (``t``
+itself when the test points are at the training points' steps). A run whose CE never gets down to the level (or
 that starts below it) raises :class:`LevelNotReachedError`.
 
 **A settled crossing** (``hold=k``). Near convergence the tracked CE of a large learning rate is far from
@@ -235,7 +235,10 @@ class Run:
 def _read_json(path: Path, required: bool) -> dict:
     if not path.exists():
         if required:
-            raise RunDirectoryError(f"{path} is missing: is {path.parent} a run directory of experiments/run.py?")
+            raise RunDirectoryError(
+                f"{path} is missing: is {path.parent} a run directory? run.py writes one; for a run of your own "
+                "loop, AltLossTracker(..., metrics_path=..., config={'lr': ..., 'batch_size': ..., 'seed': ...}) "
+                "writes it beside metrics.jsonl")
         return {}
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -362,7 +365,8 @@ def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
         elif path.is_dir():
             children = sorted(p for p in path.iterdir() if (p / "config.json").exists())
             if not children:
-                raise RunDirectoryError(f"{path} is neither a run directory nor a folder of run directories")
+                raise RunDirectoryError(f"{path} is neither a run directory nor a folder of run directories (a "
+                                        "run directory holds config.json and metrics.jsonl)")
             found.extend(children)
         else:
             raise RunDirectoryError(_not_a_run_directory(path))
@@ -881,10 +885,11 @@ def ladder_markdown(ladder: Ladder, family: str, parameters: Optional[Sequence[f
 def effective_moving_statistics(config: Mapping) -> str | None:
     """How a run's ghost batches updated BatchNorm's moving statistics (``RunConfig.moving_statistics``):
     ``"sequential"`` or ``"mean"``; None with one micro-batch per step (``batch_size == ghost_batch_size``), where
-    the two are the same. A ``config.json`` written before the setting existed says nothing: those runs used
+    the two are the same, and without ghost batches (no ``ghost_batch_size``: a run of a user's own training
+    loop). A ``config.json`` of run.py written before the setting existed says nothing: those runs used
     ``"mean"``."""
     batch, ghost = config.get("batch_size"), config.get("ghost_batch_size")
-    if batch is not None and batch == ghost:
+    if ghost is None or (batch is not None and batch == ghost):
         return None
     return config.get("moving_statistics", "mean")
 
@@ -981,7 +986,13 @@ def group_runs(runs: Sequence[Run]) -> list[RunGroup]:
                   for members in groups.values()]
     for members in members_of:
         for first, second in zip(members, members[1:]):
-            if first.seed is not None and first.seed == second.seed:
+            if first.seed is None or second.seed is None:
+                raise ValueError(
+                    f"runs {first.path} and {second.path} have the same settings in their config.json and "
+                    f"{'no seed' if first.seed is None and second.seed is None else 'one no seed'}: they cannot be "
+                    "told apart or averaged as seeds; give each config.json its 'seed' and the settings that differ "
+                    "(lr, batch_size, ...)")
+            if first.seed == second.seed:
                 raise ValueError(
                     f"runs {first.path} and {second.path} are the same setting with seed {first.seed}: the seed "
                     "statistics would count it twice; give one of them (another seed is another run)")
@@ -1126,7 +1137,8 @@ def extreme_pairs(groups: Sequence[RunGroup]) -> list[tuple[RunGroup, RunGroup, 
         if len(lrs) >= 2:
             high = next(g for g in members if g.config.get("lr") == lrs[-1])
             low = next(g for g in members if g.config.get("lr") == lrs[0])
-            pairs.append((high, low, f"{name} batch={batch}: lr {lrs[-1]:g} vs {lrs[0]:g}"))
+            where = " ".join(part for part in (name, None if batch is None else f"batch={batch}") if part)
+            pairs.append((high, low, f"{where + ': ' if where else ''}lr {lrs[-1]:g} vs {lrs[0]:g}"))
     for members in index("lr"):
         name, lr = describe_config(members[0].config, label_keys), members[0].config.get("lr")
         batches = sorted({g.config.get("batch_size") for g in members if g.config.get("batch_size") is not None})

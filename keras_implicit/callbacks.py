@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from typing import Callable, Iterable, Optional
@@ -141,6 +142,10 @@ class AltLossTracker(keras.callbacks.Callback):
         test_data: ``(x, y)`` or None.
         sigmas, temperatures, margins: the panel's grids (default: the library's defaults).
         metrics_path: a ``metrics.jsonl`` to append records to (flushed at once), or None.
+        config: the run's settings (``{"lr": 0.1, "batch_size": 256, "seed": 0, ...}``), written as
+            ``config.json`` beside ``metrics_path`` (which it needs): with it the folder is a run directory that
+            :mod:`keras_implicit.analysis` and :mod:`keras_implicit.plots` read, group by every setting but the
+            seed, and label by the settings that differ (``lr``, ``batch_size`` and ``seed`` as run.py names them).
         log_dir: a TensorBoard directory (scalars ``<split>/<name>`` at the optimizer step, and the
             custom-scalars layout), or None.
         track_every: also track every this many optimizer steps.
@@ -171,7 +176,7 @@ class AltLossTracker(keras.callbacks.Callback):
                  steps_per_epoch: Optional[int] = None, batch_size: int = 4096,
                  target_train_loss: Optional[float] = None, buffer_summaries: bool = False,
                  on_record: Optional[Callable[[dict], None]] = None, noisy_error_draws: int = 0,
-                 noise_seed: int = 0):
+                 noise_seed: int = 0, config: Optional[dict] = None):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown tracking schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
@@ -196,6 +201,8 @@ class AltLossTracker(keras.callbacks.Callback):
         self.metric_names = ["ce", "error", *self.panel_names[:-1], *self.sharpness_names, "feature_norm",
                              "top_kernel_norm", "top_bias_norm"]
         self.metrics_path = metrics_path
+        if config is not None:
+            self._write_config(config)
         self.log_dir = log_dir
         self.track_every = None if track_every is None else int(track_every)
         self.schedule = schedule
@@ -216,6 +223,21 @@ class AltLossTracker(keras.callbacks.Callback):
         self._sums_model = None
         self._log_steps: Optional[set[int]] = None  # from steps_per_epoch, known once training starts
         self._last_seen_step: Optional[int] = None
+
+    def _write_config(self, config):
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict of the run's settings, got {type(config).__name__}")
+        if self.metrics_path is None:
+            raise ValueError("config is written as config.json beside metrics_path: give metrics_path too")
+        try:
+            text = json.dumps(config, indent=2, sort_keys=True)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"config must hold JSON values (numbers, strings, lists, dicts): {error}") from None
+        path = os.path.join(os.path.dirname(os.path.abspath(self.metrics_path)), "config.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+        os.replace(path + ".tmp", path)
 
     @staticmethod
     def _as_tensors(data, what):

@@ -872,7 +872,13 @@ def plot_all(runs, out_dir: str | os.PathLike, level: float | None = None, split
     plan: list[tuple[str, object]] = []  # (file stem, a function drawing the figure)
     cannot: list[str] = []  # why a kind that was asked for is left out
     if "loss_shapes" in kinds and loss_shapes:
-        plan.append(("fig1_loss_shapes", plot_loss_shapes))
+        try:  # fig. 1 computes the families; the other figures only read run directories
+            from keras_implicit import losses  # noqa: F401
+        except ImportError as error:
+            cannot.append(f"loss_shapes: fig. 1 computes the families with keras_implicit.losses, which needs Keras "
+                          f"and a backend ({error}); pass loss_shapes=False to leave it out")
+        else:
+            plan.append(("fig1_loss_shapes", plot_loss_shapes))
     if "curves" in kinds:
         lacking = [r.name for r in all_runs if split not in r.splits]
         families = [] if lacking else [f for f in analysis.FAMILIES if all_runs[0].family(f, split)[1]]

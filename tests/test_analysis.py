@@ -748,6 +748,15 @@ def test_summary_markdown_refuses_a_level_no_run_reaches_and_keeps_its_table_who
     assert header == "| group | seeds | epoch at level |" and separator == "|---|---|---|"
 
 
+def test_extreme_pairs_of_runs_without_a_batch_size_name_only_what_they_have(tmp_path):
+    runs = [analysis.load_run(write_run(tmp_path / f"lr{lr}", records_from([2.0, 0.5], power_of_ce), lr=lr))
+            for lr in (0.1, 0.01)]
+    for run in runs:
+        del run.config["batch_size"]
+    pairs = analysis.extreme_pairs(analysis.group_runs(runs))
+    assert [what for _, _, what in pairs] == ["fc6 fashion_mnist: lr 0.1 vs 0.01"]  # no "batch=None"
+
+
 def test_extreme_pairs(tmp_path):
     runs = []
     for lr in (0.1, 0.01, 0.001):

@@ -80,6 +80,44 @@ def test_gcdf_uses_each_examples_feature_norm(sigma):
     assert value != pytest.approx(np.mean(ref_gcdf(y, logits, sigma)), rel=1e-2)  # not the ||x|| = 1 value
 
 
+def test_a_run_of_a_users_own_model_with_config_is_a_run_directory_for_analysis(tmp_path):
+    from keras_implicit import analysis
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32) + 2 * (x[:, 1] > 0).astype(np.int32)
+    for lr in (0.5, 0.05):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8,))
+        model = keras.Model(inputs, keras.layers.Dense(4, name="logits")(keras.layers.Dense(16, "relu")(inputs)))
+        model.compile(keras.optimizers.SGD(lr, momentum=0.9),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        tracker = callbacks.AltLossTracker((x, y), sigmas=[0.5, 8.0], temperatures=[1.0], margins=[1.0],
+                                           metrics_path=str(tmp_path / f"lr{lr}" / "metrics.jsonl"),
+                                           config={"lr": lr, "batch_size": 32, "seed": 0})
+        model.fit(x, y, batch_size=32, epochs=4, verbose=0, callbacks=[tracker])
+    runs = analysis.load_runs([tmp_path])
+    assert [r.config for r in runs] == [{"batch_size": 32, "lr": lr, "moving_statistics": None, "seed": 0}
+                                        for lr in (0.05, 0.5)]
+    fast, slow = analysis.group_runs(runs)
+    assert (fast.label, slow.label) == ("lr=0.5", "lr=0.05")
+    level = analysis.common_level(runs)
+    point = analysis.at_level(runs[1], level)
+    assert point.values["ce"] == pytest.approx(level, rel=1e-6)
+    with pytest.raises(ValueError, match="beside metrics_path: give metrics_path too"):
+        callbacks.AltLossTracker((x, y), config={"lr": 0.1})
+    with pytest.raises(ValueError, match="config must hold JSON values"):
+        callbacks.AltLossTracker((x, y), metrics_path=str(tmp_path / "m.jsonl"), config={"lr": object()})
+    # Without config.json the error says how to get one; two runs with no seed are not averaged as seeds.
+    (tmp_path / "lr0.5" / "config.json").unlink()
+    with pytest.raises(analysis.RunDirectoryError, match=r"AltLossTracker\(\.\.\., metrics_path=\.\.\., config="):
+        analysis.load_run(tmp_path / "lr0.5")
+    (tmp_path / "lr0.5" / "config.json").write_text("{}")
+    (tmp_path / "lr0.05" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="have the same settings in their config.json and no seed"):
+        analysis.group_runs(analysis.load_runs([tmp_path]))
+
+
 def test_evaluate_does_not_depend_on_the_batch_size(trained):
     model, x, y = trained
     results = []

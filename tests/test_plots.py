@@ -164,6 +164,40 @@ def test_plot_all_without_tensorflow_figure(runs, tmp_path):
         check_image(path, "png")
 
 
+_WITHOUT_KERAS = textwrap.dedent(
+    """
+    import importlib.abc, json, sys, warnings
+
+    class NoKeras(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("keras", "tensorflow", "jax"):
+                raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
+            return None
+
+    sys.meta_path.insert(0, NoKeras())
+    from keras_implicit import analysis, plots
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = plots.plot_all(analysis.load_runs(sys.argv[2:]), sys.argv[1], formats=("png",))
+    print("RESULT " + json.dumps({"files": sorted(p.name for p in paths),
+                                  "warnings": [str(w.message) for w in caught if w.category is plots.PlotWarning]}))
+    """
+)
+
+
+def test_plot_all_without_keras_leaves_fig1_out_with_a_warning(runs, tmp_path):
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_KERAS, str(tmp_path / "figs"),
+                           *(str(r.path) for r in runs[:3])], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["files"] == ["at_level.png", "curves_gcdf_train.png", "curves_hinge_train.png",
+                               "curves_tce_train.png", "vs_train_loss.png"]
+    assert len(result["warnings"]) == 1 and result["warnings"][0].startswith(
+        "not drawn: loss_shapes: fig. 1 computes the families with keras_implicit.losses, which needs Keras")
+    assert "pass loss_shapes=False to leave it out" in result["warnings"][0]
+
+
 def write_narrow_run(path, lr, ces):
     """A short run whose training CE takes the values ``ces``; every tracked loss stays within 3.5-5.5."""
     path.mkdir(parents=True)
