@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="the Keras backend (default: $KERAS_BACKEND, else Keras' own default, tensorflow); "
-                             "the fused op and tf.distribute are TensorFlow-only")
+                             "tf.distribute is TensorFlow-only")
     parser.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy,
                         help="default: one device; mirrored: every GPU of this machine (tf.distribute."
                              "MirroredStrategy); multiworker: every machine of the cluster in $TF_CONFIG "

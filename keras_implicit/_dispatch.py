@@ -133,8 +133,11 @@ def panel_kernel(path: Optional[str] = None) -> Optional[Callable]:
 
 
 def active_path(path: Optional[str] = None) -> str:
-    """``"op"`` or ``"keras"``: the path the next panel built here (eagerly or in a plain graph) takes."""
-    try:
-        return "op" if panel_kernel(path) is not None else "keras"
-    except RuntimeError:
-        return "keras"
+    """``"op"`` or ``"keras"``: the path the next panel built here (eagerly or in a plain graph) takes.
+
+    Raises:
+        RuntimeError, ValueError: the error the next panel raises, where it cannot run at all (``"op"`` asked for
+            where no fused kernel loads, a ``KERAS_IMPLICIT_OP_VARIANT`` naming a build that is not there or
+            no build): never ``"keras"`` for a panel that would fail.
+    """
+    return "op" if panel_kernel(path) is not None else "keras"

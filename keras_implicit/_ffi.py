@@ -43,11 +43,11 @@ The call:
   ``sigmas[0] must be finite and >= 0, got nan``), as the TensorFlow op does; JAX raises it as ``ValueError``
   or ``jax.errors.JaxRuntimeError``, depending on the call. The keras.ops path under ``jax.jit`` cannot raise
   and gives NaN rows instead (``keras_implicit/_checks.py``).
-- NVIDIA GPUs: ``keras_implicit/_panel_ffi_cuda.so`` (``custom_ops/panel_ffi_cuda.cu`` and
-  ``panel_cuda.cuh``, built by ``make -C custom_ops cuda`` with nvcc, never by ``pip install``) holds CUDA
-  handlers under the same four names; where JAX's default backend is a CUDA GPU and the library is built, they
-  are registered for the ``"CUDA"`` platform (and the CPU ones, where built, for ``"cpu"``). They have not yet
-  been run on a GPU by this project (BUILD_NOTES.md, "The CUDA kernel"), so on a GPU the kernel is taken only
+- NVIDIA GPUs: ``keras_implicit/_panel_ffi_cuda.so`` (``custom_ops/panel_ffi_cuda.cc``, ``panel_cuda.cu`` and
+  ``panel_cuda_kernels.cuh``, built by ``make -C custom_ops cuda`` with nvcc, never by ``pip install``) holds
+  CUDA handlers under the same four names; where JAX's default backend is a CUDA GPU and the library is built,
+  they are registered for the ``"CUDA"`` platform (and the CPU ones, where built, for ``"cpu"``). They have not
+  yet been run on a GPU by this project (BUILD_NOTES.md, "The CUDA kernel"), so on a GPU the kernel is taken only
   where ``"op"`` asks for it; ``"auto"`` keeps the ``keras.ops`` path there. A CUDA call takes at most
   ``CUDA_MAX_PARAMETERS`` parameters and ``CUDA_MAX_TEMPERATURES`` temperatures (kernel arguments and shared
   memory); a larger panel is computed in several calls, column groups concatenated in order.
@@ -83,7 +83,7 @@ TARGETS = {
     "float32": ("KerasImplicitPanelF32", "KerasImplicitPanelGradF32"),
     "float64": ("KerasImplicitPanelF64", "KerasImplicitPanelGradF64"),
 }
-# custom_ops/panel_cuda.cuh: kMaxParameters, kMaxTemperatures.
+# custom_ops/panel_cuda.h: kMaxParameters, kMaxTemperatures.
 CUDA_MAX_PARAMETERS = 384
 CUDA_MAX_TEMPERATURES = 64
 

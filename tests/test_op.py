@@ -669,6 +669,10 @@ def test_unknown_variant_fails_every_panel_instead_of_falling_back():
                 print("COMPUTED")
             except ValueError as error:
                 print("ERROR " + str(error))
+        try:  # what active_path says of it: the same error, not "keras"
+            print("PATH " + losses.active_path())
+        except ValueError as error:
+            print("ERROR " + str(error))
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "KERAS_IMPLICIT_PURE_TF"}
@@ -676,8 +680,8 @@ def test_unknown_variant_fails_every_panel_instead_of_falling_back():
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=300,
                           cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = [line for line in done.stdout.splitlines() if line.startswith(("COMPUTED", "ERROR"))]
-    assert lines == ["ERROR KERAS_IMPLICIT_OP_VARIANT must be one of auto, portable, avx2, cuda, got 'fast'"] * 2
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("COMPUTED", "ERROR", "PATH"))]
+    assert lines == ["ERROR KERAS_IMPLICIT_OP_VARIANT must be one of auto, portable, avx2, cuda, got 'fast'"] * 3
 
 
 def test_force_path_rejects_unknown_paths():

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA kernel of the panel (custom_ops/panel_ffi_cuda.cu) on a machine with an NVIDIA GPU, JAX (CUDA), nvcc
+# The CUDA kernel of the panel (custom_ops/panel_ffi_cuda.cc over panel_cuda.cu) on a machine with an NVIDIA GPU, JAX (CUDA), nvcc
 # and no TensorFlow, from the repository root, after benchmarks/gpu/prepare.sh filled .whl/ here and .whl/ was
 # carried along (BUILD_NOTES.md, "The CUDA kernel"):
 #     bash benchmarks/gpu/kernel.sh            # logs under $OUT (or benchmarks/gpu/out)
