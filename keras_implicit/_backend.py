@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import time
 from typing import Callable, Optional
 
 import keras
@@ -155,22 +156,19 @@ class _TensorboardXWriter(ScalarWriter):
     # file back to) must hold every point written before it. Its SummaryWriter.add_scalar also rewrites tags
     # ("train/gcdf@1" into "train/gcdf_1"), and the logs must carry the same tags on every backend.
     def __init__(self, log_dir: str):
-        import time
-
         import tensorboardX
         from tensorboardX.event_file_writer import EventsWriter
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.proto.summary_pb2 import Summary
 
         os.makedirs(log_dir, exist_ok=True)
-        self._time = time.time
         self._event = Event
         self._summary = Summary
         self._custom_scalars = tensorboardX.summary.custom_scalars
         self._writer = EventsWriter(os.path.join(log_dir, "events"))
 
     def _write(self, summary, step: int):
-        self._writer.write_event(self._event(wall_time=self._time(), step=step, summary=summary))
+        self._writer.write_event(self._event(wall_time=time.time(), step=step, summary=summary))
 
     def scalars(self, values, step):
         self._write(self._summary(value=[self._summary.Value(tag=tag, simple_value=float(value))

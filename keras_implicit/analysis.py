@@ -574,6 +574,13 @@ def curve_at_levels(run: Run, quantity: str, levels: Sequence[float]) -> np.ndar
     return out
 
 
+def _lowest_train_ce(run: Run) -> Optional[float]:
+    """The lowest training CE before the first non-finite one (at_level stops there); None without any."""
+    ce = run.columns("train")["ce"]
+    cut = int(np.argmax(~np.isfinite(ce))) if not np.all(np.isfinite(ce)) else ce.size
+    return float(np.min(ce[:cut])) if cut else None
+
+
 def common_level(runs: Sequence[Run]) -> float:
     """The lowest training CE that every run reaches: the largest of the runs' minima.
 
@@ -583,14 +590,11 @@ def common_level(runs: Sequence[Run]) -> float:
         raise ValueError("no runs given")
     lows, starts = [], []
     for run in runs:
-        ce = run.columns("train")["ce"]
-        finite = ce[np.isfinite(ce)]
-        if finite.size == 0:
+        low = _lowest_train_ce(run)
+        if low is None:
             raise LevelNotReachedError(f"run {run.name!r} has no finite training CE")
-        # Only what comes before a NaN counts (at_level stops there).
-        cut = np.argmax(~np.isfinite(ce)) if not np.all(np.isfinite(ce)) else ce.size
-        lows.append(float(np.min(ce[:cut])))
-        starts.append(float(ce[0]))
+        lows.append(low)
+        starts.append(float(run.columns("train")["ce"][0]))
     level = max(lows)
     if level > min(starts):
         raise LevelNotReachedError(
@@ -989,9 +993,9 @@ def group_runs(runs: Sequence[Run]) -> list[RunGroup]:
             if first.seed is None or second.seed is None:
                 raise ValueError(
                     f"runs {first.path} and {second.path} have the same settings in their config.json and "
-                    f"{'no seed' if first.seed is None and second.seed is None else 'one no seed'}: they cannot be "
-                    "told apart or averaged as seeds; give each config.json its 'seed' and the settings that differ "
-                    "(lr, batch_size, ...)")
+                    f"{'no seed' if first.seed is None and second.seed is None else 'a seed in only one'}: they "
+                    "cannot be told apart or averaged as seeds; give each config.json its 'seed' and the settings "
+                    "that differ (lr, batch_size, ...)")
             if first.seed == second.seed:
                 raise ValueError(
                     f"runs {first.path} and {second.path} are the same setting with seed {first.seed}: the seed "
@@ -1184,8 +1188,7 @@ def summary_markdown(
         except LevelNotReachedError as error:
             missing.append((run, str(error)))
     if not reached:
-        finite = [ce[np.isfinite(ce)] for ce in (run.splits.get("train", {}).get("ce", np.zeros(0)) for run in runs)]
-        lowest = min((float(ce.min()) for ce in finite if ce.size), default=math.nan)
+        lowest = min((low for low in map(_lowest_train_ce, runs) if low is not None), default=math.nan)
         raise LevelNotReachedError(f"none of the {len(runs)} run(s) reaches a training CE of {level:.6g} (the lowest "
                                    f"any reaches is {lowest:.6g}): choose a higher level or train longer")
     groups = group_runs(reached)

@@ -42,6 +42,7 @@ __all__ = [
     "DATASETS",
     "IDX_FILES",
     "SYSTEM_DIRS",
+    "system_directories",
     "Dataset",
     "DatasetUnavailableError",
     "read_idx",
@@ -336,6 +337,12 @@ def _missing_idx_files(directory) -> list[str]:
     return missing if len(missing) < 4 else []
 
 
+def system_directories(name: str) -> list[str]:
+    """The directories of :data:`SYSTEM_DIRS` for ``name`` that exist on this machine, in the order they are
+    read when no ``data_dir`` is given."""
+    return [d for d in SYSTEM_DIRS.get(name, ()) if os.path.isdir(d)]
+
+
 def load_dataset(name: str = "fashion_mnist", data_dir: Optional[str] = None,
                  train_subset: Optional[int] = None, allow_download: bool = True) -> Dataset:
     """Loads and preprocesses one of :data:`DATASETS` (see the module docstring for the search order).
@@ -366,7 +373,7 @@ def load_dataset(name: str = "fashion_mnist", data_dir: Optional[str] = None,
     if train_subset is not None and int(train_subset) <= 0:
         raise ValueError(f"train_subset must be a positive number of examples, got {train_subset}")
     num_classes = NUM_CLASSES[name]
-    system = [d for d in SYSTEM_DIRS[name] if os.path.isdir(d)]
+    system = system_directories(name)
     if data_dir:
         if not os.path.isdir(data_dir):
             what = "is not a directory" if os.path.exists(data_dir) else "does not exist"

@@ -994,7 +994,7 @@ def _data_directory(content: dict) -> Optional[str]:
 
     data_dir = content.get("data_dir")
     if not data_dir:
-        data_dir = next((d for d in ki_data.SYSTEM_DIRS.get(content.get("dataset"), ()) if os.path.isdir(d)), None)
+        data_dir = next(iter(ki_data.system_directories(content.get("dataset"))), None)
     return os.path.realpath(data_dir) if data_dir else None
 
 

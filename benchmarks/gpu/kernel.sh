@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The CUDA kernel of the panel (custom_ops/panel_ffi_cuda.cc over panel_cuda.cu) on a machine with an NVIDIA GPU, JAX (CUDA), nvcc
-# and no TensorFlow, from the repository root, after benchmarks/gpu/prepare.sh filled .whl/ here and .whl/ was
-# carried along (BUILD_NOTES.md, "The CUDA kernel"):
+# The CUDA kernel of the panel (custom_ops/panel_ffi_cuda.cc over panel_cuda.cu) on a machine with an NVIDIA GPU,
+# JAX (CUDA), nvcc and no TensorFlow, from the repository root, after benchmarks/gpu/prepare.sh filled .whl/ here
+# and .whl/ was carried along (BUILD_NOTES.md, "The CUDA kernel"):
 #     bash benchmarks/gpu/kernel.sh            # logs under $OUT (or benchmarks/gpu/out)
 # 1. builds the CUDA handlers with nvcc for the GPU found (CUDA_ARCH, default sm_<compute capability>) and the
 #    CPU ones with g++;
