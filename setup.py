@@ -1,4 +1,8 @@
-"""keras-implicit: the paper's alternative loss families for Keras 3 (TensorFlow backend)."""
+"""keras-implicit: the paper's alternative loss families for Keras 3 (TensorFlow and JAX backends).
+
+Dependencies are ranges here, for users who install the package into their own environment; the exact set CI
+tests is pinned in constraints.txt (Python 3.11) and constraints-py3.13.txt, refreshed by tools/pin.sh.
+"""
 
 import os
 import platform
@@ -10,9 +14,9 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
-# The fused panel op (custom_ops/, issue 5): built by custom_ops/Makefile with TensorFlow's own flags when a
-# C++ compiler, make and TensorFlow's headers are present; skipped otherwise (keras_implicit/_op.py then uses
-# the pure-TensorFlow path). KERAS_IMPLICIT_REQUIRE_OP=1 makes a failed build fail the installation.
+# The fused panel op (custom_ops/): built by custom_ops/Makefile with TensorFlow's own flags when a C++ compiler,
+# make and TensorFlow's headers are present; skipped otherwise (it is then built on first use, else the panel
+# takes its keras.ops path). KERAS_IMPLICIT_REQUIRE_OP=1 makes a failed build fail the installation.
 _OP_SOURCES = ["custom_ops/panel_op.cc", "custom_ops/panel_op_inputs.h", "custom_ops/panel_math.h",
                "custom_ops/Makefile"]
 _OP_EXTENSIONS = ["keras_implicit._panel_op"]
@@ -92,7 +96,7 @@ class BuildPanelOp(build_ext):
         if os.environ.get("KERAS_IMPLICIT_REQUIRE_OP") == "1":
             raise RuntimeError(f"keras_implicit: the fused panel op could not be built: {reason}")
         print(f"keras_implicit: the fused panel op was not built now ({reason}); it will be built on first "
-              "use (keras_implicit/_build.py, needs g++ and make then), else the pure-TensorFlow path is used",
+              "use (keras_implicit/_build.py, needs g++ and make then), else the panel takes its keras.ops path",
               file=sys.stderr, flush=True)
         return None
 
@@ -140,7 +144,12 @@ setup(
     description="Track what SGD implicitly minimizes: Gcdf, tempered cross-entropy and hinge panels for Keras",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.11",
+    # Tested: 3.11 (every session of .ci/run) and 3.13 (the JAX backend's session); 3.12 lies between, untested.
+    python_requires=">=3.11,<3.14",
+    classifiers=[
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.13",
+    ],
     packages=find_packages(include=["keras_implicit", "keras_implicit.*"]),
     # optional: an in-place build (pip install -e .) copies only the libraries that were built.
     ext_modules=[Extension(name, sources=list(_OP_SOURCES), optional=True) for name in _OP_EXTENSIONS]

@@ -27,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from keras_implicit.training import (  # noqa: E402  (no TensorFlow)
+    BACKENDS,
     MOVING_STATISTICS,
     STRATEGIES,
     RunConfig,
@@ -56,7 +57,6 @@ def as_flags(message: str) -> str:
         after = r"(?![\w/-]|\.\w)" if setting[-1].isalnum() or setting[-1] == "_" else ""
         message = re.sub(r"(?<![\w/.-])" + re.escape(setting) + after, lambda _, flag=flag: flag, message)
     return message
-BACKENDS = ("tensorflow", "jax", "torch")
 
 
 def choose_backend(flag: str | None) -> str:
@@ -66,7 +66,9 @@ def choose_backend(flag: str | None) -> str:
 
     backend = flag or os.environ.get("KERAS_BACKEND") or "tensorflow"
     if backend not in BACKENDS:
-        raise ValueError(f"unknown Keras backend {backend!r} (KERAS_BACKEND): choose one of {', '.join(BACKENDS)}")
+        source = "--backend" if flag else "KERAS_BACKEND"
+        raise ValueError(f"the Keras backend {backend!r} ({source}) is not supported: keras-implicit runs on "
+                         f"{' and '.join(BACKENDS)}")
     if "keras" in sys.modules and sys.modules["keras"].backend.backend() != backend:
         raise ValueError(f"Keras is already loaded with the {sys.modules['keras'].backend.backend()} backend")
     if importlib.util.find_spec(backend) is None:
@@ -139,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "60000 for fashion_mnist, 54215 for mnist, 50000 for cifar10)")
     parser.add_argument("--track-every", type=_positive_int, default=None,
                         help="also track every this many optimizer steps")
+    parser.add_argument("--track-levels", type=float, nargs="+", default=None, metavar="CE",
+                        help="with --track-every: take its points only near these training losses (while the "
+                             "running training loss is within a factor 1.4 of one of them), every epoch elsewhere, "
+                             "e.g. --track-levels 1 0.5 0.3 0.15 0.08 0.04 (the ladder's levels)")
     parser.add_argument("--track-schedule", default=defaults.track_schedule,
                         help="epoch (step 0 and every epoch) or log (also steps 1, 2, 3, 4, 6, 8, 11, 16, ... "
                              "up to two epochs)")
@@ -154,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace what the run directory holds instead of resuming")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--backend", choices=BACKENDS, default=None,
+    parser.add_argument("--backend", default=None, metavar="{" + ",".join(BACKENDS) + "}",
                         help="the Keras backend (default: $KERAS_BACKEND, else Keras' own default, tensorflow); "
                              "tf.distribute is TensorFlow-only")
     parser.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy,
@@ -178,6 +184,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         ghost_batch_size=args.ghost_batch_size, epochs=args.epochs, seed=args.seed, optimizer=args.optimizer,
         loss=args.loss, train_subset=args.train_subset, track_every=args.track_every,
         track_schedule=args.track_schedule, target_train_loss=args.target_train_loss,
+        track_levels=None if args.track_levels is None else tuple(args.track_levels),
         data_dir=args.data_dir, deterministic=args.deterministic, strategy=args.strategy,
         cpu_replicas=args.cpu_replicas, noisy_error_draws=args.noisy_error_draws,
         moving_statistics=args.moving_statistics,

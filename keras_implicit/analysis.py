@@ -127,8 +127,8 @@ FAMILY_TITLE = {"gcdf": "Gcdf loss", "tce": "tempered cross-entropy", "hinge": "
 
 # Config keys that do not make two runs different experiments.
 _BOOKKEEPING = ("seed", "data_dir", "versions", "git_commit", "run_dir", "name", "track_every",
-                "track_schedule", "target_train_loss", "epochs", "deterministic", "strategy", "cpu_replicas",
-                "noisy_error_draws")
+                "track_schedule", "track_levels", "target_train_loss", "epochs", "deterministic", "strategy",
+                "cpu_replicas", "noisy_error_draws")
 # Config keys that identify an experiment, in the order labels list them.
 _LABEL_KEYS = ("model", "dataset", "optimizer", "loss", "lr", "batch_size", "ghost_batch_size", "train_subset",
                "moving_statistics")

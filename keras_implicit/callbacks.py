@@ -30,7 +30,7 @@ import math
 import os
 import sys
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import keras
 import numpy as np
@@ -41,11 +41,13 @@ from keras_implicit import losses as _losses
 from keras_implicit import metrics as _metrics
 from keras_implicit import models as _models
 from keras_implicit import sharpness as _sharpness
-from keras_implicit.training import SCHEDULES  # the one list of schedule names (TensorFlow-free)
+from keras_implicit.training import LEVEL_WINDOW, LOSS_SMOOTHING, SCHEDULES, check_track_levels  # TensorFlow-free
 
 __all__ = [
     "SCHEDULES",
     "tracking_steps",
+    "check_track_levels",
+    "LEVEL_WINDOW",
     "log_spaced_steps",
     "AltLossTracker",
     "DivergenceMonitor",
@@ -161,6 +163,11 @@ class AltLossTracker(keras.callbacks.Callback):
             also holds ``noisy_error@s``, ``noisy_error_se@s``, ``noisy_ce@s``, ``eq9@s`` for every sigma of
             the Gcdf grid and ``hessian_trace`` (:mod:`keras_implicit.sharpness`), from the same forward pass.
         noise_seed: the draws' seed (each tracking step, split and batch gets its own draws from it).
+        track_levels: training losses (the ladder's levels, e.g. ``[1, 0.5, 0.3, 0.15, 0.08, 0.04]``) near which
+            the ``track_every`` points are taken: only while the running training loss lies within a factor
+            ``level_window`` of one of them (:meth:`near_a_level`); epoch ends and the ``"log"`` schedule's points
+            are tracked as always. None: every ``track_every`` steps. Needs ``track_every``.
+        level_window: how near (a factor > 1; default 1.4).
 
     After training, ``records`` holds every record written, ``diverged`` a message or None and
     ``target_reached`` whether the target loss was reached.
@@ -176,7 +183,8 @@ class AltLossTracker(keras.callbacks.Callback):
                  steps_per_epoch: Optional[int] = None, batch_size: int = 4096,
                  target_train_loss: Optional[float] = None, buffer_summaries: bool = False,
                  on_record: Optional[Callable[[dict], None]] = None, noisy_error_draws: int = 0,
-                 noise_seed: int = 0, config: Optional[dict] = None):
+                 noise_seed: int = 0, config: Optional[dict] = None,
+                 track_levels: Optional[Sequence[float]] = None, level_window: float = LEVEL_WINDOW):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown tracking schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
@@ -184,6 +192,10 @@ class AltLossTracker(keras.callbacks.Callback):
             raise ValueError(f"track_every must be a positive number of steps, got {track_every}")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.track_levels = check_track_levels(track_levels, track_every, level_window)
+        self.level_window = float(level_window)
+        self._loss_estimate: Optional[float] = None  # the running training loss, this epoch (see observe_loss)
+        self._epoch_mean: Optional[float] = None
         if target_train_loss is not None and not (math.isfinite(target_train_loss) and target_train_loss > 0):
             raise ValueError(f"target_train_loss must be a finite number > 0, got {target_train_loss}")
         self.splits = {"train": self._as_tensors(train_data, "train_data")}
@@ -408,9 +420,34 @@ class AltLossTracker(keras.callbacks.Callback):
             return False
         if step == 0:
             return True
-        if self.track_every and step % self.track_every == 0:
+        if self.track_every and step % self.track_every == 0 and self.near_a_level():
             return True
         return self.schedule == "log" and step in self._log_steps
+
+    def observe_loss(self, batch_loss: float):
+        """Feeds the training loss of one batch to the ``track_levels`` trigger (``model.fit`` does it from its
+        logs; a loop of one's own calls it after each update, before :meth:`due`)."""
+        value = float(batch_loss)
+        if not math.isfinite(value):
+            return
+        self._loss_estimate = value if self._loss_estimate is None else (
+            self._loss_estimate + LOSS_SMOOTHING * (value - self._loss_estimate))
+
+    def start_epoch(self):
+        """Forgets the running training loss (``model.fit`` calls it at each epoch's start): the trigger then
+        depends only on the epoch's own batches, so a run resumed from an epoch's checkpoint tracks at the steps an
+        uninterrupted run tracks at."""
+        self._loss_estimate = None
+        self._epoch_mean = None
+
+    def near_a_level(self) -> bool:
+        """Whether the ``track_every`` points are due now: always without ``track_levels``; with them, while the
+        running training loss (an exponential average of the epoch's batch losses, :meth:`observe_loss`) lies
+        within a factor ``level_window`` of one of the levels. Before the epoch's first batch, True."""
+        if not self.track_levels or self._loss_estimate is None:
+            return True
+        estimate, window = self._loss_estimate, self.level_window
+        return any(level / window <= estimate <= level * window for level in self.track_levels)
 
     def due(self, step: int) -> bool:
         """Whether ``step`` (optimizer updates so far) is a tracking point not tracked yet: step 0, an epoch's end,
@@ -442,11 +479,20 @@ class AltLossTracker(keras.callbacks.Callback):
         if step == 0 and self._due(0):
             self.track(0)
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start_epoch()
+
     def on_train_batch_end(self, batch, logs=None):
         if self.diverged or self.target_reached:
             return
         if not (self.track_every or self._log_steps):
             return
+        if self.track_levels and (logs or {}).get("loss") is not None:
+            # Keras logs the mean loss of the epoch's batches so far: this batch's loss is the difference.
+            mean = float(logs["loss"])
+            self.observe_loss(mean if self._epoch_mean is None or batch == 0
+                              else (batch + 1) * mean - batch * self._epoch_mean)
+            self._epoch_mean = mean
         # optimizer.iterations counts updates (with gradient accumulation, large batches): it changes only
         # on the micro-batch that completes a window, so a step seen for the first time is one whose update
         # has just been applied, never the middle of an accumulation window.

@@ -51,6 +51,8 @@ __all__ = [
     "class_balanced_subset",
     "balanced_subset_range",
     "load_dataset",
+    "read_cifar_batch",
+    "UnsafePickleError",
 ]
 
 NUM_CLASSES = {name: len(counts) for name, counts in TRAIN_CLASS_COUNTS.items()}
@@ -215,10 +217,61 @@ def _cifar_dir(directory):
     return None
 
 
+# The globals that CIFAR-10's Python batches need besides dicts, lists, bytes, str and numbers: NumPy arrays and
+# scalars (numpy 1 and 2 name their reconstructors in different modules; protocol 5 rebuilds an array from its
+# buffer) and, in a Python 3 pickle of protocol 2, bytes (written as _codecs.encode(text, "latin1")). None of
+# them runs anything but its own conversion.
+_CIFAR_PICKLE_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+})
+
+
+class UnsafePickleError(ValueError):
+    """A pickle names something other than what CIFAR-10's batches hold (it could run code when loaded)."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Resolves only NumPy's array reconstruction; any other global (a function a crafted file would call) is
+    refused before it is looked up."""
+
+    def __init__(self, handle, path):
+        super().__init__(handle, encoding="bytes")
+        self._path = path
+
+    def find_class(self, module, name):
+        if (module, name) in _CIFAR_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise UnsafePickleError(f"{self._path} is not a CIFAR-10 batch: its pickle names {module}.{name} (only "
+                                "dicts, lists, bytes, str, numbers and NumPy arrays are read)")
+
+
+def read_cifar_batch(path) -> dict:
+    """One of CIFAR-10's Python batches (``data_batch_1`` ... ``test_batch``) as its dict, read without running
+    code: only dicts, lists, bytes, str, numbers and NumPy arrays are accepted.
+
+    Raises:
+        UnsafePickleError: the file names any other Python object (a crafted pickle), naming the file.
+        ValueError: the file is not a pickle of a dict.
+    """
+    with open(path, "rb") as handle:
+        try:
+            content = _CifarUnpickler(handle, path).load()
+        except UnsafePickleError:
+            raise
+        except Exception as error:  # truncated or not a pickle at all
+            raise ValueError(f"{path} is not a CIFAR-10 batch ({type(error).__name__}: {error})") from None
+    if not isinstance(content, dict) or b"data" not in content or b"labels" not in content:
+        raise ValueError(f"{path} is not a CIFAR-10 batch (expected a dict with b'data' and b'labels')")
+    return content
+
+
 def _load_cifar_dir(directory):
     def batch(name):
-        with open(os.path.join(directory, name), "rb") as handle:
-            content = pickle.load(handle, encoding="bytes")
+        content = read_cifar_batch(os.path.join(directory, name))
         images = np.asarray(content[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         return images, np.asarray(content[b"labels"], np.int32)
 

@@ -52,6 +52,8 @@ __all__ = [
     "train_command",
     "run_state",
     "run_jobs",
+    "last_train_record",
+    "progress_line",
     "summarize",
     "write_hparams",
 ]
@@ -161,8 +163,41 @@ def _asked(changes: dict) -> str:
     return ", ".join(f"{setting} {asked} (was {stored})" for setting, (stored, asked) in changes.items())
 
 
+def last_train_record(run_dir) -> Optional[dict]:
+    """The last whole ``split == "train"`` record of ``run_dir/metrics.jsonl`` (read from the file's end), or None."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 65536))
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:  # a torn last line, or the cut first one
+            continue
+        if isinstance(record, dict) and record.get("split") == "train":
+            return record
+    return None
+
+
+def progress_line(done: Sequence[str], running: Sequence[tuple[str, Path]], left: int) -> str:
+    """``3 done, 2 running (NAME: epoch 12, train CE 0.153; ...), 7 left``: what a person coming back reads."""
+    parts = []
+    for name, run_dir in running:
+        record = last_train_record(run_dir)
+        parts.append(f"{name}: " + ("starting" if record is None else
+                                    f"epoch {record['epoch']:.4g}, train CE {record['ce']:.4g}"))
+    return (f"{len(done)} done, {len(running)} running" + (f" ({'; '.join(parts)})" if parts else "")
+            + f", {left} left")
+
+
 def run_jobs(jobs: Sequence[Job], parallel: int, logs_dir, stream=None, poll: float = 0.5,
-             interrupt_grace: float = 120.0, describe: Callable[[dict], str] = _asked) -> dict[str, Optional[int]]:
+             interrupt_grace: float = 120.0, describe: Callable[[dict], str] = _asked,
+             progress_every: Optional[float] = None) -> dict[str, Optional[int]]:
     """Runs the jobs' processes, at most ``parallel`` at a time, and returns each name's exit code (None: skipped).
 
     A run directory whose state is terminal (:data:`TERMINAL_STATES`) is skipped when its ``config.json`` holds
@@ -170,6 +205,9 @@ def run_jobs(jobs: Sequence[Job], parallel: int, logs_dir, stream=None, poll: fl
     asked with epochs 8 (was 6); ...)``, the changes worded by ``describe``). Each process's output is appended to
     ``logs_dir/<name>.log`` after a ``$ command`` line. One line per start, skip and end goes to ``stream``
     (default ``sys.stdout``), each beginning ``[sweep]``.
+
+    With ``progress_every`` (seconds), a ``[sweep] progress:`` line (:func:`progress_line`: runs done, running
+    with their epoch and last training CE, and left) goes to ``stream`` that often, and after each run's end.
 
     On KeyboardInterrupt the running processes get SIGINT (a run stops at its next batch, keeping its last
     checkpoint) and are waited for up to ``interrupt_grace`` seconds; then the KeyboardInterrupt goes on.
@@ -205,6 +243,13 @@ def run_jobs(jobs: Sequence[Job], parallel: int, logs_dir, stream=None, poll: fl
             verb, detail = "continue", (f"{state}, asked with {describe(changes)}; " if changes else f"{state}; ")
         pending.append((name, command, verb, detail))
     running: dict[str, tuple[subprocess.Popen, typing.IO, float]] = {}
+    directories = {job.name: Path(job.run_dir) for job in jobs}
+    last_progress = time.time()
+
+    def progress():
+        finished = [name for name in codes]
+        say("progress: " + progress_line(finished, [(name, directories[name]) for name in running], len(pending)))
+
     try:
         while pending or running:
             while pending and len(running) < parallel:
@@ -223,6 +268,12 @@ def run_jobs(jobs: Sequence[Job], parallel: int, logs_dir, stream=None, poll: fl
                     codes[name] = process.returncode
                     say(f"done  {name}: exit {process.returncode} after {time.time() - started:.0f} s")
                     del running[name]
+                    if progress_every is not None:
+                        progress()
+                        last_progress = time.time()
+            if progress_every is not None and running and time.time() - last_progress >= progress_every:
+                progress()
+                last_progress = time.time()
     except KeyboardInterrupt:
         # A Ctrl-C in a terminal reaches the runs too; a SIGINT sent to this process alone does not.
         for process, _, _ in running.values():

@@ -87,6 +87,7 @@ import numpy as np
 from keras_implicit._distribute import MOVING_STATISTICS, STRATEGIES
 from keras_implicit._distribute import check_divides as _check_divides
 from keras_implicit._distribute import cluster_role as _cluster_role
+from keras_implicit._startup import quiet_cuda_probe
 from keras_implicit.analysis import effective_moving_statistics, parse_name
 
 __all__ = [
@@ -101,6 +102,9 @@ __all__ = [
     "WorkerLostError",
     "STRATEGIES",
     "MOVING_STATISTICS",
+    "BACKENDS",
+    "LEVEL_WINDOW",
+    "check_track_levels",
     "RunDirectory",
     "TrainResult",
     "parse_loss",
@@ -134,6 +138,9 @@ DATASETS = tuple(TRAIN_CLASS_COUNTS)
 # Seeds go to keras.utils.set_random_seed (NumPy's legacy seed: 0 .. 2**32 - 1) and numpy's SeedSequence.
 MAX_SEED = 2 ** 32 - 1
 SCHEDULES = ("epoch", "log")
+# The Keras backends the protocol runs on (ghost batches, the tracker's compiled passes, checkpoints and resume are
+# written for these two; Keras' torch backend is not supported).
+BACKENDS = ("tensorflow", "jax")
 OPTIMIZERS = ("sgd", "adam")
 LOSS_FAMILIES = ("gcdf", "tce", "hinge")
 MOMENTUM = 0.9
@@ -144,12 +151,40 @@ MOMENTUM = 0.9
 # has trained are refused, and a target the records already reached stops the run, reported at its first crossing.
 CONFIG_FLAGS = (
     "model", "dataset", "lr", "batch_size", "ghost_batch_size", "epochs", "seed", "optimizer", "loss",
-    "train_subset", "track_every", "track_schedule", "target_train_loss", "data_dir", "deterministic",
+    "train_subset", "track_every", "track_schedule", "track_levels", "target_train_loss", "data_dir",
+    "deterministic",
     "noisy_error_draws", "moving_statistics",
 )
 EXTENDABLE = ("epochs", "target_train_loss")
 # Examples per forward pass when tracking (inference only: large batches amortize the per-call cost).
 TRACKING_BATCH_SIZES = {"fc6": 4096, "c1": 1024}
+
+
+# The track_levels trigger: the running training loss is an exponential average of the batch losses with this
+# weight on the newest (about ten batches), and the track_every points are due while it lies within a factor
+# LEVEL_WINDOW of a level. The batch loss is the training-mode loss of one batch (noisy, and BatchNorm's batch
+# statistics differ from the moving ones the tracked CE uses): the window is wide enough for both
+# (benchmarks/tracking.py measures the ladder values against dense tracking).
+LOSS_SMOOTHING = 0.1
+LEVEL_WINDOW = 1.4
+
+
+def check_track_levels(track_levels, track_every, level_window=LEVEL_WINDOW) -> tuple:
+    """``track_levels`` as a tuple of floats (empty for None), or a ValueError naming the problem."""
+    if track_levels is None:
+        return ()
+    try:
+        levels = tuple(float(level) for level in track_levels)
+    except (TypeError, ValueError):
+        raise ValueError(f"track_levels must be a list of numbers, got {track_levels!r}") from None
+    if not levels or not all(math.isfinite(level) and level > 0 for level in levels):
+        raise ValueError(f"track_levels must be finite training losses > 0, got {list(track_levels)!r}")
+    if not track_every:
+        raise ValueError("track_levels says where the track_every points are taken: give track_every too")
+    if not (isinstance(level_window, (int, float)) and math.isfinite(level_window) and level_window > 1):
+        raise ValueError(f"level_window must be a number > 1, got {level_window!r}")
+    return levels
+
 
 
 class RunError(RuntimeError):
@@ -210,6 +245,9 @@ class RunConfig:
             training set (:data:`TRAIN_CLASS_COUNTS`; 60000 for Fashion-MNIST, 54215 for MNIST, 50000 for CIFAR-10).
         track_every: also track every this many optimizer steps.
         track_schedule: ``"epoch"`` or ``"log"`` (dense log-spaced points over the first two epochs).
+        track_levels: training losses near which the ``track_every`` points are taken (only while the running
+            training loss is within a factor :data:`LEVEL_WINDOW` of one of them; every epoch elsewhere), e.g.
+            ``(1, 0.5, 0.3, 0.15, 0.08, 0.04)``, the ladder's levels; None: every ``track_every`` steps.
         target_train_loss: stop once the tracked training cross-entropy is below this.
         data_dir: an existing directory with the dataset's files, or a tensorflow-datasets data directory (see
             :func:`keras_implicit.data.load_dataset`); None: the system directories, then tensorflow-datasets.
@@ -243,6 +281,7 @@ class RunConfig:
     train_subset: Optional[int] = None
     track_every: Optional[int] = None
     track_schedule: str = "epoch"
+    track_levels: Optional[tuple] = None
     target_train_loss: Optional[float] = None
     data_dir: Optional[str] = None
     deterministic: bool = False
@@ -284,6 +323,7 @@ class RunConfig:
             raise ValueError(f"track_every must be a positive number of steps, got {self.track_every!r}")
         if self.track_schedule not in SCHEDULES:
             raise ValueError(f"unknown tracking schedule {self.track_schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        check_track_levels(self.track_levels, self.track_every)
         if self.target_train_loss is not None and not (
             math.isfinite(self.target_train_loss) and self.target_train_loss > 0
         ):
@@ -472,6 +512,12 @@ def _fsync(path: str):
         pass
 
 
+def _listed(names, most: int = 5) -> str:
+    names = list(names)
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def _atomic_write(path: str, data: bytes):
     tmp = f"{path}.tmp"
     _write_synced(tmp, data)
@@ -507,7 +553,7 @@ def _read_checkpoint(path: str) -> tuple[dict, dict]:
         with open(path, "rb") as handle:
             if handle.read(4) != b"PK\x03\x04":  # np.savez writes a zip archive; np.load would try pickle
                 raise _UnreadableFile(path, "not a checkpoint: it does not start as an .npz (zip) archive")
-        with np.load(path) as content:
+        with np.load(path, allow_pickle=False) as content:
             arrays = {key: content[key] for key in content.files}
         if "meta" not in arrays:
             raise _UnreadableFile(path, "not a checkpoint: it holds no meta")
@@ -628,6 +674,24 @@ class RunDirectory:
     def contents(self):
         return sorted(n for n in os.listdir(self.path) if n != self.LOCK) if os.path.isdir(self.path) else []
 
+    def format_names(self) -> tuple:
+        """The names this format writes into a run directory (a ``.tmp`` beside a file is an atomic write that
+        a crash interrupted)."""
+        return (self.CONFIG, self.STATUS, self.METRICS, self.CHECKPOINT, self.PREVIOUS_CHECKPOINT,
+                self.TENSORBOARD, self.LOCK)
+
+    def foreign_contents(self) -> list:
+        """What the directory holds that the run-directory format never writes: nothing a run may delete."""
+        owned = set(self.format_names())
+        owned |= {f"{name}.tmp" for name in owned}
+        foreign = []
+        for name in self.contents():
+            target = self.file(name)
+            if name not in owned or (name == self.TENSORBOARD and (os.path.islink(target)
+                                                                  or not os.path.isdir(target))):
+                foreign.append(name + ("/" if os.path.isdir(target) and not os.path.islink(target) else ""))
+        return foreign
+
     def discard(self):
         """Removes the lock file and the directory, which must hold nothing else (a run that could not start in
         a directory it created); the lock stays held until :meth:`unlock`."""
@@ -638,7 +702,13 @@ class RunDirectory:
             pass
 
     def clear(self):
-        """Removes everything but the lock (``overwrite=True``)."""
+        """Removes the run's files but the lock (``overwrite=True``). A :class:`RunError` naming them, with
+        nothing removed, if the directory holds anything the run-directory format does not write (a slip such as
+        ``run_dir="."`` must not empty a working or home directory)."""
+        foreign = self.foreign_contents()
+        if foreign:
+            raise RunError(f"{self.path} holds files that are not a run's ({_listed(foreign)}): nothing was "
+                           "removed; use another run_dir")
         for name in self.contents():
             target = self.file(name)
             if os.path.isdir(target) and not os.path.islink(target):
@@ -957,6 +1027,13 @@ def train_with_exit_code(config: RunConfig, run_dir, overwrite: bool = False, pr
         say(f"error: {wording(str(error))}", stderr)
         return EXIT_BAD_SETTINGS
     try:
+        with quiet_cuda_probe():  # TensorFlow's "no CUDA driver" lines on a CPU machine (keras_implicit._startup)
+            import keras
+
+            if keras.backend.backend() == "tensorflow":
+                import tensorflow as tf
+
+                tf.config.list_physical_devices()
         result = train(config, out, overwrite=overwrite, progress=progress, stream=stdout)
     except WorkerLostError as error:
         say(f"error: {wording(str(error))}", stderr)
@@ -983,7 +1060,7 @@ def train_with_exit_code(config: RunConfig, run_dir, overwrite: bool = False, pr
 
 
 # Settings added after runs were made: a config.json without them had the default.
-_ADDED_LATER = {"noisy_error_draws": RunConfig.noisy_error_draws}
+_ADDED_LATER = {"noisy_error_draws": RunConfig.noisy_error_draws, "track_levels": RunConfig.track_levels}
 
 
 def _data_directory(content: dict) -> Optional[str]:
@@ -1172,9 +1249,13 @@ class _Training:
                 run.clear()
                 return None, None
             if self.existing is None:
+                foreign = run.foreign_contents()
+                if foreign:
+                    raise RunError(f"{run.path} is not a run directory (it holds {_listed(foreign)}): use "
+                                   "another run_dir")
                 if run.contents():
-                    raise RunError(f"{run.path} is not empty and holds no config.json (not a run directory); use "
-                                   "overwrite=True to replace its contents or another run_dir")
+                    raise RunError(f"{run.path} holds a run's files but no config.json ({_listed(run.contents())}); "
+                                   "use overwrite=True to replace them or another run_dir")
                 return None, None
             existing = self.existing
             changed = _differences(existing, wanted)
@@ -1352,7 +1433,8 @@ class _Training:
             metrics_path=run.metrics_path if run is not None else None,
             log_dir=run.tensorboard_dir if run is not None else None,
             track_every=self.config.track_every, schedule=self.config.track_schedule,
-            steps_per_epoch=self.steps_per_epoch, batch_size=self.tracking_batch_size,
+            track_levels=self.config.track_levels, steps_per_epoch=self.steps_per_epoch,
+            batch_size=self.tracking_batch_size,
             target_train_loss=self.config.target_train_loss, buffer_summaries=True,
             noisy_error_draws=self.config.noisy_error_draws, noise_seed=self.config.seed % 2 ** 32,
         )

@@ -1,8 +1,17 @@
 """Shared test setup: quiet TensorFlow, and the panel paths (keras.ops everywhere, the fused op on TensorFlow)."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# What TensorFlow and tensorflow-datasets leave in the system's temporary directory (autograph's
+# __autograph_generated_file*.py, tfds' tmp*tfds folders) goes to one folder of this session instead, removed
+# when the session ends; child processes inherit it through TMPDIR. pytest's own tmp_path stays where it was.
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+_SESSION_TMP = tempfile.mkdtemp(prefix="keras-implicit-tests-")
+os.environ["TMPDIR"] = tempfile.tempdir = _SESSION_TMP
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -68,3 +77,7 @@ def offline_tfds(monkeypatch):
         raise ConnectionError("no network to download it")
 
     monkeypatch.setattr(ki_data, "_load_tfds", offline)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)

@@ -77,11 +77,12 @@ print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
 """
 
 
-def assert_refused_before_tensorflow(script, argv, cwd, message: str) -> None:
+def assert_refused_before_tensorflow(script, argv, cwd, message: str, env=None) -> None:
     """``script argv`` exits 2 with exactly one ``<script>: error: ...`` line holding ``message``, before
-    TensorFlow or Keras was imported (a fresh interpreter; nothing is timed)."""
+    TensorFlow or Keras was imported (a fresh interpreter, with ``env`` added to the environment; nothing is
+    timed)."""
     result = subprocess.run([sys.executable, "-c", _SCRIPT_AND_MODULES, str(script), json.dumps(argv)],
-                            capture_output=True, text=True, timeout=120, cwd=cwd)
+                            capture_output=True, text=True, timeout=120, cwd=cwd, env={**os.environ, **(env or {})})
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["code"] == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if "error:" in line]

@@ -115,6 +115,43 @@ def test_cifar10_python_batches_are_standardized_per_channel(tmp_path):
     np.testing.assert_array_equal(dataset.y_test, batches["test_batch"][1])
 
 
+class _RunsCode:
+    """Pickles as a call of ``os.mkdir`` on a marker: what loading a crafted file would run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_a_crafted_cifar_batch_is_refused_without_running_its_code(tmp_path, protocol):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                         b"labels": [int(v) for v in rng.integers(0, 10, 4)], b"batch_label": b"batch",
+                         b"filenames": [b"a.png"] * 4}, handle, protocol=protocol)
+    assert ki_data.load_dataset("cifar10", data_dir=str(tmp_path)).x_train.shape == (20, 32, 32, 3)
+    marker = tmp_path / "ran"
+    with open(folder / "data_batch_3", "wb") as handle:
+        pickle.dump({b"data": _RunsCode(str(marker)), b"labels": [0]}, handle, protocol=protocol)
+    with pytest.raises(ki_data.UnsafePickleError, match=r"data_batch_3 is not a CIFAR-10 batch: its pickle names "
+                                                        r"(os|posix)\.mkdir"):
+        ki_data.load_dataset("cifar10", data_dir=str(tmp_path))
+    assert not marker.exists()
+    (folder / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="data_batch_3 is not a CIFAR-10 batch"):
+        ki_data.load_dataset("cifar10", data_dir=str(tmp_path))
+    with open(folder / "data_batch_3", "wb") as handle:
+        pickle.dump([1, 2], handle)
+    with pytest.raises(ValueError, match=r"expected a dict with b'data'"):
+        ki_data.read_cifar_batch(folder / "data_batch_3")
+
+
 @pytest.mark.parametrize("name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
 def test_tensorflow_datasets_path_under_mock_data(name, shape, tmp_path):
     import tensorflow_datasets as tfds

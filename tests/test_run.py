@@ -102,6 +102,34 @@ def test_bad_flags_are_refused_before_tensorflow_is_imported(flags, message, tmp
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flags, env, source", [(["--backend", "torch"], {}, "--backend"),
+                                                (["--backend", "numpy"], {}, "--backend"),
+                                                ([], {"KERAS_BACKEND": "torch"}, "KERAS_BACKEND")])
+def test_an_unsupported_backend_is_refused_in_one_line_before_anything_is_imported(flags, env, source, tmp_path):
+    out = tmp_path / "run"
+    backend = flags[1] if flags else env["KERAS_BACKEND"]
+    assert_refused_before_tensorflow(SCRIPT, [*flags, "--out", str(out)], tmp_path,
+                                     f"the Keras backend '{backend}' ({source}) is not supported: keras-implicit runs "
+                                     "on tensorflow and jax", env=env)
+    assert not out.exists()
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run_and_removes_nothing(tmp_path, capsys):
+    """--out DIR --overwrite on a folder of a user's files: refused, nothing removed, and the first refusal
+    (without --overwrite) does not suggest --overwrite."""
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "important.txt").write_text("keep")
+    (mine / "sub" / "notes.md").write_text("keep too")
+    assert run_script.main(["--out", str(mine), "--epochs", "1"]) == 1
+    error = capsys.readouterr().err
+    assert f"{mine} is not a run directory (it holds important.txt, sub/): use --out for another directory" \
+        in error and "--overwrite" not in error
+    assert run_script.main(["--out", str(mine), "--epochs", "1", "--overwrite"]) == 1
+    assert "holds files that are not a run's (important.txt, sub/): nothing was removed" in capsys.readouterr().err
+    assert (mine / "important.txt").read_text() == "keep" and (mine / "sub" / "notes.md").read_text() == "keep too"
+
+
 def test_hinge_at_zero_margin_trains(idx_dir, tmp_path, capsys):
     # hinge@0 (the multi-class perceptron loss) is allowed, unlike gcdf@0: its gradient is nonzero on every
     # misclassified example, so training lowers the error (though its minimum is also reached at s = 0).

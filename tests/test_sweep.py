@@ -180,6 +180,32 @@ def test_run_jobs_without_configuration_never_skips(tmp_path, capsys):
     assert marker.read_text() == "xx"  # nothing was started
 
 
+def test_progress_lines_say_what_is_done_running_and_left(tmp_path, capsys):
+    """Jobs that write records as a run does: the progress lines name each running run's epoch and last training
+    CE (torn lines and test records skipped), then the counts as runs end."""
+    writer = ("import json, sys, time\n"
+              "path = sys.argv[1] + '/metrics.jsonl'\n"
+              "for step, ce in ((0, 2.5), (10, 0.75)):\n"
+              "    with open(path, 'a') as f:\n"
+              "        f.write(json.dumps({'epoch': step / 5, 'step': step, 'split': 'train', 'ce': ce}) + '\\n')\n"
+              "        f.write(json.dumps({'epoch': step / 5, 'step': step, 'split': 'test', 'ce': 9.0}) + '\\n')\n"
+              "with open(path, 'a') as f:\n"
+              "    f.write('{\"epoch\": 3, \"spl')\n"
+              "time.sleep(float(sys.argv[2]))\n")
+    jobs = []
+    for name, seconds in (("a", "2.0"), ("b", "1.2"), ("c", "0.1")):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        jobs.append(sweep.Job(name, [sys.executable, "-c", writer, str(run_dir), seconds], run_dir))
+    assert sweep.run_jobs(jobs, 2, tmp_path / "logs", poll=0.05, progress_every=0.5) == {"a": 0, "b": 0, "c": 0}
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[sweep] progress: ")]
+    assert "[sweep] progress: 0 done, 2 running (a: epoch 2, train CE 0.75; b: epoch 2, train CE 0.75), 1 left" in lines
+    assert lines[-1] == "[sweep] progress: 3 done, 0 running, 0 left"
+    assert sweep.last_train_record(tmp_path / "a")["ce"] == 0.75
+    assert sweep.last_train_record(tmp_path / "missing") is None
+    assert sweep.progress_line([], [("x", tmp_path / "missing")], 4) == "0 done, 1 running (x: starting), 4 left"
+
+
 @pytest.mark.parametrize("extra, config", [
     ((), {}),
     (("--ghost-batch-size", "128", "--train-subset", "32768"), {"ghost_batch_size": 128, "train_subset": 32768}),

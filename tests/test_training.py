@@ -419,6 +419,37 @@ def test_a_directory_that_is_not_a_run_is_refused(idx_dir, tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_overwrite_removes_only_a_runs_files_and_refuses_anything_else(idx_dir, tmp_path):
+    """overwrite=True clears a run directory, and refuses, removing nothing, one that holds anything else: a slip
+    such as run_dir="." must not empty a working directory."""
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "important.txt").write_text("keep")
+    (mine / "sub" / "notes.md").write_text("keep too")
+    with pytest.raises(RunError) as refused:
+        training.train(small_config(idx_dir), str(mine), progress=False, verbose=False)
+    assert "not a run directory (it holds important.txt, sub/)" in str(refused.value)
+    assert "overwrite=True" not in str(refused.value)
+    with pytest.raises(RunError, match=r"holds files that are not a run's \(important.txt, sub/\): nothing was "
+                                       "removed; use another run_dir"):
+        training.train(small_config(idx_dir), str(mine), overwrite=True, progress=False, verbose=False)
+    assert (mine / "important.txt").read_text() == "keep" and (mine / "sub" / "notes.md").read_text() == "keep too"
+
+    run_dir = tmp_path / "run"
+    assert training.train(small_config(idx_dir, epochs=1), str(run_dir), progress=False,
+                          verbose=False).state == "finished"
+    assert {"config.json", "status.json", "metrics.jsonl", "checkpoint.npz"} <= set(os.listdir(run_dir))
+    (run_dir / "checkpoint.npz.tmp").write_bytes(b"torn")  # an atomic write a crash interrupted: the run's own
+    result = training.train(small_config(idx_dir, epochs=1, lr=0.05), str(run_dir), overwrite=True,
+                            progress=False, verbose=False)
+    assert result.state == "finished" and not (run_dir / "checkpoint.npz.tmp").exists()
+    assert json.load(open(run_dir / "config.json"))["lr"] == 0.05
+    (run_dir / "results.csv").write_text("a user's file")
+    with pytest.raises(RunError, match=r"results.csv\): nothing was removed"):
+        training.train(small_config(idx_dir, epochs=1), str(run_dir), overwrite=True, progress=False, verbose=False)
+    assert (run_dir / "results.csv").exists() and (run_dir / "metrics.jsonl").exists()
+
+
 def test_a_second_process_is_refused_by_the_lock(idx_dir, tmp_path):
     run_dir = str(tmp_path / "run")
     with RunDirectory(run_dir):
@@ -803,3 +834,24 @@ def test_noisy_error_is_tracked_and_runs_made_before_it_resume(idx_dir, one_epoc
     assert result.state == "finished" and result.step == 18
     with pytest.raises(RunError, match=r"noisy_error_draws: 0 there, 8 asked"):
         training.train(small_config(idx_dir, epochs=3, noisy_error_draws=8), run_dir, progress=False, verbose=False)
+
+
+def test_track_levels_are_recorded_and_a_resumed_run_tracks_at_the_same_steps(idx_dir, tmp_path):
+    """track_levels is a setting of the run (config.json, refused when changed on resume) and its trigger starts
+    afresh each epoch: a run resumed from an epoch's checkpoint tracks at the steps an uninterrupted one does."""
+    settings = dict(epochs=3, track_every=1, track_levels=(1.0,), deterministic=True)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    training.train(small_config(idx_dir, **settings), str(whole), progress=False, verbose=False)
+    training.train(small_config(idx_dir, **{**settings, "epochs": 1}), str(parts), progress=False, verbose=False)
+    training.train(small_config(idx_dir, **settings), str(parts), progress=False, verbose=False)
+    steps = [(r["step"], r["split"]) for r in read_metrics(whole)]
+    assert steps == [(r["step"], r["split"]) for r in read_metrics(parts)]
+    tracked = sorted({step for step, _ in steps})
+    every_step = 3 * (600 // 64)
+    assert 4 < len(tracked) < every_step  # dense near the levels only (every step: every_step + 1 points)
+    assert json.load(open(whole / "config.json"))["track_levels"] == [1.0]
+    with pytest.raises(RunError, match=r"track_levels: \[1.0\] there, \[0.5\] asked"):
+        training.train(small_config(idx_dir, **{**settings, "track_levels": (0.5,)}), str(whole), progress=False,
+                       verbose=False)
+    with pytest.raises(ValueError, match="give track_every too"):
+        small_config(idx_dir, track_levels=(1.0,)).validate()
