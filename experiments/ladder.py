@@ -41,31 +41,14 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        groups = {group.label: group for group in analysis.group_runs(analysis.load_runs(args.runs))}
-        missing = [label for label in (args.a, args.b) if label not in groups]
-        if missing:
-            raise analysis.RunDirectoryError(f"no group {', '.join(map(repr, missing))} among the runs: "
-                                             f"{', '.join(map(repr, groups))}")
-        # Every ladder first: a problem with one of them stops the script before anything is written.
-        ladders = [analysis.loss_ladder(groups[args.a], groups[args.b], args.levels, hold=hold) for hold in args.holds]
+        paths = plots.write_ladder(analysis.load_runs(args.runs), args.a, args.b, args.out, args.levels, args.holds,
+                                   args.parameters, args.formats)
     except (analysis.RunDirectoryError, analysis.GridMismatchError, analysis.LevelNotReachedError,
             ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    sections = []
-    for hold, ladder in zip(args.holds, ladders):
-        for path in plots.save_figure(plots.plot_ladder(ladder), args.out, f"ladder_hold{hold}", args.formats):
-            print(path)
-        definition = "first crossing" if hold == 0 else f"crossing that holds for {hold} more tracking points"
-        for family in ladder.families:
-            sections.append(f"### {family}: {ladder.a} / {ladder.b}, {definition}\n\n"
-                            + analysis.ladder_markdown(ladder, family, args.parameters))
-        if ladder.skipped:
-            sections.append("Levels left out: " + "; ".join(f"{level:g} ({problem})"
-                                                             for level, problem in ladder.skipped.items()))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ladder.md").write_text("\n\n".join(sections) + "\n")
-    print(args.out / "ladder.md")
+    for path in paths:
+        print(path)
     return 0
 
 

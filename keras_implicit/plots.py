@@ -65,6 +65,7 @@ __all__ = [
     "readable_log_ticks",
     "save_figure",
     "plot_all",
+    "write_ladder",
     "PlotWarning",
     "DEFAULT_QUANTITIES",
 ]
@@ -961,3 +962,47 @@ def plot_all(runs, out_dir: str | os.PathLike, level: float | None = None, split
     for stem, draw in plan:
         paths += save_figure(draw(), out_dir, stem, formats, dpi)
     return paths
+
+
+def write_ladder(runs, a: str, b: str, out_dir: str | os.PathLike, levels: Sequence[float] | None = None,
+                 holds: Sequence[int] = (0, 2), parameters: Sequence[float] | None = None,
+                 formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Two groups of runs compared at a ladder of training-CE levels: for each crossing definition of ``holds``
+    (0: the first crossing; k: the first one after which the CE stays below the level for k more tracking points)
+    ``ladder_hold<k>`` figures (:func:`plot_ladder`) and one ``ladder.md`` with a Markdown table per family and
+    definition (:func:`keras_implicit.analysis.ladder_markdown`), under ``out_dir``.
+
+    Args:
+        runs: :class:`keras_implicit.analysis.Run` objects; grouped by :func:`keras_implicit.analysis.group_runs`.
+        a, b: the two groups' labels (the ratio's numerator and denominator), as ``group_runs`` labels them.
+        levels: training-CE levels (default :data:`keras_implicit.analysis.DEFAULT_LADDER`); those some run does
+            not reach are left out and listed in ``ladder.md``.
+
+    Returns:
+        The paths written. Every ladder is computed before anything is written.
+
+    Raises:
+        RunDirectoryError: ``a`` or ``b`` is not a group of ``runs``; the errors of
+        :func:`keras_implicit.analysis.loss_ladder`.
+    """
+    levels = list(analysis.DEFAULT_LADDER if levels is None else levels)
+    groups = {group.label: group for group in analysis.group_runs(runs)}
+    missing = [label for label in (a, b) if label not in groups]
+    if missing:
+        raise analysis.RunDirectoryError(f"no group {', '.join(map(repr, missing))} among the runs: "
+                                         f"{', '.join(map(repr, groups))}")
+    ladders = [analysis.loss_ladder(groups[a], groups[b], levels, hold=hold) for hold in holds]
+    written, sections = [], []
+    for hold, ladder in zip(holds, ladders):
+        written += save_figure(plot_ladder(ladder), out_dir, f"ladder_hold{hold}", formats)
+        definition = "first crossing" if hold == 0 else f"crossing that holds for {hold} more tracking points"
+        for family in ladder.families:
+            sections.append(f"### {family}: {ladder.a} / {ladder.b}, {definition}\n\n"
+                            + analysis.ladder_markdown(ladder, family, parameters))
+        if ladder.skipped:
+            sections.append("Levels left out: " + "; ".join(f"{level:g} ({problem})"
+                                                             for level, problem in ladder.skipped.items()))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ladder.md").write_text("\n\n".join(sections) + "\n")
+    return [*written, out_dir / "ladder.md"]

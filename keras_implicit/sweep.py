@@ -54,6 +54,8 @@ __all__ = [
     "run_jobs",
     "last_train_record",
     "progress_line",
+    "export_run",
+    "EXPORTED_FILES",
     "summarize",
     "write_hparams",
 ]
@@ -197,7 +199,8 @@ def progress_line(done: Sequence[str], running: Sequence[tuple[str, Path]], left
 
 def run_jobs(jobs: Sequence[Job], parallel: int, logs_dir, stream=None, poll: float = 0.5,
              interrupt_grace: float = 120.0, describe: Callable[[dict], str] = _asked,
-             progress_every: Optional[float] = None) -> dict[str, Optional[int]]:
+             progress_every: Optional[float] = None,
+             on_done: Optional[Callable[[Job, int], None]] = None) -> dict[str, Optional[int]]:
     """Runs the jobs' processes, at most ``parallel`` at a time, and returns each name's exit code (None: skipped).
 
     A run directory whose state is terminal (:data:`TERMINAL_STATES`) is skipped when its ``config.json`` holds
@@ -208,6 +211,9 @@ def run_jobs(jobs: Sequence[Job], parallel: int, logs_dir, stream=None, poll: fl
 
     With ``progress_every`` (seconds), a ``[sweep] progress:`` line (:func:`progress_line`: runs done, running
     with their epoch and last training CE, and left) goes to ``stream`` that often, and after each run's end.
+
+    ``on_done(job, exit_code)`` is called as each started process ends (:func:`export_run` keeps a finished run's
+    records, say).
 
     On KeyboardInterrupt the running processes get SIGINT (a run stops at its next batch, keeping its last
     checkpoint) and are waited for up to ``interrupt_grace`` seconds; then the KeyboardInterrupt goes on.
@@ -244,6 +250,7 @@ def run_jobs(jobs: Sequence[Job], parallel: int, logs_dir, stream=None, poll: fl
         pending.append((name, command, verb, detail))
     running: dict[str, tuple[subprocess.Popen, typing.IO, float]] = {}
     directories = {job.name: Path(job.run_dir) for job in jobs}
+    by_name = {job.name: job for job in jobs}
     last_progress = time.time()
 
     def progress():
@@ -268,6 +275,8 @@ def run_jobs(jobs: Sequence[Job], parallel: int, logs_dir, stream=None, poll: fl
                     codes[name] = process.returncode
                     say(f"done  {name}: exit {process.returncode} after {time.time() - started:.0f} s")
                     del running[name]
+                    if on_done is not None:
+                        on_done(by_name[name], process.returncode)
                     if progress_every is not None:
                         progress()
                         last_progress = time.time()
@@ -289,6 +298,29 @@ def run_jobs(jobs: Sequence[Job], parallel: int, logs_dir, stream=None, poll: fl
             log.close()
         raise
     return codes
+
+
+# What export_run keeps of a run directory: its settings and its records, not its checkpoints or TensorBoard files.
+EXPORTED_FILES = ("config.json", "status.json", "metrics.jsonl")
+
+
+def export_run(run_dir, out_dir) -> Optional[Path]:
+    """Copies a finished or diverged run's ``config.json``, ``status.json`` and ``metrics.jsonl`` to
+    ``out_dir/<its name>/`` (written atomically, replacing an older copy): a run directory that
+    :mod:`keras_implicit.analysis` reads, small enough to commit (no checkpoints, no TensorBoard files). Returns
+    the copy, or None (and copies nothing) for a run that has not ended."""
+    run_dir = Path(run_dir)
+    if run_state(run_dir) not in TERMINAL_STATES:
+        return None
+    target = Path(out_dir) / run_dir.name
+    staging = target.with_name(f".{target.name}.writing")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in EXPORTED_FILES:
+        shutil.copy2(run_dir / name, staging / name)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
 
 
 def write_hparams(records: list[dict], log_dir, level: Optional[float] = None) -> None:

@@ -604,3 +604,27 @@ def test_sweep_with_the_real_run_py(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     rows = list(csv.DictReader((tmp_path / "runs" / "summary.csv").open()))
     assert len(rows) == 2 and {r["state"] for r in rows} == {"finished"}
+
+
+def test_export_run_copies_an_ended_runs_records_and_on_done_hears_each_end(tmp_path):
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text('{"lr": 0.1}')
+    (run_dir / "metrics.jsonl").write_text('{"step": 0, "split": "train", "ce": 2.0}\n')
+    (run_dir / "checkpoint.npz").write_bytes(b"big")
+    (run_dir / "status.json").write_text('{"state": "running", "epoch": 1, "step": 3}')
+    assert sweep.export_run(run_dir, tmp_path / "data") is None  # not ended: nothing copied
+    assert not (tmp_path / "data").exists()
+    (run_dir / "status.json").write_text('{"state": "finished", "epoch": 2, "step": 6}')
+    copy = sweep.export_run(run_dir, tmp_path / "data")
+    assert copy == tmp_path / "data" / "r1" and sorted(p.name for p in copy.iterdir()) == [
+        "config.json", "metrics.jsonl", "status.json"]
+    assert (copy / "metrics.jsonl").read_text() == (run_dir / "metrics.jsonl").read_text()
+    (run_dir / "metrics.jsonl").write_text("")
+    sweep.export_run(run_dir, tmp_path / "data")  # replaces the older copy
+    assert (copy / "metrics.jsonl").read_text() == ""
+    heard = []
+    jobs = [sweep.Job(name, [sys.executable, "-c", f"raise SystemExit({code})"], tmp_path / name)
+            for name, code in (("ok", 0), ("bad", 3))]
+    sweep.run_jobs(jobs, 2, tmp_path / "logs", poll=0.05, on_done=lambda job, code: heard.append((job.name, code)))
+    assert sorted(heard) == [("bad", 3), ("ok", 0)]
