@@ -174,6 +174,8 @@ setup(
             "tf-keras==2.21.*",
             # The JAX backend (CPU): the second backend the tests run on.
             "jax",
+            # The layers contract (.importlinter), checked in .ci/run.
+            "import-linter",
         ],
     },
 )

@@ -5,7 +5,7 @@ DEFAULT_MARGINS and the zero-one error: 24 columns) on float32 logits (normal, s
 rows in one call. Four variants, each one jax.jit-compiled function, timed interleaved repeat by repeat (the
 minimum of the repeats: the machine is shared and noisy), after one warm-up call each:
 
-  keras forward       losses._panel_keras(labels, logits, ...)           the keras.ops path, compiled by XLA
+  keras forward       losses.panel_keras(labels, logits, ...)           the keras.ops path, compiled by XLA
   ffi forward         _ffi.fused_panel(labels, logits, ...)               the FFI kernel (a custom call)
   keras forward+grad  jax.value_and_grad of the sum of the panel, keras.ops path
   ffi forward+grad    the same on the FFI kernel (its custom_vjp calls the gradient handler)
@@ -83,7 +83,7 @@ def build_variants(labels, logits):
     margins = np.asarray(metrics.DEFAULT_MARGINS, np.float64)
 
     def keras_panel(y, s):
-        return losses._panel_keras(y, s, None, sigmas, temperatures, margins, True)
+        return losses.panel_keras(y, s, None, sigmas, temperatures, margins, True)
 
     def ffi_panel(y, s):
         return _ffi.fused_panel(y, s, None, sigmas, temperatures, margins, True)

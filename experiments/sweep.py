@@ -31,15 +31,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from keras_implicit import config as run_settings  # noqa: E402  (no TensorFlow)
 from keras_implicit import sweep  # noqa: E402
-from keras_implicit.training import DATASETS, MODELS, SCHEDULES, RunConfig  # noqa: E402
+from keras_implicit.config import RunConfig  # noqa: E402
+from keras_implicit.names import DATASETS, MODELS  # noqa: E402
 
 RUN_SCRIPT = Path(__file__).resolve().parent / "run.py"
 GRID_NAMING = ("the grid flags (--models, --datasets, --lrs, --batch-sizes, --seeds, --ghost-batch-size, "
@@ -55,26 +56,16 @@ NOT_PASSED_ON = {"model": "--models", "dataset": "--datasets", "lr": "--lrs", "b
                  "seed": "--seeds", "out": "the sweep names each run's directory (--runs-dir)"}
 
 
-@functools.cache
-def run_py():
-    """``experiments/run.py`` as a module: its parser, ``config_from_args`` and ``as_flags`` (no TensorFlow)."""
-    spec = importlib.util.spec_from_file_location("_sweep_run_py", RUN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _run_parser(defaults=None) -> argparse.ArgumentParser:
-    """run.py's parser, raising ValueError (``run.py: ...``) instead of exiting; ``defaults`` replaces every
-    default (to tell which flags a command line sets)."""
-    parser = run_py().build_parser()
+def _run_parser() -> argparse.ArgumentParser:
+    """run.py's parser (:func:`keras_implicit.config.add_run_arguments`), raising ValueError (``run.py: ...``)
+    instead of exiting."""
+    parser = argparse.ArgumentParser(prog="run.py", add_help=False)
+    run_settings.add_run_arguments(parser)
 
     def refuse(message):
         raise ValueError(f"run.py: {message}")
 
     parser.error = refuse  # argparse reports every parse error through error(): raise instead of exiting
-    if defaults is not None:
-        parser.set_defaults(**{action.dest: defaults for action in parser._actions if action.dest != "help"})
     return parser
 
 
@@ -92,9 +83,8 @@ def base_config(args) -> RunConfig:
     """The configuration shared by the grid's runs: what run.py builds from :func:`shared_flags` (its own parser
     and ``config_from_args``), not yet validated. Raises ValueError with run.py's message for a flag it would
     refuse, or for a flag after ``--`` that the sweep sets itself."""
-    unset = object()
-    explicit = {k for k, v in vars(_run_parser(defaults=unset).parse_args(list(args.run_args))).items()
-                if v is not unset}
+    after = _run_parser().parse_args(list(args.run_args))  # run.py's refusals of a bad flag after --, in its words
+    explicit = run_settings.explicit_settings(args.run_args) | ({"out"} if after.out is not None else set())
     for dest, instead in NOT_PASSED_ON.items():
         if dest in explicit:
             flag = "--" + dest.replace("_", "-")
@@ -104,7 +94,7 @@ def base_config(args) -> RunConfig:
     if parsed.strategy == "multiworker":
         raise ValueError("--strategy multiworker cannot be passed on: each worker of a cluster runs run.py with "
                          "its own TF_CONFIG (README, \"More than one GPU or machine\"); --strategy mirrored can")
-    return run_py().config_from_args(parsed)
+    return run_settings.config_from_arguments(parsed)
 
 
 def point_label(config: RunConfig) -> str:
@@ -132,7 +122,7 @@ def plan(args) -> list[sweep.Job]:
         return sweep.plan(configs, args.runs_dir, command=functools.partial(command, args=args),
                           labels=[point_label(config) for config in configs])
     except ValueError as error:
-        raise ValueError(run_py().as_flags(str(error))) from None  # in flags' words, as run.py says it
+        raise ValueError(run_settings.in_flag_words(str(error))) from None  # in flags' words, as run.py says it
 
 
 def as_flag_changes(changes: dict) -> str:
@@ -142,8 +132,8 @@ def as_flag_changes(changes: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    run = run_py()  # the same checks as run.py for the values passed on
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = run_settings  # the same checks as run.py for the values passed on
 
     def listed(values):
         return " ".join(str(v) for v in values)
@@ -154,24 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"of {', '.join(MODELS)} (default: {listed(['fc6'])})")
     parser.add_argument("--datasets", nargs="+", default=["fashion_mnist"],
                         help=f"of {', '.join(DATASETS)} (default: {listed(['fashion_mnist'])})")
-    parser.add_argument("--lrs", nargs="+", type=run._positive_float, default=[0.1, 0.001],
+    parser.add_argument("--lrs", nargs="+", type=kinds.positive_float, default=[0.1, 0.001],
                         help=f"learning rates (default: {listed([0.1, 0.001])})")
-    parser.add_argument("--batch-sizes", nargs="+", type=run._positive_int, default=[256],
+    parser.add_argument("--batch-sizes", nargs="+", type=kinds.positive_int, default=[256],
                         help=f"examples per optimizer step (default: {listed([256])})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                         help=f"initialization and shuffling seeds (default: {listed([0, 1, 2])})")
-    parser.add_argument("--ghost-batch-size", type=run._positive_int, default=RunConfig.ghost_batch_size,
-                        help="micro-batch of large batches (default: %(default)s)")
-    parser.add_argument("--jobs", type=run._positive_int, default=1,
+    parser.add_argument("--jobs", type=kinds.positive_int, default=1,
                         help="processes at once, each using every core TF sees (default: %(default)s)")
-    parser.add_argument("--epochs", type=run._positive_int, help="passed to run.py (default: run.py's)")
-    parser.add_argument("--train-subset", type=run._positive_int, help="passed to run.py (default: all)")
-    parser.add_argument("--track-every", type=run._positive_int, help="passed to run.py")
-    parser.add_argument("--track-schedule", choices=SCHEDULES, help="passed to run.py (default: run.py's)")
-    parser.add_argument("--target-train-loss", type=run._positive_float,
-                        help="passed to run.py: stop at this training CE")
-    parser.add_argument("--data-dir", help="passed to run.py")
-    parser.add_argument("--level", type=run._positive_float,
+    # The settings passed on to every run as they are: run.py's flags, with its help. The micro-batch always (its
+    # default is part of every run's command line); the others only when given (else run.py's default).
+    run_settings.add_arguments(parser, ["ghost_batch_size"])
+    run_settings.add_arguments(parser, [name for name in PASSED_ON if name != "ghost_batch_size"], unset=True)
+    parser.add_argument("--level", type=kinds.positive_float,
                         help="training CE of the summary (default: the lowest level every finished run reaches)")
     parser.add_argument("--summary-only", action="store_true", help="do not train, summarize what exists")
     parser.add_argument("--summary-dir", type=Path, help="where summary.md, summary.csv and hparams/ go "

@@ -28,8 +28,9 @@ _EXPORTS = {
     "multiclass_hinge": "losses",
     "zero_one_error": "losses",
     "panel_values": "losses",
-    "panel_names": "losses",
-    "format_parameter": "losses",
+    "panel_names": "names",
+    "format_parameter": "names",
+    "parse_name": "names",
     "active_path": "losses",
     "force_path": "losses",
     "noisy_error": "sharpness",
@@ -50,7 +51,7 @@ _EXPORTS = {
     "train": "training",
     "train_with_exit_code": "training",
 }
-_SUBMODULES = ("losses", "metrics", "sharpness", "analysis", "plots", "data", "models", "ghost", "callbacks",
+_SUBMODULES = ("names", "losses", "metrics", "sharpness", "analysis", "plots", "data", "models", "ghost", "callbacks",
                "training", "sweep")
 
 # The submodules that define classes registered with keras.saving.register_keras_serializable.

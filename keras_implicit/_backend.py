@@ -25,6 +25,8 @@ from typing import Callable, Optional
 import keras
 import numpy as np
 
+from keras_implicit import _distribute
+
 __all__ = [
     "compile_inference", "compile_batch_sums", "fused",
     "accumulation_dtype", "ScalarWriter", "open_scalar_writer", "training_arrays",
@@ -37,7 +39,7 @@ _LOGGER = logging.getLogger("keras_implicit")
 def accumulation_dtype() -> str:
     """float64 where the backend computes it (JAX only with ``JAX_ENABLE_X64=1``), else float32."""
     if keras.backend.backend() == "jax":
-        import jax
+        import jax  # deferred: this backend only
 
         return "float64" if jax.config.jax_enable_x64 else "float32"
     return "float64"
@@ -50,7 +52,7 @@ def compile_inference(model: keras.Model, fn: Callable) -> Callable:
     :mod:`keras_implicit.sharpness`)."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: this backend only
 
         @tf.function(reduce_retracing=True)
         def run_tf(x, y, *per_example):
@@ -58,7 +60,7 @@ def compile_inference(model: keras.Model, fn: Callable) -> Callable:
 
         return run_tf
     if backend == "jax":
-        import jax
+        import jax  # deferred: this backend only
 
         @jax.jit
         def stateless(trainable, non_trainable, x, y, *per_example):
@@ -73,7 +75,7 @@ def compile_inference(model: keras.Model, fn: Callable) -> Callable:
 
     def run_eager(x, y, *per_example):
         if backend == "torch":
-            import torch
+            import torch  # deferred: only on this backend
 
             with torch.no_grad():
                 return fn(*model(x, training=False), y, *per_example)
@@ -90,7 +92,6 @@ def compile_batch_sums(model: keras.Model, fn: Callable, trained_model: Optional
     if keras.backend.backend() == "tensorflow":
         strategy = (trained_model or model).distribute_strategy
         if strategy.num_replicas_in_sync > 1:
-            from keras_implicit import _distribute
 
             return _distribute.summed_over_replicas(strategy, model, fn)
     return compile_inference(model, fn)
@@ -101,7 +102,7 @@ def fused(fn: Callable) -> Callable:
     (called inside another ``tf.function``, it becomes one XLA cluster of that graph); unchanged on JAX, whose
     ``jax.jit`` around the caller compiles everything with XLA already, and on PyTorch."""
     if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: this backend only
 
         return tf.function(fn, jit_compile=True, reduce_retracing=True)
     return fn
@@ -125,7 +126,7 @@ class ScalarWriter:
 
 class _TFWriter(ScalarWriter):
     def __init__(self, log_dir: str):
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: this backend only
 
         self._tf = tf
         self._writer = tf.summary.create_file_writer(log_dir)
@@ -136,7 +137,9 @@ class _TFWriter(ScalarWriter):
                 self._tf.summary.scalar(tag, value, step=step)
 
     def layout(self, layout_proto):
-        from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
+        from tensorboard.plugins.custom_scalar import (  # deferred: for this writer only
+            summary as custom_scalar_summary,
+        )
 
         with self._writer.as_default():
             self._tf.summary.experimental.write_raw_pb(custom_scalar_summary.pb(layout_proto).SerializeToString(),
@@ -156,10 +159,10 @@ class _TensorboardXWriter(ScalarWriter):
     # file back to) must hold every point written before it. Its SummaryWriter.add_scalar also rewrites tags
     # ("train/gcdf@1" into "train/gcdf_1"), and the logs must carry the same tags on every backend.
     def __init__(self, log_dir: str):
-        import tensorboardX
-        from tensorboardX.event_file_writer import EventsWriter
-        from tensorboardX.proto.event_pb2 import Event
-        from tensorboardX.proto.summary_pb2 import Summary
+        import tensorboardX  # deferred: this writer only
+        from tensorboardX.event_file_writer import EventsWriter  # deferred: this writer only
+        from tensorboardX.proto.event_pb2 import Event  # deferred: this writer only
+        from tensorboardX.proto.summary_pb2 import Summary  # deferred: this writer only
 
         os.makedirs(log_dir, exist_ok=True)
         self._event = Event
@@ -211,7 +214,7 @@ def training_arrays(x, y):
     """The training set as the micro-batch pipeline wants it: tensors on TensorFlow (gathered by tf.data),
     NumPy arrays elsewhere (sliced on the host, sent to the device batch by batch)."""
     if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: this backend only
 
         return tf.convert_to_tensor(x), tf.convert_to_tensor(y)
     return np.asarray(x), np.asarray(y)
@@ -235,7 +238,7 @@ class _Batches(keras.utils.PyDataset):
 def batches(x, y, order: np.ndarray, batch_size: int):
     """The batches of one epoch, ``order`` cut into whole groups of ``batch_size``, for ``model.fit``."""
     if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: this backend only
 
         dataset = tf.data.Dataset.from_tensor_slices(order.astype(np.int64)).batch(batch_size, drop_remainder=True)
         dataset = dataset.map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
@@ -247,12 +250,12 @@ def enable_determinism() -> str:
     """Deterministic kernels where the backend has a switch; returns what was done, for the logs."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: this backend only
 
         tf.config.experimental.enable_op_determinism()
         return "tf.config.experimental.enable_op_determinism()"
     if backend == "torch":
-        import torch
+        import torch  # deferred: only on this backend
 
         torch.use_deterministic_algorithms(True)
         return "torch.use_deterministic_algorithms(True)"

@@ -9,7 +9,7 @@ Shapes and parameters are checked in Python when a loss is built. Values are onl
 - in compiled XLA code the ``keras.ops`` path cannot raise without a round trip to the host on every batch
   (a ``jax.debug.callback`` in a ``lax.cond`` cost 0.22 ms per call here, 45 % of the whole 24-loss panel
   on 1024 x 10 logits; TensorFlow's XLA, ``jit_compile=True``, drops ``Assert`` ops), so the rows with a bad
-  value come out NaN in every column, as rows of NaN logits do (``keras_implicit.losses._Margins``): never a
+  value come out NaN in every column, as rows of NaN logits do (``keras_implicit.losses.Margins``): never a
   silent number. JAX's compiled kernel (``keras_implicit._ffi``) checks inside the kernel and fails the
   call with ``jax.errors.JaxRuntimeError`` carrying the message, under ``jax.jit`` too.
 
@@ -28,11 +28,11 @@ def is_concrete(*tensors) -> bool:
     """Whether the values of every tensor are known now (not symbolic, not traced)."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: this backend only
 
         return tf.executing_eagerly() and not any(isinstance(t, keras.KerasTensor) for t in tensors)
     if backend == "jax":
-        import jax
+        import jax  # deferred: this backend only
 
         return not any(isinstance(t, jax.core.Tracer) for t in tensors)
     return not any(isinstance(t, keras.KerasTensor) for t in tensors)
@@ -43,11 +43,11 @@ def runtime_errors() -> tuple[type[BaseException], ...]:
     function's error inside a ``tf.function`` and from JAX's kernel)."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: this backend only
 
         return (ValueError, tf.errors.InvalidArgumentError)
     if backend == "jax":
-        import jax
+        import jax  # deferred: this backend only
 
         return (ValueError, jax.errors.JaxRuntimeError)
     return (ValueError,)
@@ -64,7 +64,7 @@ def check_labels(labels, classes):
         return labels
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: this backend only
 
         # One Assert op (assert_non_negative and assert_less would build two, with their own reductions).
         inside = tf.reduce_all(tf.logical_and(labels >= 0, labels < tf.cast(classes, labels.dtype)))
@@ -83,7 +83,7 @@ def check_positive(values, message: str):
         return values
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: this backend only
 
         good = tf.reduce_all(tf.logical_and(tf.math.is_finite(values), values > 0))
         with tf.control_dependencies([tf.debugging.Assert(good, [message])]):
@@ -100,7 +100,7 @@ def check_batch(labels, logits, name: str = "y_true"):
             raise ValueError(f"{name} and y_pred have different batch sizes: {static[0]} and {static[1]}")
         return labels
     if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: this backend only
 
         check = tf.debugging.assert_equal(tf.shape(labels)[0], tf.shape(logits)[0],
                                           message=f"{name} and y_pred have different batch sizes")

@@ -21,70 +21,34 @@ importing TensorFlow.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from typing import Callable, Optional
 
 import numpy as np
 
+from keras_implicit.config import check_divides, cluster_role  # noqa: F401  (re-exported)
+from keras_implicit.names import MOVING_STATISTICS, STRATEGIES  # noqa: F401  (re-exported)
+
 __all__ = [
-    "STRATEGIES", "MOVING_STATISTICS", "check_divides", "cluster_role", "split_cpu", "make_strategy",
+    "split_cpu", "make_strategy",
     "replicas_in_sync", "replica_index", "mean_over_replicas", "sum_over_replicas", "assign_on_every_replica",
     "distribute_batches", "run_epoch", "summed_over_replicas",
     "broadcast_from_chief", "WorkerLostError", "COLLECTIVE_TIMEOUT_SECONDS",
 ]
 
-STRATEGIES = ("default", "mirrored", "multiworker")
 # How a ghost-batch step updates BatchNorm's moving statistics (keras_implicit.ghost).
-MOVING_STATISTICS = ("sequential", "mean")
 # A worker that stops answering (killed, machine lost) fails the others' collectives after this long instead
 # of leaving them waiting forever. Long enough for the chief's slowest pause between two steps (a checkpoint).
 COLLECTIVE_TIMEOUT_SECONDS = 300
-
-
-def check_divides(batch_size: int, ghost_batch_size: int, replicas: int = 1) -> int:
-    """The number of micro-batches per replica, ``batch_size / (replicas * ghost_batch_size)``; a ValueError
-    that says how the three combine when it is not a positive whole number."""
-    batch_size, ghost_batch_size, replicas = int(batch_size), int(ghost_batch_size), int(replicas)
-    if ghost_batch_size < 1 or replicas < 1:
-        raise ValueError(f"ghost_batch_size and replicas must be >= 1, got {ghost_batch_size} and {replicas}")
-    if batch_size < 1 or batch_size % (replicas * ghost_batch_size):
-        per_replica = f" on {replicas} replicas ({batch_size / replicas:g} examples each)" if replicas > 1 else ""
-        raise ValueError(
-            f"batch size {batch_size} is not a whole number of micro-batches of ghost_batch_size "
-            f"{ghost_batch_size}{per_replica}: the batch size must be a multiple of replicas x ghost_batch_size "
-            f"= {replicas * ghost_batch_size}")
-    return batch_size // (replicas * ghost_batch_size)
 
 
 class WorkerLostError(RuntimeError):
     """A collective operation failed: another worker of a multi-worker run stopped or cannot be reached."""
 
 
-def cluster_role(environ=None) -> tuple[int, int, bool]:
-    """``(workers, index, is_chief)`` from ``TF_CONFIG`` (no TensorFlow import): ``(1, 0, True)`` without one.
-
-    The chief is the task of type ``"chief"``, or worker 0 when the cluster has no chief task.
-    Raises ValueError when ``TF_CONFIG`` is not valid JSON or lacks ``cluster`` / ``task``.
-    """
-    text = (environ if environ is not None else os.environ).get("TF_CONFIG")
-    if not text:
-        return 1, 0, True
-    try:
-        config = json.loads(text)
-        cluster, task = config["cluster"], config["task"]
-        kind, index = task["type"], int(task["index"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"TF_CONFIG must be JSON with 'cluster' and 'task' ({{'type', 'index'}}): {error}") from None
-    workers = sum(len(cluster.get(name, [])) for name in ("chief", "worker"))
-    is_chief = kind == "chief" or (kind == "worker" and index == 0 and not cluster.get("chief"))
-    return max(workers, 1), index, is_chief
-
-
 def split_cpu(replicas: int) -> None:
     """Splits the CPU into ``replicas`` logical devices (before TensorFlow initializes its devices)."""
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: this backend only
 
     cpu = tf.config.list_physical_devices("CPU")[0]
     existing = tf.config.get_logical_device_configuration(cpu)
@@ -110,7 +74,7 @@ def make_strategy(name: str, cpu_replicas: Optional[int] = None):
         raise ValueError("cpu_replicas splits this machine's CPU for strategy 'mirrored' only")
     if name == "default":
         return None
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: this backend only
 
     if cpu_replicas:
         if tf.config.list_physical_devices("GPU"):
@@ -129,7 +93,7 @@ def make_strategy(name: str, cpu_replicas: Optional[int] = None):
 # Inside a replica's step (GhostBatchModel)
 # --------------------------------------------------------------------------- #
 def replicas_in_sync() -> int:
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: this backend only
 
     return tf.distribute.get_strategy().num_replicas_in_sync
 
@@ -137,7 +101,7 @@ def replicas_in_sync() -> int:
 def replica_index():
     """This replica's index in its strategy's replicas (a tensor inside a replica's step), 0 without a strategy;
     replica ``r`` holds the ``r``-th contiguous slice of every batch (:func:`distribute_batches`)."""
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: this backend only
 
     context = tf.distribute.get_replica_context()
     return 0 if context is None else context.replica_id_in_sync_group
@@ -145,7 +109,7 @@ def replica_index():
 
 def sum_over_replicas(values: list) -> list:
     """The sum of each tensor over all replicas (every replica gets it); ``values`` unchanged with one."""
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: this backend only
 
     context = tf.distribute.get_replica_context()
     if not values or context is None or context.num_replicas_in_sync == 1:
@@ -155,7 +119,7 @@ def sum_over_replicas(values: list) -> list:
 
 def mean_over_replicas(values: list) -> list:
     """The mean of each tensor over all replicas (every replica gets it); ``values`` unchanged with one."""
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: this backend only
 
     context = tf.distribute.get_replica_context()
     if not values or context is None or context.num_replicas_in_sync == 1:
@@ -165,7 +129,7 @@ def mean_over_replicas(values: list) -> list:
 
 def assign_on_every_replica(variables: list, values: list) -> None:
     """``variable.assign(value)`` on every replica's copy (from a replica's step: through a merge call)."""
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: this backend only
 
     def assign(strategy, values):
         for variable, value in zip(variables, values):
@@ -180,7 +144,7 @@ def assign_on_every_replica(variables: list, values: list) -> None:
 def distribute_batches(strategy, dataset):
     """``dataset`` (batches of the global batch size) split across the replicas: each gets a contiguous
     ``1 / replicas`` of every batch (tf.distribute's rebatching); workers share batches by data, not files."""
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: this backend only
 
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -188,7 +152,7 @@ def distribute_batches(strategy, dataset):
 
 
 def _collective_errors():
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: this backend only
 
     return (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
             tf.errors.AbortedError, tf.errors.InternalError)
@@ -204,7 +168,7 @@ def _lost(error) -> WorkerLostError:
 
 
 def _step_function(model, strategy):
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: this backend only
 
     step = getattr(model, "_keras_implicit_distributed_step", None)
     if step is not None:
@@ -225,7 +189,7 @@ def run_epoch(model, strategy, dataset, callbacks, epoch: int, steps: int) -> No
 
     Raises WorkerLostError when a collective fails (another worker is gone).
     """
-    import keras
+    import keras  # deferred: this module is imported before Keras picks its backend
 
     callback_list = keras.callbacks.CallbackList(callbacks, model=model, add_history=False, add_progbar=False,
                                                  verbose=0, epochs=epoch + 1, steps=steps)
@@ -252,7 +216,7 @@ def summed_over_replicas(strategy, model, fn: Callable) -> Callable:
     """``run(x, y, *per_example)`` = ``fn(*model(x, training=False), y, *per_example)`` where ``fn`` returns sums
     over the batch: the batch (``x``, ``y`` and every ``per_example`` tensor) is cut into one contiguous part per
     replica and the parts' sums are added over all replicas (every worker gets the total)."""
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: this backend only
 
     replicas = strategy.num_replicas_in_sync
 
@@ -287,7 +251,7 @@ def broadcast_from_chief(strategy, arrays: list) -> list:
     worker. Every worker must call it with arrays of the same shapes and dtypes (its own values are ignored)."""
     if strategy is None or cluster_role()[0] == 1:
         return arrays
-    import tensorflow as tf
+    import tensorflow as tf  # deferred: this backend only
 
     dtypes = [np.asarray(a).dtype for a in arrays]
 

@@ -130,7 +130,7 @@ def _candidates(directory: Path | None = None) -> list[Path]:
 def build_recipe(jax) -> _build.Recipe:
     """How ``make -C custom_ops ffi`` builds the CPU handlers for this jaxlib (``keras_implicit/_build.py``):
     its FFI headers (``jax.ffi.include_dir()``) go to make, its version into the cache key."""
-    import jaxlib
+    import jaxlib  # deferred: only to name its version in an error
 
     libraries = (_LIBRARY.name, _LIBRARY_AVX2.name) if platform.machine() == "x86_64" else (_LIBRARY.name,)
     return _build.Recipe(
@@ -207,7 +207,7 @@ def _load() -> bool:
         candidates = _candidates()  # a bad KERAS_IMPLICIT_OP_VARIANT raises from every panel, as on TensorFlow
         _State.attempted = True
         try:
-            import jax
+            import jax  # deferred: this backend only
         except ImportError as exc:  # the backend is JAX, so this only happens in a broken environment
             _State.error = f"jax cannot be imported ({exc})"
             return False
@@ -262,7 +262,7 @@ def _parameters(values) -> tuple[float, ...]:
 @functools.lru_cache(maxsize=None)
 def _differentiable_panel():
     """The custom_vjp panel ``panel(config, logits, labels, feature_norm)``, built once (it needs jax)."""
-    import jax
+    import jax  # deferred: this backend only
 
     def attributes(config):
         sigmas, temperatures, margins, error, reduce = config
@@ -326,7 +326,7 @@ def fused_panel(labels, logits, feature_norm, sigmas, temperatures, margins, err
     """
     if not _load():
         raise RuntimeError(f"the fused panel FFI kernel is not available: {_State.error}")
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # deferred: this backend only
 
     logits = jnp.asarray(logits)
     dtype = np.dtype(logits.dtype)

@@ -21,7 +21,7 @@ The op lives in ``keras_implicit/_panel_op.so`` (portable) and, on x86-64, ``_pa
   been compiled, never run (BUILD_NOTES.md, "The CUDA kernel").
 
 The op is loaded lazily, on the first panel computed, and the ``keras.ops`` path
-(``losses._panel_keras``) is used instead when:
+(``losses.panel_keras``) is used instead when:
 
 - the path is forced to ``"keras"`` (``keras_implicit.force_path``, ``KERAS_IMPLICIT_PANEL_PATH=keras`` or
   its older name ``KERAS_IMPLICIT_PURE_TF=1``: see ``keras_implicit/_dispatch.py``);

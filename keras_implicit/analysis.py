@@ -80,14 +80,22 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from keras_implicit import rundir
+from keras_implicit.config import effective_moving_statistics
+from keras_implicit.names import (  # noqa: F401  (the vocabulary, re-exported where users found it)
+    DEFAULT_LADDER,
+    FAMILIES,
+    FAMILY_GRID,
+    FAMILY_PARAMETER,
+    FAMILY_TITLE,
+    family_names,
+    parse_name,
+)
+
 __all__ = [
-    "FAMILIES",
-    "FAMILY_PARAMETER",
-    "FAMILY_TITLE",
     "RunDirectoryError",
     "GridMismatchError",
     "LevelNotReachedError",
-    "DEFAULT_LADDER",
     "Ladder",
     "loss_ladder",
     "ladder_markdown",
@@ -96,8 +104,6 @@ __all__ = [
     "LevelPoint",
     "Crossover",
     "Aggregate",
-    "parse_name",
-    "family_names",
     "load_run",
     "load_runs",
     "find_run_dirs",
@@ -119,11 +125,6 @@ __all__ = [
     "hparams_records",
 ]
 
-# The alternative loss families, their grid key in config.json and their parameter's symbol.
-FAMILIES = ("gcdf", "tce", "hinge")
-FAMILY_GRID = {"gcdf": "sigmas", "tce": "temperatures", "hinge": "margins"}
-FAMILY_PARAMETER = {"gcdf": "σ", "tce": "T", "hinge": "γ"}
-FAMILY_TITLE = {"gcdf": "Gcdf loss", "tce": "tempered cross-entropy", "hinge": "multi-class hinge"}
 
 # Config keys that do not make two runs different experiments.
 _BOOKKEEPING = ("seed", "data_dir", "versions", "git_commit", "run_dir", "name", "track_every",
@@ -146,31 +147,6 @@ class GridMismatchError(ValueError):
 
 class LevelNotReachedError(ValueError):
     """A run's training CE never comes down to the requested level."""
-
-
-def parse_name(name: str) -> tuple[str, float] | tuple[str, None]:
-    """Splits a tracked quantity's name: ``"gcdf@0.5" -> ("gcdf", 0.5)``, ``"ce" -> ("ce", None)``.
-
-    Raises ValueError for a name with ``@`` whose parameter is not a number.
-    """
-    if "@" not in name:
-        return name, None
-    family, _, text = name.partition("@")
-    try:
-        return family, float(text)
-    except ValueError:
-        raise ValueError(f"cannot parse the parameter of {name!r}: {text!r} is not a number") from None
-
-
-def family_names(names: Iterable[str], family: str) -> tuple[np.ndarray, list[str]]:
-    """The parameters (sorted ascending) and column names of one family among ``names``."""
-    pairs = []
-    for name in names:
-        key, value = parse_name(name)
-        if key == family and value is not None:
-            pairs.append((value, name))
-    pairs.sort()
-    return np.array([p for p, _ in pairs], dtype=np.float64), [n for _, n in pairs]
 
 
 # --------------------------------------------------------------------------- #
@@ -233,39 +209,31 @@ class Run:
 
 
 def _read_json(path: Path, required: bool) -> dict:
-    if not path.exists():
+    try:
+        value = rundir.read_json_object(path)
+    except rundir.UnreadableFileError as error:
+        raise RunDirectoryError(error.problem) from None
+    if value is None:
         if required:
             raise RunDirectoryError(
                 f"{path} is missing: is {path.parent} a run directory? run.py writes one; for a run of your own "
                 "loop, AltLossTracker(..., metrics_path=..., config={'lr': ..., 'batch_size': ..., 'seed': ...}) "
                 "writes it beside metrics.jsonl")
         return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RunDirectoryError(f"{path} is not valid JSON: {error}") from None
-    except OSError as error:
-        raise RunDirectoryError(f"{path} cannot be read: {error.strerror or error}") from None
-    if not isinstance(value, dict):
-        raise RunDirectoryError(f"{path} must hold a JSON object, got {type(value).__name__}")
     return value
 
 
 def _read_records(path: Path, strict: bool) -> list[dict]:
+    """``metrics.jsonl`` through the format's one parser (:func:`keras_implicit.rundir.parse_metrics`); a torn last
+    line (a killed run leaves one) is dropped with a warning unless ``strict``."""
     if not path.exists():
         raise RunDirectoryError(f"{path} is missing: the run has not written any tracking point")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    lines = text.split("\n")
-    records = []
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
     last_content = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as error:
+    records = []
+    for number, record, problem in rundir.parse_metrics(lines):
+        line = lines[number - 1]
+        if problem is not None:
             if number - 1 == last_content and not strict:
                 warnings.warn(
                     f"{path}:{number}: dropping a truncated last line (a killed run leaves one): {line[:60]!r}",
@@ -274,7 +242,7 @@ def _read_records(path: Path, strict: bool) -> list[dict]:
                 )
                 continue
             where = "truncated last line" if number - 1 == last_content else "malformed line"
-            raise RunDirectoryError(f"{path}:{number}: {where} ({error}): {line[:80]!r}") from None
+            raise RunDirectoryError(f"{path}:{number}: {where} ({problem}): {line[:80]!r}") from None
         for key in ("epoch", "step", "split"):
             if key not in record:
                 raise RunDirectoryError(f"{path}:{number}: the record has no {key!r}: {line[:80]!r}")
@@ -333,24 +301,24 @@ def load_run(path: str | os.PathLike, strict: bool = False) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise RunDirectoryError(_not_a_run_directory(path))
-    config = _read_json(path / "config.json", required=True)
+    config = _read_json(path / rundir.CONFIG, required=True)
     # As the run was trained: None with one micro-batch per step, "mean" for a config.json from before the setting.
     config["moving_statistics"] = effective_moving_statistics(config)
     try:
-        status = _read_json(path / "status.json", required=False)
+        status = _read_json(path / rundir.STATUS, required=False)
     except RunDirectoryError as error:
         # status.json only summarizes the run (run.py resumes over a damaged one and rewrites it).
         warnings.warn(f"{error}: it only summarizes the run; reading the run with its state unknown",
                       RuntimeWarning, stacklevel=2)
         status = {}
-    records = _read_records(path / "metrics.jsonl", strict)
+    records = _read_records(path / rundir.METRICS, strict)
     return Run(path=path, name=path.name, config=config, status=status, splits=_columns(records, path))
 
 
 def _not_a_run_directory(path: Path) -> str:
     if not path.exists():
         return f"{path} does not exist"
-    hint = f" (did you mean {path.parent}?)" if (path.parent / "config.json").exists() else ""
+    hint = f" (did you mean {path.parent}?)" if (path.parent / rundir.CONFIG).exists() else ""
     return (f"{path} is a file, not a run directory: give the folder that holds config.json and metrics.jsonl, "
             f"or a folder of such folders{hint}")
 
@@ -360,10 +328,10 @@ def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     name)."""
     found = []
     for path in map(Path, paths):
-        if path.is_dir() and (path / "config.json").exists():
+        if path.is_dir() and (path / rundir.CONFIG).exists():
             found.append(path)
         elif path.is_dir():
-            children = sorted(p for p in path.iterdir() if (p / "config.json").exists())
+            children = sorted(p for p in path.iterdir() if (p / rundir.CONFIG).exists())
             if not children:
                 raise RunDirectoryError(f"{path} is neither a run directory nor a folder of run directories (a "
                                         "run directory holds config.json and metrics.jsonl)")
@@ -733,7 +701,6 @@ def compare_at_level(a, b, family: str, level: float, hold: int = 0) -> Crossove
 # --------------------------------------------------------------------------- #
 # The ladder: gaps against the training-loss level
 # --------------------------------------------------------------------------- #
-DEFAULT_LADDER = (1.0, 0.5, 0.3, 0.15, 0.08, 0.04)
 
 
 @dataclasses.dataclass
@@ -886,18 +853,6 @@ def ladder_markdown(ladder: Ladder, family: str, parameters: Optional[Sequence[f
 # --------------------------------------------------------------------------- #
 # Seeds
 # --------------------------------------------------------------------------- #
-def effective_moving_statistics(config: Mapping) -> str | None:
-    """How a run's ghost batches updated BatchNorm's moving statistics (``RunConfig.moving_statistics``):
-    ``"sequential"`` or ``"mean"``; None with one micro-batch per step (``batch_size == ghost_batch_size``), where
-    the two are the same, and without ghost batches (no ``ghost_batch_size``: a run of a user's own training
-    loop). A ``config.json`` of run.py written before the setting existed says nothing: those runs used
-    ``"mean"``."""
-    batch, ghost = config.get("batch_size"), config.get("ghost_batch_size")
-    if ghost is None or (batch is not None and batch == ghost):
-        return None
-    return config.get("moving_statistics", "mean")
-
-
 def _experiment_key(config: Mapping) -> str:
     kept = {k: v for k, v in config.items() if k not in _BOOKKEEPING}
     kept["moving_statistics"] = effective_moving_statistics(config)

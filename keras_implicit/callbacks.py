@@ -41,10 +41,11 @@ from keras_implicit import losses as _losses
 from keras_implicit import metrics as _metrics
 from keras_implicit import models as _models
 from keras_implicit import sharpness as _sharpness
-from keras_implicit.training import LEVEL_WINDOW, LOSS_SMOOTHING, SCHEDULES, check_track_levels  # TensorFlow-free
+from keras_implicit.config import LEVEL_WINDOW, LOSS_SMOOTHING, check_track_levels
+from keras_implicit.names import CHART_TITLES, SCHEDULES
+from keras_implicit.rundir import CONFIG, atomic_write
 
 __all__ = [
-    "SCHEDULES",
     "tracking_steps",
     "check_track_levels",
     "LEVEL_WINDOW",
@@ -53,21 +54,12 @@ __all__ = [
     "DivergenceMonitor",
     "ProgressBar",
     "custom_scalars_layout",
-    "FAMILY_TITLES",
 ]
 
 # sqrt(2) * sigma * 1e-30 stays a normal float32 for every sigma >= 1e-8, so a tie still gives Phi(0) = 1/2.
 _SMALLEST_FEATURE_NORM = 1e-30
 
-FAMILY_TITLES = {
-    "gcdf": "Gcdf(sigma), eq. 6",
-    "tce": "tempered cross-entropy(T), eq. 7",
-    "hinge": "multi-class hinge(gamma), eq. 8",
-    "noisy_error": "noisy error(sigma), eq. 3 (Monte Carlo)",
-    "noisy_error_se": "noisy error's standard error(sigma)",
-    "noisy_ce": "noisy cross-entropy(sigma) (Monte Carlo)",
-    "eq9": "eq. 9 (CE + sigma^2/2 Tr H) / log 2",
-}
+FAMILY_TITLES = CHART_TITLES  # the name this module gave them first
 
 
 def log_spaced_steps(limit: int) -> list[int]:
@@ -106,7 +98,7 @@ def tracking_steps(steps_per_epoch: int, total_steps: int, track_every: Optional
 def custom_scalars_layout(names: Iterable[str], splits=("train", "test")):
     """The TensorBoard custom-scalars layout: per split, one chart per family with all its parameters,
     one for cross-entropy and error, one for the norms. Tags are ``<split>/<name>``."""
-    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.custom_scalar import layout_pb2  # deferred: this writer only
 
     names = list(names)
     families = []
@@ -167,7 +159,7 @@ class AltLossTracker(keras.callbacks.Callback):
             the ``track_every`` points are taken: only while the running training loss lies within a factor
             ``level_window`` of one of them (:meth:`near_a_level`); epoch ends and the ``"log"`` schedule's points
             are tracked as always. None: every ``track_every`` steps. Needs ``track_every``.
-        level_window: how near (a factor > 1; default 1.4).
+        level_window: how near (a factor > 1; default 1.15).
 
     After training, ``records`` holds every record written, ``diverged`` a message or None and
     ``target_reached`` whether the target loss was reached.
@@ -201,12 +193,12 @@ class AltLossTracker(keras.callbacks.Callback):
         self.splits = {"train": self._as_tensors(train_data, "train_data")}
         if test_data is not None:
             self.splits["test"] = self._as_tensors(test_data, "test_data")
-        self.sigmas = _metrics._parameter_list(sigmas, "sigma", allow_zero=True)
-        self.temperatures = _metrics._parameter_list(temperatures, "temperature", allow_zero=False)
-        self.margins = _metrics._parameter_list(margins, "margin", allow_zero=True)
+        self.sigmas = _metrics.parameter_list(sigmas, "sigma", allow_zero=True)
+        self.temperatures = _metrics.parameter_list(temperatures, "temperature", allow_zero=False)
+        self.margins = _metrics.parameter_list(margins, "margin", allow_zero=True)
         self.panel_names = _losses.panel_names(self.sigmas, self.temperatures, self.margins, error=True)
-        self.noisy_error_draws = 0 if not noisy_error_draws else _sharpness._validate_draws(noisy_error_draws)
-        self.noise_seed = _sharpness._validate_seed(noise_seed)
+        self.noisy_error_draws = 0 if not noisy_error_draws else _sharpness.validate_draws(noisy_error_draws)
+        self.noise_seed = _sharpness.validate_seed(noise_seed)
         if self.noisy_error_draws and not self.sigmas:
             raise ValueError("noisy_error_draws needs sigmas: the noisy error is measured on the Gcdf grid")
         self.sharpness_names = _sharpness.sharpness_names(self.sigmas) if self.noisy_error_draws else []
@@ -245,11 +237,9 @@ class AltLossTracker(keras.callbacks.Callback):
             text = json.dumps(config, indent=2, sort_keys=True)
         except (TypeError, ValueError) as error:
             raise ValueError(f"config must hold JSON values (numbers, strings, lists, dicts): {error}") from None
-        path = os.path.join(os.path.dirname(os.path.abspath(self.metrics_path)), "config.json")
+        path = os.path.join(os.path.dirname(os.path.abspath(self.metrics_path)), CONFIG)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-        os.replace(path + ".tmp", path)
+        atomic_write(path, (text + "\n").encode("utf-8"))
 
     @staticmethod
     def _as_tensors(data, what):
@@ -261,7 +251,7 @@ class AltLossTracker(keras.callbacks.Callback):
             raise ValueError(f"{what}: x and y must hold the same, non-zero number of examples "
                              f"(got {len(x)} and {len(y)})")
         x = x if ops.is_tensor(x) else ops.convert_to_tensor(np.asarray(x, np.float32))
-        return x, ops.convert_to_tensor(_losses._integer_labels(y, what))
+        return x, ops.convert_to_tensor(_losses.integer_labels(y, what))
 
     # ------------------------------------------------------------------ #
     # The measurement: one forward pass per split.

@@ -31,25 +31,22 @@ import dataclasses
 import gzip
 import os
 import pickle
+import socket
 from typing import Optional
 
 import numpy as np
 
-# The one list of dataset names and of their training sets' class counts (TensorFlow-free, for validation).
-from keras_implicit.training import DATASETS, TRAIN_CLASS_COUNTS
+from keras_implicit.config import balanced_subset_range
+from keras_implicit.names import DATASETS, SYSTEM_DIRS, TRAIN_CLASS_COUNTS, system_directories
 
 __all__ = [
-    "DATASETS",
     "IDX_FILES",
-    "SYSTEM_DIRS",
-    "system_directories",
     "Dataset",
     "DatasetUnavailableError",
     "read_idx",
     "write_idx",
     "load_idx_dir",
     "class_balanced_subset",
-    "balanced_subset_range",
     "load_dataset",
     "read_cifar_batch",
     "UnsafePickleError",
@@ -63,7 +60,6 @@ IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 # Directories that Debian packages install (dataset-fashion-mnist).
-SYSTEM_DIRS = {"fashion_mnist": ("/usr/share/datasets/fashion-mnist",), "mnist": (), "cifar10": ()}
 
 _HOW_TO_GET = {
     "fashion_mnist": (
@@ -285,7 +281,6 @@ def _load_cifar_dir(directory):
 # --------------------------------------------------------------------------- #
 def _network_reachable(host="storage.googleapis.com", port=443, timeout=3.0) -> bool:
     """Whether tensorflow-datasets' download host answers (offline, tfds retries for minutes)."""
-    import socket
 
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -295,7 +290,7 @@ def _network_reachable(host="storage.googleapis.com", port=443, timeout=3.0) -> 
 
 
 def _load_tfds(name, data_dir):
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # deferred: heavy (TensorFlow), only without the files
 
     try:  # already prepared in the tfds data directory: no network needed
         splits = tfds.load(name, split=["train", "test"], as_supervised=True, data_dir=data_dir, download=False)
@@ -318,17 +313,6 @@ def _load_tfds(name, data_dir):
 # --------------------------------------------------------------------------- #
 # Subsets and preprocessing
 # --------------------------------------------------------------------------- #
-def balanced_subset_range(class_counts) -> tuple[int, int]:
-    """``(smallest, largest)`` size that :func:`class_balanced_subset` can take from a training set with
-    ``class_counts[c]`` examples of class ``c``: at least one example of each class, and at most ``q * C + r``
-    where ``q`` is the smallest class's count and the first ``r`` classes (those before the first class of
-    count ``q``) can give one more. Fashion-MNIST (6000 of each class): (10, 60000); MNIST (its class 5 has
-    5421): (10, 54215)."""
-    counts = [int(c) for c in class_counts]
-    smallest = min(counts)
-    return len(counts), smallest * len(counts) + counts.index(smallest)
-
-
 def class_balanced_subset(labels: np.ndarray, size: int, num_classes: int) -> np.ndarray:
     """Indices (sorted) of a class-balanced subset: ``size // num_classes`` of each class, the first
     ``size % num_classes`` classes one more, taking each class's first examples in the given order.
@@ -388,12 +372,6 @@ def _missing_idx_files(directory) -> list[str]:
     """The standard IDX files that ``directory`` lacks, when it holds some of them (else [])."""
     missing = [s for pair in IDX_FILES.values() for s in pair if _find_file(directory, s) is None]
     return missing if len(missing) < 4 else []
-
-
-def system_directories(name: str) -> list[str]:
-    """The directories of :data:`SYSTEM_DIRS` for ``name`` that exist on this machine, in the order they are
-    read when no ``data_dir`` is given."""
-    return [d for d in SYSTEM_DIRS.get(name, ()) if os.path.isdir(d)]
 
 
 def load_dataset(name: str = "fashion_mnist", data_dir: Optional[str] = None,

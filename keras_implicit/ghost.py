@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import keras
 
-from keras_implicit._distribute import MOVING_STATISTICS, check_divides
+from keras_implicit import _distribute
+from keras_implicit.config import check_divides
+from keras_implicit.names import MOVING_STATISTICS
 
 __all__ = ["GhostBatchModel", "ghost_batch_model", "check_divides", "MOVING_STATISTICS"]
 
@@ -125,9 +127,7 @@ class GhostBatchModel(keras.Model):
 
     # ------------------------------------------------------------------ #
     def _tf_train_step(self, data):
-        import tensorflow as tf
-
-        from keras_implicit import _distribute
+        import tensorflow as tf  # deferred: this backend only
 
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         micro = self.ghost_batch_size
@@ -198,8 +198,8 @@ class GhostBatchModel(keras.Model):
 
     # ------------------------------------------------------------------ #
     def _jax_train_step(self, state, data):
-        import jax
-        import jax.numpy as jnp
+        import jax  # deferred: this backend only
+        import jax.numpy as jnp  # deferred: this backend only
 
         trainable, non_trainable, optimizer_variables, metrics_variables = state
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -261,7 +261,6 @@ def _leading_dimension(x):
 def _one_replica() -> bool:
     if keras.backend.backend() != "tensorflow":
         return True
-    from keras_implicit import _distribute
 
     return _distribute.replicas_in_sync() == 1
 
@@ -270,9 +269,7 @@ def _compose_replicas(initial, state, floats, momenta, count):
     """The moving statistics after every replica's micro-batches in the order of the replicas' slices, on every
     replica (see the module docstring): ``state`` is this replica's values after its ``count`` micro-batches run in
     order from ``initial``."""
-    import tensorflow as tf
-
-    from keras_implicit import _distribute
+    import tensorflow as tf  # deferred: this backend only
 
     replicas = _distribute.replicas_in_sync()
     if replicas == 1:

@@ -19,6 +19,15 @@ zero-one error            --          1 - [argmax_j s_j == y]
 The functional core returns per-sample values: ``[batch]`` for one parameter,
 ``[batch, K]`` for a sequence of K parameters. The ``Loss`` classes at the bottom
 are thin wrappers for training on a family.
+
+Internal API (not in ``__all__``; used by :mod:`keras_implicit.metrics`, :mod:`keras_implicit.sharpness`,
+:mod:`keras_implicit.callbacks` and the kernel seams, so that every module computes a formula from one
+definition): :class:`Margins` (the margins ``s_j - s_y`` of a batch, computed once), :func:`prepare` (labels and
+logits checked and cast), :func:`validate_parameters`, :func:`one_parameter`, :func:`parameter_grid`,
+:func:`validate_feature_norm_number`, :func:`feature_norm_tensor`, :func:`integer_labels` (one NumPy label
+reader), :func:`static_rank`, :func:`compute_dtype`, :func:`tce_columns` and :func:`error_column` (the tempered CE
+and the zero-one error from the margins), :func:`each_parameter` and :func:`panel_keras` (the keras.ops path of
+the panel).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from keras import ops
 
 from keras_implicit import _checks, _dispatch
 from keras_implicit._dispatch import active_path, force_path
+from keras_implicit.names import ERROR, GCDF, HINGE, TCE, format_parameter, panel_names  # noqa: F401  (re-exported)
 
 __all__ = [
     "gcdf",
@@ -40,8 +50,6 @@ __all__ = [
     "multiclass_hinge",
     "zero_one_error",
     "panel_values",
-    "panel_names",
-    "format_parameter",
     "parameter_grid",
     "active_path",
     "force_path",
@@ -54,26 +62,12 @@ Parameters = Union[float, Sequence[float], np.ndarray]
 
 _SQRT2 = math.sqrt(2.0)
 
-# Family keys, in the column order of panel_values; also the metric-name prefixes.
-GCDF, TCE, HINGE, ERROR = "gcdf", "tce", "hinge", "error"
 
 
 # --------------------------------------------------------------------------- #
 # Validation and preparation
 # --------------------------------------------------------------------------- #
-def format_parameter(value: float) -> str:
-    """The shortest decimal form of a parameter to 7 significant digits (float32's precision, in which the
-    losses are computed), as used in metric names.
-
-    ``1.0 -> "1"``, ``0.5 -> "0.5"``, ``0.0625 -> "0.0625"``, ``1e-05 -> "1e-05"``; a grid's rounding noise
-    does not reach the name: ``np.float32(0.1) -> "0.1"``, ``np.geomspace(0.0625, 16, 9)[3]`` (0.49999999999999994)
-    ``-> "0.5"``. A family's grid whose values give the same name is refused.
-    """
-    text = repr(float(f"{float(value):.7g}"))
-    return text[:-2] if text.endswith(".0") else text
-
-
-def _validate_parameters(values, name: str, *, allow_zero: bool):
+def validate_parameters(values, name: str, *, allow_zero: bool):
     """Returns (float64 1-D array, was_scalar). Raises ValueError naming `name`."""
     if ops.is_tensor(values) or isinstance(values, keras.Variable):
         raise TypeError(
@@ -105,9 +99,9 @@ def _validate_parameters(values, name: str, *, allow_zero: bool):
     return array, scalar
 
 
-def _one_parameter(value, name: str, *, allow_zero: bool) -> float:
+def one_parameter(value, name: str, *, allow_zero: bool) -> float:
     """One validated number (the parameter of a Loss or a single Metric)."""
-    array, scalar = _validate_parameters(value, name, allow_zero=allow_zero)
+    array, scalar = validate_parameters(value, name, allow_zero=allow_zero)
     if not scalar:
         raise ValueError(f"{name} must be one number here, got {value!r}")
     return float(array[0])
@@ -117,10 +111,10 @@ def parameter_grid(values, name: str, *, allow_zero: bool) -> np.ndarray:
     """A validated float64 grid of one family's parameters; None or an empty sequence gives an empty grid."""
     if values is None or (not isinstance(values, numbers.Number) and np.size(values) == 0):
         return np.zeros(0)
-    return _validate_parameters(values, name, allow_zero=allow_zero)[0]
+    return validate_parameters(values, name, allow_zero=allow_zero)[0]
 
 
-def _validate_feature_norm_number(feature_norm) -> None:
+def validate_feature_norm_number(feature_norm) -> None:
     """A Loss's or Metric's ``feature_norm``: None or one finite number > 0."""
     if feature_norm is None:
         return
@@ -130,14 +124,14 @@ def _validate_feature_norm_number(feature_norm) -> None:
         raise ValueError(f"feature_norm must be a finite number > 0, got {feature_norm!r}")
 
 
-def _static_rank(x) -> Optional[int]:
+def static_rank(x) -> Optional[int]:
     try:
         return len(x.shape)
     except (TypeError, ValueError):  # a TensorFlow tensor of unknown rank
         return None
 
 
-def _compute_dtype(dtype: str) -> str:
+def compute_dtype(dtype: str) -> str:
     # float16/bfloat16 logits are computed in float32: erfc and exp tails underflow in half precision.
     return dtype if dtype in ("float32", "float64") else "float32"
 
@@ -149,7 +143,7 @@ def _as_tensor(x, name: str):
         x = x.value
     tensor = ops.convert_to_tensor(x)
     if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # deferred: this backend only
 
         if isinstance(tensor, tf.Variable):
             tensor = tf.convert_to_tensor(tensor)
@@ -159,13 +153,13 @@ def _as_tensor(x, name: str):
     return tensor
 
 
-def _prepare(y_true, y_pred):
+def prepare(y_true, y_pred):
     """Validates shapes (values are checked in ``_panel``); returns (labels int32 [B], logits [B, C] float32/64)."""
     logits = _as_tensor(y_pred, "y_pred")
     dtype = keras.backend.standardize_dtype(logits.dtype)
-    if _compute_dtype(dtype) != dtype:
-        logits = ops.cast(logits, _compute_dtype(dtype))
-    rank = _static_rank(logits)
+    if compute_dtype(dtype) != dtype:
+        logits = ops.cast(logits, compute_dtype(dtype))
+    rank = static_rank(logits)
     if rank is not None and rank != 2:
         raise ValueError(f"y_pred must be logits of rank 2 [batch, classes], got shape {tuple(logits.shape)}")
     classes = logits.shape[-1] if rank == 2 else None
@@ -176,7 +170,7 @@ def _prepare(y_true, y_pred):
     label_dtype = keras.backend.standardize_dtype(labels.dtype)
     if label_dtype == "string" or label_dtype.startswith("complex"):
         raise TypeError(f"y_true must be integer labels or one-hot rows of numbers, got dtype {label_dtype}")
-    label_rank = _static_rank(labels)
+    label_rank = static_rank(labels)
     if label_rank == 2 and labels.shape[-1] == 1:
         labels = ops.squeeze(labels, axis=-1)
     elif label_rank == 2 and labels.shape[-1] is None:
@@ -221,9 +215,9 @@ def _check_one_hot(rows: np.ndarray) -> None:
         )
 
 
-def _integer_labels(y, what: str) -> np.ndarray:
+def integer_labels(y, what: str) -> np.ndarray:
     """int32 labels [n] from integer labels [n] or [n, 1], or one-hot rows [n, classes], as NumPy (the whole
-    dataset of the tracker or of sharpness.evaluate_sharpness at once; traced batches go through _prepare)."""
+    dataset of the tracker or of sharpness.evaluate_sharpness at once; traced batches go through prepare)."""
     labels = np.asarray(ops.convert_to_numpy(y) if ops.is_tensor(y) else y)
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
@@ -238,24 +232,24 @@ def _integer_labels(y, what: str) -> np.ndarray:
     return labels.astype(np.int32)
 
 
-def _feature_norm_tensor(feature_norm, logits):
+def feature_norm_tensor(feature_norm, logits):
     """None -> None; a positive scalar or one per sample -> a scalar or a [B] tensor of the logits' dtype."""
     if feature_norm is None:
         return None
     if isinstance(feature_norm, numbers.Number):
-        _validate_feature_norm_number(feature_norm)
+        validate_feature_norm_number(feature_norm)
         return ops.convert_to_tensor(feature_norm, logits.dtype)
     norm = ops.cast(ops.convert_to_tensor(feature_norm), logits.dtype)
-    if _static_rank(norm) == 2:
+    if static_rank(norm) == 2:
         norm = ops.squeeze(norm, axis=-1)
-    if _static_rank(norm) not in (0, 1):
+    if static_rank(norm) not in (0, 1):
         raise ValueError(f"feature_norm must be a scalar or one value per sample, got shape {tuple(norm.shape)}")
-    if _static_rank(norm) == 1:
+    if static_rank(norm) == 1:
         norm = _checks.check_batch(norm, logits, name="feature_norm")
     return norm  # values are checked in _panel, by the path that computes them
 
 
-class _Margins:
+class Margins:
     """The shared part of every family, computed once per batch.
 
     ``d_j = s_j - s_y`` with the true class itself set to -inf (``others``): then Phi(-inf) = 0,
@@ -278,7 +272,7 @@ class _Margins:
 # --------------------------------------------------------------------------- #
 # The formulas: one definition each, per sample, on shared margins, all parameters of a family at once.
 # --------------------------------------------------------------------------- #
-def _each_parameter(formula, margins, values: np.ndarray):
+def each_parameter(formula, margins, values: np.ndarray):
     """``formula(margins, p)`` (a reduction over the last axis) for every parameter ``p``: [B, K].
 
     One formula, vectorized the way the backend runs it fastest (benchmarks/panel_backends.py): on JAX and
@@ -292,7 +286,7 @@ def _each_parameter(formula, margins, values: np.ndarray):
     return formula(margins[:, None, :], parameters)
 
 
-def _gcdf_columns(m: _Margins, sigmas: np.ndarray, norm):
+def _gcdf_columns(m: Margins, sigmas: np.ndarray, norm):
     """Gcdf (eq. 6) for every sigma: [B, K].
 
     ``Phi(d / (sqrt 2 sigma ||x||)) = erfc(-d / (2 sigma ||x||)) / 2``: erfc keeps the relative accuracy of
@@ -306,9 +300,9 @@ def _gcdf_columns(m: _Margins, sigmas: np.ndarray, norm):
         # mask: -inf / ||x|| would give the norm a NaN gradient (0 * inf).
         d = m.d_others
         if norm is not None:
-            d = ops.where(m.others, m.d / (norm[:, None] if _static_rank(norm) == 1 else norm),
+            d = ops.where(m.others, m.d / (norm[:, None] if static_rank(norm) == 1 else norm),
                           ops.cast(-np.inf, dtype))
-        positive_values = 0.5 * _each_parameter(lambda d, scale: ops.sum(ops.erfc(d * scale), axis=-1), d,
+        positive_values = 0.5 * each_parameter(lambda d, scale: ops.sum(ops.erfc(d * scale), axis=-1), d,
                                                 -0.5 / positive)
     if not np.any(sigmas == 0):
         return positive_values
@@ -325,7 +319,7 @@ def _gcdf_columns(m: _Margins, sigmas: np.ndarray, norm):
     return ops.concatenate(columns, axis=-1)
 
 
-def _tce_columns(m: _Margins, temperatures: np.ndarray):
+def tce_columns(m: Margins, temperatures: np.ndarray):
     """Tempered cross-entropy (eq. 7) for every T: [B, K].
 
     -log softmax(s/T)_y = log(1 + sum_{j!=y} exp(d_j / T)) = softplus(logsumexp_{j!=y} d_j / T): accurate
@@ -336,16 +330,16 @@ def _tce_columns(m: _Margins, temperatures: np.ndarray):
     # As tf.reduce_logsumexp: an infinite largest margin (infinite logits) shifts by 0, not by inf - inf = NaN.
     largest = ops.where(ops.isfinite(largest), largest, ops.zeros_like(largest))
     inverse = 1.0 / temperatures
-    sums = _each_parameter(lambda d, scale: ops.sum(ops.exp(d * scale), axis=-1), m.d_others - largest, inverse)
+    sums = each_parameter(lambda d, scale: ops.sum(ops.exp(d * scale), axis=-1), m.d_others - largest, inverse)
     return ops.softplus(largest * ops.convert_to_tensor(inverse[None, :], m.d.dtype) + ops.log(sums))
 
 
-def _hinge_columns(m: _Margins, margins: np.ndarray):
+def _hinge_columns(m: Margins, margins: np.ndarray):
     """Multi-class hinge (eq. 8) for every gamma: [B, K]."""
-    return _each_parameter(lambda d, margin: ops.sum(ops.relu(margin + d), axis=-1), m.d_others, margins)
+    return each_parameter(lambda d, margin: ops.sum(ops.relu(margin + d), axis=-1), m.d_others, margins)
 
 
-def _error_column(m: _Margins):
+def error_column(m: Margins):
     """1 - [argmax s == y], with argmax's tie rule (the lowest index wins): [B, 1].
 
     From the margins: y loses to j < y on s_j >= s_y and to j > y on s_j > s_y.
@@ -356,18 +350,18 @@ def _error_column(m: _Margins):
     return ops.cast(ops.any(loses, axis=-1), m.d.dtype)[:, None]
 
 
-def _panel_keras(labels, logits, feature_norm, sigmas, temperatures, margins, error):
+def panel_keras(labels, logits, feature_norm, sigmas, temperatures, margins, error):
     """The ``keras.ops`` path: [B, K1 + K2 + K3 + error] from one set of margins."""
-    m = _Margins(labels, logits)
+    m = Margins(labels, logits)
     columns = []
     if sigmas.size:
         columns.append(_gcdf_columns(m, sigmas, feature_norm))
     if temperatures.size:
-        columns.append(_tce_columns(m, temperatures))
+        columns.append(tce_columns(m, temperatures))
     if margins.size:
         columns.append(_hinge_columns(m, margins))
     if error:
-        columns.append(_error_column(m))
+        columns.append(error_column(m))
     values = columns[0] if len(columns) == 1 else ops.concatenate(columns, axis=-1)
     invalid = m.invalid
     if feature_norm is not None and sigmas.size:
@@ -419,8 +413,8 @@ def panel_values(
     margins = parameter_grid(margins, "margin", allow_zero=True)
     if not (sigmas.size or temperatures.size or margins.size or error):
         raise ValueError("the panel is empty: give sigmas, temperatures, margins or error=True")
-    labels, logits = _prepare(y_true, y_pred)
-    norm = _feature_norm_tensor(feature_norm, logits)
+    labels, logits = prepare(y_true, y_pred)
+    norm = feature_norm_tensor(feature_norm, logits)
     return _panel(labels, logits, norm, sigmas, temperatures, margins, bool(error), path)
 
 
@@ -434,27 +428,17 @@ def _panel(labels, logits, feature_norm, sigmas, temperatures, margins, error, p
     kernel = _dispatch.panel_kernel(path)
     if kernel is None or _checks.is_concrete(labels, logits):
         labels = _checks.check_labels(labels, ops.shape(logits)[-1])
-        if feature_norm is not None:  # a tensor of rank 0 or 1 (_feature_norm_tensor)
+        if feature_norm is not None:  # a tensor of rank 0 or 1 (feature_norm_tensor)
             feature_norm = _checks.check_positive(feature_norm, "feature_norm must be finite and > 0")
     if kernel is not None:
         return kernel(labels, logits, feature_norm, sigmas, temperatures, margins, error)
-    return _panel_keras(labels, logits, feature_norm, sigmas, temperatures, margins, error)
-
-
-def panel_names(sigmas: Parameters = (), temperatures: Parameters = (), margins: Parameters = (), error=False):
-    """The column names of :func:`panel_values`: ``gcdf@0.5``, ``tce@2``, ``hinge@1``, ``error``."""
-    names = [f"{GCDF}@{format_parameter(s)}" for s in np.atleast_1d(sigmas)] if np.size(sigmas) else []
-    names += [f"{TCE}@{format_parameter(t)}" for t in np.atleast_1d(temperatures)] if np.size(temperatures) else []
-    names += [f"{HINGE}@{format_parameter(g)}" for g in np.atleast_1d(margins)] if np.size(margins) else []
-    if error:
-        names.append(ERROR)
-    return names
+    return panel_keras(labels, logits, feature_norm, sigmas, temperatures, margins, error)
 
 
 def _single_family(y_true, y_pred, values, name, allow_zero, family, feature_norm=None):
-    array, scalar = _validate_parameters(values, name, allow_zero=allow_zero)
-    labels, logits = _prepare(y_true, y_pred)
-    norm = _feature_norm_tensor(feature_norm, logits)
+    array, scalar = validate_parameters(values, name, allow_zero=allow_zero)
+    labels, logits = prepare(y_true, y_pred)
+    norm = feature_norm_tensor(feature_norm, logits)
     empty = np.zeros(0)
     arguments = {GCDF: empty, TCE: empty, HINGE: empty}
     arguments[family] = array
@@ -542,7 +526,7 @@ def zero_one_error(y_true, y_pred):
     Returns:
         [batch], 0 or 1 (NaN where the logits hold NaN).
     """
-    labels, logits = _prepare(y_true, y_pred)
+    labels, logits = prepare(y_true, y_pred)
     empty = np.zeros(0)
     return _panel(labels, logits, None, empty, empty, empty, True)[:, 0]
 
@@ -585,8 +569,8 @@ class Gcdf(_LossFunctionWrapper):
     """
 
     def __init__(self, sigma=1.0, feature_norm=None, reduction="sum_over_batch_size", name="gcdf", dtype=None):
-        self.sigma = _one_parameter(sigma, "sigma", allow_zero=True)
-        _validate_feature_norm_number(feature_norm)
+        self.sigma = one_parameter(sigma, "sigma", allow_zero=True)
+        validate_feature_norm_number(feature_norm)
         self.feature_norm = feature_norm
         super().__init__(gcdf, reduction=reduction, name=name, dtype=dtype, sigma=self.sigma,
                          feature_norm=feature_norm)
@@ -610,7 +594,7 @@ class TemperedCrossentropy(_LossFunctionWrapper):
     """
 
     def __init__(self, temperature=1.0, reduction="sum_over_batch_size", name="tempered_crossentropy", dtype=None):
-        self.temperature = _one_parameter(temperature, "temperature", allow_zero=False)
+        self.temperature = one_parameter(temperature, "temperature", allow_zero=False)
         super().__init__(tempered_crossentropy, reduction=reduction, name=name, dtype=dtype,
                          temperature=self.temperature)
 
@@ -633,7 +617,7 @@ class MulticlassHinge(_LossFunctionWrapper):
     """
 
     def __init__(self, margin=1.0, reduction="sum_over_batch_size", name="multiclass_hinge", dtype=None):
-        self.margin = _one_parameter(margin, "margin", allow_zero=True)
+        self.margin = one_parameter(margin, "margin", allow_zero=True)
         super().__init__(multiclass_hinge, reduction=reduction, name=name, dtype=dtype, margin=self.margin)
 
     def get_config(self):

@@ -12,6 +12,7 @@ import keras
 from keras import ops
 
 from keras_implicit import losses as _losses
+from keras_implicit.names import DEFAULT_MARGINS, DEFAULT_SIGMAS, DEFAULT_TEMPERATURES  # noqa: F401  (re-exported)
 
 __all__ = [
     "Gcdf",
@@ -20,19 +21,10 @@ __all__ = [
     "ZeroOneError",
     "AltLossPanel",
     "alt_loss_panel",
-    "DEFAULT_SIGMAS",
-    "DEFAULT_TEMPERATURES",
-    "DEFAULT_MARGINS",
 ]
 
-# Log-spaced (powers of 2) grids covering the paper's values (sigma 0.5, 1 and 8 among them).
-# 9 + 7 + 7 + the error = 24 losses.
-DEFAULT_SIGMAS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-DEFAULT_TEMPERATURES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-DEFAULT_MARGINS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
-
-def _declare_lower_is_better(metric: keras.metrics.Metric) -> None:
+def declare_lower_is_better(metric: keras.metrics.Metric) -> None:
     """Lets ``EarlyStopping``/``ModelCheckpoint``/``ReduceLROnPlateau`` with ``mode="auto"`` minimize ``metric``.
 
     Keras 3 has no public way to say this: its ``MonitorCallback`` reads the private attribute
@@ -63,12 +55,12 @@ class Gcdf(keras.metrics.MeanMetricWrapper):
     """
 
     def __init__(self, sigma=1.0, feature_norm=None, name=None, dtype=None):
-        self.sigma = _losses._one_parameter(sigma, "sigma", allow_zero=True)
-        _losses._validate_feature_norm_number(feature_norm)
+        self.sigma = _losses.one_parameter(sigma, "sigma", allow_zero=True)
+        _losses.validate_feature_norm_number(feature_norm)
         self.feature_norm = feature_norm
         name = name or _losses.panel_names(sigmas=[self.sigma])[0]
         super().__init__(_losses.gcdf, name=name, dtype=dtype, sigma=self.sigma, feature_norm=feature_norm)
-        _declare_lower_is_better(self)
+        declare_lower_is_better(self)
 
     def get_config(self):
         return {"name": self.name, "dtype": self.dtype, "sigma": self.sigma, "feature_norm": self.feature_norm}
@@ -86,10 +78,10 @@ class TemperedCrossentropy(keras.metrics.MeanMetricWrapper):
     """
 
     def __init__(self, temperature=1.0, name=None, dtype=None):
-        self.temperature = _losses._one_parameter(temperature, "temperature", allow_zero=False)
+        self.temperature = _losses.one_parameter(temperature, "temperature", allow_zero=False)
         name = name or _losses.panel_names(temperatures=[self.temperature])[0]
         super().__init__(_losses.tempered_crossentropy, name=name, dtype=dtype, temperature=self.temperature)
-        _declare_lower_is_better(self)
+        declare_lower_is_better(self)
 
     def get_config(self):
         return {"name": self.name, "dtype": self.dtype, "temperature": self.temperature}
@@ -107,10 +99,10 @@ class MulticlassHinge(keras.metrics.MeanMetricWrapper):
     """
 
     def __init__(self, margin=1.0, name=None, dtype=None):
-        self.margin = _losses._one_parameter(margin, "margin", allow_zero=True)
+        self.margin = _losses.one_parameter(margin, "margin", allow_zero=True)
         name = name or _losses.panel_names(margins=[self.margin])[0]
         super().__init__(_losses.multiclass_hinge, name=name, dtype=dtype, margin=self.margin)
-        _declare_lower_is_better(self)
+        declare_lower_is_better(self)
 
     def get_config(self):
         return {"name": self.name, "dtype": self.dtype, "margin": self.margin}
@@ -127,7 +119,7 @@ class ZeroOneError(keras.metrics.MeanMetricWrapper):
 
     def __init__(self, name="error", dtype=None):
         super().__init__(_losses.zero_one_error, name=name, dtype=dtype)
-        _declare_lower_is_better(self)
+        declare_lower_is_better(self)
 
     def get_config(self):
         return {"name": self.name, "dtype": self.dtype}
@@ -175,11 +167,11 @@ class AltLossPanel(keras.metrics.Metric):
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a string, got {prefix!r}")
         self.prefix = prefix
-        self.sigmas = _parameter_list(sigmas, "sigma", allow_zero=True)
-        self.temperatures = _parameter_list(temperatures, "temperature", allow_zero=False)
-        self.margins = _parameter_list(margins, "margin", allow_zero=True)
+        self.sigmas = parameter_list(sigmas, "sigma", allow_zero=True)
+        self.temperatures = parameter_list(temperatures, "temperature", allow_zero=False)
+        self.margins = parameter_list(margins, "margin", allow_zero=True)
         self.error = bool(error)
-        _losses._validate_feature_norm_number(feature_norm)
+        _losses.validate_feature_norm_number(feature_norm)
         self.feature_norm = feature_norm
         self.names = _losses.panel_names(self.sigmas, self.temperatures, self.margins, self.error)
         if not self.names:
@@ -224,7 +216,7 @@ class AltLossPanel(keras.metrics.Metric):
         }
 
 
-def _parameter_list(values, name, allow_zero):
+def parameter_list(values, name, allow_zero):
     return [float(v) for v in _losses.parameter_grid(values, name, allow_zero=allow_zero)]
 
 

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import keras
 
-from keras_implicit.training import MODELS  # the one list of model names (TensorFlow-free, for validation)
+from keras_implicit.names import MODELS
 
 __all__ = ["MODELS", "L2Normalization", "make_model", "with_features", "top_layer"]
 

@@ -983,7 +983,7 @@ def write_ladder(runs, a: str, b: str, out_dir: str | os.PathLike, levels: Seque
 
     Raises:
         RunDirectoryError: ``a`` or ``b`` is not a group of ``runs``; the errors of
-        :func:`keras_implicit.analysis.loss_ladder`.
+            :func:`keras_implicit.analysis.loss_ladder`.
     """
     levels = list(analysis.DEFAULT_LADDER if levels is None else levels)
     groups = {group.label: group for group in analysis.group_runs(runs)}

@@ -83,13 +83,13 @@ NOISY_ERROR, NOISY_ERROR_SE, NOISY_CE, EQ9, HESSIAN_TRACE = "noisy_error", "nois
 _LOG2 = math.log(2.0)
 
 
-def _validate_draws(draws) -> int:
+def validate_draws(draws) -> int:
     if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or draws < 2:
         raise ValueError(f"draws must be an integer >= 2 (the standard error needs two), got {draws!r}")
     return int(draws)
 
 
-def _validate_seed(seed) -> int:
+def validate_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
         raise ValueError(f"seed must be an integer in [0, 2^32), got {seed!r}")
     return int(seed)
@@ -97,16 +97,16 @@ def _validate_seed(seed) -> int:
 
 def _norms(feature_norm, logits):
     """||x|| per example, [B]: ones when None (normalized features)."""
-    norm = _losses._feature_norm_tensor(feature_norm, logits)
+    norm = _losses.feature_norm_tensor(feature_norm, logits)
     batch = ops.shape(logits)[0]
     if norm is None:
         return ops.ones((batch,), logits.dtype)
-    return norm * ops.ones((batch,), logits.dtype) if _losses._static_rank(norm) == 0 else norm
+    return norm * ops.ones((batch,), logits.dtype) if _losses.static_rank(norm) == 0 else norm
 
 
 def _crossentropy(margins):
     """The CE per sample from shared margins: eq. 7's formula at T = 1, [B]."""
-    return _losses._tce_columns(margins, np.array([1.0]))[:, 0]
+    return _losses.tce_columns(margins, np.array([1.0]))[:, 0]
 
 
 def _noisy_columns(margins, norm, sigmas: np.ndarray, noise):
@@ -125,7 +125,7 @@ def _noisy_columns(margins, norm, sigmas: np.ndarray, noise):
     wrong_columns, ce_columns = [], []
     for sigma in sigmas:
         if sigma == 0:
-            wrong_columns.append(_losses._error_column(margins)[:, 0])
+            wrong_columns.append(_losses.error_column(margins)[:, 0])
             ce_columns.append(_crossentropy(margins))
             continue
         noisy = ops.where(others, margins.d[:, None, :] + float(sigma) * spread, minus_inf)  # [B, D, C]
@@ -190,7 +190,7 @@ def noisy_error(y_true, y_pred, sigma, draws: int = DEFAULT_DRAWS, seed: int = 0
         >>> noisy_error([0], [[0.0, 0.0]], sigma=1.0, draws=4096)  # a tie: a coin flip, about 0.5
         >>> noisy_error([0, 1], [[2.0, 0.0], [2.0, 0.0]], sigma=[0.5, 1.0, 4.0])  # [2, 3]
     """
-    sigmas, scalar = _losses._validate_parameters(sigma, "sigma", allow_zero=True)
+    sigmas, scalar = _losses.validate_parameters(sigma, "sigma", allow_zero=True)
     wrong, _ = _noisy(y_true, y_pred, sigmas, draws, seed, feature_norm)
     return _single(wrong, scalar)
 
@@ -205,18 +205,18 @@ def noisy_crossentropy(y_true, y_pred, sigma, draws: int = DEFAULT_DRAWS, seed: 
         >>> keras.ops.convert_to_numpy(noisy_crossentropy([0], [[5.0, 0.0]], sigma=0.0))  # the CE itself
         array([0.00671...], dtype=float32)
     """
-    sigmas, scalar = _losses._validate_parameters(sigma, "sigma", allow_zero=True)
+    sigmas, scalar = _losses.validate_parameters(sigma, "sigma", allow_zero=True)
     _, ce = _noisy(y_true, y_pred, sigmas, draws, seed, feature_norm)
     return _single(ce, scalar)
 
 
 def _noisy(y_true, y_pred, sigmas, draws, seed, feature_norm):
-    draws, seed = _validate_draws(draws), _validate_seed(seed)
-    labels, logits = _losses._prepare(y_true, y_pred)
+    draws, seed = validate_draws(draws), validate_seed(seed)
+    labels, logits = _losses.prepare(y_true, y_pred)
     labels = _checks.check_labels(labels, ops.shape(logits)[-1])
     norm = _norms(feature_norm, logits)
     shape = (ops.shape(logits)[0], draws, ops.shape(logits)[1])
-    return _noisy_columns(_losses._Margins(labels, logits), norm, sigmas, _draw_noise(shape, seed, logits.dtype))
+    return _noisy_columns(_losses.Margins(labels, logits), norm, sigmas, _draw_noise(shape, seed, logits.dtype))
 
 
 def crossentropy_hessian_trace(y_pred, feature_norm=None):
@@ -238,8 +238,8 @@ def crossentropy_hessian_trace(y_pred, feature_norm=None):
         array([0.5], dtype=float32)
     """
     logits = ops.convert_to_tensor(y_pred)
-    logits = ops.cast(logits, _losses._compute_dtype(keras.backend.standardize_dtype(logits.dtype)))
-    if _losses._static_rank(logits) != 2:
+    logits = ops.cast(logits, _losses.compute_dtype(keras.backend.standardize_dtype(logits.dtype)))
+    if _losses.static_rank(logits) != 2:
         raise ValueError(f"y_pred must be logits of rank 2 [batch, classes], got shape {tuple(logits.shape)}")
     return _hessian_trace(logits, _norms(feature_norm, logits))
 
@@ -264,10 +264,10 @@ def eq9(y_true, y_pred, sigma, feature_norm=None):
         >>> keras.ops.convert_to_numpy(eq9([0], [[0.0, 0.0]], sigma=2.0))  # (log 2 + 2 * 0.5) / log 2
         array([2.4426...], dtype=float32)
     """
-    sigmas, scalar = _losses._validate_parameters(sigma, "sigma", allow_zero=True)
-    labels, logits = _losses._prepare(y_true, y_pred)
+    sigmas, scalar = _losses.validate_parameters(sigma, "sigma", allow_zero=True)
+    labels, logits = _losses.prepare(y_true, y_pred)
     labels = _checks.check_labels(labels, ops.shape(logits)[-1])
-    ce = _crossentropy(_losses._Margins(labels, logits))
+    ce = _crossentropy(_losses.Margins(labels, logits))
     return _single(_eq9_columns(ce, _hessian_trace(logits, _norms(feature_norm, logits)), sigmas), scalar)
 
 
@@ -301,7 +301,7 @@ def _fused_column_sums(sigmas: tuple, dtype: str):
         logits = ops.cast(logits, "float32")
         norm = ops.norm(ops.cast(features, "float32"), axis=-1)
         labels = ops.cast(labels, "int32")
-        margins = _losses._Margins(labels, logits)  # shared by the noisy columns and the CE of eq. 9
+        margins = _losses.Margins(labels, logits)  # shared by the noisy columns and the CE of eq. 9
         wrong, noisy_ce = _noisy_columns(margins, norm, grid, noise)
         trace = _hessian_trace(logits, norm)
         ce = _crossentropy(margins)
@@ -363,10 +363,10 @@ def evaluate_sharpness(model: keras.Model, x, y, sigmas: Sequence[float] = _metr
     sigmas = _losses.parameter_grid(sigmas, "sigma", allow_zero=True)
     if not sigmas.size:
         raise ValueError("sigmas is empty: give at least one value")
-    draws, seed = _validate_draws(draws), _validate_seed(seed)
+    draws, seed = validate_draws(draws), validate_seed(seed)
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"x and y must hold the same, non-zero number of examples (got {len(x)} and {len(y)})")
-    y = _losses._integer_labels(y, "evaluate_sharpness")
+    y = _losses.integer_labels(y, "evaluate_sharpness")
     evaluator = SharpnessSums(model, sigmas, draws)
     total = None
     size = noise_batch_size(batch_size, draws, evaluator.classes)

@@ -3,7 +3,7 @@
 What ``experiments/sweep.py`` does, for a user scheduling runs from Python::
 
     from keras_implicit import sweep
-    from keras_implicit.training import RunConfig
+    from keras_implicit.config import RunConfig
 
     configs = sweep.grid(RunConfig(epochs=30, target_train_loss=0.3),
                          lr=[0.1, 0.001], batch_size=[256, 16384], seed=[0, 1, 2])
@@ -26,6 +26,7 @@ TensorBoard's summary writer), and this module imports none at import time.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import itertools
@@ -42,7 +43,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from keras_implicit import analysis
-from keras_implicit.training import RunConfig, default_run_name, stored_differences
+from keras_implicit.config import RunConfig, default_run_name, stored_differences
+from keras_implicit.rundir import CONFIG, METRICS, STATUS, read_state
 
 __all__ = [
     "TERMINAL_STATES",
@@ -151,14 +153,8 @@ def plan(configs: Sequence[RunConfig], runs_dir, command: Callable[[RunConfig, P
 
 def run_state(run_dir) -> str:
     """``"missing"`` (no ``status.json``), ``"unreadable"``, or the state ``status.json`` holds (``"running"`` for a
-    run killed while running)."""
-    try:
-        status = json.loads((Path(run_dir) / "status.json").read_text())
-    except FileNotFoundError:
-        return "missing"
-    except (OSError, ValueError):
-        return "unreadable"
-    return str(status.get("state", "unknown")) if isinstance(status, dict) else "unreadable"
+    run killed while running): :func:`keras_implicit.rundir.read_state`."""
+    return read_state(run_dir)
 
 
 def _asked(changes: dict) -> str:
@@ -167,7 +163,7 @@ def _asked(changes: dict) -> str:
 
 def last_train_record(run_dir) -> Optional[dict]:
     """The last whole ``split == "train"`` record of ``run_dir/metrics.jsonl`` (read from the file's end), or None."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     try:
         with open(path, "rb") as handle:
             handle.seek(0, os.SEEK_END)
@@ -301,7 +297,7 @@ def run_jobs(jobs: Sequence[Job], parallel: int, logs_dir, stream=None, poll: fl
 
 
 # What export_run keeps of a run directory: its settings and its records, not its checkpoints or TensorBoard files.
-EXPORTED_FILES = ("config.json", "status.json", "metrics.jsonl")
+EXPORTED_FILES = (CONFIG, STATUS, METRICS)
 
 
 def export_run(run_dir, out_dir) -> Optional[Path]:
@@ -327,8 +323,8 @@ def write_hparams(records: list[dict], log_dir, level: Optional[float] = None) -
     """TensorBoard's hparams dashboard from :func:`keras_implicit.analysis.hparams_records`: one session per run
     (needs TensorFlow). ``log_dir`` is replaced as a whole, so that a summary at another level (named in the
     metrics' display names) never sits beside an older one."""
-    import tensorflow as tf
-    from tensorboard.plugins.hparams import api as hp
+    import tensorflow as tf  # deferred: this backend only
+    from tensorboard.plugins.hparams import api as hp  # deferred: this writer only
 
     final = Path(log_dir)
     log_dir = final.with_name(f".{final.name}.writing")
@@ -370,7 +366,7 @@ def _other_runs(runs_dir: Path, run_dirs: Sequence[Path]) -> list[Path]:
         return []
     ours = {Path(d).resolve() for d in run_dirs}
     return sorted(d for d in runs_dir.iterdir() if d.is_dir() and d.name not in OWN_FOLDERS
-                  and (d / "metrics.jsonl").exists() and d.resolve() not in ours)
+                  and (d / METRICS).exists() and d.resolve() not in ours)
 
 
 def summarize(run_dirs: Sequence, out_dir, level: Optional[float] = None, hparams: bool = True, stream=None,
@@ -406,7 +402,7 @@ def summarize(run_dirs: Sequence, out_dir, level: Optional[float] = None, hparam
     for run_dir in run_dirs:
         if not run_dir.is_dir():
             missing["no run directory"].append(run_dir.name)
-        elif not (run_dir / "metrics.jsonl").exists():
+        elif not (run_dir / METRICS).exists():
             missing["no metrics.jsonl yet"].append(run_dir.name)
         else:
             try:
@@ -456,7 +452,6 @@ def summarize(run_dirs: Sequence, out_dir, level: Optional[float] = None, hparam
 
 def _train_main(argv=None) -> int:
     """``python -m keras_implicit.sweep --out RUN_DIR --config JSON``: one run of :func:`train_command`."""
-    import argparse
 
     parser = argparse.ArgumentParser(prog="python -m keras_implicit.sweep",
                                      description="Train one RunConfig (given as JSON) into a run directory.")
@@ -474,7 +469,7 @@ def _train_main(argv=None) -> int:
     except ValueError as error:
         parser.error(f"--config: {error}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from keras_implicit.training import train_with_exit_code
+    from keras_implicit.training import train_with_exit_code  # deferred: the worker process only (Keras)
 
     return train_with_exit_code(config, args.out, progress=False)
 

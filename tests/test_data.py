@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from keras_implicit import data as ki_data
+from keras_implicit import names
 
 
 def _write_idx_dir(directory, n_train=50, n_test=20, shape=(6, 5), compress=True, seed=0):
@@ -175,7 +176,7 @@ def test_tensorflow_datasets_path_under_mock_data(name, shape, tmp_path):
     ("cifar10", "cifar-10-batches-py"),
 ])
 def test_unavailable_dataset_says_how_to_get_it(name, hint, tmp_path, monkeypatch, offline_tfds):
-    monkeypatch.setattr(ki_data, "SYSTEM_DIRS", {k: () for k in ki_data.SYSTEM_DIRS})
+    monkeypatch.setattr(names, "SYSTEM_DIRS", {k: () for k in ki_data.SYSTEM_DIRS})
 
     with pytest.raises(ki_data.DatasetUnavailableError, match="could not load it") as raised:
         ki_data.load_dataset(name, data_dir=str(tmp_path))
@@ -197,7 +198,7 @@ def test_a_data_dir_that_is_not_a_directory_is_refused(what, tmp_path, monkeypat
     system = tmp_path / "system"
     system.mkdir()
     _write_idx_dir(str(system))
-    monkeypatch.setattr(ki_data, "SYSTEM_DIRS", {**ki_data.SYSTEM_DIRS, "fashion_mnist": (str(system),)})
+    monkeypatch.setattr(names, "SYSTEM_DIRS", {**ki_data.SYSTEM_DIRS, "fashion_mnist": (str(system),)})
     given = tmp_path / "given"
     if what == "file":
         given.write_text("not a directory")
@@ -212,7 +213,7 @@ def test_a_data_dir_without_the_files_does_not_fall_back_on_a_system_directory(t
     system = tmp_path / "system"
     system.mkdir()
     _write_idx_dir(str(system))
-    monkeypatch.setattr(ki_data, "SYSTEM_DIRS", {**ki_data.SYSTEM_DIRS, "fashion_mnist": (str(system),)})
+    monkeypatch.setattr(names, "SYSTEM_DIRS", {**ki_data.SYSTEM_DIRS, "fashion_mnist": (str(system),)})
     given = tmp_path / "given"
     given.mkdir()
     ki_data.write_idx(given / "train-images-idx3-ubyte.gz", np.zeros((3, 2, 2), np.uint8))  # one of the four

@@ -84,7 +84,11 @@ CHECKS = textwrap.dedent(
     report = {"replicas": strategy.num_replicas_in_sync}
 
     def difference(a, b):
-        return max(float(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64)).max()) for u, v in zip(a, b))
+        # Beyond what float32 rounding of a moving average of momentum 0.99 can accumulate on either side
+        # (1/2 eps |v| / (1 - m) = 50 eps |v| each): the BatchNorm variances (about 0.7) reach 6-7 ulps.
+        return max(float(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64)).max()
+                         - 100 * np.finfo(np.float32).eps * np.abs(np.asarray(v, np.float64)).max())
+                   for u, v in zip(a, b))
 
     def compiled(model, scope=contextlib.nullcontext()):
         with scope:
@@ -261,13 +265,15 @@ def _finish(process, timeout=300):
 
 
 def _assert_same_records(records, reference, rtol, atol, error_atol):
+    """``error_atol``: a number, or one per split (a changed prediction moves a split's error by 1 / its size)."""
     assert [(r["step"], r["split"]) for r in records] == [(r["step"], r["split"]) for r in reference]
     for record, expected in zip(records, reference):
         for name, value in expected.items():
             if name in ("epoch", "step", "split"):
                 assert record[name] == value
             else:
-                tolerance = error_atol if name == "error" else atol
+                split_atol = error_atol[expected["split"]] if isinstance(error_atol, dict) else error_atol
+                tolerance = split_atol if name == "error" else atol
                 np.testing.assert_allclose(record[name], value, rtol=rtol, atol=tolerance,
                                            err_msg=f"step {expected['step']} {expected['split']} {name}")
 
@@ -288,7 +294,8 @@ def test_run_py_mirrored_trains_resumes_and_equals_one_device(idx_dir, tmp_path)
     assert read_json(tmp_path / "two", "status.json")["state"] == "finished"
     assert read_json(tmp_path / "two", "config.json")["strategy"] == "mirrored"
     # The same run to float32 rounding (2 replicas add gradients in another order), over 36 steps.
-    _assert_same_records(records, read_records(tmp_path / "one"), rtol=1e-4, atol=1e-5, error_atol=2 / 1200)
+    _assert_same_records(records, read_records(tmp_path / "one"), rtol=1e-4, atol=1e-5,
+                          error_atol={"train": 2 / 1200, "test": 2 / 200})
 
 
 # --------------------------------------------------------------------------- #

@@ -83,13 +83,13 @@ def test_panel_equals_individual_metrics(classes):
 
 def test_panel_computes_the_margins_once_per_batch(monkeypatch):
     calls = []
-    original = losses._Margins.__init__
+    original = losses.Margins.__init__
 
     def counting_init(self, *args, **kwargs):
         calls.append(1)
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(losses._Margins, "__init__", counting_init)
+    monkeypatch.setattr(losses.Margins, "__init__", counting_init)
     (panel,) = ki.alt_loss_panel()
     labels, logits = random_batch(32, 10)
     panel.update_state(labels, logits)
@@ -240,7 +240,7 @@ def _stoppers(monitor_fits):
 
 @pytest.mark.parametrize("metric,monitor", _MONITOR_CASES)
 def test_monitor_callbacks_minimize_the_family_metrics(metric, monitor, monitor_fits):
-    """EarlyStopping(mode="auto") learns from the metric that lower is better (metrics._declare_lower_is_better):
+    """EarlyStopping(mode="auto") learns from the metric that lower is better (metrics.declare_lower_is_better):
     if Keras changes how MonitorCallback infers the direction, this fails instead of silently maximizing."""
     stopper = _stoppers(monitor_fits)[monitor]
     assert stopper.monitor_op is keras.ops.less
