@@ -177,5 +177,10 @@ setup(
             # The layers contract (.importlinter), checked in .ci/run.
             "import-linter",
         ],
+        # The documentation site (mkdocs.yml; built with --strict in .ci/run).
+        "docs": [
+            "mkdocs-material",
+            "mkdocstrings[python]",
+        ],
     },
 )

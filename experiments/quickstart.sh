@@ -31,10 +31,10 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pins=(-c constraints.txt)
 [ "${KERAS_IMPLICIT_LATEST:-0}" = "1" ] && pins=()
-echo "quickstart: pip install -e '.[dev]' into $venv ${pins[*]:+(pinned: constraints.txt)}"
+echo "quickstart: pip install -e '.[dev,docs]' into $venv ${pins[*]:+(pinned: constraints.txt)}"
 # TensorFlow and JAX first: the install builds the fused op and the JAX kernel against their headers.
 "$venv/bin/python" -m pip install -q "${pins[@]}" 'tensorflow==2.21.*' jax
-"$venv/bin/python" -m pip install -q "${pins[@]}" -e '.[dev]'
+"$venv/bin/python" -m pip install -q "${pins[@]}" -e '.[dev,docs]'
 
 echo "quickstart: $venv/bin/python experiments/run.py $*"
 exec "$venv/bin/python" experiments/run.py "$@"

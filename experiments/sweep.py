@@ -93,7 +93,8 @@ def base_config(args) -> RunConfig:
     parsed = _run_parser().parse_args(shared_flags(args))
     if parsed.strategy == "multiworker":
         raise ValueError("--strategy multiworker cannot be passed on: each worker of a cluster runs run.py with "
-                         "its own TF_CONFIG (README, \"More than one GPU or machine\"); --strategy mirrored can")
+                         "its own TF_CONFIG (docs/backends.md, \"More than one GPU or machine\"); --strategy "
+                         "mirrored can")
     return run_settings.config_from_arguments(parsed)
 
 

@@ -120,7 +120,7 @@ def panel_kernel(path: Optional[str] = None) -> Optional[Callable]:
         from keras_implicit import _ffi  # the JAX seam: imported on the JAX backend only
 
         # auto: the FFI kernel's AVX2 build where it loads (faster than XLA's fusion of the keras.ops path on the
-        # CPU, forward and with the gradient: BUILD_NOTES.md, "The JAX binding: XLA FFI (CPU)"), else keras.ops.
+        # CPU, forward and with the gradient: docs/build.md, "The JAX binding: XLA FFI (CPU)"), else keras.ops.
         return _ffi.panel_ffi(required=wanted == "op", source=source)
     if backend != "tensorflow":
         if wanted == "op":

@@ -47,7 +47,7 @@ The call:
   ``panel_cuda_kernels.cuh``, built by ``make -C custom_ops cuda`` with nvcc, never by ``pip install``) holds
   CUDA handlers under the same four names; where JAX's default backend is a CUDA GPU and the library is built,
   they are registered for the ``"CUDA"`` platform (and the CPU ones, where built, for ``"cpu"``). They have not
-  yet been run on a GPU by this project (BUILD_NOTES.md, "The CUDA kernel"), so on a GPU the kernel is taken only
+  yet been run on a GPU by this project (docs/build.md, "The CUDA kernel"), so on a GPU the kernel is taken only
   where ``"op"`` asks for it; ``"auto"`` keeps the ``keras.ops`` path there. A CUDA call takes at most
   ``CUDA_MAX_PARAMETERS`` parameters and ``CUDA_MAX_TEMPERATURES`` temperatures (kernel arguments and shared
   memory); a larger panel is computed in several calls, column groups concatenated in order.

@@ -18,7 +18,7 @@ The op lives in ``keras_implicit/_panel_op.so`` (portable) and, on x86-64, ``_pa
 - ``cuda``: ``keras_implicit/_panel_op_cuda.so``, the op with GPU kernels as well (``make -C custom_ops
   tf-gpu``: nvcc and a CUDA-enabled TensorFlow; never built by ``pip install``). ``auto`` takes it where it is
   built and TensorFlow sees a GPU, and falls back to the CPU builds if it fails to load. Its GPU kernels have
-  been compiled, never run (BUILD_NOTES.md, "The CUDA kernel").
+  been compiled, never run (docs/build.md, "The CUDA kernel").
 
 The op is loaded lazily, on the first panel computed, and the ``keras.ops`` path
 (``losses.panel_keras``) is used instead when:
@@ -64,7 +64,7 @@ __all__ = [
 _LOGGER = logging.getLogger("keras_implicit")
 _LIBRARY = Path(__file__).with_name("_panel_op.so")
 # The same op compiled with -mavx2 -mfma (x86-64 only): with Eigen's vectorized erfc and exp the op is
-# 3.4-5x faster than the portable build (BUILD_NOTES.md, "Timings"). Loaded only on CPUs with both (it would
+# 3.4-5x faster than the portable build (docs/build.md, "Timings"). Loaded only on CPUs with both (it would
 # crash, not fail to load, elsewhere).
 _LIBRARY_AVX2 = Path(__file__).with_name("_panel_op_avx2.so")
 # The op with GPU kernels too (custom_ops/panel_op_gpu.cc, `make -C custom_ops tf-gpu`): the package's only.

@@ -1,69 +1,9 @@
 """Comparison of training runs at equal training loss, the paper's method (section 4.3).
 
-Two runs that reach the same training cross-entropy have made the same progress on the loss they
-were given; this module asks how far each has gone on the *other* losses it tracked (Gcdf for
-several sigma, tempered cross-entropy for several T, multi-class hinge for several gamma, the
-error). It reads run directories written by ``experiments/run.py`` and never imports TensorFlow:
-finished runs can be analysed on any machine with NumPy.
-
-A run directory holds::
-
-    config.json    the flags and the tracked grids ("sigmas", "temperatures", "margins")
-    status.json    {"state": "running" | "finished" | "diverged", "epoch", "step"}
-    metrics.jsonl  one JSON object per tracking point and split:
-                   {"epoch", "step", "split": "train" | "test", "ce", "error",
-                    "gcdf@0.5", "tce@2", "hinge@1", ..., "feature_norm", ...}
-
-**Value at a training-loss level** (:func:`at_level`). The run's training CE is followed through
-its tracking points until it first drops to ``level`` or below (the *first crossing*). Between the
-two points around it, ``i - 1`` (CE above the level) and ``i`` (at or below it), the crossing lies at
-the fraction ``t`` of the way in ``log CE``::
-
-    t = (log ce[i-1] - log level) / (log ce[i-1] - log ce[i])        0 < t <= 1
-
-CE falls roughly exponentially over training, so log CE is close to linear in time between two points
-and ``t`` is the fraction of the *time* between them at which the crossing happens: the epoch and the
-step of the crossing are ``x[i-1] + t * (x[i] - x[i-1])``. Every other quantity is read at that same
-fraction of time, on the same exponential model, by :func:`interpolate`: geometrically when both of its
-values are > 0, linearly otherwise (the error, ``gcdf@0`` and the hinge can be exactly 0)::
-
-    log value = log value[i-1] + t * (log value[i] - log value[i-1])     value[i-1], value[i] > 0
-    value     = value[i-1] + t * (value[i] - value[i-1])                 otherwise
-
-So a quantity that equals the training CE (``tce@1``, the tempered CE at T = 1, *is* the cross-entropy) comes
-out at the level (up to the float32 rounding of the records), and one that changes exponentially in time
-between the two points is recovered exactly. ``values["ce"]`` is the level itself. The test split is read the
-same way at the crossing's step, at the fraction of the steps between the two test points around it (``t``
-itself when the test points are at the training points' steps). A run whose CE never gets down to the level (or
-that starts below it) raises :class:`LevelNotReachedError`.
-
-**A settled crossing** (``hold=k``). Near convergence the tracked CE of a large learning rate is far from
-monotone (0.25, 0.35, 0.16, 0.29 at four consecutive points of one run): its first crossing of a level can land
-on a dip. With ``hold=k`` the crossing used is the first one after which the CE stays at or below the level
-for the next ``k`` tracking points (the run's last points count as holding when fewer than ``k`` remain);
-the interpolation is the same, between that crossing's two points.
-
-**The ladder** (:func:`loss_ladder`). Two settings (seed groups) compared at a ladder of levels: at each level
-and parameter, the ratio of the seed means ``a / b``, the spread of the seed-paired ratios ``a_s / b_s``,
-the crossovers, and the test error of both at the crossing.
-
-**Crossover** (:func:`crossovers`). For one family tracked by two runs at one level, the
-difference ``a(p) - b(p)`` is followed along the parameter grid; where it changes sign between
-``p_k`` and ``p_{k+1}`` the crossover is interpolated linearly in ``log p``::
-
-    log p* = log p_k + d_k / (d_k - d_{k+1}) * (log p_{k+1} - log p_k)
-
-A grid point where the difference is exactly 0 is itself a crossover when the sign differs on its
-two sides. Parameters <= 0 (sigma = 0) have no place on a log axis and are left out.
-
-**Seeds** (:func:`group_runs`, :func:`aggregate`). Runs whose configs are equal except for the seed
-(and what does not change the experiment: data_dir, versions, git_commit, the tracking schedule, the epoch
-cap and target, determinism, the tf.distribute strategy and its replicas) form one group; values are
-reported as the mean and the sample standard deviation (ddof = 1; NaN for a single seed) over its seeds.
-Groups come in a fixed order, whatever the order of the runs: by model, dataset, optimizer, training loss
-and training subset, then from the fastest setting to the slowest (descending learning rate, ascending
-batch size, ascending ghost batch size), so two groups that differ by learning rate or batch size unpack
-as ``fast, slow = group_runs(runs)``.
+Reads run directories (:func:`load_runs`) without importing TensorFlow, reads every tracked quantity where the
+training CE first crosses a level (:func:`at_level`, interpolated in log CE between tracking points), groups runs
+over seeds (:func:`group_runs`, :func:`aggregate`) and finds where two settings' ordering flips along a family's
+parameter (:func:`crossovers`, :func:`loss_ladder`). The method, with its formulas, is the page docs/comparison.md.
 """
 
 from __future__ import annotations

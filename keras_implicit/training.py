@@ -1,69 +1,10 @@
 """The paper's training protocol: ghost batches, run directories, checkpoints and resume.
 
-``train(RunConfig(lr=0.1), "runs/fc6-lr0.1")`` trains one of the library's models with plain
-cross-entropy (SGD, momentum 0.9, constant learning rate, no weight decay, no augmentation) while an
-:class:`~keras_implicit.callbacks.AltLossTracker` tracks the panel on the whole training and test sets,
-and writes the run directory:
-
-- ``config.json``: every setting of :class:`RunConfig`, the panel's grids (``sigmas``,
-  ``temperatures``, ``margins``), ``versions`` and ``git_commit``;
-- ``status.json``: ``{"state": "running" | "finished" | "diverged", "epoch", "step", "message"}``;
-- ``metrics.jsonl``: one record per tracking point and split (see :mod:`keras_implicit.callbacks`);
-- ``tb/``: TensorBoard scalars and the custom-scalars layout (one chart per family);
-- ``checkpoint.npz``: weights, optimizer state (momentum, iteration counter), epoch, step, the
-  length of ``metrics.jsonl`` and of the TensorBoard event files at that point, and a copy of
-  ``config.json``; replaced atomically at each epoch end, the one it replaces kept as
-  ``checkpoint.prev.npz``.
-
-**Ghost batches** (the paper's section 4.2): the model is a :class:`~keras_implicit.ghost.GhostBatchModel`,
-which applies each batch as micro-batches of ``ghost_batch_size``: each BatchNormalization normalizes its
-own micro-batch, the optimizer takes one step per batch with the mean of the micro-batch gradients (equal
-to the gradient of the mean loss over the batch), and the moving statistics take one update per micro-batch, in
-order (``moving_statistics="sequential"``; ``"mean"``: one per step with the micro-batches' mean moments).
-``optimizer.iterations`` counts batches.
-
-**Several devices or machines** (``strategy``, TensorFlow only): ``"mirrored"`` trains on every GPU of the
-machine (or on ``cpu_replicas`` logical CPU devices), ``"multiworker"`` on every machine of ``TF_CONFIG``'s
-cluster. Each replica holds a contiguous ``batch_size / replicas`` of every batch, in micro-batches of
-``ghost_batch_size`` (``batch_size`` must be a multiple of ``replicas * ghost_batch_size``); gradients and
-moving statistics are averaged over all of them, so the run is the same run as on one device (to float
-rounding). The tracker's sums are split over the replicas and added up. Only the chief (worker 0, or the task
-of type ``"chief"``) reads and writes the run directory; it tells the other workers whether and from which
-checkpoint to train, and sends them its restored weights. A worker that stops makes the others stop with a
-:class:`WorkerLostError`; rerunning the same commands resumes from the last checkpoint.
-
-**An epoch** is ``steps_per_epoch = n_train // batch_size`` whole large batches: the training set is
-shuffled with a generator seeded by ``(seed, epoch)`` and the ``n_train % batch_size`` examples left
-over at the end of the permutation are not used in that epoch (different ones each epoch). No
-accumulation window straddles two epochs and no partial micro-batch is ever weighted as a full one.
-
-**Resume.** Rerunning the same command on a run directory continues from the last checkpoint (the
-last completed epoch): ``metrics.jsonl`` is cut back to the checkpoint's length so no point is logged
-twice, TensorBoard points are written only at checkpoints. A finished run is left alone; a different
-configuration is refused unless ``overwrite``, except for ``epochs`` and ``target_train_loss`` (``EXTENDABLE``),
-which only say when to stop: changing them continues the run from its checkpoint (``config.json`` then holds the
-new values), as if it had been started with them, within what it has trained. ``epochs`` below the steps the
-checkpoint holds cannot be undone: a RunError, with nothing changed (a cap at or above them is accepted, e.g. 2
-for a run stopped by its target inside epoch 2). A target that the records up to the checkpoint already went
-below stops the run there (nothing is trained or tracked again), and the status message gives the step of its
-first crossing, where a run started with it would have stopped, and the step the run went on to. A second
-process on the same directory is refused (``fcntl.flock``). A run that cannot start leaves no directory behind
-if ``train`` created it. With ``deterministic=True`` (``tf.config.experimental.enable_op_determinism`` on TensorFlow)
-the resumed run's metrics equal an uninterrupted run's bit for bit (see the README's Experiments
-section for what was measured).
-
-**Damaged run directories** (a file truncated or overwritten on disk) cost at most one epoch, never a
-traceback: each file that cannot be read gets one line naming it. A damaged or missing
-``checkpoint.npz`` is a warning on stderr and the run resumes from ``checkpoint.prev.npz`` (one epoch
-older; ``metrics.jsonl`` and the TensorBoard files are cut back to it, so the result is the same as
-an uninterrupted run's); if neither can be read, a RunError says to rerun with ``overwrite``.
-``status.json`` only summarizes: damaged, it is a warning and the run resumes from its checkpoint
-(which rewrites it; a finished run just finishes again, with nothing to train). ``config.json`` defines the
-run: damaged, it is restored from the copy in the newest readable checkpoint with a warning, or, with
-no copy (checkpoints written before copies were kept), a RunError says to restore it or rerun with
-``overwrite``. A torn last line of ``metrics.jsonl`` (a crash mid-write) is after the checkpoint and
-is cut away on resume; ``analysis.load_run`` drops it with a warning. ``metrics.jsonl`` shorter
-than its checkpoint counted, or a malformed line before that point, is a RunError (points were lost).
+``train(RunConfig(lr=0.1), "runs/fc6-lr0.1")`` trains one of the library's models with plain cross-entropy (SGD,
+momentum 0.9, constant learning rate) while an :class:`~keras_implicit.callbacks.AltLossTracker` tracks the panel on
+the whole training and test sets, and writes the run directory (``config.json``, ``status.json``, ``metrics.jsonl``,
+``tb/``, ``checkpoint.npz``), from which rerunning the same call resumes. The specification (the run directory's
+files, ghost batches, epochs, several devices, resume, damaged files) is the page docs/protocol.md.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$
 mkdir -p "$work/.pin" && "$python" -m venv "$work/.pin/venv"
 "$work/.pin/venv/bin/python" -m pip install -q -U pip
 "$work/.pin/venv/bin/python" -m pip install -q 'tensorflow==2.21.*' jax
-"$work/.pin/venv/bin/python" -m pip install -q "$work[dev]"
+"$work/.pin/venv/bin/python" -m pip install -q "$work[dev,docs]"
 {
     echo "# Pinned by tools/pin.sh on $(date -u +%Y-%m-%d) for $("$work/.pin/venv/bin/python" --version 2>&1)" \
         "on $(uname -m): the set .ci/run tests. Refresh: bash tools/pin.sh $python $out"
