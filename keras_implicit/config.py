@@ -393,12 +393,16 @@ RunConfig.__doc__ = RunConfig.__doc__.format(attributes="\n".join(
 # --------------------------------------------------------------------------- #
 # Flags: one per setting, from the fields
 # --------------------------------------------------------------------------- #
-def positive_int(text):
-    """argparse's type of a positive integer flag (its error says what is wrong with the text)."""
+def _integer(text) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def positive_int(text):
+    """argparse's type of a positive integer flag (its error says what is wrong with the text)."""
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
@@ -406,10 +410,7 @@ def positive_int(text):
 
 def draws_count(text):
     """argparse's type of ``--noisy-error-draws``: 0 (off) or at least 2."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = _integer(text)
     if value < 0 or value == 1:
         raise argparse.ArgumentTypeError(f"must be 0 (off) or at least 2 (the standard error needs two), got {value}")
     return value
