@@ -27,6 +27,7 @@ _EXPORTS = {
     "tempered_crossentropy": "losses",
     "multiclass_hinge": "losses",
     "zero_one_error": "losses",
+    "mixture": "losses",
     "panel_values": "losses",
     "panel_names": "names",
     "format_parameter": "names",

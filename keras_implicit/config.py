@@ -55,6 +55,7 @@ __all__ = [
     "balanced_subset_range",
     "effective_moving_statistics",
     "parse_loss",
+    "parse_objective",
     "default_run_name",
     "grids",
     "differences",
@@ -196,6 +197,44 @@ def parse_loss(loss: str):
 
 
 
+def parse_objective(loss: str) -> tuple:
+    """A training objective: one loss, or a weighted sum of them, ``TERM[+TERM...]`` with ``TERM`` =
+    ``[WEIGHT*]LOSS`` and ``LOSS`` one of :func:`parse_loss`'s (``ce``, ``gcdf@SIGMA``, ``tce@T``,
+    ``hinge@GAMMA``).
+
+    ``"ce"`` -> ``((1.0, "ce", None),)``; ``"ce+0.1*gcdf@4"`` -> ``((1.0, "ce", None), (0.1, "gcdf", 4.0))``.
+
+    Raises ValueError, naming the expression, for an empty term, a weight that is not a finite number > 0, a loss
+    :func:`parse_loss` refuses, or one loss twice.
+    """
+    text = str(loss).replace(" ", "")
+    terms, seen = [], set()
+    for term in re.split(r"(?<![eE\d.][eE])\+", text) if text else [""]:
+        weight_text, star, name = term.rpartition("*")
+        if not name:
+            raise ValueError(f"loss {loss!r}: an empty term (write e.g. ce+0.1*gcdf@4)")
+        weight = 1.0
+        if star:
+            try:
+                weight = float(weight_text)
+            except ValueError:
+                raise ValueError(f"loss {loss!r}: the weight {weight_text!r} is not a number (write e.g. "
+                                 "ce+0.1*gcdf@4)") from None
+            if not (math.isfinite(weight) and weight > 0):
+                raise ValueError(f"loss {loss!r}: the weight {weight_text} must be a finite number > 0")
+        try:
+            family, parameter = parse_loss(name)
+        except ValueError as error:
+            if "+" in text or star:
+                raise ValueError(f"loss {loss!r}: {error}") from None
+            raise
+        if (family, parameter) in seen:
+            raise ValueError(f"loss {loss!r}: {name} appears twice (give it one weight)")
+        seen.add((family, parameter))
+        terms.append((weight, family, parameter))
+    return tuple(terms)
+
+
 def _setting(default, help: str, kind: Optional[str] = None, choices: Optional[Sequence[str]] = None,
              argparse_choices: bool = True, metavar: Optional[str] = None):
     """A RunConfig field with its documentation and how its flag parses (``kind``: ``positive_int``, ``int``,
@@ -228,7 +267,7 @@ class RunConfig:
     seed: int = _setting(0, "initialization and shuffling seed, 0 to 2**32 - 1", kind="int")
     optimizer: str = _setting("sgd", "sgd (momentum 0.9) or adam", choices=OPTIMIZERS, argparse_choices=False)
     loss: str = _setting("ce", "training loss: ce, or gcdf@SIGMA (SIGMA > 0), tce@T (T > 0), hinge@GAMMA "
-                               "(GAMMA >= 0)")
+                               "(GAMMA >= 0), or a weighted sum of them, e.g. ce+0.1*gcdf@4")
     train_subset: Optional[int] = _setting(
         None, "train on a class-balanced subset of this many examples (at least one batch, at most 60000 for "
               "fashion_mnist, 54215 for mnist, 50000 for cifar10)", kind="positive_int")
@@ -272,7 +311,7 @@ class RunConfig:
             raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-        parse_loss(self.loss)
+        parse_objective(self.loss)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"the learning rate must be a finite number > 0, got {self.lr}")
         for name in ("batch_size", "ghost_batch_size", "epochs"):
@@ -382,7 +421,7 @@ def default_run_name(config: RunConfig) -> str:
     if effective_moving_statistics(config.flags()) == "mean":
         parts.append("bnmean")
     parts.append(f"s{config.seed}")
-    return "-".join(parts).replace("@", "")
+    return "-".join(parts).replace("@", "").replace("*", "x")
 
 
 _FIELDS = {field.name: field for field in dataclasses.fields(RunConfig)}

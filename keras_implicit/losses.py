@@ -42,6 +42,7 @@ from keras import ops
 
 from keras_implicit import _checks, _dispatch
 from keras_implicit._dispatch import active_path, force_path
+from keras_implicit.config import parse_objective
 from keras_implicit.names import ERROR, GCDF, HINGE, TCE, format_parameter, panel_names  # noqa: F401  (re-exported)
 
 __all__ = [
@@ -56,6 +57,8 @@ __all__ = [
     "Gcdf",
     "TemperedCrossentropy",
     "MulticlassHinge",
+    "mixture",
+    "Mixture",
 ]
 
 Parameters = Union[float, Sequence[float], np.ndarray]
@@ -622,3 +625,67 @@ class MulticlassHinge(_LossFunctionWrapper):
 
     def get_config(self):
         return {**super().get_config(), "margin": self.margin}
+
+
+def mixture(y_true, y_pred, terms: Sequence, feature_norm=None):
+    """A weighted sum of the families per sample: ``sum_i w_i * loss_i(y, s)``, every term from one set of
+    margins (:func:`panel_values`); ``ce`` is the tempered cross-entropy at ``T = 1`` (Keras' sparse categorical
+    cross-entropy from logits).
+
+    Args:
+        y_true: integer labels [batch] or [batch, 1], or one-hot [batch, classes].
+        y_pred: logits [batch, classes].
+        terms: ``(weight, family, parameter)`` triples (:func:`keras_implicit.config.parse_objective`), the family
+            ``"ce"`` (parameter None), ``"gcdf"``, ``"tce"`` or ``"hinge"``.
+        feature_norm: ||x|| of the top layer's input for the Gcdf terms (None: 1).
+
+    Returns:
+        [batch].
+
+    Example:
+        >>> mixture(labels, logits, parse_objective("ce+0.1*gcdf@4"))  # CE plus a tenth of Gcdf(4)
+    """
+    grids = {GCDF: [], TCE: [], HINGE: []}
+    weights = {GCDF: [], TCE: [], HINGE: []}
+    for weight, family, parameter in terms:
+        family, parameter = (TCE, 1.0) if family == "ce" else (family, parameter)
+        if family not in grids:
+            raise ValueError(f"unknown family {family!r} in a mixture: ce, gcdf, tce or hinge")
+        if parameter in grids[family]:
+            raise ValueError(f"{family}@{format_parameter(parameter)} appears twice in the mixture")
+        grids[family].append(float(parameter))
+        weights[family].append(float(weight))
+    if not any(grids.values()):
+        raise ValueError("a mixture needs at least one term")
+    columns = panel_values(y_true, y_pred, sigmas=grids[GCDF], temperatures=grids[TCE], margins=grids[HINGE],
+                           feature_norm=feature_norm)
+    weight_row = np.asarray([*weights[GCDF], *weights[TCE], *weights[HINGE]], np.float64)
+    return ops.sum(columns * ops.cast(weight_row, columns.dtype)[None, :], axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="keras_implicit")
+class Mixture(_LossFunctionWrapper):
+    """A weighted sum of the families as a training objective (``ce + 0.1 * gcdf@4``); see :func:`mixture`.
+
+    Args:
+        loss: the objective as :func:`keras_implicit.config.parse_objective` reads it, e.g. ``"ce+0.1*gcdf@4"``
+            (what ``run.py --loss`` takes).
+        feature_norm: ||x|| of the top layer's input as one positive number (the Gcdf terms); None means 1.
+        reduction: a Keras reduction, default ``"sum_over_batch_size"``.
+        name: the loss name.
+        dtype: the loss computation dtype.
+
+    Example:
+        >>> model.compile("sgd", loss=Mixture("ce+0.1*gcdf@4"))
+    """
+
+    def __init__(self, loss="ce", feature_norm=None, reduction="sum_over_batch_size", name="mixture", dtype=None):
+        self.loss = str(loss)
+        self.terms = parse_objective(self.loss)
+        validate_feature_norm_number(feature_norm)
+        self.feature_norm = feature_norm
+        super().__init__(mixture, reduction=reduction, name=name, dtype=dtype, terms=self.terms,
+                         feature_norm=feature_norm)
+
+    def get_config(self):
+        return {**super().get_config(), "loss": self.loss, "feature_norm": self.feature_norm}

@@ -33,7 +33,8 @@ from keras_implicit.config import (  # noqa: F401  (CONFIG_FLAGS: re-exported)
     default_run_name,
     differences,
     grids,
-    parse_loss,
+    parse_loss,  # noqa: F401  (re-exported)
+    parse_objective,
     stored_differences,
 )
 from keras_implicit.names import (
@@ -98,12 +99,16 @@ TRACKING_BATCH_SIZES = {"fc6": 4096, "c1": 1024}
 # Pieces of the protocol
 # --------------------------------------------------------------------------- #
 def make_loss(loss: str):
-    """The Keras loss for a ``--loss`` value (all from logits)."""
+    """The Keras loss for a ``--loss`` value (all from logits): one family's, or a
+    :class:`~keras_implicit.losses.Mixture` for a weighted sum (``ce+0.1*gcdf@4``)."""
     import keras  # deferred: Keras starts inside quiet_cuda_probe
 
     from keras_implicit import losses  # deferred: Keras starts inside quiet_cuda_probe
 
-    family, parameter = parse_loss(loss)
+    terms = parse_objective(loss)
+    if len(terms) > 1 or terms[0][0] != 1.0:
+        return losses.Mixture(loss)
+    _, family, parameter = terms[0]
     if family == "ce":
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     if family == "gcdf":

@@ -20,6 +20,7 @@ from scipy import special, stats
 
 import keras_implicit as ki
 from keras_implicit import losses
+from keras_implicit.config import parse_objective
 from tests.backend import (
     assert_refused_when_compiled,
     compiled,
@@ -666,3 +667,36 @@ def test_phi_matches_tensorflow_probability():
     theirs = to_numpy(tfp.distributions.Normal(0.0, 1.0).cdf(x))
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=0)
     np.testing.assert_allclose(ours, stats.norm.cdf(x.astype(np.float64)), rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- #
+# Mixtures of the families: the explicit objectives of ce + lambda * family
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("expression, reference", [
+    ("ce+0.1*gcdf@4", lambda y, s: ref_tce(y, s, 1.0) + 0.1 * ref_gcdf(y, s, 4.0)),
+    ("ce+2*hinge@1", lambda y, s: ref_tce(y, s, 1.0) + 2 * ref_hinge(y, s, 1.0)),
+    ("0.5*tce@4+gcdf@0.5+0.25*gcdf@8", lambda y, s: 0.5 * ref_tce(y, s, 4.0) + ref_gcdf(y, s, 0.5)
+     + 0.25 * ref_gcdf(y, s, 8.0)),
+    ("3*ce", lambda y, s: 3 * ref_tce(y, s, 1.0)),
+])
+@pytest.mark.parametrize("classes, batch", [(3, 5), (10, 64)])
+def test_a_mixture_is_the_weighted_sum_of_its_families(expression, reference, classes, batch, panel_path):
+    labels, logits = random_batch(batch, classes, seed=11)
+    values = to_numpy(losses.mixture(labels, logits, parse_objective(expression)))
+    expected = reference(labels, logits.astype(np.float64))
+    np.testing.assert_allclose(values, expected, rtol=2e-5, atol=1e-6)
+    loss = losses.Mixture(expression)
+    assert float(to_numpy(loss(labels, logits))) == pytest.approx(expected.mean(), rel=2e-5, abs=1e-6)
+
+
+def test_mixture_config_round_trips_and_bad_expressions_are_refused():
+    loss = losses.Mixture("ce+0.1*gcdf@4", feature_norm=2.0, name="objective")
+    config = loss.get_config()
+    assert config["loss"] == "ce+0.1*gcdf@4" and config["feature_norm"] == 2.0 and config["name"] == "objective"
+    again = keras.losses.deserialize(keras.losses.serialize(loss))
+    assert isinstance(again, losses.Mixture) and again.terms == ((1.0, "ce", None), (0.1, "gcdf", 4.0))
+    for bad, message in (("ce+", "an empty term"), ("x*ce", "is not a number"), ("ce+ce", "appears twice"),
+                         ("-1*ce", "finite number > 0"), ("ce+0.1*gcdf@0", "must be finite and > 0"),
+                         ("mse", "unknown loss 'mse'")):
+        with pytest.raises(ValueError, match=message):
+            losses.Mixture(bad)

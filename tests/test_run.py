@@ -81,6 +81,8 @@ def test_bad_flags_fail_before_any_work(flags, message, tmp_path, capsys):
                            "is zero almost everywhere"),
     (["--loss", "tce@0"], "must be finite and > 0"),
     (["--loss", "hinge@-1"], "must be finite and >= 0"),
+    (["--loss", "ce+0.1*"], "loss 'ce+0.1*': an empty term"),
+    (["--loss", "ce+lots*gcdf@4"], "the weight 'lots' is not a number"),
     (["--batch-size", "1000"], "not a multiple of --ghost-batch-size 256"),
     (["--lr", "-1"], "--lr: must be a finite number > 0"),
     (["--track-schedule", "cosine"], "unknown tracking schedule 'cosine'"),

@@ -855,3 +855,21 @@ def test_track_levels_are_recorded_and_a_resumed_run_tracks_at_the_same_steps(id
                        verbose=False)
     with pytest.raises(ValueError, match="give track_every too"):
         small_config(idx_dir, track_levels=(1.0,)).validate()
+
+
+def test_a_mixture_objective_trains_and_is_the_runs_setting(idx_dir, tmp_path):
+    from keras_implicit import losses
+
+    assert isinstance(training.make_loss("ce+0.1*gcdf@4"), losses.Mixture)
+    assert isinstance(training.make_loss("2*ce"), losses.Mixture)  # a weight: not Keras' own CE
+    assert not isinstance(training.make_loss("gcdf@4"), losses.Mixture)
+    run_dir = tmp_path / "mix"
+    config = small_config(idx_dir, loss="ce+0.1*gcdf@4", epochs=2)
+    assert training.default_run_name(config) == "mnist-fc6-ce+0.1xgcdf4-sgd-lr0.1-b64-g64-s0"
+    assert training.train(config, str(run_dir), progress=False, verbose=False).state == "finished"
+    train = [r for r in read_metrics(run_dir) if r["split"] == "train"]
+    assert train[-1]["ce"] < train[0]["ce"]  # it trained
+    assert json.load(open(run_dir / "config.json"))["loss"] == "ce+0.1*gcdf@4"
+    with pytest.raises(RunError, match=r"loss: 'ce\+0.1\*gcdf@4' there, 'ce\+0.2\*gcdf@4' asked"):
+        training.train(small_config(idx_dir, loss="ce+0.2*gcdf@4", epochs=2), str(run_dir), progress=False,
+                       verbose=False)
