@@ -839,7 +839,7 @@ def test_noisy_error_is_tracked_and_runs_made_before_it_resume(idx_dir, one_epoc
 def test_track_levels_are_recorded_and_a_resumed_run_tracks_at_the_same_steps(idx_dir, tmp_path):
     """track_levels is a setting of the run (config.json, refused when changed on resume) and its trigger starts
     afresh each epoch: a run resumed from an epoch's checkpoint tracks at the steps an uninterrupted one does."""
-    settings = dict(epochs=3, track_every=1, track_levels=(1.0,), deterministic=True)
+    settings = dict(epochs=3, track_every=1, track_levels=(1.3,), deterministic=True)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     training.train(small_config(idx_dir, **settings), str(whole), progress=False, verbose=False)
     training.train(small_config(idx_dir, **{**settings, "epochs": 1}), str(parts), progress=False, verbose=False)
@@ -849,8 +849,8 @@ def test_track_levels_are_recorded_and_a_resumed_run_tracks_at_the_same_steps(id
     tracked = sorted({step for step, _ in steps})
     every_step = 3 * (600 // 64)
     assert 4 < len(tracked) < every_step  # dense near the levels only (every step: every_step + 1 points)
-    assert json.load(open(whole / "config.json"))["track_levels"] == [1.0]
-    with pytest.raises(RunError, match=r"track_levels: \[1.0\] there, \[0.5\] asked"):
+    assert json.load(open(whole / "config.json"))["track_levels"] == [1.3]
+    with pytest.raises(RunError, match=r"track_levels: \[1.3\] there, \[0.5\] asked"):
         training.train(small_config(idx_dir, **{**settings, "track_levels": (0.5,)}), str(whole), progress=False,
                        verbose=False)
     with pytest.raises(ValueError, match="give track_every too"):
