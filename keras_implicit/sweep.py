@@ -44,7 +44,7 @@ from typing import Callable, Optional, Sequence
 
 from keras_implicit import analysis
 from keras_implicit.config import RunConfig, default_run_name, stored_differences
-from keras_implicit.rundir import CONFIG, METRICS, STATUS, read_state
+from keras_implicit.rundir import CONFIG, METRICS, STATUS, parse_metrics, read_state
 
 __all__ = [
     "TERMINAL_STATES",
@@ -172,12 +172,9 @@ def last_train_record(run_dir) -> Optional[dict]:
             lines = handle.read().splitlines()
     except OSError:
         return None
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:  # a torn last line, or the cut first one
-            continue
-        if isinstance(record, dict) and record.get("split") == "train":
+    # The format's one parser; a torn last line, or the first one cut by the seek, is a problem and is passed over.
+    for _, record, problem in reversed(list(parse_metrics(lines))):
+        if problem is None and record.get("split") == "train":
             return record
     return None
 
@@ -245,13 +242,12 @@ def run_jobs(jobs: Sequence[Job], parallel: int, logs_dir, stream=None, poll: fl
             verb, detail = "continue", (f"{state}, asked with {describe(changes)}; " if changes else f"{state}; ")
         pending.append((name, command, verb, detail))
     running: dict[str, tuple[subprocess.Popen, typing.IO, float]] = {}
-    directories = {job.name: Path(job.run_dir) for job in jobs}
     by_name = {job.name: job for job in jobs}
     last_progress = time.time()
 
     def progress():
-        finished = [name for name in codes]
-        say("progress: " + progress_line(finished, [(name, directories[name]) for name in running], len(pending)))
+        say("progress: " + progress_line(list(codes), [(name, Path(by_name[name].run_dir)) for name in running],
+                                         len(pending)))
 
     try:
         while pending or running:
