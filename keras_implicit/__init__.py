@@ -36,7 +36,7 @@ _EXPORTS = {
     "force_path": "losses",
     "noisy_error": "sharpness",
     "noisy_crossentropy": "sharpness",
-    "crossentropy_hessian_trace": "sharpness",
+    "crossentropy_hessian_trace": "losses",
     "eq9": "sharpness",
     "evaluate_sharpness": "sharpness",
     "AltLossPanel": "metrics",

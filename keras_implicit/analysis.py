@@ -21,7 +21,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from keras_implicit import rundir
-from keras_implicit.config import effective_moving_statistics
+from keras_implicit.config import effective_moving_statistics, with_added_later
 from keras_implicit.names import (  # noqa: F401  (the vocabulary, re-exported where users found it)
     DEFAULT_LADDER,
     FAMILIES,
@@ -72,9 +72,9 @@ _BOOKKEEPING = ("seed", "data_dir", "versions", "git_commit", "run_dir", "name",
                 "cpu_replicas", "noisy_error_draws")
 # Config keys that identify an experiment, in the order labels list them.
 _LABEL_KEYS = ("model", "dataset", "optimizer", "loss", "lr", "batch_size", "ghost_batch_size", "train_subset",
-               "moving_statistics")
+               "moving_statistics", "gradient_penalty", "sam_radius")
 _LABEL_SHORT = {"lr": "lr", "batch_size": "batch", "ghost_batch_size": "ghost", "train_subset": "subset",
-                "moving_statistics": "bn"}
+                "moving_statistics": "bn", "gradient_penalty": "gp", "sam_radius": "sam"}
 
 
 class RunDirectoryError(ValueError):
@@ -241,7 +241,8 @@ def load_run(path: str | os.PathLike, strict: bool = False) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise RunDirectoryError(_not_a_run_directory(path))
-    config = _read_json(path / rundir.CONFIG, required=True)
+    # The settings added after a run was made at the values it had (no gradient penalty, no SAM, ...).
+    config = with_added_later(_read_json(path / rundir.CONFIG, required=True))
     # As the run was trained: None with one micro-batch per step, "mean" for a config.json from before the setting.
     config["moving_statistics"] = effective_moving_statistics(config)
     try:
@@ -967,10 +968,10 @@ def aggregate(runs: Sequence[Run] | RunGroup, level: float, hold: int = 0) -> Ag
 # Summaries (sweeps)
 # --------------------------------------------------------------------------- #
 _SUMMARY_KEYS = ("model", "dataset", "optimizer", "loss", "lr", "batch_size", "ghost_batch_size", "train_subset",
-                 "seed")
+                 "gradient_penalty", "sam_radius", "seed")
 # Besides model and dataset, the config keys of a setting: extreme_pairs compares learning rates or batch
 # sizes only between groups that agree on all of them (a gcdf@1 or Adam run is never set against a CE/SGD one).
-_SETTING_KEYS = ("optimizer", "loss", "ghost_batch_size", "train_subset")
+_SETTING_KEYS = ("optimizer", "loss", "ghost_batch_size", "train_subset", "gradient_penalty", "sam_radius")
 
 
 def summary_rows(runs: Sequence[Run], level: float) -> list[dict]:

@@ -56,6 +56,7 @@ __all__ = [
     "effective_moving_statistics",
     "parse_loss",
     "parse_objective",
+    "HESSIAN_TRACE",
     "default_run_name",
     "grids",
     "differences",
@@ -69,6 +70,8 @@ __all__ = [
     "positive_float",
     "config_from_arguments",
     "explicit_settings",
+    "ADDED_LATER",
+    "with_added_later",
 ]
 
 
@@ -80,7 +83,7 @@ CONFIG_FLAGS = (
     "model", "dataset", "lr", "batch_size", "ghost_batch_size", "epochs", "seed", "optimizer", "loss",
     "train_subset", "track_every", "track_schedule", "track_levels", "target_train_loss", "data_dir",
     "deterministic",
-    "noisy_error_draws", "moving_statistics",
+    "noisy_error_draws", "moving_statistics", "gradient_penalty", "sam_radius",
 )
 EXTENDABLE = ("epochs", "target_train_loss")
 
@@ -197,15 +200,24 @@ def parse_loss(loss: str):
 
 
 
+# The objective grammar's name of the Hessian-trace penalty.
+HESSIAN_TRACE = "trh"
+
+
 def parse_objective(loss: str) -> tuple:
     """A training objective: one loss, or a weighted sum of them, ``TERM[+TERM...]`` with ``TERM`` =
     ``[WEIGHT*]LOSS`` and ``LOSS`` one of :func:`parse_loss`'s (``ce``, ``gcdf@SIGMA``, ``tce@T``,
     ``hinge@GAMMA``).
 
-    ``"ce"`` -> ``((1.0, "ce", None),)``; ``"ce+0.1*gcdf@4"`` -> ``((1.0, "ce", None), (0.1, "gcdf", 4.0))``.
+    ``TERM`` may also be ``[WEIGHT*]trh``: the trace of the cross-entropy's Hessian with respect to the top Dense
+    kernel (:func:`keras_implicit.losses.crossentropy_hessian_trace`, the paper's eq. 9 made explicit), a penalty
+    added to a loss and never an objective alone.
+
+    ``"ce"`` -> ``((1.0, "ce", None),)``; ``"ce+0.1*gcdf@4"`` -> ``((1.0, "ce", None), (0.1, "gcdf", 4.0))``;
+    ``"ce+0.05*trh"`` -> ``((1.0, "ce", None), (0.05, "trh", None))``.
 
     Raises ValueError, naming the expression, for an empty term, a weight that is not a finite number > 0, a loss
-    :func:`parse_loss` refuses, or one loss twice.
+    :func:`parse_loss` refuses, one loss twice, or ``trh`` without a loss.
     """
     text = str(loss).replace(" ", "")
     terms, seen = [], set()
@@ -223,7 +235,7 @@ def parse_objective(loss: str) -> tuple:
             if not (math.isfinite(weight) and weight > 0):
                 raise ValueError(f"loss {loss!r}: the weight {weight_text} must be a finite number > 0")
         try:
-            family, parameter = parse_loss(name)
+            family, parameter = (HESSIAN_TRACE, None) if name == HESSIAN_TRACE else parse_loss(name)
         except ValueError as error:
             if "+" in text or star:
                 raise ValueError(f"loss {loss!r}: {error}") from None
@@ -232,6 +244,9 @@ def parse_objective(loss: str) -> tuple:
             raise ValueError(f"loss {loss!r}: {name} appears twice (give it one weight)")
         seen.add((family, parameter))
         terms.append((weight, family, parameter))
+    if all(family == HESSIAN_TRACE for _, family, _ in terms):
+        raise ValueError(f"loss {loss!r}: trh is a penalty on the top layer's curvature, not an objective by itself: "
+                         "add it to a loss (e.g. ce+0.1*trh)")
     return tuple(terms)
 
 
@@ -267,7 +282,8 @@ class RunConfig:
     seed: int = _setting(0, "initialization and shuffling seed, 0 to 2**32 - 1", kind="int")
     optimizer: str = _setting("sgd", "sgd (momentum 0.9) or adam", choices=OPTIMIZERS, argparse_choices=False)
     loss: str = _setting("ce", "training loss: ce, or gcdf@SIGMA (SIGMA > 0), tce@T (T > 0), hinge@GAMMA "
-                               "(GAMMA >= 0), or a weighted sum of them, e.g. ce+0.1*gcdf@4")
+                               "(GAMMA >= 0), or a weighted sum of them, e.g. ce+0.1*gcdf@4; a sum may add trh, the "
+                               "trace of the CE's Hessian in the top kernel (eq. 9's curvature), e.g. ce+0.1*trh")
     train_subset: Optional[int] = _setting(
         None, "train on a class-balanced subset of this many examples (at least one batch, at most 60000 for "
               "fashion_mnist, 54215 for mnist, 50000 for cifar10)", kind="positive_int")
@@ -302,6 +318,14 @@ class RunConfig:
                       "(once per micro-batch, in order, the paper's sequence of mini-batches) or mean (once per "
                       "step with the micro-batches' mean moments, tf.keras 2's virtual_batch_size)",
         choices=MOVING_STATISTICS)
+    gradient_penalty: float = _setting(
+        0.0, "lambda of the gradient-norm penalty over the micro-batches: each step follows the mean over the "
+             "micro-batches k of the gradient of L_k + lambda ||grad L_k||^2 (double backpropagation; Smith et al. "
+             "2021's implicit value is lr / 4; 0: off)", kind="nonnegative_float", metavar="LAMBDA")
+    sam_radius: float = _setting(
+        0.0, "rho of sharpness-aware minimization per micro-batch (m-sharpness, m = --ghost-batch-size): each "
+             "micro-batch's gradient is taken at w + rho g / ||g||, g its gradient at w; BatchNorm's moving "
+             "statistics are updated by the first pass only (0: off)", kind="nonnegative_float", metavar="RHO")
 
     def validate(self) -> "RunConfig":
         """Raises ValueError with a clear message on any bad setting; returns self. Imports no TensorFlow."""
@@ -347,6 +371,14 @@ class RunConfig:
         if self.moving_statistics not in MOVING_STATISTICS:
             raise ValueError(f"unknown moving_statistics {self.moving_statistics!r}: choose one of "
                              f"{', '.join(MOVING_STATISTICS)}")
+        for name in ("gradient_penalty", "sam_radius"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {value!r}")
+        if self.gradient_penalty and self.sam_radius:
+            raise ValueError("gradient_penalty and sam_radius are two explicit regularizers: give one of them (a "
+                             "run with both would need a third backpropagation and compares with neither)")
         self._validate_strategy()
         return self
 
@@ -409,9 +441,10 @@ class RunConfig:
 
 def default_run_name(config: RunConfig) -> str:
     """A directory name from the settings that differ between the paper's runs:
-    ``<dataset>-<model>-<loss>-<optimizer>-lr<lr>-b<batch>[-g<ghost>][-n<subset>][-bnmean]-s<seed>`` (the loss
-    without its ``@``; ``-g`` when the ghost batch size is not the default 256, ``-n`` with ``train_subset``,
-    ``-bnmean`` with ``moving_statistics="mean"`` on batches of several micro-batches), e.g.
+    ``<dataset>-<model>-<loss>-<optimizer>-lr<lr>-b<batch>[-g<ghost>][-n<subset>][-bnmean][-gp<lambda>][-sam<rho>]
+    -s<seed>`` (the loss without its ``@``, ``*`` as ``x``; ``-g`` when the ghost batch size is not the default 256,
+    ``-n`` with ``train_subset``, ``-bnmean`` with ``moving_statistics="mean"`` on batches of several
+    micro-batches, ``-gp`` with a gradient penalty, ``-sam`` with SAM), e.g.
     ``fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0``. ``run.py`` and ``sweep.py`` both name runs with it."""
     parts = [config.dataset, config.model, config.loss, config.optimizer, f"lr{config.lr:g}", f"b{config.batch_size}"]
     if config.ghost_batch_size != RunConfig.ghost_batch_size:
@@ -420,6 +453,10 @@ def default_run_name(config: RunConfig) -> str:
         parts.append(f"n{config.train_subset}")
     if effective_moving_statistics(config.flags()) == "mean":
         parts.append("bnmean")
+    if config.gradient_penalty:
+        parts.append(f"gp{config.gradient_penalty:g}")
+    if config.sam_radius:
+        parts.append(f"sam{config.sam_radius:g}")
     parts.append(f"s{config.seed}")
     return "-".join(parts).replace("@", "").replace("*", "x")
 
@@ -466,8 +503,19 @@ def positive_float(text):
     return value
 
 
-_KINDS = {"positive_int": positive_int, "int": int, "positive_float": positive_float, "draws": draws_count,
-          "floats": float, None: None}
+def nonnegative_float(text):
+    """argparse's type of a finite number >= 0 (0: a setting off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: off), got {text}")
+    return value
+
+
+_KINDS = {"positive_int": positive_int, "int": int, "positive_float": positive_float,
+          "nonnegative_float": nonnegative_float, "draws": draws_count, "floats": float, None: None}
 
 
 def flag_name(name: str) -> str:
@@ -529,6 +577,8 @@ SETTINGS_AS_FLAGS = {
     "epochs=": "--epochs ",
     "KERAS_BACKEND=": "--backend ",
     "moving_statistics": "--moving-statistics",
+    "gradient_penalty": "--gradient-penalty",
+    "sam_radius": "--sam-radius",
 }
 
 
@@ -588,7 +638,14 @@ def grids() -> dict:
 
 
 # Settings added after runs were made: a config.json without them had the default.
-_ADDED_LATER = {"noisy_error_draws": RunConfig.noisy_error_draws, "track_levels": RunConfig.track_levels}
+ADDED_LATER = {"noisy_error_draws": RunConfig.noisy_error_draws, "track_levels": RunConfig.track_levels,
+               "gradient_penalty": RunConfig.gradient_penalty, "sam_radius": RunConfig.sam_radius}
+
+
+def with_added_later(content: dict) -> dict:
+    """A ``config.json`` content with the settings added after it was written, at the value it was trained with
+    (their defaults: :data:`ADDED_LATER`), so that old and new runs of one setting group together."""
+    return {**{k: v for k, v in ADDED_LATER.items()}, **content}
 
 
 def _data_directory(content: dict) -> Optional[str]:
@@ -602,7 +659,7 @@ def _data_directory(content: dict) -> Optional[str]:
 
 
 def _comparable(content: dict) -> dict:
-    comparable = {k: content.get(k, _ADDED_LATER.get(k)) for k in (*CONFIG_FLAGS, "sigmas", "temperatures", "margins")}
+    comparable = {k: content.get(k, ADDED_LATER.get(k)) for k in (*CONFIG_FLAGS, "sigmas", "temperatures", "margins")}
     # What a run's config.json lacks, or what cannot differ with one micro-batch per step, as analysis reads it.
     comparable["moving_statistics"] = effective_moving_statistics(content)
     comparable["data_dir"] = _data_directory(content)

@@ -25,6 +25,22 @@ A batch of ``B`` examples is applied as ``B / ghost_batch_size`` micro-batches (
   carried in order on one device and averaged over replicas. Non-float state (random seeds) is carried from one
   micro-batch to the next.
 
+**Explicit regularizers, per micro-batch** (the gradient that enters the mean above, for micro-batch ``k`` with
+loss ``L_k`` at the weights ``w``):
+
+- ``gradient_penalty=lambda``: ``grad (L_k + lambda ||grad L_k||^2)``, by double backpropagation (a gradient tape
+  inside a gradient tape on TensorFlow, ``jax.grad`` of a function holding ``jax.grad`` on JAX), the norm over
+  every trainable variable (the loss is then computed on the ``keras.ops`` path, since the fused kernels have no
+  second derivative): the micro-batch gradient-norm penalty of Smith et al. (2021) and Novack et al. (2023),
+  whose "implicit" value is ``lambda = lr / 4``;
+- ``sam_radius=rho``: ``grad L_k`` at ``w + rho g_k / ||g_k||`` with ``g_k = grad L_k(w)``: sharpness-aware
+  minimization (Foret et al., 2021) with one ascent per micro-batch (m-sharpness, ``m = ghost_batch_size``). Both
+  passes are in training mode (BatchNorm normalizes with the micro-batch's statistics); the moving statistics
+  take the first pass's update only, and the logged loss and metrics are the first pass's, at ``w``.
+
+The logged loss is ``L_k``'s mean, without the penalty. A batch of one micro-batch takes this step too (Keras' own
+step has no regularizer).
+
 Micro-batches run one after another (a ``tf.while_loop`` / ``jax.lax.scan``): memory is that of one
 micro-batch, whatever the batch size. Keras 3's ``BatchNormalization`` has no ``virtual_batch_size`` and its
 optimizer's ``gradient_accumulation_steps`` fails under ``tf.distribute.MirroredStrategy``, hence this
@@ -39,9 +55,11 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import keras
 
-from keras_implicit import _distribute
+from keras_implicit import _dispatch, _distribute
 from keras_implicit.config import check_divides
 from keras_implicit.names import MOVING_STATISTICS
 
@@ -59,11 +77,20 @@ class GhostBatchModel(keras.Model):
             must be a whole number of micro-batches (:func:`check_divides`).
         moving_statistics: ``"sequential"`` or ``"mean"``: how BatchNorm's moving statistics are updated (see
             the module docstring).
+        gradient_penalty: lambda >= 0 of the micro-batch gradient-norm penalty (0: off).
+        sam_radius: rho >= 0 of SAM per micro-batch (0: off). At most one of the two is on.
         *args, **kwargs: those of a functional ``keras.Model`` (``inputs``, ``outputs``, ``name``).
     """
 
-    def __init__(self, *args, ghost_batch_size: int = 256, moving_statistics: str = "sequential", **kwargs):
+    def __init__(self, *args, ghost_batch_size: int = 256, moving_statistics: str = "sequential",
+                 gradient_penalty: float = 0.0, sam_radius: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        for name, value in (("gradient_penalty", gradient_penalty), ("sam_radius", sam_radius)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {value!r}")
+        if gradient_penalty and sam_radius:
+            raise ValueError("give gradient_penalty or sam_radius, not both")
         if int(ghost_batch_size) < 1:
             raise ValueError(f"ghost_batch_size must be >= 1, got {ghost_batch_size!r}")
         if moving_statistics not in MOVING_STATISTICS:
@@ -73,18 +100,22 @@ class GhostBatchModel(keras.Model):
             raise ValueError(f"ghost batches run on the tensorflow and jax backends, not {keras.backend.backend()}")
         self.ghost_batch_size = int(ghost_batch_size)
         self.moving_statistics = moving_statistics
+        self.gradient_penalty = float(gradient_penalty)
+        self.sam_radius = float(sam_radius)
 
     def get_config(self):
         return {**super().get_config(), "ghost_batch_size": self.ghost_batch_size,
-                "moving_statistics": self.moving_statistics}
+                "moving_statistics": self.moving_statistics, "gradient_penalty": self.gradient_penalty,
+                "sam_radius": self.sam_radius}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         ghost_batch_size = config.pop("ghost_batch_size", 256)
         moving_statistics = config.pop("moving_statistics", "sequential")
+        regularizers = {name: config.pop(name, 0.0) for name in ("gradient_penalty", "sam_radius")}
         return ghost_batch_model(keras.Model.from_config(config, custom_objects=custom_objects), ghost_batch_size,
-                                 moving_statistics)
+                                 moving_statistics, **regularizers)
 
     def _floats(self):
         return [keras.backend.is_float_dtype(v.dtype) for v in self.non_trainable_variables]
@@ -110,13 +141,16 @@ class GhostBatchModel(keras.Model):
 
     def train_step(self, *args):
         x = keras.utils.unpack_x_y_sample_weight(args[-1])[0]
-        if _leading_dimension(x) == self.ghost_batch_size and _one_replica():
+        if _leading_dimension(x) == self.ghost_batch_size and _one_replica() and not self._regularized():
             # One micro-batch on one device: Keras' own step is the same step (one moving-average update with
             # the micro-batch's moments), without the loop's overhead (run.py's default, batch 256).
             return super().train_step(*args)
         if keras.backend.backend() == "jax":
             return self._jax_train_step(*args)
         return self._tf_train_step(*args)
+
+    def _regularized(self) -> bool:
+        return bool(self.gradient_penalty or self.sam_radius)
 
     def _output_dtypes(self):
         return [output.dtype for output in self.outputs]
@@ -157,13 +191,37 @@ class GhostBatchModel(keras.Model):
 
         def micro_batch(index, gradient_sums, state, state_sums, loss_sum, predictions):
             inputs = [c if k else s for s, c, k in zip(initial, state, carried)]
+            x_micro, y_micro, weight_micro = part(xs, index), part(ys, index), part(weights, index)
+
+            def forward(weights_now):
+                y_pred, updated = self.stateless_call(weights_now, inputs, x_micro, training=True)
+                loss = self._compute_loss(x=x_micro, y=y_micro, y_pred=y_pred, sample_weight=weight_micro,
+                                          training=True)
+                return y_pred, updated, loss
+
             with tf.GradientTape() as tape:
                 tape.watch(trainable)
-                y_pred, updated = self.stateless_call(trainable, inputs, part(xs, index), training=True)
-                loss = self._compute_loss(x=part(xs, index), y=part(ys, index), y_pred=y_pred,
-                                          sample_weight=part(weights, index), training=True)
-                scaled = self.optimizer.scale_loss(loss)
+                if self.gradient_penalty:
+                    with tf.GradientTape() as inner, _dispatch.force_path("keras"):
+                        inner.watch(trainable)
+                        y_pred, updated, loss = forward(trainable)
+                    inner_gradients = inner.gradient(loss, trainable, unconnected_gradients="zero")
+                    # compute_loss divided the loss by the R replicas: R ||grad(L / R)||^2 = ||grad L||^2 / R,
+                    # which the sum over replicas makes lambda ||grad L||^2.
+                    penalty = _squared_norm(inner_gradients) * tf.cast(_distribute.replicas_in_sync(), loss.dtype)
+                    scaled = self.optimizer.scale_loss(loss + tf.cast(self.gradient_penalty, loss.dtype) * penalty)
+                else:
+                    y_pred, updated, loss = forward(trainable)
+                    scaled = self.optimizer.scale_loss(loss)
             gradients = tape.gradient(scaled, trainable)
+            if self.sam_radius:
+                step = tf.cast(self.sam_radius, "float32") / (tf.sqrt(_squared_norm(gradients)) + 1e-12)
+                perturbed = [w + tf.cast(step, g.dtype) * g for w, g in zip(trainable, gradients)]
+                with tf.GradientTape() as ascent:
+                    ascent.watch(perturbed)
+                    _, _, perturbed_loss = forward(perturbed)  # its moving statistics are not kept
+                    scaled = self.optimizer.scale_loss(perturbed_loss)
+                gradients = ascent.gradient(scaled, perturbed)
             predictions = [array.write(index, value) for array, value in zip(predictions, tf.nest.flatten(y_pred))]
             return (index + 1, [a + b for a, b in zip(gradient_sums, gradients)], list(updated),
                     [a + b for a, b in zip(state_sums, updated)], loss_sum + tf.cast(loss, "float32"), predictions)
@@ -224,12 +282,34 @@ class GhostBatchModel(keras.Model):
             return scaled, (loss, updated, metrics_variables, y_pred)
 
         gradient_of = jax.value_and_grad(loss_and_state, has_aux=True)
+        penalty = self.gradient_penalty
+
+        def penalized(trainable, inputs, metrics_variables, x_micro, y_micro, weight_micro):
+            def loss_only(weights_now):
+                with _dispatch.force_path("keras"):  # the fused kernels have no second derivative
+                    _, aux = loss_and_state(weights_now, inputs, metrics_variables, x_micro, y_micro, weight_micro)
+                return aux[0], aux
+
+            inner_gradients, aux = jax.grad(loss_only, has_aux=True)(trainable)
+            total = aux[0] + jnp.asarray(penalty, aux[0].dtype) * _squared_norm(inner_gradients)
+            with keras.StatelessScope(state_mapping=optimizer_mapping):
+                scaled = self.optimizer.scale_loss(total)
+            return scaled, aux
+
+        if penalty:
+            gradient_of = jax.value_and_grad(penalized, has_aux=True)
+        first_gradient_of = gradient_of
 
         def micro_batch(carry, batch):
             gradient_sums, carried, state_sums, loss_sum, metrics_variables = carry
             inputs = [c if k else s for s, c, k in zip(non_trainable, carried, carried_state)]
-            (_, (loss, updated, metrics_variables, y_pred)), gradients = gradient_of(
+            (_, (loss, updated, metrics_variables_after, y_pred)), gradients = first_gradient_of(
                 trainable, inputs, metrics_variables, *batch)
+            if self.sam_radius:
+                step = self.sam_radius / (jnp.sqrt(_squared_norm(gradients)) + 1e-12)
+                perturbed = [w + (step * g).astype(g.dtype) for w, g in zip(trainable, gradients)]
+                _, gradients = gradient_of(perturbed, inputs, metrics_variables, *batch)  # its state is not kept
+            metrics_variables = metrics_variables_after
             carry = ([a + b for a, b in zip(gradient_sums, gradients)], list(updated),
                      [a + b for a, b in zip(state_sums, updated)], loss_sum + loss.astype("float32"),
                      metrics_variables)
@@ -251,6 +331,11 @@ class GhostBatchModel(keras.Model):
         metrics_variables = [value if scope.get_current_value(v) is None else scope.get_current_value(v)
                              for v, value in zip(self.metrics_variables, metrics_variables)]
         return logs, (trainable, non_trainable, optimizer_variables, metrics_variables)
+
+
+def _squared_norm(gradients):
+    """``sum ||g||^2`` over a list of gradients, in float32 (TensorFlow or JAX arrays)."""
+    return sum(keras.ops.sum(keras.ops.square(keras.ops.cast(g, "float32"))) for g in gradients)
 
 
 def _leading_dimension(x):
@@ -294,8 +379,8 @@ def _compose_replicas(initial, state, floats, momenta, count):
     return final
 
 
-def ghost_batch_model(model: keras.Model, ghost_batch_size: int,
-                      moving_statistics: str = "sequential") -> GhostBatchModel:
+def ghost_batch_model(model: keras.Model, ghost_batch_size: int, moving_statistics: str = "sequential",
+                      gradient_penalty: float = 0.0, sam_radius: float = 0.0) -> GhostBatchModel:
     """A :class:`GhostBatchModel` over the layers of the functional ``model`` (the same weights, shared).
 
     Args:
@@ -305,6 +390,8 @@ def ghost_batch_model(model: keras.Model, ghost_batch_size: int,
         moving_statistics: ``"sequential"`` (one moving-average update per micro-batch, in order; the paper's
             sequence of mini-batches) or ``"mean"`` (one per step with the micro-batches' mean moments; tf.keras
             2's ``virtual_batch_size``). See the module docstring.
+        gradient_penalty: lambda >= 0 of the gradient-norm penalty per micro-batch (0: off).
+        sam_radius: rho >= 0 of SAM per micro-batch (0: off).
 
     Returns:
         The model to compile and fit; ``model`` itself is unchanged and shares its variables.
@@ -319,4 +406,5 @@ def ghost_batch_model(model: keras.Model, ghost_batch_size: int,
         # metrics compiled per output name find their outputs.
         inputs, outputs = model.input, model.output
     return GhostBatchModel(inputs, outputs, name=model.name, ghost_batch_size=ghost_batch_size,
-                           moving_statistics=moving_statistics)
+                           moving_statistics=moving_statistics, gradient_penalty=gradient_penalty,
+                           sam_radius=sam_radius)

@@ -42,7 +42,7 @@ from keras import ops
 
 from keras_implicit import _checks, _dispatch
 from keras_implicit._dispatch import active_path, force_path
-from keras_implicit.config import parse_objective
+from keras_implicit.config import HESSIAN_TRACE, parse_objective
 from keras_implicit.names import ERROR, GCDF, HINGE, TCE, format_parameter, panel_names  # noqa: F401  (re-exported)
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "Gcdf",
     "TemperedCrossentropy",
     "MulticlassHinge",
+    "crossentropy_hessian_trace",
     "mixture",
     "Mixture",
 ]
@@ -627,17 +628,57 @@ class MulticlassHinge(_LossFunctionWrapper):
         return {**super().get_config(), "margin": self.margin}
 
 
+def hessian_trace_values(logits, norm):
+    """``Tr H = ||x||^2 (1 - sum_j p_j^2)`` per sample from logits [B, C] and ||x|| ([B]; None: 1): the one
+    definition that :func:`crossentropy_hessian_trace`, :func:`mixture`'s ``trh`` term and
+    :mod:`keras_implicit.sharpness`'s eq. 9 use (``sum_j p_j (1 - p_j) = 1 - sum_j p_j^2``)."""
+    probabilities = ops.softmax(logits, axis=-1)
+    trace = 1.0 - ops.sum(probabilities * probabilities, axis=-1)
+    return trace if norm is None else norm * norm * trace
+
+
+def crossentropy_hessian_trace(y_pred, feature_norm=None):
+    """``Tr H`` of the cross-entropy with respect to the top Dense kernel, per sample (the curvature in the
+    paper's eq. 9).
+
+    ``H_(ij),(ij) = d^2 CE / dW_ij^2 = x_i^2 p_j (1 - p_j)``, so ``Tr H = ||x||^2 sum_j p_j (1 - p_j)`` with
+    ``p = softmax(s)``; it does not depend on the label. (The Hessian with respect to the logits has trace
+    ``sum_j p_j (1 - p_j)``: the two differ by ``||x||^2``, which is 1 for normalized features.) As a training
+    penalty it is the ``trh`` term of :func:`mixture` (``ce+0.1*trh``).
+
+    Args:
+        y_pred: logits [batch, classes].
+        feature_norm: ||x||, a scalar or [batch]; None means 1.
+
+    Returns:
+        [batch], in [0, ||x||^2 (1 - 1 / classes)].
+
+    Example:
+        >>> keras.ops.convert_to_numpy(crossentropy_hessian_trace([[0.0, 0.0]]))  # 2 * (1/2 * 1/2)
+        array([0.5], dtype=float32)
+    """
+    logits = ops.convert_to_tensor(y_pred)
+    logits = ops.cast(logits, compute_dtype(keras.backend.standardize_dtype(logits.dtype)))
+    if static_rank(logits) != 2:
+        raise ValueError(f"y_pred must be logits of rank 2 [batch, classes], got shape {tuple(logits.shape)}")
+    norm = feature_norm_tensor(feature_norm, logits)
+    if norm is not None:
+        norm = _checks.check_positive(norm, "feature_norm must be finite and > 0")
+    return hessian_trace_values(logits, norm)
+
+
 def mixture(y_true, y_pred, terms: Sequence, feature_norm=None):
     """A weighted sum of the families per sample: ``sum_i w_i * loss_i(y, s)``, every term from one set of
     margins (:func:`panel_values`); ``ce`` is the tempered cross-entropy at ``T = 1`` (Keras' sparse categorical
-    cross-entropy from logits).
+    cross-entropy from logits), and ``trh`` the Hessian trace of :func:`crossentropy_hessian_trace` (eq. 9's
+    curvature: ``ce + lambda * trh`` is eq. 9 made explicit, with ``lambda = sigma^2 / 2``).
 
     Args:
         y_true: integer labels [batch] or [batch, 1], or one-hot [batch, classes].
         y_pred: logits [batch, classes].
         terms: ``(weight, family, parameter)`` triples (:func:`keras_implicit.config.parse_objective`), the family
-            ``"ce"`` (parameter None), ``"gcdf"``, ``"tce"`` or ``"hinge"``.
-        feature_norm: ||x|| of the top layer's input for the Gcdf terms (None: 1).
+            ``"ce"`` (parameter None), ``"gcdf"``, ``"tce"``, ``"hinge"`` or ``"trh"`` (parameter None).
+        feature_norm: ||x|| of the top layer's input for the Gcdf and trh terms (None: 1).
 
     Returns:
         [batch].
@@ -647,25 +688,35 @@ def mixture(y_true, y_pred, terms: Sequence, feature_norm=None):
     """
     grids = {GCDF: [], TCE: [], HINGE: []}
     weights = {GCDF: [], TCE: [], HINGE: []}
+    trace_weight = None
     for weight, family, parameter in terms:
+        if family == HESSIAN_TRACE:
+            if trace_weight is not None:
+                raise ValueError("trh appears twice in the mixture")
+            trace_weight = float(weight)
+            continue
         family, parameter = (TCE, 1.0) if family == "ce" else (family, parameter)
         if family not in grids:
-            raise ValueError(f"unknown family {family!r} in a mixture: ce, gcdf, tce or hinge")
+            raise ValueError(f"unknown family {family!r} in a mixture: ce, gcdf, tce, hinge or trh")
         if parameter in grids[family]:
             raise ValueError(f"{family}@{format_parameter(parameter)} appears twice in the mixture")
         grids[family].append(float(parameter))
         weights[family].append(float(weight))
     if not any(grids.values()):
-        raise ValueError("a mixture needs at least one term")
+        raise ValueError("a mixture needs at least one loss term (trh alone is a penalty, not an objective)")
     columns = panel_values(y_true, y_pred, sigmas=grids[GCDF], temperatures=grids[TCE], margins=grids[HINGE],
                            feature_norm=feature_norm)
     weight_row = np.asarray([*weights[GCDF], *weights[TCE], *weights[HINGE]], np.float64)
-    return ops.sum(columns * ops.cast(weight_row, columns.dtype)[None, :], axis=-1)
+    total = ops.sum(columns * ops.cast(weight_row, columns.dtype)[None, :], axis=-1)
+    if trace_weight is None:
+        return total
+    return total + trace_weight * crossentropy_hessian_trace(y_pred, feature_norm)
 
 
 @keras.saving.register_keras_serializable(package="keras_implicit")
 class Mixture(_LossFunctionWrapper):
-    """A weighted sum of the families as a training objective (``ce + 0.1 * gcdf@4``); see :func:`mixture`.
+    """A weighted sum of the families as a training objective (``ce + 0.1 * gcdf@4``, ``ce + 0.1 * trh``); see
+    :func:`mixture`.
 
     Args:
         loss: the objective as :func:`keras_implicit.config.parse_objective` reads it, e.g. ``"ce+0.1*gcdf@4"``

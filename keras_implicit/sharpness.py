@@ -55,6 +55,7 @@ from keras_implicit import _backend, _checks
 from keras_implicit import losses as _losses
 from keras_implicit import metrics as _metrics
 from keras_implicit import models as _models
+from keras_implicit.losses import crossentropy_hessian_trace  # noqa: F401  (re-exported: eq. 9's trace)
 
 __all__ = [
     "noisy_error",
@@ -140,11 +141,6 @@ def _noisy_columns(margins, norm, sigmas: np.ndarray, noise):
     return ops.where(invalid, nan, wrong), ops.where(invalid, nan, ce)
 
 
-def _hessian_trace(logits, norm):
-    probabilities = ops.softmax(logits, axis=-1)
-    return norm * norm * (1.0 - ops.sum(probabilities * probabilities, axis=-1))
-
-
 def _eq9_columns(ce, trace, sigmas: np.ndarray):
     squared = ops.convert_to_tensor((sigmas * sigmas / 2.0)[None, :], ce.dtype)
     return (ce[:, None] + squared * trace[:, None]) / _LOG2
@@ -219,31 +215,6 @@ def _noisy(y_true, y_pred, sigmas, draws, seed, feature_norm):
     return _noisy_columns(_losses.Margins(labels, logits), norm, sigmas, _draw_noise(shape, seed, logits.dtype))
 
 
-def crossentropy_hessian_trace(y_pred, feature_norm=None):
-    """``Tr H`` of the cross-entropy with respect to the top Dense kernel, per sample.
-
-    ``H_(ij),(ij) = d^2 CE / dW_ij^2 = x_i^2 p_j (1 - p_j)``, so ``Tr H = ||x||^2 sum_j p_j (1 - p_j)`` with
-    ``p = softmax(s)``; it does not depend on the label. (The Hessian with respect to the logits has trace
-    ``sum_j p_j (1 - p_j)``: the two differ by ``||x||^2``, which is 1 for normalized features.)
-
-    Args:
-        y_pred: logits [batch, classes].
-        feature_norm: ||x||, a scalar or [batch]; None means 1.
-
-    Returns:
-        [batch], in [0, ||x||^2 (1 - 1 / classes)].
-
-    Example:
-        >>> keras.ops.convert_to_numpy(crossentropy_hessian_trace([[0.0, 0.0]]))  # 2 * (1/2 * 1/2)
-        array([0.5], dtype=float32)
-    """
-    logits = ops.convert_to_tensor(y_pred)
-    logits = ops.cast(logits, _losses.compute_dtype(keras.backend.standardize_dtype(logits.dtype)))
-    if _losses.static_rank(logits) != 2:
-        raise ValueError(f"y_pred must be logits of rank 2 [batch, classes], got shape {tuple(logits.shape)}")
-    return _hessian_trace(logits, _norms(feature_norm, logits))
-
-
 def eq9(y_true, y_pred, sigma, feature_norm=None):
     """The right side of the paper's eq. 9, multi-class, per sample: ``(CE + sigma^2 / 2 * Tr H) / log 2``.
 
@@ -268,7 +239,7 @@ def eq9(y_true, y_pred, sigma, feature_norm=None):
     labels, logits = _losses.prepare(y_true, y_pred)
     labels = _checks.check_labels(labels, ops.shape(logits)[-1])
     ce = _crossentropy(_losses.Margins(labels, logits))
-    return _single(_eq9_columns(ce, _hessian_trace(logits, _norms(feature_norm, logits)), sigmas), scalar)
+    return _single(_eq9_columns(ce, _losses.hessian_trace_values(logits, _norms(feature_norm, logits)), sigmas), scalar)
 
 
 # --------------------------------------------------------------------------- #
@@ -303,7 +274,7 @@ def _fused_column_sums(sigmas: tuple, dtype: str):
         labels = ops.cast(labels, "int32")
         margins = _losses.Margins(labels, logits)  # shared by the noisy columns and the CE of eq. 9
         wrong, noisy_ce = _noisy_columns(margins, norm, grid, noise)
-        trace = _hessian_trace(logits, norm)
+        trace = _losses.hessian_trace_values(logits, norm)
         ce = _crossentropy(margins)
         columns = ops.concatenate([wrong, wrong * (1.0 - wrong), noisy_ce, _eq9_columns(ce, trace, grid),
                                    trace[:, None]], axis=-1)

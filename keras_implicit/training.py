@@ -519,7 +519,9 @@ class _Training:
             raise RunError(str(error)) from None
         with self.strategy.scope() if self.strategy is not None else contextlib.nullcontext():
             network = ki_models.make_model(config.model, dataset.input_shape, dataset.num_classes, seed=config.seed)
-            self.model = ghost.ghost_batch_model(network, config.ghost_batch_size, config.moving_statistics)
+            self.model = ghost.ghost_batch_model(network, config.ghost_batch_size, config.moving_statistics,
+                                                 gradient_penalty=config.gradient_penalty,
+                                                 sam_radius=config.sam_radius)
             self.optimizer = make_optimizer(config.optimizer, config.lr)
             self.model.compile(optimizer=self.optimizer, loss=make_loss(config.loss))
             self.optimizer.build(self.model.trainable_variables)

@@ -333,3 +333,176 @@ def test_exported_at_the_top_of_the_package():
 
     assert ki.GhostBatchModel is ghost.GhostBatchModel and ki.ghost_batch_model is ghost.ghost_batch_model
     assert {"GhostBatchModel", "ghost_batch_model", "check_divides"} <= set(ghost.__all__)
+
+
+# --------------------------------------------------------------------------- #
+# Explicit regularizers per micro-batch: the gradient-norm penalty and SAM
+# --------------------------------------------------------------------------- #
+def _softmax(logits):
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _linear_gradient(kernel, bias, x, y):
+    """The mean CE's gradient of a linear softmax layer, in closed form (float64): X^T (P - Y) / m."""
+    residual = _softmax(x @ kernel + bias) - np.eye(kernel.shape[1])[y]
+    return x.T @ residual / len(x), residual.sum(axis=0) / len(x)
+
+
+def _linear_hessian_product(kernel, bias, x, y, direction_kernel, direction_bias):
+    """H v for the mean CE of a linear softmax layer, in closed form: dS = X V_W + V_b, dP = P dS - P (P . dS)."""
+    p = _softmax(x @ kernel + bias)
+    ds = x @ direction_kernel + direction_bias
+    dp = p * ds - p * (p * ds).sum(axis=1, keepdims=True)
+    return x.T @ dp / len(x), dp.sum(axis=0) / len(x)
+
+
+def _linear_model(seed, features, classes):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((features,))
+    top = keras.layers.Dense(classes, bias_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=seed))
+    return keras.Model(inputs, top(inputs))
+
+
+@pytest.mark.parametrize("regularizer, value", [("gradient_penalty", 0.5), ("gradient_penalty", 0.01),
+                                                ("sam_radius", 0.3), ("sam_radius", 0.05)])
+@pytest.mark.parametrize("ghost_batch_size, micro_batches, classes", [(8, 3, 4), (16, 1, 10), (4, 5, 2)])
+def test_a_regularized_step_is_the_closed_form_on_a_linear_softmax_layer(regularizer, value, ghost_batch_size,
+                                                                       micro_batches, classes):
+    """One SGD step of rate 1 (no momentum) moves the weights by the mean over micro-batches of the regularized
+    gradient: g + 2 lambda H g for the penalty, g(w + rho g / ||g||) for SAM, written in NumPy from the softmax's
+    closed-form gradient and Hessian-vector product (one micro-batch per step included: it leaves Keras' step)."""
+    features = 6
+    x, y = _data(ghost_batch_size * micro_batches, seed=3)
+    x, y = x[:, :features], y % classes
+    network = _linear_model(4, features, classes)
+    model = ghost.ghost_batch_model(network, ghost_batch_size, **{regularizer: value})
+    model.compile(keras.optimizers.SGD(1.0), LOSS)
+    kernel, bias = (np.asarray(v, np.float64) for v in network.get_weights())
+    model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
+
+    step_kernel, step_bias = np.zeros_like(kernel), np.zeros_like(bias)
+    for k in range(micro_batches):
+        part = slice(k * ghost_batch_size, (k + 1) * ghost_batch_size)
+        xk, yk = x[part].astype(np.float64), y[part]
+        g_kernel, g_bias = _linear_gradient(kernel, bias, xk, yk)
+        if regularizer == "gradient_penalty":
+            h_kernel, h_bias = _linear_hessian_product(kernel, bias, xk, yk, g_kernel, g_bias)
+            g_kernel, g_bias = g_kernel + 2 * value * h_kernel, g_bias + 2 * value * h_bias
+        else:
+            scale = value / np.sqrt(np.sum(g_kernel ** 2) + np.sum(g_bias ** 2))
+            g_kernel, g_bias = _linear_gradient(kernel + scale * g_kernel, bias + scale * g_bias, xk, yk)
+        step_kernel += g_kernel / micro_batches
+        step_bias += g_bias / micro_batches
+    new_kernel, new_bias = network.get_weights()
+    for new, old, step in ((new_kernel, kernel, step_kernel), (new_bias, bias, step_bias)):
+        # new - old is read off float32 weights: it carries their rounding, a few eps times |w|.
+        np.testing.assert_allclose(old - new, step, rtol=1e-4,
+                                   atol=1e-5 * np.abs(step).max() + 4 * F32 * np.abs(old).max())
+    # The regularizer changed the step: the test tells it from plain CE.
+    plain_kernel = sum(_linear_gradient(kernel, bias, x[k * ghost_batch_size:(k + 1) * ghost_batch_size],
+                                        y[k * ghost_batch_size:(k + 1) * ghost_batch_size])[0]
+                       for k in range(micro_batches)) / micro_batches
+    assert np.abs(step_kernel - plain_kernel).max() > 100 * 1e-5 * np.abs(step_kernel).max()
+
+
+def _penalized_gradients(model, x, y, penalty):
+    """d (L + penalty ||dL/dw||^2) / dw of a training-mode call on (x, y), by nested autodiff of the backend on
+    the plain model (a gradient tape in a gradient tape, jax.grad in jax.grad)."""
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    if keras.backend.backend() == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        def value(weights):
+            outputs, _ = model.stateless_call(weights, non_trainable, x, training=True)
+            return LOSS(y, outputs)
+
+        def penalized(weights):
+            return value(weights) + penalty * sum(jnp.sum(g ** 2) for g in jax.grad(value)(weights))
+
+        return [np.asarray(g) for g in jax.grad(penalized)(trainable)]
+    import tensorflow as tf
+
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            loss = LOSS(y, model(x, training=True))
+        gradients = inner.gradient(loss, model.trainable_variables)
+        total = loss + penalty * tf.add_n([tf.reduce_sum(g ** 2) for g in gradients])
+    return [g.numpy() for g in outer.gradient(total, model.trainable_variables)]
+
+
+@pytest.mark.parametrize("regularizer, value", [("gradient_penalty", 0.2), ("sam_radius", 0.1)])
+@pytest.mark.parametrize("ghost_batch_size, micro_batches", [(16, 3), (8, 1)])
+def test_regularized_steps_with_batch_norm_match_autodiff_and_update_moving_statistics_once(regularizer, value,
+                                                                                         ghost_batch_size,
+                                                                                         micro_batches):
+    """With BatchNormalization (each micro-batch normalized by its own statistics): the penalty's gradient against
+    nested autodiff on the plain model, SAM's against the plain gradient at w + rho g / ||g||; and the moving
+    statistics are those of the unregularized step (one update per micro-batch, the first pass's)."""
+    x, y = _data(ghost_batch_size * micro_batches, seed=5)
+    lr = 0.1
+    model = ghost.ghost_batch_model(_mlp(7, batch_norm=True), ghost_batch_size, **{regularizer: value})
+    plain = ghost.ghost_batch_model(_mlp(7, batch_norm=True), ghost_batch_size)
+    start = [np.asarray(v).copy() for v in model.trainable_variables]
+
+    reference = _mlp(7, batch_norm=True)
+    gradients = []
+    for k in range(micro_batches):
+        xk, yk = x[k * ghost_batch_size:(k + 1) * ghost_batch_size], y[k * ghost_batch_size:(k + 1) * ghost_batch_size]
+        if regularizer == "gradient_penalty":
+            gradients.append(_penalized_gradients(reference, xk, yk, value))
+            continue
+        at_w = _weight_gradients(reference, xk, yk)
+        scale = value / np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in at_w))
+        ascent = _mlp(7, batch_norm=True)
+        for variable, w, g in zip(ascent.trainable_variables, start, at_w):
+            variable.assign(w + scale * g)
+        gradients.append(_weight_gradients(ascent, xk, yk))
+    mean_gradient = [np.mean(parts, axis=0) for parts in zip(*gradients)]
+    plain_gradient = [np.mean(parts, axis=0) for parts in zip(*[
+        _weight_gradients(reference, x[k * ghost_batch_size:(k + 1) * ghost_batch_size],
+                          y[k * ghost_batch_size:(k + 1) * ghost_batch_size]) for k in range(micro_batches)])]
+    assert max(np.abs(a - b).max() for a, b in zip(mean_gradient, plain_gradient)) > 1e-3  # tells them apart
+
+    for m in (model, plain):
+        m.compile(training.make_optimizer("sgd", lr), LOSS)
+        m.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
+    for variable, w, gradient in zip(model.trainable_variables, start, mean_gradient):
+        np.testing.assert_allclose(np.asarray(variable), w - lr * gradient, rtol=1e-4,
+                                   atol=1e-4 * lr * np.abs(gradient).max() + 1e-7)
+    for mine, theirs in zip(model.non_trainable_variables, plain.non_trainable_variables):
+        np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), rtol=1e-6, atol=1e-7)
+
+
+def test_the_gradient_penalty_trains_a_mixture_whose_panel_has_a_fused_kernel():
+    """The penalty needs second derivatives, which the fused panel kernels lack: the step computes the loss on the
+    keras.ops path, so a mixture with Gcdf trains (and its step equals the keras.ops path's, forced)."""
+    from keras_implicit import losses
+
+    x, y = _data(32, seed=8)
+    results = []
+    for path in ("auto", "keras"):
+        model = ghost.ghost_batch_model(_mlp(9, batch_norm=True), 16, gradient_penalty=0.1)
+        model.compile(keras.optimizers.SGD(0.1), losses.Mixture("ce+0.1*gcdf@4+0.2*trh"))
+        with losses.force_path(path):
+            model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+        results.append([np.asarray(v) for v in model.trainable_variables])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_regularizer_settings_round_trip_and_bad_values_are_refused():
+    model = ghost.ghost_batch_model(_mlp(6), 64, gradient_penalty=0.025)
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
+    assert (again.gradient_penalty, again.sam_radius) == (0.025, 0.0)
+    sam = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(
+        ghost.ghost_batch_model(_mlp(6), 64, sam_radius=0.05)))
+    assert (sam.gradient_penalty, sam.sam_radius) == (0.0, 0.05)
+    with pytest.raises(ValueError, match="gradient_penalty must be a finite number >= 0"):
+        ghost.ghost_batch_model(_mlp(6), 64, gradient_penalty=-1.0)
+    with pytest.raises(ValueError, match="sam_radius must be a finite number >= 0"):
+        ghost.ghost_batch_model(_mlp(6), 64, sam_radius=float("nan"))
+    with pytest.raises(ValueError, match="not both"):
+        ghost.ghost_batch_model(_mlp(6), 64, gradient_penalty=0.1, sam_radius=0.1)

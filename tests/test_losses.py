@@ -672,12 +672,23 @@ def test_phi_matches_tensorflow_probability():
 # --------------------------------------------------------------------------- #
 # Mixtures of the families: the explicit objectives of ce + lambda * family
 # --------------------------------------------------------------------------- #
+def _reference_hessian_trace(logits):
+    """Tr of the CE's Hessian in the top kernel for unit features: the diagonal of diag(p) - p p^T, summed, with
+    the Hessian written out per example as a matrix (NumPy, float64)."""
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return np.array([np.trace(np.diag(row) - np.outer(row, row)) for row in p])
+
+
 @pytest.mark.parametrize("expression, reference", [
     ("ce+0.1*gcdf@4", lambda y, s: ref_tce(y, s, 1.0) + 0.1 * ref_gcdf(y, s, 4.0)),
     ("ce+2*hinge@1", lambda y, s: ref_tce(y, s, 1.0) + 2 * ref_hinge(y, s, 1.0)),
     ("0.5*tce@4+gcdf@0.5+0.25*gcdf@8", lambda y, s: 0.5 * ref_tce(y, s, 4.0) + ref_gcdf(y, s, 0.5)
      + 0.25 * ref_gcdf(y, s, 8.0)),
     ("3*ce", lambda y, s: 3 * ref_tce(y, s, 1.0)),
+    ("ce+0.5*trh", lambda y, s: ref_tce(y, s, 1.0) + 0.5 * _reference_hessian_trace(s)),
+    ("hinge@1+2*trh+0.1*gcdf@2", lambda y, s: ref_hinge(y, s, 1.0) + 2 * _reference_hessian_trace(s)
+     + 0.1 * ref_gcdf(y, s, 2.0)),
 ])
 @pytest.mark.parametrize("classes, batch", [(3, 5), (10, 64)])
 def test_a_mixture_is_the_weighted_sum_of_its_families(expression, reference, classes, batch, panel_path):
@@ -697,6 +708,31 @@ def test_mixture_config_round_trips_and_bad_expressions_are_refused():
     assert isinstance(again, losses.Mixture) and again.terms == ((1.0, "ce", None), (0.1, "gcdf", 4.0))
     for bad, message in (("ce+", "an empty term"), ("x*ce", "is not a number"), ("ce+ce", "appears twice"),
                          ("-1*ce", "finite number > 0"), ("ce+0.1*gcdf@0", "must be finite and > 0"),
-                         ("mse", "unknown loss 'mse'")):
+                         ("mse", "unknown loss 'mse'"), ("trh", "not an objective by itself"),
+                         ("0.5*trh", "not an objective by itself"), ("ce+trh+0.1*trh", "appears twice")):
         with pytest.raises(ValueError, match=message):
             losses.Mixture(bad)
+
+
+@pytest.mark.parametrize("feature_norm", [None, 0.5, 3.0])
+@pytest.mark.parametrize("classes, batch", [(2, 4), (10, 32)])
+def test_the_hessian_trace_is_the_trace_of_the_autodiff_hessian_in_the_top_kernel(feature_norm, classes, batch):
+    """Tr H of the CE in W for s = x W (||x|| the feature norm), against the diagonal of the Hessian that NumPy
+    builds from the closed form d^2 CE / dW_ij dW_kl = x_i x_k (diag(p) - p p^T)_jl with a random direction of
+    x: only ||x|| matters."""
+    labels, logits = random_batch(batch, classes, seed=12)
+    rng = np.random.default_rng(13)
+    norm = 1.0 if feature_norm is None else feature_norm
+    values = to_numpy(losses.crossentropy_hessian_trace(logits, feature_norm=feature_norm))
+    for example in range(batch):
+        x = rng.normal(size=5)
+        x *= norm / np.linalg.norm(x)
+        p = np.exp(logits[example] - logits[example].max())
+        p /= p.sum()
+        hessian = np.kron(np.outer(x, x), np.diag(p) - np.outer(p, p))  # [(i, j), (k, l)], W_ij row-major
+        # 1 - sum p^2 cancels for a confident p: float32 leaves a few eps there, times ||x||^2.
+        eps = float(np.finfo(np.float32).eps)
+        assert values[example] == pytest.approx(np.trace(hessian), rel=1e-5, abs=8 * eps * norm ** 2)
+    mixed = to_numpy(losses.mixture(labels, logits, parse_objective("ce+0.25*trh"), feature_norm=feature_norm))
+    ce = to_numpy(losses.tempered_crossentropy(labels, logits, 1.0))
+    np.testing.assert_allclose(mixed, ce + 0.25 * values, rtol=1e-6, atol=1e-7)

@@ -62,6 +62,11 @@ def _cli(args, timeout=240):
     (["--learning-rate", "0.1"], "unrecognized arguments"),
     (["--noisy-error-draws", "1"], "--noisy-error-draws: must be 0 (off) or at least 2"),
     (["--noisy-error-draws", "many"], "--noisy-error-draws: 'many' is not an integer"),
+    (["--gradient-penalty", "-0.1"], "--gradient-penalty: must be a finite number >= 0 (0: off)"),
+    (["--sam-radius", "inf"], "--sam-radius: must be a finite number >= 0"),
+    (["--gradient-penalty", "0.1", "--sam-radius", "0.05"], "--gradient-penalty and --sam-radius are two explicit "
+                                                            "regularizers: give one of them"),
+    (["--loss", "trh"], "trh is a penalty on the top layer's curvature, not an objective by itself"),
 ])
 def test_bad_flags_fail_before_any_work(flags, message, tmp_path, capsys):
     out = tmp_path / "run"
@@ -83,6 +88,8 @@ def test_bad_flags_fail_before_any_work(flags, message, tmp_path, capsys):
     (["--loss", "hinge@-1"], "must be finite and >= 0"),
     (["--loss", "ce+0.1*"], "loss 'ce+0.1*': an empty term"),
     (["--loss", "ce+lots*gcdf@4"], "the weight 'lots' is not a number"),
+    (["--loss", "0.1*trh"], "not an objective by itself: add it to a loss (e.g. ce+0.1*trh)"),
+    (["--sam-radius", "-1"], "--sam-radius: must be a finite number >= 0"),
     (["--batch-size", "1000"], "not a multiple of --ghost-batch-size 256"),
     (["--lr", "-1"], "--lr: must be a finite number > 0"),
     (["--track-schedule", "cosine"], "unknown tracking schedule 'cosine'"),

@@ -1,5 +1,6 @@
 """keras_implicit.training: ghost batches, epochs, run directories, resume, divergence, target loss, locks."""
 
+import dataclasses
 import io
 import json
 import math
@@ -177,6 +178,10 @@ def test_default_run_name():
     assert training.default_run_name(RunConfig(batch_size=16384, moving_statistics="mean")) == (
         "fashion_mnist-fc6-ce-sgd-lr0.1-b16384-bnmean-s0")
     assert training.default_run_name(RunConfig(moving_statistics="mean")) == "fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0"
+    assert training.default_run_name(RunConfig(batch_size=16384, gradient_penalty=0.025)) == (
+        "fashion_mnist-fc6-ce-sgd-lr0.1-b16384-gp0.025-s0")
+    assert training.default_run_name(RunConfig(batch_size=16384, sam_radius=0.05, loss="ce+0.1*trh")) == (
+        "fashion_mnist-fc6-ce+0.1xtrh-sgd-lr0.1-b16384-sam0.05-s0")
 
 
 # --------------------------------------------------------------------------- #
@@ -873,3 +878,35 @@ def test_a_mixture_objective_trains_and_is_the_runs_setting(idx_dir, tmp_path):
     with pytest.raises(RunError, match=r"loss: 'ce\+0.1\*gcdf@4' there, 'ce\+0.2\*gcdf@4' asked"):
         training.train(small_config(idx_dir, loss="ce+0.2*gcdf@4", epochs=2), str(run_dir), progress=False,
                        verbose=False)
+
+
+@pytest.mark.parametrize("regularizer", [{"gradient_penalty": 0.01}, {"sam_radius": 0.05}])
+def test_an_explicit_regularizer_trains_resumes_and_is_the_runs_setting(idx_dir, tmp_path, regularizer):
+    """Each regularizer is a setting: recorded in config.json, read back by analysis (a group of its own, labelled
+    by it), resumed from the checkpoint as the same run, and refused when another value is asked of the run."""
+    from keras_implicit import analysis
+
+    name, value = next(iter(regularizer.items()))
+    run_dir = tmp_path / "regularized"
+    config = small_config(idx_dir, epochs=1, batch_size=128, **regularizer)
+    assert training.train(config, str(run_dir), progress=False, verbose=False).state == "finished"
+    assert json.load(open(run_dir / "config.json"))[name] == value
+    resumed = training.train(dataclasses.replace(config, epochs=2), str(run_dir), progress=False, verbose=False)
+    assert resumed.state == "finished" and resumed.epoch == 2
+    train = [r for r in read_metrics(run_dir) if r["split"] == "train"]
+    assert [r["epoch"] for r in train] == [0, 1, 2] and train[-1]["ce"] < train[0]["ce"]
+    with pytest.raises(RunError, match=rf"{name}: {value} there, {2 * value} asked"):
+        training.train(dataclasses.replace(config, epochs=2, **{name: 2 * value}), str(run_dir), progress=False,
+                       verbose=False)
+
+    plain_dir = tmp_path / "plain"
+    assert training.train(small_config(idx_dir, epochs=1, batch_size=128), str(plain_dir), progress=False,
+                          verbose=False).state == "finished"
+    config_path = plain_dir / "config.json"  # a run from before the settings existed: no key, the default
+    stored = json.load(open(config_path))
+    del stored["gradient_penalty"], stored["sam_radius"]
+    config_path.write_text(json.dumps(stored))
+    assert training.stored_differences(plain_dir, small_config(idx_dir, epochs=1, batch_size=128)) == {}
+    groups = analysis.group_runs(analysis.load_runs([run_dir, plain_dir]))
+    short = {"gradient_penalty": "gp", "sam_radius": "sam"}[name]
+    assert sorted(g.label for g in groups) == sorted([f"{short}=0", f"{short}={value:g}"])
