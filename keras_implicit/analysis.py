@@ -21,7 +21,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from keras_implicit import rundir
-from keras_implicit.config import effective_moving_statistics, with_added_later
+from keras_implicit.config import ADDED_LATER, effective_moving_statistics, with_added_later
 from keras_implicit.names import (  # noqa: F401  (the vocabulary, re-exported where users found it)
     DEFAULT_LADDER,
     FAMILIES,
@@ -241,8 +241,7 @@ def load_run(path: str | os.PathLike, strict: bool = False) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise RunDirectoryError(_not_a_run_directory(path))
-    # The settings added after a run was made at the values it had (no gradient penalty, no SAM, ...).
-    config = with_added_later(_read_json(path / rundir.CONFIG, required=True))
+    config = _read_json(path / rundir.CONFIG, required=True)
     # As the run was trained: None with one micro-batch per step, "mean" for a config.json from before the setting.
     config["moving_statistics"] = effective_moving_statistics(config)
     try:
@@ -316,6 +315,7 @@ class LevelPoint:
         values: every train quantity at the crossing (``"ce"`` equals ``level``).
         test: test quantities read at the crossing's step (:func:`interpolate`, at the fraction of the steps
             between the test points around it), or {} if the test points do not bracket it.
+        validation: the same of the validation split (runs with ``validation_size``), or {}.
     """
 
     run: str
@@ -324,6 +324,7 @@ class LevelPoint:
     step: float
     values: dict[str, float]
     test: dict[str, float]
+    validation: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def check_level(value, what: str = "the level") -> float:
@@ -462,14 +463,17 @@ def at_level(run: Run, level: float, hold: int = 0) -> LevelPoint:
             values[key] = interpolate(column[i - 1], column[i], t)
     values["ce"] = float(level) if i > 0 else float(train["ce"][0])
     epoch, step = values.pop("epoch"), values.pop("step")
-    test = {}
-    if "test" in run.splits:
-        columns = run.splits["test"]
-        steps = columns["step"]
-        if steps.size and steps[0] <= step <= steps[-1]:
-            test = {key: _at_step(steps, column, step) for key, column in columns.items()
-                    if key not in ("epoch", "step")}
-    return LevelPoint(run=run.name, level=float(level), epoch=epoch, step=step, values=values, test=test)
+    held_out = {}
+    for split in ("test", "validation"):
+        held_out[split] = {}
+        if split in run.splits:
+            columns = run.splits[split]
+            steps = columns["step"]
+            if steps.size and steps[0] <= step <= steps[-1]:
+                held_out[split] = {key: _at_step(steps, column, step) for key, column in columns.items()
+                                   if key not in ("epoch", "step")}
+    return LevelPoint(run=run.name, level=float(level), epoch=epoch, step=step, values=values,
+                      test=held_out["test"], validation=held_out["validation"])
 
 
 def curve_at_levels(run: Run, quantity: str, levels: Sequence[float]) -> np.ndarray:
@@ -795,18 +799,25 @@ def ladder_markdown(ladder: Ladder, family: str, parameters: Optional[Sequence[f
 # Seeds
 # --------------------------------------------------------------------------- #
 def _experiment_key(config: Mapping) -> str:
-    kept = {k: v for k, v in config.items() if k not in _BOOKKEEPING}
+    # A setting added after a run was made is absent from its config.json: absent and its default are one setting.
+    kept = {k: v for k, v in with_added_later(dict(config)).items()
+            if k not in _BOOKKEEPING and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     kept["moving_statistics"] = effective_moving_statistics(config)
     return json.dumps(kept, sort_keys=True, default=str)
+
+
+def _setting_value(config: Mapping, key: str):
+    """``config[key]``, with a setting added after the run was made read as its default (:data:`ADDED_LATER`)."""
+    return config.get(key, ADDED_LATER.get(key))
 
 
 def describe_config(config: Mapping, keys: Sequence[str] = _LABEL_KEYS) -> str:
     """A short label such as ``"fc6 lr=0.1 batch=256"`` from the given config keys."""
     parts = []
     for key in keys:
-        if key not in config or config[key] is None:
+        value = _setting_value(config, key)
+        if value is None:
             continue
-        value = config[key]
         if key in ("model", "dataset", "optimizer", "loss"):
             parts.append(str(value))
         else:
@@ -901,7 +912,7 @@ def group_runs(runs: Sequence[Run]) -> list[RunGroup]:
     # A key is named where groups differ by it; the moving statistics only where two ways of updating them meet
     # (runs of one micro-batch per step have none).
     differing = [k for k in _LABEL_KEYS
-                 if len({json.dumps(c.get(k), default=str) for c in configs
+                 if len({json.dumps(_setting_value(c, k), default=str) for c in configs
                          if k != "moving_statistics" or c.get(k) is not None}) > 1]
     result = []
     for members in members_of:
@@ -990,6 +1001,7 @@ def summary_rows(runs: Sequence[Run], level: float) -> list[dict]:
             row.update(reached=True, epoch_at_level=point.epoch, step_at_level=point.step)
             row.update({k: v for k, v in point.values.items()})
             row.update({f"test_{k}": v for k, v in point.test.items() if k in ("ce", "error")})
+            row.update({f"validation_{k}": v for k, v in point.validation.items() if k in ("ce", "error")})
         rows.append(row)
     return rows
 
@@ -1016,13 +1028,14 @@ def extreme_pairs(groups: Sequence[RunGroup]) -> list[tuple[RunGroup, RunGroup, 
     differ between the groups."""
     pairs = []
     setting = ("model", "dataset", *_SETTING_KEYS)
-    varying = [k for k in _SETTING_KEYS if len({json.dumps(g.config.get(k), default=str) for g in groups}) > 1]
+    varying = [k for k in _SETTING_KEYS
+               if len({json.dumps(_setting_value(g.config, k), default=str) for g in groups}) > 1]
     label_keys = [k for k in _LABEL_KEYS if k in ("model", "dataset", *varying)]
 
     def index(*keys):
         table: dict = {}
         for group in groups:
-            table.setdefault(json.dumps([group.config.get(k) for k in (*setting, *keys)], default=str),
+            table.setdefault(json.dumps([_setting_value(group.config, k) for k in (*setting, *keys)], default=str),
                              []).append(group)
         return table.values()
 

@@ -134,6 +134,8 @@ class AltLossTracker(keras.callbacks.Callback):
         train_data: ``(x, y)`` arrays: the training set, evaluated in full at each tracking point; ``y`` as
             integer labels [n] or [n, 1], or one-hot rows [n, classes].
         test_data: ``(x, y)`` or None.
+        validation_data: ``(x, y)`` held out of the training set (what hyperparameters are chosen on), tracked as
+            the split ``"validation"``; or None.
         sigmas, temperatures, margins: the panel's grids (default: the library's defaults).
         metrics_path: a ``metrics.jsonl`` to append records to (flushed at once), or None.
         config: the run's settings (``{"lr": 0.1, "batch_size": 256, "seed": 0, ...}``), written as
@@ -176,7 +178,8 @@ class AltLossTracker(keras.callbacks.Callback):
                  target_train_loss: Optional[float] = None, buffer_summaries: bool = False,
                  on_record: Optional[Callable[[dict], None]] = None, noisy_error_draws: int = 0,
                  noise_seed: int = 0, config: Optional[dict] = None,
-                 track_levels: Optional[Sequence[float]] = None, level_window: float = LEVEL_WINDOW):
+                 track_levels: Optional[Sequence[float]] = None, level_window: float = LEVEL_WINDOW,
+                 validation_data=None):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown tracking schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
@@ -193,6 +196,8 @@ class AltLossTracker(keras.callbacks.Callback):
         self.splits = {"train": self._as_tensors(train_data, "train_data")}
         if test_data is not None:
             self.splits["test"] = self._as_tensors(test_data, "test_data")
+        if validation_data is not None:  # after test: the noise draws of train and test keep their split index
+            self.splits["validation"] = self._as_tensors(validation_data, "validation_data")
         self.sigmas = _metrics.parameter_list(sigmas, "sigma", allow_zero=True)
         self.temperatures = _metrics.parameter_list(temperatures, "temperature", allow_zero=False)
         self.margins = _metrics.parameter_list(margins, "margin", allow_zero=True)

@@ -83,7 +83,7 @@ CONFIG_FLAGS = (
     "model", "dataset", "lr", "batch_size", "ghost_batch_size", "epochs", "seed", "optimizer", "loss",
     "train_subset", "track_every", "track_schedule", "track_levels", "target_train_loss", "data_dir",
     "deterministic",
-    "noisy_error_draws", "moving_statistics", "gradient_penalty", "sam_radius",
+    "noisy_error_draws", "moving_statistics", "gradient_penalty", "sam_radius", "validation_size",
 )
 EXTENDABLE = ("epochs", "target_train_loss")
 
@@ -287,6 +287,10 @@ class RunConfig:
     train_subset: Optional[int] = _setting(
         None, "train on a class-balanced subset of this many examples (at least one batch, at most 60000 for "
               "fashion_mnist, 54215 for mnist, 50000 for cifar10)", kind="positive_int")
+    validation_size: Optional[int] = _setting(
+        None, "hold out a class-balanced validation split of this many training examples (each class's last ones, "
+              "the same for every seed), tracked as the split 'validation'; training and --train-subset use the "
+              "rest, and the test set is never used to choose anything", kind="positive_int")
     track_every: Optional[int] = _setting(None, "also track every this many optimizer steps", kind="positive_int")
     track_schedule: str = _setting("epoch", "epoch (step 0 and every epoch) or log (also steps 1, 2, 3, 4, 6, 8, "
                                             "11, 16, ... up to two epochs)", choices=SCHEDULES,
@@ -384,11 +388,23 @@ class RunConfig:
 
     def _validate_size(self):
         """batch_size and train_subset against the dataset's standard training set (no data is loaded)."""
-        counts = TRAIN_CLASS_COUNTS[self.dataset]
+        counts = list(TRAIN_CLASS_COUNTS[self.dataset])
         total, classes = sum(counts), len(counts)
+        held = self.validation_size
+        if held is not None:
+            if isinstance(held, bool) or not isinstance(held, int) or held < 1:
+                raise ValueError(f"validation_size must be a positive integer, got {held!r}")
+            if held < classes or held >= total or any(
+                    held // classes + (label < held % classes) >= count for label, count in enumerate(counts)):
+                raise ValueError(f"validation_size {held} must be from {classes} (one example of each class) to "
+                                 f"less than {self.dataset}'s training set ({total} examples), each class keeping "
+                                 "some for training")
+            counts = [count - held // classes - (label < held % classes) for label, count in enumerate(counts)]
+            total = sum(counts)
         if self.batch_size > total:
             raise ValueError(f"batch_size {self.batch_size} is larger than {self.dataset}'s training set ({total} "
-                             "examples): an epoch would have no step")
+                             f"examples{' after the validation split' if held else ''}): an epoch would have no "
+                             "step")
         subset = self.train_subset
         if subset is None:
             return
@@ -441,16 +457,20 @@ class RunConfig:
 
 def default_run_name(config: RunConfig) -> str:
     """A directory name from the settings that differ between the paper's runs:
-    ``<dataset>-<model>-<loss>-<optimizer>-lr<lr>-b<batch>[-g<ghost>][-n<subset>][-bnmean][-gp<lambda>][-sam<rho>]
+    ``<dataset>-<model>-<loss>-<optimizer>-lr<lr>-b<batch>[-g<ghost>][-n<subset>][-v<validation>][-bnmean][-gp<lambda>]
+    [-sam<rho>]
     -s<seed>`` (the loss without its ``@``, ``*`` as ``x``; ``-g`` when the ghost batch size is not the default 256,
     ``-n`` with ``train_subset``, ``-bnmean`` with ``moving_statistics="mean"`` on batches of several
-    micro-batches, ``-gp`` with a gradient penalty, ``-sam`` with SAM), e.g.
+    micro-batches, ``-gp`` with a gradient penalty, ``-sam`` with SAM, ``-v`` with a validation split before them),
+    e.g.
     ``fashion_mnist-fc6-ce-sgd-lr0.1-b256-s0``. ``run.py`` and ``sweep.py`` both name runs with it."""
     parts = [config.dataset, config.model, config.loss, config.optimizer, f"lr{config.lr:g}", f"b{config.batch_size}"]
     if config.ghost_batch_size != RunConfig.ghost_batch_size:
         parts.append(f"g{config.ghost_batch_size}")
     if config.train_subset is not None:
         parts.append(f"n{config.train_subset}")
+    if config.validation_size is not None:
+        parts.append(f"v{config.validation_size}")
     if effective_moving_statistics(config.flags()) == "mean":
         parts.append("bnmean")
     if config.gradient_penalty:
@@ -579,6 +599,7 @@ SETTINGS_AS_FLAGS = {
     "moving_statistics": "--moving-statistics",
     "gradient_penalty": "--gradient-penalty",
     "sam_radius": "--sam-radius",
+    "validation_size": "--validation-size",
 }
 
 
@@ -639,7 +660,8 @@ def grids() -> dict:
 
 # Settings added after runs were made: a config.json without them had the default.
 ADDED_LATER = {"noisy_error_draws": RunConfig.noisy_error_draws, "track_levels": RunConfig.track_levels,
-               "gradient_penalty": RunConfig.gradient_penalty, "sam_radius": RunConfig.sam_radius}
+               "gradient_penalty": RunConfig.gradient_penalty, "sam_radius": RunConfig.sam_radius,
+               "validation_size": RunConfig.validation_size}
 
 
 def with_added_later(content: dict) -> dict:

@@ -23,6 +23,11 @@ class (the first ``N % classes`` classes get one more), the first ones of each c
 so the subset is the same for every seed; ``N`` must be at least the number of classes and at most what
 :func:`balanced_subset_range` gives for the class counts (for the standard training sets, without loading them:
 ``training.TRAIN_CLASS_COUNTS``). The test set is always complete.
+
+``validation_size=V`` first holds out a class-balanced validation split carved from the training set: the *last*
+``V // classes`` examples of each class in the file's order (the first ``V % classes`` classes one more), the same
+for every seed and setting (:func:`validation_indices`); training (and ``train_subset``) uses the rest, and the
+test set is never touched, so that nothing is chosen on it.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ __all__ = [
     "write_idx",
     "load_idx_dir",
     "class_balanced_subset",
+    "validation_indices",
     "load_dataset",
     "read_cifar_batch",
     "UnsafePickleError",
@@ -100,6 +106,8 @@ class Dataset:
         y_test: int32 [M].
         num_classes: the number of classes.
         source: where it came from (a directory, or ``"tensorflow-datasets"``).
+        x_validation, y_validation: the validation split held out of the training set (``validation_size``), or
+            None.
     """
 
     name: str
@@ -109,6 +117,8 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     source: str
+    x_validation: Optional[np.ndarray] = None
+    y_validation: Optional[np.ndarray] = None
 
     @property
     def input_shape(self):
@@ -339,6 +349,20 @@ def class_balanced_subset(labels: np.ndarray, size: int, num_classes: int) -> np
     return np.sort(np.concatenate(chosen))
 
 
+def validation_indices(labels: np.ndarray, size: int, num_classes: int) -> np.ndarray:
+    """Indices (sorted) of the validation split: ``size // num_classes`` of each class, the first
+    ``size % num_classes`` classes one more, each class's *last* examples in the given order (the training set keeps
+    the first ones, which ``train_subset`` takes).
+
+    Raises ValueError (naming ``validation_size``) unless the classes hold that many."""
+    labels = np.asarray(labels)
+    try:
+        reversed_indices = class_balanced_subset(labels[::-1], size, num_classes)
+    except ValueError as error:
+        raise ValueError(str(error).replace("train_subset", "validation_size")) from None
+    return np.sort(len(labels) - 1 - reversed_indices)
+
+
 def _preprocess(name, x_train, y_train, x_test, y_test):
     x_train = np.asarray(x_train, np.float32) / np.float32(255.0)
     x_test = np.asarray(x_test, np.float32) / np.float32(255.0)
@@ -375,7 +399,8 @@ def _missing_idx_files(directory) -> list[str]:
 
 
 def load_dataset(name: str = "fashion_mnist", data_dir: Optional[str] = None,
-                 train_subset: Optional[int] = None, allow_download: bool = True) -> Dataset:
+                 train_subset: Optional[int] = None, allow_download: bool = True,
+                 validation_size: Optional[int] = None) -> Dataset:
     """Loads and preprocesses one of :data:`DATASETS` (see the module docstring for the search order).
 
     Args:
@@ -383,8 +408,11 @@ def load_dataset(name: str = "fashion_mnist", data_dir: Optional[str] = None,
         data_dir: an existing directory with the standard IDX files (or CIFAR-10 python batches), or a
             tensorflow-datasets data directory; given, it replaces the system directories (nothing else on
             disk is read).
-        train_subset: keep a class-balanced subset of this many training examples.
+        train_subset: keep a class-balanced subset of this many training examples (of those left by the
+            validation split).
         allow_download: whether to fall back to ``tfds.load``.
+        validation_size: hold out a class-balanced validation split of this many training examples
+            (:func:`validation_indices`; None: none).
 
     Returns:
         A :class:`Dataset`.
@@ -444,8 +472,17 @@ def load_dataset(name: str = "fashion_mnist", data_dir: Optional[str] = None,
     for split, labels in (("train", y_train), ("test", y_test)):
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"{name} from {source}: {split} labels outside [0, {num_classes})")
+    x_validation = y_validation = None
+    if validation_size is not None:
+        held = validation_indices(y_train, validation_size, num_classes)
+        rest = np.setdiff1d(np.arange(len(y_train)), held)
+        x_validation, y_validation = x_train[held], y_train[held]
+        x_train, y_train = x_train[rest], y_train[rest]
     if train_subset is not None:
         keep = class_balanced_subset(y_train, train_subset, num_classes)
         x_train, y_train = x_train[keep], y_train[keep]
+    if validation_size is not None:
+        # Preprocessed with the test set's transform (CIFAR-10: the training examples' mean and deviation).
+        _, _, x_validation, y_validation = _preprocess(name, x_train, y_train, x_validation, y_validation)
     x_train, y_train, x_test, y_test = _preprocess(name, x_train, y_train, x_test, y_test)
-    return Dataset(name, x_train, y_train, x_test, y_test, num_classes, source)
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes, source, x_validation, y_validation)

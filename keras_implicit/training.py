@@ -484,10 +484,17 @@ class _Training:
             _backend.enable_determinism()
         if self.dataset is None:
             try:
-                self.dataset = ki_data.load_dataset(config.dataset, config.data_dir, config.train_subset)
+                self.dataset = ki_data.load_dataset(config.dataset, config.data_dir, config.train_subset,
+                                                    validation_size=config.validation_size)
             # Missing files, damaged ones, or (custom data_dir files) fewer examples than train_subset: one line.
             except (ki_data.DatasetUnavailableError, ValueError) as error:
                 raise RunError(str(error)) from None
+        held = self.dataset.y_validation
+        if (config.validation_size is None) != (held is None) or (held is not None and
+                                                                   len(held) != config.validation_size):
+            raise RunError(f"validation_size is {config.validation_size} but the dataset given holds "
+                           f"{'no' if held is None else len(held)} validation examples: load it with "
+                           "load_dataset(..., validation_size=validation_size)")
         n_train = len(self.dataset.y_train)
         self.steps_per_epoch = n_train // config.batch_size
         if self.steps_per_epoch < 1:
@@ -500,8 +507,11 @@ class _Training:
         source = self.dataset.source
         if source != "tensorflow-datasets" and os.path.isdir(source):
             source = os.path.abspath(source)
-        return {"source": source, "train_examples": int(len(self.dataset.y_train)),
-                "test_examples": int(len(self.dataset.y_test))}
+        provenance = {"source": source, "train_examples": int(len(self.dataset.y_train)),
+                      "test_examples": int(len(self.dataset.y_test))}
+        if self.dataset.y_validation is not None:
+            provenance["validation_examples"] = int(len(self.dataset.y_validation))
+        return provenance
 
     def build(self):
         """The model (a :class:`~keras_implicit.ghost.GhostBatchModel`), its optimizer, compiled and built;
@@ -629,6 +639,7 @@ class _Training:
         run, dataset = self.run_dir, self.dataset
         self.tracker = ki_callbacks.AltLossTracker(
             (self.x_train, self.y_train), (dataset.x_test, dataset.y_test),
+            validation_data=(None if dataset.y_validation is None else (dataset.x_validation, dataset.y_validation)),
             metrics_path=run.metrics_path if run is not None else None,
             log_dir=run.tensorboard_dir if run is not None else None,
             track_every=self.config.track_every, schedule=self.config.track_schedule,

@@ -95,6 +95,32 @@ def test_train_subset_is_class_balanced_and_fixed(tmp_path):
         ki_data.load_dataset("mnist", data_dir=str(tmp_path), train_subset=0)
 
 
+@pytest.mark.parametrize("validation_size, train_subset", [(20, None), (25, None), (30, 40), (10, 120)])
+def test_the_validation_split_is_each_classs_last_examples_and_training_keeps_the_rest(tmp_path, validation_size,
+                                                                                   train_subset):
+    arrays = _write_idx_dir(str(tmp_path), n_train=200)
+    images, labels = arrays["train"]
+    dataset = ki_data.load_dataset("fashion_mnist", data_dir=str(tmp_path), validation_size=validation_size,
+                                   train_subset=train_subset)
+    # Reference: per class, its last examples in file order (the first classes one more), written as a loop.
+    wanted = [validation_size // 10 + (c < validation_size % 10) for c in range(10)]
+    held = np.sort(np.concatenate([np.flatnonzero(labels == c)[len(np.flatnonzero(labels == c)) - wanted[c]:]
+                                   for c in range(10)]))
+    rest = np.array([i for i in range(len(labels)) if i not in set(held.tolist())])
+    np.testing.assert_array_equal(dataset.y_validation, labels[held])
+    np.testing.assert_allclose(dataset.x_validation[..., 0], images[held] / 255.0, rtol=1e-6)
+    if train_subset is None:
+        np.testing.assert_array_equal(dataset.y_train, labels[rest])
+    else:  # the subset is the first examples of each class among those left
+        counts = [train_subset // 10 + (c < train_subset % 10) for c in range(10)]
+        keep = np.sort(np.concatenate([rest[labels[rest] == c][:counts[c]] for c in range(10)]))
+        np.testing.assert_array_equal(dataset.y_train, labels[keep])
+        np.testing.assert_allclose(dataset.x_train[..., 0], images[keep] / 255.0, rtol=1e-6)
+    assert len(dataset.y_test) == 20 and not set(held.tolist()) & set(rest.tolist())
+    with pytest.raises(ValueError, match="validation_size 201 is larger than the training set"):
+        ki_data.load_dataset("mnist", data_dir=str(tmp_path), validation_size=201)
+
+
 def test_cifar10_python_batches_are_standardized_per_channel(tmp_path):
     rng = np.random.default_rng(0)
     folder = tmp_path / "cifar-10-batches-py"

@@ -910,3 +910,22 @@ def test_an_explicit_regularizer_trains_resumes_and_is_the_runs_setting(idx_dir,
     groups = analysis.group_runs(analysis.load_runs([run_dir, plain_dir]))
     short = {"gradient_penalty": "gp", "sam_radius": "sam"}[name]
     assert sorted(g.label for g in groups) == sorted([f"{short}=0", f"{short}={value:g}"])
+
+
+def test_a_validation_split_is_held_out_tracked_and_named(idx_dir, tmp_path):
+    run_dir = tmp_path / "validated"
+    config = small_config(idx_dir, epochs=1, validation_size=100)
+    assert training.default_run_name(config) == "mnist-fc6-ce-sgd-lr0.1-b64-g64-v100-s0"
+    assert training.train(config, str(run_dir), progress=False, verbose=False).state == "finished"
+    stored = json.load(open(run_dir / "config.json"))
+    assert stored["validation_size"] == 100
+    assert (stored["data"]["train_examples"], stored["data"]["validation_examples"]) == (500, 100)
+    records = read_metrics(run_dir)
+    assert [r["split"] for r in records] == ["train", "test", "validation"] * 2
+    assert records[-1]["step"] == 500 // 64  # an epoch is the 500 training examples left
+    for bad, message in ((0, "validation_size must be a positive integer"),
+                         (60000, "validation_size 60000 must be from 10")):
+        with pytest.raises(ValueError, match=message):
+            small_config(idx_dir, validation_size=bad).validate()
+    with pytest.raises(ValueError, match="after the validation split"):
+        RunConfig(dataset="mnist", validation_size=30000, batch_size=32768, ghost_batch_size=256).validate()
