@@ -667,7 +667,7 @@ ADDED_LATER = {"noisy_error_draws": RunConfig.noisy_error_draws, "track_levels":
 def with_added_later(content: dict) -> dict:
     """A ``config.json`` content with the settings added after it was written, at the value it was trained with
     (their defaults: :data:`ADDED_LATER`), so that old and new runs of one setting group together."""
-    return {**{k: v for k, v in ADDED_LATER.items()}, **content}
+    return {**ADDED_LATER, **content}
 
 
 def _data_directory(content: dict) -> Optional[str]:

@@ -298,17 +298,17 @@ class GhostBatchModel(keras.Model):
 
         if penalty:
             gradient_of = jax.value_and_grad(penalized, has_aux=True)
-        first_gradient_of = gradient_of
 
         def micro_batch(carry, batch):
             gradient_sums, carried, state_sums, loss_sum, metrics_variables = carry
             inputs = [c if k else s for s, c, k in zip(non_trainable, carried, carried_state)]
-            (_, (loss, updated, metrics_variables_after, y_pred)), gradients = first_gradient_of(
+            (_, (loss, updated, metrics_variables_after, y_pred)), gradients = gradient_of(
                 trainable, inputs, metrics_variables, *batch)
             if self.sam_radius:
                 step = self.sam_radius / (jnp.sqrt(_squared_norm(gradients)) + 1e-12)
                 perturbed = [w + (step * g).astype(g.dtype) for w, g in zip(trainable, gradients)]
-                _, gradients = gradient_of(perturbed, inputs, metrics_variables, *batch)  # its state is not kept
+                # SAM and the penalty exclusive: gradient_of is the plain loss's here; its state is not kept.
+                _, gradients = gradient_of(perturbed, inputs, metrics_variables, *batch)
             metrics_variables = metrics_variables_after
             carry = ([a + b for a, b in zip(gradient_sums, gradients)], list(updated),
                      [a + b for a, b in zip(state_sums, updated)], loss_sum + loss.astype("float32"),

@@ -30,23 +30,34 @@ def _data(count, seed=0):
     return x, rng.integers(0, 10, count).astype(np.int32)
 
 
-def _weight_gradients(model, x, y):
-    """d mean-loss / d trainable weights of a training-mode call on (x, y), by the backend's autodiff."""
+def _weight_gradients(model, x, y, penalty=0.0):
+    """d (L + penalty ||dL/dw||^2) / dw, L the mean loss of a training-mode call on (x, y), by the backend's
+    autodiff on the plain model (with a penalty, nested: a gradient tape in a gradient tape, jax.grad in
+    jax.grad)."""
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
     if keras.backend.backend() == "jax":
         import jax
+        import jax.numpy as jnp
 
         def value(weights):
             outputs, _ = model.stateless_call(weights, non_trainable, x, training=True)
             return LOSS(y, outputs)
 
-        return [np.asarray(g) for g in jax.grad(value)(trainable)]
+        def penalized(weights):
+            return value(weights) + penalty * sum(jnp.sum(g ** 2) for g in jax.grad(value)(weights))
+
+        return [np.asarray(g) for g in jax.grad(penalized if penalty else value)(trainable)]
     import tensorflow as tf
 
-    with tf.GradientTape() as tape:
-        value = LOSS(y, model(x, training=True))
-    return [g.numpy() for g in tape.gradient(value, model.trainable_variables)]
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            loss = LOSS(y, model(x, training=True))
+        total = loss
+        if penalty:
+            gradients = inner.gradient(loss, model.trainable_variables)
+            total = loss + penalty * tf.add_n([tf.reduce_sum(g ** 2) for g in gradients])
+    return [g.numpy() for g in outer.gradient(total, model.trainable_variables)]
 
 
 F32 = float(np.finfo(np.float32).eps)
@@ -406,33 +417,6 @@ def test_a_regularized_step_is_the_closed_form_on_a_linear_softmax_layer(regular
     assert np.abs(step_kernel - plain_kernel).max() > 100 * 1e-5 * np.abs(step_kernel).max()
 
 
-def _penalized_gradients(model, x, y, penalty):
-    """d (L + penalty ||dL/dw||^2) / dw of a training-mode call on (x, y), by nested autodiff of the backend on
-    the plain model (a gradient tape in a gradient tape, jax.grad in jax.grad)."""
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
-    if keras.backend.backend() == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        def value(weights):
-            outputs, _ = model.stateless_call(weights, non_trainable, x, training=True)
-            return LOSS(y, outputs)
-
-        def penalized(weights):
-            return value(weights) + penalty * sum(jnp.sum(g ** 2) for g in jax.grad(value)(weights))
-
-        return [np.asarray(g) for g in jax.grad(penalized)(trainable)]
-    import tensorflow as tf
-
-    with tf.GradientTape() as outer:
-        with tf.GradientTape() as inner:
-            loss = LOSS(y, model(x, training=True))
-        gradients = inner.gradient(loss, model.trainable_variables)
-        total = loss + penalty * tf.add_n([tf.reduce_sum(g ** 2) for g in gradients])
-    return [g.numpy() for g in outer.gradient(total, model.trainable_variables)]
-
-
 @pytest.mark.parametrize("regularizer, value", [("gradient_penalty", 0.2), ("sam_radius", 0.1)])
 @pytest.mark.parametrize("ghost_batch_size, micro_batches", [(16, 3), (8, 1)])
 def test_regularized_steps_with_batch_norm_match_autodiff_and_update_moving_statistics_once(regularizer, value,
@@ -452,7 +436,7 @@ def test_regularized_steps_with_batch_norm_match_autodiff_and_update_moving_stat
     for k in range(micro_batches):
         xk, yk = x[k * ghost_batch_size:(k + 1) * ghost_batch_size], y[k * ghost_batch_size:(k + 1) * ghost_batch_size]
         if regularizer == "gradient_penalty":
-            gradients.append(_penalized_gradients(reference, xk, yk, value))
+            gradients.append(_weight_gradients(reference, xk, yk, penalty=value))
             continue
         at_w = _weight_gradients(reference, xk, yk)
         scale = value / np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in at_w))
