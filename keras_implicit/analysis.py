@@ -63,6 +63,13 @@ __all__ = [
     "summary_markdown",
     "extreme_pairs",
     "hparams_records",
+    "BudgetNotReachedError",
+    "at_budget",
+    "GapClosed",
+    "gap_closed",
+    "profile_distance",
+    "choose_by_profile",
+    "choose_by_validation",
 ]
 
 
@@ -87,6 +94,10 @@ class GridMismatchError(ValueError):
 
 class LevelNotReachedError(ValueError):
     """A run's training CE never comes down to the requested level."""
+
+
+class BudgetNotReachedError(ValueError):
+    """A run was not trained as far as the requested number of epochs or steps."""
 
 
 # --------------------------------------------------------------------------- #
@@ -1170,3 +1181,202 @@ def hparams_records(runs: Sequence[Run], level: float,
         metrics["final/ce"] = float(np.nanmin(ce))
         records.append({"run": run.name, "hparams": hparams, "metrics": metrics})
     return records
+
+
+# --------------------------------------------------------------------------- #
+# At a budget, and judging explicit terms (docs/EXPLICIT.md)
+# --------------------------------------------------------------------------- #
+def at_budget(run: Run, epoch: Optional[float] = None, step: Optional[float] = None) -> LevelPoint:
+    """Every tracked quantity of ``run`` after ``epoch`` epochs or ``step`` optimizer steps (give one): the
+    comparison at an equal budget, beside the paper's at an equal training CE (:func:`at_level`).
+
+    Each column of every split is read at the step with :func:`interpolate` between the tracking points around it
+    (as :func:`at_level` reads the test split); ``level`` of the result is the training CE there.
+
+    Args:
+        run: a loaded run.
+        epoch: epochs trained (a batch of 16384 takes 64 times fewer steps per epoch than one of 256).
+        step: optimizer steps taken (Hoffer et al.'s "regime adaptation" compares at equal steps).
+
+    Returns:
+        A :class:`LevelPoint`.
+
+    Raises:
+        BudgetNotReachedError: the run's training points end before that budget.
+        ValueError: neither or both of ``epoch`` and ``step``, or a negative one.
+
+    Example:
+        >>> point = at_budget(load_run("runs/fc6_b16384"), epoch=150)
+        >>> point.level, point.test["error"]
+    """
+    if (epoch is None) == (step is None):
+        raise ValueError("give the budget as epoch= or as step=, one of them")
+    what, value = ("epoch", epoch) if epoch is not None else ("step", step)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number >= 0, got {value!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+    train = run.columns("train")
+    if train["step"].size == 0 or not train[what][-1] >= value:
+        last = float(train[what][-1]) if train[what].size else 0.0
+        raise BudgetNotReachedError(f"run {run.name!r} was tracked up to {what} {last:g}, not {value:g} "
+                                    f"(state {run.state}): train it longer, or ask for a smaller budget")
+    # Steps and epochs are proportional (linear between points); the step is what every split is read at.
+    step = float(np.interp(value, train["epoch"], train["step"])) if what == "epoch" else value
+    read = {}
+    for split in ("train", "test", "validation"):
+        columns = run.splits.get(split)
+        values = {} if columns is None else {key: _at_step(columns["step"], column, step)
+                                             for key, column in columns.items() if key not in ("epoch", "step")}
+        # A held-out split whose points do not bracket the step gives {} (as in at_level).
+        read[split] = values if split == "train" or any(math.isfinite(v) for v in values.values()) else {}
+    return LevelPoint(run=run.name, level=read["train"]["ce"], epoch=float(np.interp(step, train["step"],
+                                                                                      train["epoch"])),
+                      step=step, values=read["train"], test=read["test"], validation=read["validation"])
+
+
+@dataclasses.dataclass
+class GapClosed:
+    """How much of the gap between two baselines a treatment closes, over seeds.
+
+    Attributes:
+        quantity: what was compared (e.g. ``"test error"``).
+        small, large, treated: ``(mean, std)`` over seeds of the small-batch baseline, the large-batch one and
+            the large batch with the explicit term (std with ddof = 1; NaN for one seed).
+        fraction: ``(large - treated) / (large - small)`` of the means: 0 where the term changes nothing, 1 where
+            it reaches the small batch, above 1 past it, below 0 the wrong way; NaN when the baselines are equal.
+        gap_beyond_spread: whether the baselines' means differ by more than twice the standard error of their
+            difference (``2 sqrt(s_small^2 / n_small + s_large^2 / n_large)``); a fraction of a gap inside the
+            seed spread says little.
+    """
+
+    quantity: str
+    small: tuple[float, float]
+    large: tuple[float, float]
+    treated: tuple[float, float]
+    fraction: float
+    gap_beyond_spread: bool
+
+
+def gap_closed(small: Sequence[float], large: Sequence[float], treated: Sequence[float],
+               quantity: str = "") -> GapClosed:
+    """The fraction of the gap between the ``large`` and the ``small`` baseline that ``treated`` closes.
+
+    ``fraction = (mean(large) - mean(treated)) / (mean(large) - mean(small))``, as Novack et al. (ICLR 2023) read
+    "two thirds of the gap": (89.83 %, 92.64 %) with a treatment at 91.75 % gives 0.68.
+
+    Args:
+        small, large, treated: one value per seed each (e.g. the test error at a training CE, from
+            :func:`at_level`, or at a budget, from :func:`at_budget`); finite.
+        quantity: a name for the result.
+
+    Returns:
+        A :class:`GapClosed`.
+
+    Example:
+        >>> gap_closed([92.64], [89.83], [91.75]).fraction
+        0.6832...
+    """
+    arrays = {}
+    for name, values in (("small", small), ("large", large), ("treated", treated)):
+        array = np.asarray(values, dtype=np.float64).ravel()
+        if array.size == 0 or not np.all(np.isfinite(array)):
+            raise ValueError(f"gap_closed needs one finite value per seed for {name!r}, got {list(values)!r}")
+        arrays[name] = array
+    stats = {name: _mean_std(array) for name, array in arrays.items()}
+    gap = stats["large"][0] - stats["small"][0]
+    fraction = (stats["large"][0] - stats["treated"][0]) / gap if gap != 0 else math.nan
+    variance = sum(std ** 2 / arrays[name].size for name, (_, std) in stats.items()
+                   if name != "treated" and math.isfinite(std))
+    beyond = bool(gap != 0 and abs(gap) > 2 * math.sqrt(variance)) if all(
+        arrays[name].size > 1 for name in ("small", "large")) else False
+    return GapClosed(quantity, stats["small"], stats["large"], stats["treated"], float(fraction), beyond)
+
+
+def _family_means(runs: Sequence[Run] | RunGroup, level: float, family: str, min_parameter: float, hold: int
+                  ) -> dict[float, float]:
+    group = aggregate(runs, level, hold)
+    names = list(group.mean)
+    params, columns = family_names(names, family)
+    chosen = {float(p): group.mean[c] for p, c in zip(params, columns) if p >= min_parameter}
+    if not chosen:
+        raise ValueError(f"no {family} parameter >= {min_parameter:g} was tracked (the grid is {params.tolist()})")
+    return chosen
+
+
+def profile_distance(candidate: Sequence[Run] | RunGroup, reference: Sequence[Run] | RunGroup, level: float,
+                     family: str = "gcdf", min_parameter: float = 2.0, hold: int = 0) -> float:
+    """How far ``candidate``'s alternative-loss profile lies from ``reference``'s at an equal training CE: the mean
+    over the family's parameters >= ``min_parameter`` of ``|log(candidate / reference)|`` of the seed means at the
+    level (0 for the same profile; 0.1 is about 10 % apart). The large-σ Gcdf is where the paper finds the small
+    batch lower (figs. 5, 13-16): the explicit term that makes the large batch's profile the small batch's there
+    brings this to 0.
+
+    Args:
+        candidate, reference: runs (or a :class:`RunGroup`) of one setting each, tracked with the same grids.
+        level: the training CE.
+        family: ``"gcdf"``, ``"tce"`` or ``"hinge"``.
+        min_parameter: the smallest σ (T, γ) counted.
+        hold: as in :func:`at_level`.
+
+    Raises:
+        LevelNotReachedError: a run does not reach the level.
+        ValueError: no parameter of the family at or above ``min_parameter``, or a value <= 0.
+    """
+    a = _family_means(candidate, level, family, min_parameter, hold)
+    b = _family_means(reference, level, family, min_parameter, hold)
+    if set(a) != set(b):
+        raise GridMismatchError(f"the runs tracked different {family} grids: {sorted(a)} and {sorted(b)}")
+    if not all(a[p] > 0 and b[p] > 0 for p in a):
+        raise ValueError(f"{family} values must be > 0 for a distance in log: {a} against {b}")
+    return float(np.mean([abs(math.log(a[p] / b[p])) for p in a]))
+
+
+def choose_by_profile(candidates: Sequence[RunGroup], reference: Sequence[Run] | RunGroup, level: float,
+                      family: str = "gcdf", min_parameter: float = 2.0, hold: int = 0
+                      ) -> tuple[RunGroup, dict[str, float]]:
+    """The candidate whose profile at ``level`` comes closest to ``reference``'s (:func:`profile_distance`), and
+    every candidate's distance by label: question (i) of docs/EXPLICIT.md, choosing λ (or ρ) from a grid.
+
+    Candidates that do not reach the level are left out (their distance reads NaN); a ValueError when none does.
+    """
+    distances = {}
+    for group in candidates:
+        try:
+            distances[group.label] = profile_distance(group, reference, level, family, min_parameter, hold)
+        except LevelNotReachedError:
+            distances[group.label] = math.nan
+    return _least(candidates, distances, f"no candidate reaches a training CE of {level:g}"), distances
+
+
+def choose_by_validation(candidates: Sequence[RunGroup], level: float, quantity: str = "error", hold: int = 0
+                         ) -> tuple[RunGroup, dict[str, float]]:
+    """The candidate with the lowest validation ``quantity`` (seed mean) where its training CE reaches ``level``,
+    and every candidate's value by label: question (ii) of docs/EXPLICIT.md. The test set chooses nothing.
+
+    Raises:
+        ValueError: a candidate's runs have no validation split at the level (train with ``validation_size``),
+            or none reaches the level.
+    """
+    values = {}
+    for group in candidates:
+        try:
+            points = [at_level(run, level, hold) for run in group.runs]
+        except LevelNotReachedError:
+            values[group.label] = math.nan
+            continue
+        for point in points:
+            if quantity not in point.validation:
+                raise ValueError(f"run {point.run!r} has no validation {quantity!r} at a training CE of {level:g}: "
+                                 "train with validation_size (--validation-size) to choose on it")
+        values[group.label] = float(np.mean([point.validation[quantity] for point in points]))
+    return _least(candidates, values, f"no candidate reaches a training CE of {level:g}"), values
+
+
+def _least(candidates: Sequence[RunGroup], values: Mapping[str, float], none: str) -> RunGroup:
+    finite = [group for group in candidates if math.isfinite(values[group.label])]
+    if not finite:
+        raise ValueError(none)
+    return min(finite, key=lambda group: values[group.label])

@@ -41,7 +41,13 @@ from keras_implicit import losses as _losses
 from keras_implicit import metrics as _metrics
 from keras_implicit import models as _models
 from keras_implicit import sharpness as _sharpness
-from keras_implicit.config import LEVEL_WINDOW, LOSS_SMOOTHING, check_track_levels
+from keras_implicit.config import (
+    LEVEL_SETTLE_POINTS,
+    LEVEL_WINDOW,
+    LOSS_SMOOTHING,
+    check_track_levels,
+    level_trigger_state,
+)
 from keras_implicit.names import CHART_TITLES, SCHEDULES
 from keras_implicit.rundir import CONFIG, atomic_write
 
@@ -157,10 +163,11 @@ class AltLossTracker(keras.callbacks.Callback):
             also holds ``noisy_error@s``, ``noisy_error_se@s``, ``noisy_ce@s``, ``eq9@s`` for every sigma of
             the Gcdf grid and ``hessian_trace`` (:mod:`keras_implicit.sharpness`), from the same forward pass.
         noise_seed: the draws' seed (each tracking step, split and batch gets its own draws from it).
-        track_levels: training losses (the ladder's levels, e.g. ``[1, 0.5, 0.3, 0.15, 0.08, 0.04]``) near which
-            the ``track_every`` points are taken: only while the running training loss lies within a factor
-            ``level_window`` of one of them (:meth:`near_a_level`); epoch ends and the ``"log"`` schedule's points
-            are tracked as always. None: every ``track_every`` steps. Needs ``track_every``.
+        track_levels: training losses (the ladder's levels, e.g. ``[1, 0.5, 0.3, 0.15, 0.08, 0.04]``) around
+            whose crossings the ``track_every`` points are taken (:meth:`near_a_level`): from when the running
+            training loss or the last tracked training CE comes within ``level_window`` of a level until the
+            tracked CE has stayed at or below it for ``LEVEL_SETTLE_POINTS`` points; epoch ends and the ``"log"``
+            schedule's points are tracked as always. None: every ``track_every`` steps. Needs ``track_every``.
         level_window: how near (a factor > 1; default 1.15).
 
     After training, ``records`` holds every record written, ``diverged`` a message or None and
@@ -191,6 +198,7 @@ class AltLossTracker(keras.callbacks.Callback):
         self.level_window = float(level_window)
         self._loss_estimate: Optional[float] = None  # the running training loss, this epoch (see observe_loss)
         self._epoch_mean: Optional[float] = None
+        self._last_train_ce, self._points_below = level_trigger_state((), self.track_levels)
         if target_train_loss is not None and not (math.isfinite(target_train_loss) and target_train_loss > 0):
             raise ValueError(f"target_train_loss must be a finite number > 0, got {target_train_loss}")
         self.splits = {"train": self._as_tensors(train_data, "train_data")}
@@ -325,6 +333,24 @@ class AltLossTracker(keras.callbacks.Callback):
         values["top_bias_norm"] = float(np.linalg.norm(bias))
         return values
 
+    def _note_train_ce(self, ce: float):
+        self._last_train_ce, self._points_below = level_trigger_state([ce], self.track_levels, self.trigger_state())
+
+    def trigger_state(self) -> tuple:
+        """The ``track_levels`` trigger's memory across epochs: ``(last tracked training CE or None, points in a
+        row at or below each level)``, as :func:`keras_implicit.config.level_trigger_state` replays it."""
+        return self._last_train_ce, self._points_below
+
+    def restore_trigger(self, state):
+        """Sets :meth:`trigger_state` (a resumed run: replayed from its records up to the checkpoint, so that it
+        tracks at the steps an uninterrupted run tracks at)."""
+        last, counts = state
+        if len(counts) != len(self.track_levels):
+            raise ValueError(f"a trigger state for {len(counts)} levels, but track_levels has "
+                             f"{len(self.track_levels)}")
+        self._last_train_ce = None if last is None or not math.isfinite(last) else float(last)
+        self._points_below = tuple(int(count) for count in counts)
+
     def mark_tracked(self, step: int):
         """Records that ``step`` was tracked already (by an earlier process, before a resume)."""
         self._tracked_steps.add(int(step))
@@ -361,6 +387,8 @@ class AltLossTracker(keras.callbacks.Callback):
             records.append({"epoch": step / steps_per_epoch, "step": step, "split": split, **values})
         for record in records:
             self._write(record)
+            if record["split"] == "train" and self.track_levels:
+                self._note_train_ce(record["ce"])
         self._tracked_steps.add(step)
         if (self.target_train_loss is not None and self.last.get("train", {}).get("ce", math.inf)
                 < self.target_train_loss):
@@ -436,13 +464,18 @@ class AltLossTracker(keras.callbacks.Callback):
         self._epoch_mean = None
 
     def near_a_level(self) -> bool:
-        """Whether the ``track_every`` points are due now: always without ``track_levels``; with them, while the
-        running training loss (an exponential average of the epoch's batch losses, :meth:`observe_loss`) lies
-        within a factor ``level_window`` of one of the levels. Before the epoch's first batch, True."""
-        if not self.track_levels or self._loss_estimate is None:
+        """Whether the ``track_every`` points are due now: always without ``track_levels``; with them, while a
+        level is open (fewer than ``LEVEL_SETTLE_POINTS`` tracked points in a row at or below it) and the lower of
+        the running training loss (an exponential average of the epoch's batch losses, :meth:`observe_loss`) and
+        the last tracked training CE lies at or below ``level_window`` times it. With neither signal yet, True."""
+        if not self.track_levels:
             return True
-        estimate, window = self._loss_estimate, self.level_window
-        return any(level / window <= estimate <= level * window for level in self.track_levels)
+        signals = [value for value in (self._loss_estimate, self._last_train_ce) if value is not None]
+        if not signals:
+            return True
+        signal = min(signals)
+        return any(count < LEVEL_SETTLE_POINTS and signal <= level * self.level_window
+                   for count, level in zip(self._points_below, self.track_levels))
 
     def due(self, step: int) -> bool:
         """Whether ``step`` (optimizer updates so far) is a tracking point not tracked yet: step 0, an epoch's end,

@@ -33,6 +33,7 @@ from keras_implicit.config import (  # noqa: F401  (CONFIG_FLAGS: re-exported)
     default_run_name,
     differences,
     grids,
+    level_trigger_state,
     parse_loss,  # noqa: F401  (re-exported)
     parse_objective,
     stored_differences,
@@ -565,8 +566,11 @@ class _Training:
         # Against the target asked now: a run started with it would have stopped at the first training point below
         # it, so that point (not the checkpoint's) is where it was reached.
         target = config.target_train_loss
-        below = [r for r in run.read_metrics()
-                 if target is not None and r.get("split") == "train" and r["ce"] < target]
+        train_records = [r for r in run.read_metrics() if r.get("split") == "train"]
+        below = [r for r in train_records if target is not None and r["ce"] < target]
+        # The track_levels trigger remembers the tracked CEs across epochs: replayed, a resumed run tracks where an
+        # uninterrupted one does.
+        meta["level_trigger"] = level_trigger_state([r["ce"] for r in train_records], config.track_levels or ())
         meta["target_reached"] = bool(below)
         meta["target_step"] = int(below[0]["step"]) if below else None
         step, steps_per_epoch = int(meta["step"]), self.steps_per_epoch
@@ -619,16 +623,22 @@ class _Training:
                            target_reached=int(meta["target_reached"]),
                            target_step=-1 if target_step is None else target_step)
         variables = [*self.model.weights, *self.optimizer.variables]
-        arrays = [np.array([float(numbers[k]) for k in _PLAN_FIELDS])] + [np.asarray(v) for v in variables]
+        levels = self.config.track_levels or ()
+        last_ce, counts = (meta or {}).get("level_trigger") or level_trigger_state((), levels)
+        trigger = np.array([math.nan if last_ce is None else last_ce, *counts], np.float64)
+        arrays = [np.array([float(numbers[k]) for k in _PLAN_FIELDS]), trigger] + [np.asarray(v) for v in variables]
         shared = _distribute.broadcast_from_chief(self.strategy, arrays)
         received = dict(zip(_PLAN_FIELDS, (int(v) for v in shared[0])))
         if received["action"] == _TRAIN:
-            for variable, value in zip(variables, shared[1:]):
+            for variable, value in zip(variables, shared[2:]):
                 variable.assign(value)
             if received["resumed"]:
+                last_ce = float(shared[1][0])
                 meta = {**(meta or {}), "epoch": received["epoch"], "step": received["step"],
                         "target_reached": bool(received["target_reached"]),
-                        "target_step": received["target_step"] if received["target_step"] >= 0 else None}
+                        "target_step": received["target_step"] if received["target_step"] >= 0 else None,
+                        "level_trigger": (None if math.isnan(last_ce) else last_ce,
+                                          tuple(int(v) for v in shared[1][1:]))}
         else:
             meta = {"epoch": received["epoch"], "step": received["step"]}
         return received["action"], meta
@@ -651,6 +661,8 @@ class _Training:
         self.tracker.set_model(self.model)
         if meta is not None:
             self.tracker.mark_tracked(meta["step"])  # tracked before the checkpoint was written
+            if meta.get("level_trigger") is not None and self.config.track_levels:
+                self.tracker.restore_trigger(meta["level_trigger"])
         self.monitor = ki_callbacks.DivergenceMonitor()
         self.callbacks = [self.tracker, self.monitor]
         if self.progress and self.chief:

@@ -919,3 +919,112 @@ def test_ladder_ratio_over_a_zero_is_inf_not_an_error(tmp_path):
     ladder = analysis.loss_ladder(group_a, group_b, levels=(1.0,), families=("hinge",))
     assert ladder.ratio["hinge"][0].tolist() == [math.inf, 1.0, 1.0]
     assert "| inf |" in analysis.ladder_markdown(ladder, "hinge")
+
+
+# --------------------------------------------------------------------------- #
+# At a budget; judging explicit terms (docs/EXPLICIT.md)
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("steps_per_epoch", [3, 10, 215])
+@pytest.mark.parametrize("epoch", [0.0, 1.0, 2.5, 3.75, 4.0])
+def test_at_budget_reads_every_split_at_the_epoch_or_the_step(tmp_path, steps_per_epoch, epoch):
+    ce = np.exp(-np.arange(5.0))  # exponential in time: the geometric interpolation is exact between points
+    records = records_from(ce, power_of_ce, steps_per_epoch=steps_per_epoch)
+    records += [{**r, "split": "validation", "error": 0.2 * r["ce"]} for r in records if r["split"] == "train"]
+    run = analysis.load_run(write_run(tmp_path / "r", records))
+    by_epoch = analysis.at_budget(run, epoch=epoch)
+    by_step = analysis.at_budget(run, step=epoch * steps_per_epoch)
+    assert by_epoch.step == pytest.approx(epoch * steps_per_epoch) and by_step.epoch == pytest.approx(epoch)
+    for point in (by_epoch, by_step):
+        assert point.level == pytest.approx(math.exp(-epoch), rel=1e-12)
+        assert point.values["ce"] == pytest.approx(math.exp(-epoch), rel=1e-12)
+        assert point.values["gcdf@2"] == pytest.approx(5.0 * math.exp(-epoch / 2), rel=1e-12)
+        assert point.test["ce"] == pytest.approx(1.5 * math.exp(-epoch), rel=1e-12)
+        assert point.validation["error"] == pytest.approx(0.2 * math.exp(-epoch), rel=1e-12)
+
+
+def test_at_budget_refuses_what_the_run_did_not_train_and_bad_budgets(tmp_path):
+    run = analysis.load_run(write_run(tmp_path / "r", records_from([2.0, 1.0, 0.5], power_of_ce)))
+    assert analysis.at_budget(run, epoch=2).validation == {}  # no validation split
+    with pytest.raises(analysis.BudgetNotReachedError, match="tracked up to epoch 2, not 2.5"):
+        analysis.at_budget(run, epoch=2.5)
+    with pytest.raises(analysis.BudgetNotReachedError, match="tracked up to step 20, not 21"):
+        analysis.at_budget(run, step=21)
+    for kwargs, message in (({}, "one of them"), ({"epoch": 1, "step": 10}, "one of them"),
+                            ({"epoch": -1}, "finite number >= 0"), ({"step": "x"}, "a number >= 0")):
+        with pytest.raises(ValueError, match=message):
+            analysis.at_budget(run, **kwargs)
+
+
+@pytest.mark.parametrize("small, large, treated", [
+    ([92.64], [89.83], [91.75]),  # Novack et al.'s ResNet-18 accuracies: about two thirds
+    ([11.2, 11.3, 11.4], [11.6, 11.5, 11.7], [11.5, 11.4, 11.45]),
+    ([0.1, 0.2, 0.15], [0.1, 0.25, 0.12], [0.3, 0.2, 0.1]),  # a gap inside the seed spread
+    ([1.0, 1.1], [2.0, 2.2], [2.5, 2.6]),  # the wrong way: below 0
+])
+def test_gap_closed_against_the_formula(small, large, treated):
+    result = analysis.gap_closed(small, large, treated, quantity="test error")
+    s, l, t = (np.asarray(v, float) for v in (small, large, treated))
+    assert result.fraction == pytest.approx((l.mean() - t.mean()) / (l.mean() - s.mean()), rel=1e-12)
+    assert result.small[0] == pytest.approx(s.mean()) and result.treated[0] == pytest.approx(t.mean())
+    if len(small) > 1:
+        assert result.large[1] == pytest.approx(l.std(ddof=1))
+        standard_error = math.sqrt(s.var(ddof=1) / s.size + l.var(ddof=1) / l.size)
+        assert result.gap_beyond_spread == (abs(l.mean() - s.mean()) > 2 * standard_error)
+    else:
+        assert math.isnan(result.large[1]) and not result.gap_beyond_spread  # one seed: no spread to judge by
+    assert result.quantity == "test error"
+
+
+def test_gap_closed_edge_cases():
+    assert analysis.gap_closed([92.64], [89.83], [91.75]).fraction == pytest.approx(0.6832, abs=1e-4)
+    assert math.isnan(analysis.gap_closed([1.0, 1.0], [1.0, 1.0], [0.5, 0.6]).fraction)  # no gap
+    assert analysis.gap_closed([1.0, 1.02], [2.0, 2.01], [1.0, 1.02]).gap_beyond_spread
+    with pytest.raises(ValueError, match="one finite value per seed for 'treated'"):
+        analysis.gap_closed([1.0], [2.0], [])
+    with pytest.raises(ValueError, match="for 'large'"):
+        analysis.gap_closed([1.0], [math.nan], [1.0])
+
+
+def _scaled_runs(tmp_path, name, factor, seeds=(0, 1), validation_error=None, **config):
+    """Runs whose every family value is ``factor`` times power_of_ce's (the reference at factor 1)."""
+    runs = []
+    for seed in seeds:
+        records = records_from([2.0, 1.0, 0.5, 0.25], lambda f, p, c: factor * power_of_ce(f, p, c) * (1 + 0.01 * seed))
+        if validation_error is not None:
+            records += [{**r, "split": "validation", "error": validation_error + 0.01 * seed}
+                        for r in records if r["split"] == "train"]
+        runs.append(analysis.load_run(write_run(tmp_path / f"{name}-s{seed}", records, seed=seed, **config)))
+    return runs
+
+
+@pytest.mark.parametrize("family, min_parameter", [("gcdf", 2.0), ("gcdf", 0.25), ("tce", 1.0), ("hinge", 4.0)])
+@pytest.mark.parametrize("factor", [1.0, 1.1, 0.7])
+def test_profile_distance_is_the_mean_absolute_log_ratio(tmp_path, family, min_parameter, factor):
+    reference = _scaled_runs(tmp_path, "ref", 1.0)
+    candidate = _scaled_runs(tmp_path, "cand", factor, batch_size=16384)
+    distance = analysis.profile_distance(candidate, reference, 0.5, family, min_parameter)
+    assert distance == pytest.approx(abs(math.log(factor)), abs=1e-12)
+    with pytest.raises(ValueError, match="no gcdf parameter >= 100"):
+        analysis.profile_distance(candidate, reference, 0.5, "gcdf", 100.0)
+    with pytest.raises(analysis.LevelNotReachedError):
+        analysis.profile_distance(candidate, reference, 0.1)
+
+
+def test_choose_by_profile_and_by_validation(tmp_path):
+    reference = _scaled_runs(tmp_path, "ref", 1.0, batch_size=256)
+    candidates = [*_scaled_runs(tmp_path, "gp0.01", 1.3, validation_error=0.12, batch_size=16384,
+                                gradient_penalty=0.01),
+                  *_scaled_runs(tmp_path, "gp0.1", 1.05, validation_error=0.14, batch_size=16384,
+                                gradient_penalty=0.1),
+                  *_scaled_runs(tmp_path, "gp1", 0.8, validation_error=0.11, batch_size=16384, gradient_penalty=1.0)]
+    groups = analysis.group_runs(candidates)
+    chosen, distances = analysis.choose_by_profile(groups, reference, 0.5)
+    assert chosen.config["gradient_penalty"] == 0.1  # |log 1.05| < |log 0.8| < |log 1.3|
+    assert distances[chosen.label] == pytest.approx(math.log(1.05))
+    best, errors = analysis.choose_by_validation(groups, 0.5)
+    assert best.config["gradient_penalty"] == 1.0  # the lowest validation error: the two choices differ
+    assert errors[best.label] == pytest.approx(0.115)  # the mean of 0.11 and 0.12 over the two seeds
+    with pytest.raises(ValueError, match="no candidate reaches a training CE of 0.01"):
+        analysis.choose_by_profile(groups, reference, 0.01)
+    with pytest.raises(ValueError, match="has no validation 'error'.*--validation-size"):
+        analysis.choose_by_validation(analysis.group_runs(reference), 0.5)

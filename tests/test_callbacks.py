@@ -10,7 +10,7 @@ import pytest
 from scipy import special
 from tensorboard.util.tensor_util import make_ndarray
 
-from keras_implicit import callbacks, losses, metrics
+from keras_implicit import callbacks, config, losses, metrics
 from keras_implicit.models import make_model
 from tests.backend import to_numpy
 from tests.references import numpy_fc6, ref_error, ref_gcdf, ref_hinge, ref_tce
@@ -356,23 +356,55 @@ def test_a_model_that_does_not_output_logits_is_refused():
 # --------------------------------------------------------------------------- #
 # track_levels: dense points only near the ladder's levels
 # --------------------------------------------------------------------------- #
-def test_near_a_level_follows_the_running_loss():
+def test_near_a_level_follows_the_lower_signal_and_closes_settled_levels():
     rng = np.random.default_rng(0)
     tracker = callbacks.AltLossTracker((rng.random((8, 3)), np.zeros(8, np.int32)), track_every=2,
                                        track_levels=[1.0, 0.1], level_window=1.5, steps_per_epoch=10)
-    assert tracker.near_a_level()  # nothing seen yet this epoch
+    assert tracker.near_a_level()  # no signal yet
     tracker.observe_loss(3.0)
-    assert not tracker.near_a_level()  # 3 > 1.5
+    assert not tracker.near_a_level()  # 3 > 1.5 * 1
     tracker.observe_loss(-15.0)  # the average moves by a tenth of the difference: 3 + 0.1 * (-15 - 3) = 1.2
     assert tracker._loss_estimate == pytest.approx(1.2) and tracker.near_a_level()
     tracker.observe_loss(float("nan"))  # ignored
     assert tracker._loss_estimate == pytest.approx(1.2)
     for _ in range(200):
-        tracker.observe_loss(0.3)  # between the bands [0.667, 1.5] and [0.0667, 0.15]
-    assert not tracker.near_a_level()
-    tracker.start_epoch()
+        tracker.observe_loss(0.3)  # below level 1: open (no tracked point at or below it yet), so still due
     assert tracker.near_a_level()
+    tracker._note_train_ce(0.9)
+    tracker._note_train_ce(1.1)  # back above: the count starts again
+    assert tracker.trigger_state() == (1.1, (0, 0))
+    for ce in (0.9, 0.8, 0.95):
+        tracker._note_train_ce(ce)
+    assert tracker.trigger_state() == (0.95, (3, 0))  # level 1 closed: 3 points in a row at or below it
+    assert not tracker.near_a_level()  # 0.3 > 1.5 * 0.1, and level 1 is closed
+    tracker._note_train_ce(1.2)
+    assert tracker.trigger_state() == (1.2, (3, 0))  # a closed level stays closed
+    tracker.start_epoch()  # forgets the running loss, keeps the tracked CE: 1.2 > 0.15
+    assert not tracker.near_a_level()
+    tracker._note_train_ce(0.14)
+    assert tracker.near_a_level()  # the tracked CE alone: 0.14 <= 0.15
+    tracker.observe_loss(0.5)
+    assert tracker.near_a_level()  # the lower of the two signals
     assert callbacks.AltLossTracker((np.ones((2, 3)), [0, 1]), track_every=5).near_a_level()  # no levels: always
+
+
+@pytest.mark.parametrize("ces, state", [
+    ([], (None, (0, 0, 0))),
+    ([2.0, 0.9, 0.4, 0.45, 0.3, 0.6], (0.6, (3, 3, 0))),
+    ([0.9, 0.8, 1.1, 0.9, 0.45], (0.45, (2, 1, 0))),
+    ([0.4, 0.4, 0.6, 0.4, 0.29, 0.2], (0.2, (3, 3, 2))),
+])
+def test_level_trigger_state_counts_points_in_a_row_and_closes_at_three(ces, state):
+    levels = (1.0, 0.5, 0.3)
+    assert config.level_trigger_state(ces, levels) == state
+    assert config.LEVEL_SETTLE_POINTS == 3
+    half = len(ces) // 2  # replayed in two parts (a resume) from the first part's state
+    assert config.level_trigger_state(ces[half:], levels, config.level_trigger_state(ces[:half], levels)) == state
+    tracker = callbacks.AltLossTracker((np.ones((2, 3)), [0, 1]), track_every=1, track_levels=levels)
+    tracker.restore_trigger(state)
+    assert tracker.trigger_state() == state
+    with pytest.raises(ValueError, match="for 2 levels"):
+        tracker.restore_trigger((1.0, (0, 0)))
 
 
 @pytest.mark.parametrize("levels, every, window, message", [
@@ -418,16 +450,33 @@ def test_fit_tracks_every_step_only_near_the_levels_as_replayed_from_the_batch_l
     tracker = callbacks.AltLossTracker((x, y), None, track_every=1, track_levels=levels, level_window=window)
     replay = _BatchLosses()
     model.fit(x, y, batch_size=20, epochs=3, shuffle=False, verbose=0, callbacks=[replay, tracker])
-    expected = {0}
+    # The rule replayed: the running average of the batch losses (per epoch), the tracked training CEs so far
+    # (read from the tracker's records at the steps the replay expects: a missing one fails the lookup), the
+    # points in a row at or below each level (3 close it), and the band's upper edge.
+    train_ce = {r["step"]: r["ce"] for r in tracker.records if r["split"] == "train"}
+    expected, last_ce, counts = [0], train_ce[0], [0] * len(levels)
+
+    def tracked(step):
+        nonlocal last_ce
+        expected.append(step)
+        last_ce = train_ce[step]
+        for k, level in enumerate(levels):
+            if counts[k] < 3:
+                counts[k] = counts[k] + 1 if last_ce <= level else 0
+
+    for level_index, level in enumerate(levels):  # the step-0 point
+        counts[level_index] = 1 if last_ce <= level else 0
     for epoch in replay.epochs:
         average, previous = None, None
         for batch, (step, mean) in enumerate(epoch):
             loss = mean if previous is None else (batch + 1) * mean - batch * previous
             previous = mean
             average = loss if average is None else average + 0.1 * (loss - average)
-            if any(level / window <= average <= level * window for level in levels):
-                expected.add(step)
-        expected.add(epoch[-1][0])
-    tracked = [r["step"] for r in tracker.records]
-    assert tracked == sorted(expected)
-    assert 3 < len(tracked) < 60  # some steps near a level, not all 60
+            signal = min(average, last_ce)
+            if any(count < 3 and signal <= level * window for count, level in zip(counts, levels)):
+                tracked(step)
+            elif batch == len(epoch) - 1:
+                tracked(step)  # the epoch's end
+    steps = [r["step"] for r in tracker.records]
+    assert steps == expected
+    assert 3 < len(steps) < 60  # some steps near a level, not all 60

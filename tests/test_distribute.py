@@ -322,7 +322,7 @@ def _workers(args, chief_out, other_out):
 
 def test_run_py_multiworker_writes_once_survives_kill_9_and_resumes(idx_dir, tmp_path):
     args = ["--data-dir", idx_dir, "--batch-size", "128", "--ghost-batch-size", "64", "--epochs", "3",
-            "--track-every", "3", "--strategy", "multiworker", "--no-progress"]
+            "--track-every", "3", "--track-levels", "2.0", "--strategy", "multiworker", "--no-progress"]
     whole, killed, elsewhere = tmp_path / "whole", tmp_path / "killed", tmp_path / "worker1"
 
     results = [_finish(process, timeout=120) for process in _workers(args, whole, elsewhere)]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_implicit import config
 from keras_implicit import data as ki_data
 from keras_implicit import training
 from keras_implicit.training import RunConfig, RunDirectory, RunError, RunLockedError
@@ -842,20 +843,24 @@ def test_noisy_error_is_tracked_and_runs_made_before_it_resume(idx_dir, one_epoc
 
 
 def test_track_levels_are_recorded_and_a_resumed_run_tracks_at_the_same_steps(idx_dir, tmp_path):
-    """track_levels is a setting of the run (config.json, refused when changed on resume) and its trigger starts
-    afresh each epoch: a run resumed from an epoch's checkpoint tracks at the steps an uninterrupted one does."""
-    settings = dict(epochs=3, track_every=1, track_levels=(1.3,), deterministic=True)
+    """track_levels is a setting of the run (config.json, refused when changed on resume) and its trigger's memory
+    (the levels closed, the last tracked CE) is replayed from the records: a run resumed from an epoch's checkpoint
+    tracks at the steps an uninterrupted one does. Level 2 closes in the second epoch (three points at or below it),
+    before the checkpoint the resumed run starts from; a trigger started afresh would open it again."""
+    settings = dict(epochs=3, track_every=1, track_levels=(2.0,), deterministic=True)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     training.train(small_config(idx_dir, **settings), str(whole), progress=False, verbose=False)
-    training.train(small_config(idx_dir, **{**settings, "epochs": 1}), str(parts), progress=False, verbose=False)
+    training.train(small_config(idx_dir, **{**settings, "epochs": 2}), str(parts), progress=False, verbose=False)
+    train_ce = [r["ce"] for r in read_metrics(parts) if r["split"] == "train"]
+    assert config.level_trigger_state(train_ce, settings["track_levels"])[1][0] == config.LEVEL_SETTLE_POINTS
     training.train(small_config(idx_dir, **settings), str(parts), progress=False, verbose=False)
     steps = [(r["step"], r["split"]) for r in read_metrics(whole)]
     assert steps == [(r["step"], r["split"]) for r in read_metrics(parts)]
     tracked = sorted({step for step, _ in steps})
     every_step = 3 * (600 // 64)
     assert 4 < len(tracked) < every_step  # dense near the levels only (every step: every_step + 1 points)
-    assert json.load(open(whole / "config.json"))["track_levels"] == [1.3]
-    with pytest.raises(RunError, match=r"track_levels: \[1.3\] there, \[0.5\] asked"):
+    assert json.load(open(whole / "config.json"))["track_levels"] == [2.0]
+    with pytest.raises(RunError, match=r"track_levels: \[2.0\] there, \[0.5\] asked"):
         training.train(small_config(idx_dir, **{**settings, "track_levels": (0.5,)}), str(whole), progress=False,
                        verbose=False)
     with pytest.raises(ValueError, match="give track_every too"):
