@@ -177,6 +177,8 @@ setup(
             # The layers contract (.importlinter), checked in .ci/run.
             "import-linter",
         ],
+        # The sweep's engines beside local processes (keras_implicit.launchers; README, "Sweeps on a cluster").
+        "engines": ["ray>=2.40", "submitit>=1.5"],
         # The documentation site (mkdocs.yml; built with --strict in .ci/run).
         "docs": [
             "mkdocs-material",

@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from keras_implicit import config as run_settings  # noqa: E402  (no TensorFlow)
-from keras_implicit import sweep  # noqa: E402
+from keras_implicit import launchers, sweep  # noqa: E402
 from keras_implicit.config import RunConfig  # noqa: E402
 from keras_implicit.names import DATASETS, MODELS  # noqa: E402
 
@@ -152,7 +152,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                         help=f"initialization and shuffling seeds (default: {listed([0, 1, 2])})")
     parser.add_argument("--jobs", type=kinds.positive_int, default=1,
-                        help="processes at once, each using every core TF sees (default: %(default)s)")
+                        help="runs at once, each using every core TF sees (default: %(default)s); on ray and "
+                             "slurm, runs submitted at once (the engine queues them on its resources)")
+    engines = parser.add_argument_group("engines", "where the runs run (README, \"Sweeps on a cluster\"); the run "
+                                        "directories must be on a filesystem every node shares")
+    engines.add_argument("--engine", choices=launchers.ENGINES, default="local",
+                         help="local processes (default), Ray tasks, or SLURM jobs through submitit")
+    engines.add_argument("--ray-address", default=None,
+                         help="the Ray cluster (e.g. auto, 10.0.0.1:6379); default: a local one")
+    engines.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs a run asks of a Ray node (default 1)")
+    engines.add_argument("--ray-gpus", type=float, default=0.0, help="GPUs a run asks of a Ray node (default 0)")
+    engines.add_argument("--max-retries", type=int, default=3,
+                         help="times a run whose Ray worker or node died, or whose SLURM job was preempted, is "
+                              "started again from its checkpoint (default 3)")
+    engines.add_argument("--slurm-partition", default=None, help="the SLURM partition")
+    engines.add_argument("--slurm-time", type=kinds.positive_int, default=60,
+                         help="minutes a SLURM job may run before it is requeued (default 60)")
+    engines.add_argument("--slurm-cpus", type=kinds.positive_int, default=1, help="CPUs a SLURM job asks (default 1)")
+    engines.add_argument("--slurm-gpus", type=int, default=0, help="GPUs a SLURM job asks (default 0)")
+    engines.add_argument("--slurm-cluster", choices=("slurm", "local"), default=None,
+                         help="submitit's cluster: slurm (default where sbatch is found) or local processes")
     # The settings passed on to every run as they are: run.py's flags, with its help. The micro-batch always (its
     # default is part of every run's command line); the others only when given (else run.py's default).
     run_settings.add_arguments(parser, ["ghost_batch_size"])
@@ -178,6 +197,19 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None):
     return args
 
 
+def make_launcher(args) -> launchers.Launcher:
+    """The engine of ``--engine`` with its flags (:func:`keras_implicit.launchers.make_launcher`)."""
+    if args.engine == "ray":
+        return launchers.make_launcher("ray", args.runs_dir, address=args.ray_address, num_cpus=args.ray_cpus,
+                                       num_gpus=args.ray_gpus, max_retries=args.max_retries)
+    if args.engine == "slurm":
+        return launchers.make_launcher("slurm", args.runs_dir, cluster=args.slurm_cluster,
+                                       partition=args.slurm_partition, time_minutes=args.slurm_time,
+                                       cpus_per_task=args.slurm_cpus, gpus_per_node=args.slurm_gpus,
+                                       max_requeues=args.max_retries)
+    return launchers.make_launcher("local", args.runs_dir)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parse_args(argv, parser)
@@ -192,12 +224,16 @@ def main(argv=None) -> int:
     failed = []
     if not args.summary_only:
         args.runs_dir.mkdir(parents=True, exist_ok=True)
+        launcher = make_launcher(args)
         try:
-            codes = sweep.run_jobs(jobs, args.jobs, args.runs_dir / "logs", describe=as_flag_changes)
+            codes = sweep.run_jobs(jobs, args.jobs, args.runs_dir / "logs", describe=as_flag_changes,
+                                   launcher=launcher)
         except KeyboardInterrupt:
             print(f"[sweep] interrupted: rerun the same command to go on (finished runs are skipped, the others "
                   f"resume from their last checkpoint; logs in {args.runs_dir / 'logs'})", file=sys.stderr)
             return 130
+        finally:
+            launcher.close()
         # run.py exits 3 for a diverged run: a result, not a failure.
         failed = [name for name, code in codes.items() if code not in (None, 0, 3)]
     elif not args.runs_dir.is_dir():

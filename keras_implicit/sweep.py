@@ -34,8 +34,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import time
 import typing
@@ -44,6 +42,7 @@ from typing import Callable, Optional, Sequence
 
 from keras_implicit import analysis
 from keras_implicit.config import RunConfig, default_run_name, stored_differences
+from keras_implicit.launchers import Launcher, LocalLauncher
 from keras_implicit.rundir import CONFIG, METRICS, STATUS, parse_metrics, read_state
 
 __all__ = [
@@ -193,8 +192,12 @@ def progress_line(done: Sequence[str], running: Sequence[tuple[str, Path]], left
 def run_jobs(jobs: Sequence[Job], parallel: int, logs_dir, stream=None, poll: float = 0.5,
              interrupt_grace: float = 120.0, describe: Callable[[dict], str] = _asked,
              progress_every: Optional[float] = None,
-             on_done: Optional[Callable[[Job, int], None]] = None) -> dict[str, Optional[int]]:
-    """Runs the jobs' processes, at most ``parallel`` at a time, and returns each name's exit code (None: skipped).
+             on_done: Optional[Callable[[Job, int], None]] = None,
+             launcher: Optional[Launcher] = None) -> dict[str, Optional[int]]:
+    """Runs the jobs, at most ``parallel`` at a time, and returns each name's exit code (None: skipped).
+
+    Where they run is ``launcher``'s (:mod:`keras_implicit.launchers`): local processes by default, Ray tasks or
+    SLURM jobs; what runs, skips and continues is decided here, the same on every engine.
 
     A run directory whose state is terminal (:data:`TERMINAL_STATES`) is skipped when its ``config.json`` holds
     the job's configuration; otherwise the process is started and the line says why (``continue NAME (finished,
@@ -208,8 +211,9 @@ def run_jobs(jobs: Sequence[Job], parallel: int, logs_dir, stream=None, poll: fl
     ``on_done(job, exit_code)`` is called as each started process ends (:func:`export_run` keeps a finished run's
     records, say).
 
-    On KeyboardInterrupt the running processes get SIGINT (a run stops at its next batch, keeping its last
-    checkpoint) and are waited for up to ``interrupt_grace`` seconds; then the KeyboardInterrupt goes on.
+    On KeyboardInterrupt the running runs are interrupted (local processes get SIGINT, Ray tasks are cancelled,
+    SLURM jobs cancelled; a run stops at its next batch, keeping its last checkpoint) and are waited for up to
+    ``interrupt_grace`` seconds; then the KeyboardInterrupt goes on.
 
     Raises:
         ValueError: ``parallel`` below 1, or two jobs with one name or one run directory.
@@ -241,7 +245,8 @@ def run_jobs(jobs: Sequence[Job], parallel: int, logs_dir, stream=None, poll: fl
                 continue
             verb, detail = "continue", (f"{state}, asked with {describe(changes)}; " if changes else f"{state}; ")
         pending.append((name, command, verb, detail))
-    running: dict[str, tuple[subprocess.Popen, typing.IO, float]] = {}
+    launcher = launcher or LocalLauncher()
+    running: dict[str, tuple[object, float]] = {}
     by_name = {job.name: job for job in jobs}
     last_progress = time.time()
 
@@ -251,24 +256,30 @@ def run_jobs(jobs: Sequence[Job], parallel: int, logs_dir, stream=None, poll: fl
 
     try:
         while pending or running:
-            while pending and len(running) < parallel:
+            starting = []
+            while pending and len(running) + len(starting) < parallel:
                 name, command, verb, detail = pending.pop(0)
                 log_path = logs_dir / f"{name}.log"
-                log = open(log_path, "a")
-                log.write(f"$ {shlex.join(command)}\n")
-                log.flush()
-                say(f"{verb} {name} ({detail}log: {log_path})")
-                running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, time.time())
+                with open(log_path, "a") as log:
+                    log.write(f"$ {shlex.join(command)}\n")
+                starting.append((name, verb, detail, log_path))
+            if starting:
+                handles = launcher.start_many([by_name[name] for name, *_ in starting],
+                                              [log_path for *_, log_path in starting])
+                for (name, verb, detail, log_path), handle in zip(starting, handles):
+                    where = launcher.describe(handle)
+                    say(f"{verb} {name} ({detail}log: {log_path}{', ' + where if where else ''})")
+                    running[name] = (handle, time.time())
             time.sleep(poll)
             for name in list(running):
-                process, log, started = running[name]
-                if process.poll() is not None:
-                    log.close()
-                    codes[name] = process.returncode
-                    say(f"done  {name}: exit {process.returncode} after {time.time() - started:.0f} s")
+                handle, started = running[name]
+                code = launcher.poll(handle)
+                if code is not None:
+                    codes[name] = code
+                    say(f"done  {name}: exit {code} after {time.time() - started:.0f} s")
                     del running[name]
                     if on_done is not None:
-                        on_done(by_name[name], process.returncode)
+                        on_done(by_name[name], code)
                     if progress_every is not None:
                         progress()
                         last_progress = time.time()
@@ -276,18 +287,17 @@ def run_jobs(jobs: Sequence[Job], parallel: int, logs_dir, stream=None, poll: fl
                 progress()
                 last_progress = time.time()
     except KeyboardInterrupt:
-        # A Ctrl-C in a terminal reaches the runs too; a SIGINT sent to this process alone does not.
-        for process, _, _ in running.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
+        # A Ctrl-C in a terminal reaches local runs too; a SIGINT sent to this process alone does not.
+        for handle, _ in running.values():
+            launcher.interrupt(handle)
         deadline = time.time() + interrupt_grace
-        for name, (process, log, _) in running.items():
-            try:
-                code = process.wait(timeout=max(deadline - time.time(), 0.1))
-                say(f"stopped {name}: exit {code}")
-            except subprocess.TimeoutExpired:
-                say(f"{name} is still running (pid {process.pid})")
-            log.close()
+        for name, (handle, _) in running.items():
+            code = launcher.poll(handle)
+            while code is None and time.time() < deadline:
+                time.sleep(min(poll, 0.2))
+                code = launcher.poll(handle)
+            say(f"stopped {name}: exit {code}" if code is not None else
+                f"{name} is still running ({launcher.describe(handle)})")
         raise
     return codes
 

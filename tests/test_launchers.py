@@ -1,0 +1,194 @@
+"""keras_implicit.launchers: the sweep on its three engines, with faults.
+
+The Ray test starts a real two-node cluster on the loopback address (``ray start``, 1 CPU a node), runs a 4-run sweep
+on it, kills a Ray worker process during one run and the whole second node during another (by process and process
+group ids), and checks that every run finishes with the records of an uninterrupted run. The SLURM engine is tested
+through submitit's local executor (no SLURM daemon runs here); see README, "Sweeps on a cluster".
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from keras_implicit import launchers, sweep
+from keras_implicit.config import RunConfig
+
+from .test_training import write_idx_fixture
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _records(run_dir):
+    with open(Path(run_dir) / "metrics.jsonl") as handle:
+        return [json.loads(line) for line in handle]
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    return write_idx_fixture(tmp_path_factory.mktemp("idx"))
+
+
+def _configs(idx_dir, epochs=3):
+    base = RunConfig(dataset="mnist", data_dir=idx_dir, epochs=epochs, batch_size=64, ghost_batch_size=64,
+                     track_every=2, deterministic=True)
+    return sweep.grid(base, lr=[0.1, 0.05], seed=[0, 1])
+
+
+def _reference(idx_dir, tmp_path, epochs=3):
+    """The same runs on the local engine, uninterrupted: the records every engine must reproduce."""
+    jobs = sweep.plan(_configs(idx_dir, epochs), tmp_path / "reference")
+    assert set(sweep.run_jobs(jobs, 2, tmp_path / "reference" / "logs", poll=0.1).values()) == {0}
+    return {job.name: _records(job.run_dir) for job in jobs}
+
+
+def test_make_launcher_names_the_engines(tmp_path):
+    assert isinstance(launchers.make_launcher("local", tmp_path), launchers.LocalLauncher)
+    with pytest.raises(ValueError, match="unknown engine 'dask': choose one of local, ray, slurm"):
+        launchers.make_launcher("dask", tmp_path)
+    with pytest.raises(ValueError, match="the local engine takes no options"):
+        launchers.make_launcher("local", tmp_path, address="auto")
+    with pytest.raises(ValueError, match="max_retries must be >= 0"):
+        launchers.RayLauncher(max_retries=-1)
+
+
+def test_a_job_without_a_configuration_is_refused_by_the_engines_that_train_in_process(tmp_path):
+    job = sweep.Job("r", ["python", "run.py"], tmp_path / "r", None)
+    with pytest.raises(ValueError, match="this engine trains a RunConfig"):
+        launchers.RayLauncher().start(job, tmp_path / "r.log")
+
+
+@pytest.mark.slow
+def test_slurm_engine_through_submitits_local_executor_resumes_and_reports(idx_dir, tmp_path):
+    """submitit's local executor runs the SLURM engine's jobs (an array) as local processes: the same callable a
+    SLURM node runs (sbatch, the requeue on preemption and SLURM's own scheduling aside), with the records of the
+    local engine's runs; a rerun of the same sweep skips them."""
+    pytest.importorskip("submitit")
+    reference = _reference(idx_dir, tmp_path)
+    jobs = sweep.plan(_configs(idx_dir), tmp_path / "runs")
+    launcher = launchers.make_launcher("slurm", tmp_path / "runs", cluster="local", time_minutes=10)
+    assert launcher.executor.cluster == "local"
+    codes = sweep.run_jobs(jobs, 4, tmp_path / "runs" / "logs", poll=0.2, launcher=launcher)
+    assert codes == {job.name: 0 for job in jobs}
+    for job in jobs:
+        assert _records(job.run_dir) == reference[job.name]
+        assert "[slurm] process " in (tmp_path / "runs" / "logs" / f"{job.name}.log").read_text()
+    # A rerun of the same sweep skips them all.
+    assert set(sweep.run_jobs(jobs, 4, tmp_path / "runs" / "logs", launcher=launcher).values()) == {None}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _ray_cli() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.mark.slow
+def test_ray_two_node_cluster_survives_a_killed_worker_and_a_killed_node(idx_dir, tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    port = _free_port()
+    temp = Path(f"/tmp/ray-ki-{os.getpid()}")  # Ray's sockets need a short path
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "KERAS_BACKEND": "jax",
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+           "RAY_health_check_initial_delay_ms": "0", "PYTHONPATH": str(ROOT)}
+    for key, value in env.items():
+        if key.startswith("RAY_") or key in ("KERAS_BACKEND", "PYTHONPATH"):
+            monkeypatch.setenv(key, value)
+    reference = _reference(idx_dir, tmp_path, epochs=6)  # on JAX, as the Ray runs
+    head = subprocess.run([_ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                           "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp}"],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert head.returncode == 0, head.stdout + head.stderr
+    # The second node in its own session: its raylet, agents and workers keep this pid as their session id (the
+    # workers get process groups of their own).
+    node = subprocess.Popen([_ray_cli(), "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+                             "--num-cpus=1", "--block"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    launcher = launchers.RayLauncher(address=f"127.0.0.1:{port}", max_retries=3, backend="jax")
+    try:
+        import ray
+
+        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
+        deadline = time.time() + 120
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+            assert time.time() < deadline, "the second node did not join"
+            time.sleep(0.5)
+        jobs = sweep.plan(_configs(idx_dir, epochs=6), tmp_path / "runs")
+        logs = tmp_path / "runs" / "logs"
+        killed = {}
+
+        def saboteur():
+            """Once two runs have tracked points: kill the worker process of one run (its pid, from its log's
+            first line), then the whole second node (its process group) while a run trains on it."""
+            pids = {}
+            deadline = time.time() + 600
+            while time.time() < deadline and len(killed) < 2:
+                for job in jobs:
+                    log = logs / f"{job.name}.log"
+                    if not log.exists() or job.name in killed.values():
+                        continue
+                    found = re.findall(r"\[ray\] process (\d+) on", log.read_text())
+                    points = len(_records(job.run_dir)) if (job.run_dir / "metrics.jsonl").exists() else 0
+                    if found and points >= 6 and sweep.run_state(job.run_dir) == "running":
+                        pids[job.name] = int(found[-1])
+                if "worker" not in killed and pids:
+                    name, pid = next(iter(pids.items()))
+                    os.kill(pid, signal.SIGKILL)
+                    killed["worker"] = name
+                elif "worker" in killed and "node" not in killed:
+                    others = [name for name in pids if name != killed["worker"]]
+                    on_node = [name for name in others if _in_session(pids[name], node.pid)]
+                    if on_node:
+                        for pid in _session_processes(node.pid):  # the raylet, its agents and its workers
+                            os.kill(pid, signal.SIGKILL)
+                        killed["node"] = on_node[0]
+                time.sleep(0.2)
+
+        thread = threading.Thread(target=saboteur, daemon=True)
+        thread.start()
+        started = time.time()
+        codes = sweep.run_jobs(jobs, 4, logs, poll=0.2, launcher=launcher)
+        elapsed = time.time() - started
+        thread.join(timeout=5)
+        assert set(killed) == {"worker", "node"}, killed
+        assert codes == {job.name: 0 for job in jobs}, {job.name: (logs / f"{job.name}.log").read_text()[-2000:]
+                                                         for job in jobs}
+        for job in jobs:
+            # JAX on a CPU is deterministic here: the resumed runs' records are an uninterrupted run's, bit for bit.
+            assert _records(job.run_dir) == reference[job.name], job.name
+        for name in killed.values():
+            assert len(re.findall(r"\[ray\] process \d+ on", (logs / f"{name}.log").read_text())) >= 2
+        print(f"ray sweep of 4 runs with a killed worker and a killed node: {elapsed:.0f} s")
+    finally:
+        launcher.close()
+        for pid in _session_processes(node.pid):
+            os.kill(pid, signal.SIGKILL)
+        subprocess.run([_ray_cli(), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _in_session(pid: int, session: int) -> bool:
+    try:
+        return os.getsid(pid) == session
+    except ProcessLookupError:
+        return False
+
+
+def _session_processes(session: int) -> list[int]:
+    """The process ids of a session (from /proc), its leader last."""
+    pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    members = [pid for pid in pids if pid != session and _in_session(pid, session)]
+    return members + ([session] if _in_session(session, session) else [])
