@@ -6,6 +6,7 @@
     python experiments/run.py --batch-size 16384   # ghost batch norm over micro-batches of 256
     python experiments/run.py --model c1 --dataset cifar10
     python experiments/run.py --strategy mirrored   # every GPU of this machine (tf.distribute)
+    python experiments/run.py --backend jax --strategy data-parallel   # every device (keras.distribution)
 
 Writes runs/NAME/ (config.json, status.json, metrics.jsonl, tb/, checkpoint.npz and checkpoint.prev.npz);
 rerunning the same command resumes an interrupted run. Everything here is
@@ -63,7 +64,10 @@ def main(argv=None) -> int:
     try:
         config.validate()  # imports no TensorFlow: bad flags are refused before anything is loaded
         backend = choose_backend(args.backend)
-        if config.strategy != "default" and backend != "tensorflow":
+        if config.strategy == "data-parallel" and backend != "jax":
+            raise ValueError(f"--strategy data-parallel is keras.distribution's DataParallel: it needs --backend "
+                             f"jax, not {backend}")
+        if config.strategy not in ("default", "data-parallel") and backend != "tensorflow":
             raise ValueError(f"--strategy {config.strategy} is tf.distribute: it needs --backend tensorflow, "
                              f"not {backend}")
     except ValueError as error:

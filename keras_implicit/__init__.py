@@ -53,7 +53,7 @@ _EXPORTS = {
     "train_with_exit_code": "training",
 }
 _SUBMODULES = ("names", "losses", "metrics", "sharpness", "analysis", "plots", "data", "models", "ghost", "callbacks",
-               "training", "sweep")
+               "training", "sweep", "launchers")
 
 # The submodules that define classes registered with keras.saving.register_keras_serializable.
 _REGISTERING = ("losses", "metrics", "models", "ghost")

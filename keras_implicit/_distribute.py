@@ -1,4 +1,5 @@
-"""The tf.distribute seam: everything that runs only under TensorFlow's distributed engine lives here.
+"""The distribution seam: everything that runs only under TensorFlow's distributed engine lives here, and the one
+call that spreads a JAX run over devices (:func:`set_data_parallel`, ``keras.distribution.DataParallel``).
 
 - :func:`make_strategy`: ``"default"`` (one device), ``"mirrored"`` (``tf.distribute.MirroredStrategy``:
   every GPU of this machine, or ``cpu_replicas`` logical CPU devices: how it is tested without a GPU) or
@@ -21,16 +22,17 @@ importing TensorFlow.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Callable, Optional
 
 import numpy as np
 
 from keras_implicit.config import check_divides, cluster_role  # noqa: F401  (re-exported)
-from keras_implicit.names import MOVING_STATISTICS, STRATEGIES  # noqa: F401  (re-exported)
+from keras_implicit.names import MOVING_STATISTICS, STRATEGIES, TF_DISTRIBUTE_STRATEGIES  # noqa: F401
 
 __all__ = [
-    "split_cpu", "make_strategy",
+    "split_cpu", "make_strategy", "set_data_parallel",
     "replicas_in_sync", "replica_index", "mean_over_replicas", "sum_over_replicas", "assign_on_every_replica",
     "distribute_batches", "run_epoch", "summed_over_replicas",
     "broadcast_from_chief", "WorkerLostError", "COLLECTIVE_TIMEOUT_SECONDS",
@@ -61,6 +63,34 @@ def split_cpu(replicas: int) -> None:
                          "already (make the strategy first, in a fresh process)") from None
 
 
+def set_data_parallel(cpu_replicas: Optional[int], ghost_batch_size: int) -> int:
+    """Spreads this JAX process's training over every device of the machine (``cpu_replicas`` CPU devices on a
+    machine without an accelerator: ``--xla_force_host_platform_device_count``, before JAX starts its backend) with
+    ``keras.distribution.DataParallel``: the variables replicated, each batch sharded on its first axis, the
+    gradients all-reduced by XLA. Returns the number of devices.
+
+    Raises ValueError when JAX has started with other devices already, or when a micro-batch of
+    ``ghost_batch_size`` does not split evenly over them.
+    """
+    import keras  # deferred: Keras starts inside quiet_cuda_probe
+
+    if cpu_replicas:
+        flag = f"--xla_force_host_platform_device_count={int(cpu_replicas)}"
+        os.environ["XLA_FLAGS"] = " ".join(part for part in (os.environ.get("XLA_FLAGS", ""), flag) if part)
+    import jax  # deferred: this backend only
+
+    devices = jax.devices()
+    if cpu_replicas and len(devices) != int(cpu_replicas):
+        raise ValueError(f"cpu_replicas {cpu_replicas} asks for {cpu_replicas} CPU devices, but JAX has started "
+                         f"with {len(devices)} ({devices[0].platform}): start a fresh process, or leave cpu_replicas "
+                         "out on a machine with accelerators")
+    if ghost_batch_size % len(devices):
+        raise ValueError(f"strategy 'data-parallel' splits each micro-batch of {ghost_batch_size} over the "
+                         f"{len(devices)} devices: make ghost_batch_size a multiple of {len(devices)}")
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    return len(devices)
+
+
 def make_strategy(name: str, cpu_replicas: Optional[int] = None):
     """The ``tf.distribute`` strategy for ``name`` (see the module docstring); None for ``"default"``.
 
@@ -68,8 +98,9 @@ def make_strategy(name: str, cpu_replicas: Optional[int] = None):
     only be set up before TensorFlow initializes its devices. Raises ValueError for ``cpu_replicas`` when the
     machine has GPUs (they would be used instead), or for an unknown name.
     """
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}: choose one of {', '.join(STRATEGIES)}")
+    if name not in STRATEGIES or name == "data-parallel":
+        raise ValueError(f"unknown tf.distribute strategy {name!r}: choose one of default, "
+                         f"{', '.join(TF_DISTRIBUTE_STRATEGIES)}")
     if cpu_replicas and name != "mirrored":
         raise ValueError("cpu_replicas splits this machine's CPU for strategy 'mirrored' only")
     if name == "default":

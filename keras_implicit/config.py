@@ -332,10 +332,12 @@ class RunConfig:
     strategy: str = _setting(
         "default", "default: one device; mirrored: every GPU of this machine (tf.distribute.MirroredStrategy); "
                    "multiworker: every machine of the cluster in $TF_CONFIG (MultiWorkerMirroredStrategy, run the "
-                   "same command on each). TensorFlow only", choices=STRATEGIES)
+                   "same command on each), both TensorFlow only; data-parallel: every device of this machine "
+                   "(keras.distribution.DataParallel), JAX only", choices=STRATEGIES)
     cpu_replicas: Optional[int] = _setting(
-        None, "with --strategy mirrored on a machine without GPUs: split the CPU into this many devices (the batch "
-              "must be a multiple of replicas x --ghost-batch-size)", kind="positive_int")
+        None, "with --strategy mirrored or data-parallel on a machine without GPUs: split the CPU into this many "
+              "devices (mirrored: the batch must be a multiple of replicas x --ghost-batch-size; data-parallel: "
+              "the ghost batch a multiple of the devices)", kind="positive_int")
     noisy_error_draws: int = _setting(
         0, "also measure, at every tracking point, the noisy error (Monte Carlo with DRAWS draws per example, e.g. "
            "64; 0: off), the noisy cross-entropy and eq. 9 for each sigma (keras_implicit.sharpness)",
@@ -456,8 +458,9 @@ class RunConfig:
         if self.cpu_replicas is not None:
             if not isinstance(self.cpu_replicas, int) or self.cpu_replicas < 1:
                 raise ValueError(f"cpu_replicas must be a positive integer, got {self.cpu_replicas!r}")
-            if self.strategy != "mirrored":
-                raise ValueError("cpu_replicas splits this machine's CPU for strategy 'mirrored' only")
+            if self.strategy not in ("mirrored", "data-parallel"):
+                raise ValueError("cpu_replicas splits this machine's CPU for strategy 'mirrored' or "
+                                 "'data-parallel' only")
             if os.path.isdir("/proc/driver/nvidia/gpus") and os.listdir("/proc/driver/nvidia/gpus"):
                 raise ValueError("cpu_replicas is for machines without a GPU; this one has NVIDIA GPUs: leave it "
                                  "out and strategy 'mirrored' uses every GPU")
@@ -465,8 +468,15 @@ class RunConfig:
             raise ValueError("strategy 'multiworker' needs TF_CONFIG (the cluster and this worker's task) in the "
                              "environment of every worker")
         # The replicas known before TensorFlow starts (GPUs are counted once it has: train() checks again).
-        replicas = self.cpu_replicas or (cluster_role()[0] if self.strategy == "multiworker" else 1)
-        check_divides(self.batch_size, self.ghost_batch_size, replicas)
+        if self.strategy == "data-parallel":  # each micro-batch is split over the devices
+            devices = self.cpu_replicas or 1
+            if self.ghost_batch_size % devices:
+                raise ValueError(f"strategy 'data-parallel' splits each micro-batch of {self.ghost_batch_size} "
+                                 f"over the {devices} devices: make ghost_batch_size a multiple of {devices}")
+            check_divides(self.batch_size, self.ghost_batch_size)
+        else:
+            replicas = self.cpu_replicas or (cluster_role()[0] if self.strategy == "multiworker" else 1)
+            check_divides(self.batch_size, self.ghost_batch_size, replicas)
 
     def flags(self) -> dict:
         """Every setting as a dict (what ``config.json`` holds of them)."""

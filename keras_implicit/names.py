@@ -69,8 +69,10 @@ SYSTEM_DIRS = {"fashion_mnist": ("/usr/share/datasets/fashion-mnist",), "mnist":
 SCHEDULES = ("epoch", "log")
 OPTIMIZERS = ("sgd", "adam")
 LOSS_FAMILIES = FAMILIES
-# tf.distribute strategies (TensorFlow only) and how a ghost-batch step updates BatchNorm's moving statistics.
-STRATEGIES = ("default", "mirrored", "multiworker")
+# How a run is spread over devices: tf.distribute (TensorFlow: mirrored, multiworker), keras.distribution's
+# DataParallel (JAX: data-parallel); and how a ghost-batch step updates BatchNorm's moving statistics.
+STRATEGIES = ("default", "mirrored", "multiworker", "data-parallel")
+TF_DISTRIBUTE_STRATEGIES = ("mirrored", "multiworker")
 MOVING_STATISTICS = ("sequential", "mean")
 # The Keras backends the protocol runs on (ghost batches, the tracker's compiled passes, checkpoints and resume are
 # written for these two; Keras' torch backend is not supported).

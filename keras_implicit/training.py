@@ -231,9 +231,11 @@ def _check_settings(config: RunConfig) -> None:
     if config.strategy != "default":
         import keras  # deferred: Keras starts inside quiet_cuda_probe
 
-        if keras.backend.backend() != "tensorflow":
-            raise ValueError(f"strategy {config.strategy!r} is tf.distribute: it needs the tensorflow backend, "
-                             f"this process runs Keras on {keras.backend.backend()}")
+        needed = "jax" if config.strategy == "data-parallel" else "tensorflow"
+        if keras.backend.backend() != needed:
+            engine = "keras.distribution's DataParallel" if needed == "jax" else "tf.distribute"
+            raise ValueError(f"strategy {config.strategy!r} is {engine}: it needs the {needed} backend, this "
+                             f"process runs Keras on {keras.backend.backend()}")
 
 
 def train(config: RunConfig, run_dir, overwrite: bool = False, progress: bool = True, verbose: bool = True,
@@ -388,7 +390,10 @@ class _Training:
             from keras_implicit import _distribute  # deferred: Keras starts inside quiet_cuda_probe
 
             try:
-                self.strategy = _distribute.make_strategy(config.strategy, config.cpu_replicas)
+                if config.strategy == "data-parallel":  # the default fit path, its batches sharded by Keras
+                    _distribute.set_data_parallel(config.cpu_replicas, config.ghost_batch_size)
+                else:
+                    self.strategy = _distribute.make_strategy(config.strategy, config.cpu_replicas)
             except ValueError as error:
                 raise RunError(str(error)) from None
         self.multiworker = config.strategy == "multiworker"

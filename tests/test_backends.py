@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import keras
+import numpy as np
 
 from tests.runs import kill_9_after_the_first_epoch, read_json, read_records, tensorboard_points
 
@@ -144,3 +145,86 @@ def test_gpu_script_rehearses_on_cpu(tmp_path):
     assert all(r["steps_per_second"] > 0 for r in results["fc6"] + results["c1"])
     assert results["tracking"]["seconds_min"] > 0
     assert results["run_py"]["final"]["train"]["ce"] < 2.31 and len(results["run_py"]["summary"]) == 4
+
+
+# A user's model under keras.distribution.DataParallel over the CPU split into N devices (XLA_FLAGS, before JAX
+# starts): the panel's logged metrics and the tracker's records, as JSON.
+DATA_PARALLEL = textwrap.dedent(
+    """
+    import json, os, sys
+    devices = int(sys.argv[1])
+    os.environ["KERAS_BACKEND"] = "jax"
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    import jax, keras, numpy as np
+    import keras_implicit as ki
+    from keras_implicit.models import make_model
+    if devices > 1:
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+    rng = np.random.default_rng(0)
+    x = rng.random((512, 8, 8, 1)).astype(np.float32)
+    y = (np.arange(512) % 4).astype(np.int32)
+    x[np.arange(512), y, y, 0] += 1.5
+    model = make_model("fc6", (8, 8, 1), 4, seed=1)
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=ki.alt_loss_panel(sigmas=[0.5, 2], temperatures=[1, 4], margins=[1]))
+    tracker = ki.AltLossTracker((x, y), (x[:128], y[:128]), sigmas=[0.5, 2], temperatures=[1, 4], margins=[1],
+                                track_every=4)
+    history = model.fit(x, y, batch_size=64, epochs=2, shuffle=False, verbose=0, callbacks=[tracker])
+    print("RESULT " + json.dumps({"devices": len(jax.devices()), "records": tracker.records,
+                                  "history": {k: [float(v) for v in values] for k, values in history.history.items()}}))
+    """
+)
+
+
+def test_panel_and_tracker_under_keras_distribution_data_parallel_equal_one_devices():
+    """The same training on one device and under DataParallel over 2: the panel's metrics and the tracker's
+    records agree. At step 0 (the same weights) to float32 rounding; later the two trajectories drift apart by the
+    order of the gradient's reduction over devices, so within 1e-3 relative and one example of the error."""
+    results = {}
+    for devices in (1, 2):
+        result = subprocess.run([sys.executable, "-c", DATA_PARALLEL, str(devices)], capture_output=True, text=True,
+                                timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+        assert result.returncode == 0, result.stderr[-3000:]
+        line = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")][-1]
+        results[devices] = json.loads(line[len("RESULT "):])
+    one, two = results[1], results[2]
+    assert (one["devices"], two["devices"]) == (1, 2)
+    assert one["history"].keys() == two["history"].keys() >= {"gcdf@0.5", "gcdf@2", "tce@4", "hinge@1", "error"}
+    for name, values in one["history"].items():
+        np.testing.assert_allclose(two["history"][name][0], values[0], rtol=1e-6, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(two["history"][name], values, rtol=1e-3, atol=2 / 512, err_msg=name)
+    assert [(r["step"], r["split"]) for r in one["records"]] == [(r["step"], r["split"]) for r in two["records"]]
+    for a, b in zip(one["records"], two["records"]):
+        rtol = 1e-6 if a["step"] == 0 else 1e-3
+        for name, value in a.items():
+            if name in ("step", "split", "epoch"):
+                continue
+            atol = 2 / 512 if name == "error" else 1e-7
+            np.testing.assert_allclose(b[name], value, rtol=rtol, atol=atol, err_msg=f"{name} at step {a['step']}")
+
+
+def test_run_py_data_parallel_on_jax_equals_one_device(idx_dir, tmp_path):
+    """``--strategy data-parallel --cpu-replicas 2`` (keras.distribution over the CPU split in two) trains the run
+    one device trains: the same tracked steps, the values within the drift of the gradient's reduction order."""
+    common = ["--backend", "jax", "--dataset", "mnist", "--data-dir", idx_dir, "--epochs", "2", "--batch-size",
+              "128", "--ghost-batch-size", "64", "--track-every", "3", "--no-progress"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert _run([*common, "--out", one])[0] == {"code": 0, "tensorflow": False}
+    report, lines = _run([*common, "--strategy", "data-parallel", "--cpu-replicas", "2", "--out", two])
+    assert report == {"code": 0, "tensorflow": False}, lines
+    a, b = read_records(one), read_records(two)
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    for x, y in zip(a, b):
+        for name, value in x.items():
+            if name in ("step", "split", "epoch"):
+                continue
+            np.testing.assert_allclose(y[name], value, rtol=1e-6 if x["step"] == 0 else 2e-3,
+                                       atol=2 / 200 if name == "error" else 1e-6, err_msg=f"{name} at {x['step']}")
+    assert read_json(two, "config.json")["strategy"] == "data-parallel"
+    # On TensorFlow, refused in one line before anything loads.
+    done = subprocess.run([sys.executable, SCRIPT, *common[2:], "--strategy", "data-parallel", "--out",
+                           str(tmp_path / "tf")], capture_output=True, text=True, timeout=300,
+                          env=_env(KERAS_BACKEND="tensorflow"), cwd=ROOT)
+    assert done.returncode == 2 and "--strategy data-parallel is keras.distribution's DataParallel: it needs " \
+                                   "--backend jax, not tensorflow" in done.stderr, done.stderr[-2000:]
