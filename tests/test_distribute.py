@@ -56,10 +56,12 @@ def test_a_bad_tf_config_is_a_clear_error(text):
 @pytest.mark.parametrize("argv, message", [
     (["--strategy", "mirrored", "--backend", "jax", "--batch-size", "512"],
      "--strategy mirrored is tf.distribute: it needs --backend tensorflow"),
-    (["--cpu-replicas", "2"], "splits this machine's CPU for strategy 'mirrored' only"),
+    (["--cpu-replicas", "2"], "splits this machine's CPU for strategy 'mirrored' or 'data-parallel' only"),
     (["--strategy", "mirrored", "--cpu-replicas", "2"],
      "on 2 replicas (128 examples each): the batch size must be a multiple of replicas x --ghost-batch-size = 512"),
     (["--strategy", "multiworker"], "needs TF_CONFIG"),
+    (["--strategy", "data-parallel", "--cpu-replicas", "3", "--backend", "jax"],
+     "make --ghost-batch-size a multiple of 3"),
     (["--strategy", "horovod"], "invalid choice: 'horovod'"),
 ])
 def test_strategy_flags_are_refused_before_tensorflow(argv, message, tmp_path):
