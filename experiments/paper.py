@@ -51,11 +51,13 @@ STAGES = (
     ("c1 lr 0.1, batch 256", dataclasses.replace(C1, lr=0.1, batch_size=256, track_every=4)),
     ("c1 lr 0.001, batch 256", dataclasses.replace(C1, lr=0.001, batch_size=256, track_every=32)),
 )
-# The page's comparisons: (folder, selects the runs of both settings, label a, label b).
+# c1's ladder: its runs stop at CE 1.2, above the fc6 ladder's first level.
+C1_LADDER = (1.8, 1.6, 1.4, 1.2)
+# The page's comparisons: (folder, selects the runs of both settings, label a, label b, the ladder's levels).
 COMPARISONS = (
-    ("fc6_lr", lambda c: c["model"] == "fc6" and c["batch_size"] == 256, "lr=0.1", "lr=0.001"),
-    ("fc6_batch", lambda c: c["model"] == "fc6" and c["lr"] == 0.1, "batch=256", "batch=16384"),
-    ("c1_lr", lambda c: c["model"] == "c1", "lr=0.1", "lr=0.001"),
+    ("fc6_lr", lambda c: c["model"] == "fc6" and c["batch_size"] == 256, "lr=0.1", "lr=0.001", LADDER),
+    ("fc6_batch", lambda c: c["model"] == "fc6" and c["lr"] == 0.1, "batch=256", "batch=16384", LADDER),
+    ("c1_lr", lambda c: c["model"] == "c1", "lr=0.1", "lr=0.001", C1_LADDER),
 )
 DEFAULT_TARGETS = {"fc6": 0.08, "c1": 1.2}
 
@@ -117,14 +119,14 @@ def report(args) -> int:
 
     runs = analysis.load_runs([args.data])
     written = []
-    for folder, selects, a, b in COMPARISONS:
+    for folder, selects, a, b, levels in COMPARISONS:
         chosen = [r for r in runs if selects(r.config)]
         labels = {group.label for group in analysis.group_runs(chosen)} if chosen else set()
         if not {a, b} <= labels:
             print(f"[paper] {folder}: not yet ({a} and {b} are needed; the data holds {sorted(labels) or 'none'})")
             continue
         out = args.out / folder
-        written += plots.write_ladder(chosen, a, b, out, LADDER, holds=(0, 2), formats=args.formats)
+        written += plots.write_ladder(chosen, a, b, out, levels, holds=(0, 2), formats=args.formats)
         level = analysis.common_level(chosen)
         written += plots.plot_all(chosen, out, level=level, formats=args.formats, loss_shapes=False)
         (out / "summary.md").write_text(analysis.summary_markdown(chosen, level))
