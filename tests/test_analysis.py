@@ -963,13 +963,13 @@ def test_at_budget_refuses_what_the_run_did_not_train_and_bad_budgets(tmp_path):
 ])
 def test_gap_closed_against_the_formula(small, large, treated):
     result = analysis.gap_closed(small, large, treated, quantity="test error")
-    s, l, t = (np.asarray(v, float) for v in (small, large, treated))
-    assert result.fraction == pytest.approx((l.mean() - t.mean()) / (l.mean() - s.mean()), rel=1e-12)
+    s, big, t = (np.asarray(v, float) for v in (small, large, treated))
+    assert result.fraction == pytest.approx((big.mean() - t.mean()) / (big.mean() - s.mean()), rel=1e-12)
     assert result.small[0] == pytest.approx(s.mean()) and result.treated[0] == pytest.approx(t.mean())
     if len(small) > 1:
-        assert result.large[1] == pytest.approx(l.std(ddof=1))
-        standard_error = math.sqrt(s.var(ddof=1) / s.size + l.var(ddof=1) / l.size)
-        assert result.gap_beyond_spread == (abs(l.mean() - s.mean()) > 2 * standard_error)
+        assert result.large[1] == pytest.approx(big.std(ddof=1))
+        standard_error = math.sqrt(s.var(ddof=1) / s.size + big.var(ddof=1) / big.size)
+        assert result.gap_beyond_spread == (abs(big.mean() - s.mean()) > 2 * standard_error)
     else:
         assert math.isnan(result.large[1]) and not result.gap_beyond_spread  # one seed: no spread to judge by
     assert result.quantity == "test error"

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_implicit import config
+from keras_implicit import config, training
 from keras_implicit import data as ki_data
-from keras_implicit import training
 from keras_implicit.training import RunConfig, RunDirectory, RunError, RunLockedError
 from tests.runs import tensorboard_points
 
