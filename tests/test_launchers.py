@@ -192,3 +192,27 @@ def _session_processes(session: int) -> list[int]:
     pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
     members = [pid for pid in pids if pid != session and _in_session(pid, session)]
     return members + ([session] if _in_session(session, session) else [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine, flags", [
+    ("slurm", ["--slurm-cluster", "local", "--slurm-time", "10"]),
+    ("ray", ["--ray-cpus", "1"]),  # a local Ray instance, started and shut down by the sweep
+])
+def test_sweep_py_runs_a_grid_on_each_engine_and_summarizes(engine, flags, tmp_path):
+    pytest.importorskip("submitit" if engine == "slurm" else "ray")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": str(ROOT)}
+    runs = tmp_path / "runs"
+    command = [sys.executable, str(ROOT / "experiments" / "sweep.py"), "--engine", engine, *flags, "--runs-dir",
+               str(runs), "--lrs", "0.1", "0.05", "--seeds", "0", "--epochs", "1", "--train-subset", "512",
+               "--jobs", "2", "--no-hparams"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = (runs / "summary.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",finished," in row for row in rows[1:]), rows
+    logs = sorted((runs / "logs").glob("*.log"))
+    assert len(logs) == 2 and all(f"[{engine}] process " in log.read_text() for log in logs)
+    # The same command again: both runs skipped, whatever engine ran them.
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert again.returncode == 0 and again.stdout.count("[sweep] skip ") == 2, again.stdout[-2000:]
