@@ -1,9 +1,10 @@
 """keras_implicit.launchers: the sweep on its three engines, with faults.
 
 The Ray test starts a real two-node cluster on the loopback address (``ray start``, 1 CPU a node), runs a 4-run sweep
-on it, kills a Ray worker process during one run and the whole second node during another (by process and process
-group ids), and checks that every run finishes with the records of an uninterrupted run. The SLURM engine is tested
-through submitit's local executor (no SLURM daemon runs here); see README, "Sweeps on a cluster".
+on it, kills a Ray worker process during one run and the whole second node during another (by process ids), and
+checks that every run finishes with the records of an uninterrupted run. The SLURM test starts a one-node cluster
+(Debian's slurm-wlm and munge, as root), preempts a running job with SIGUSR2 and checks the same; where SLURM is not
+installed, the SLURM engine's jobs run on submitit's local executor instead. See README, "Sweeps on a cluster".
 """
 
 import json
@@ -73,6 +74,9 @@ def test_slurm_engine_through_submitits_local_executor_resumes_and_reports(idx_d
     SLURM node runs (sbatch, the requeue on preemption and SLURM's own scheduling aside), with the records of the
     local engine's runs; a rerun of the same sweep skips them."""
     pytest.importorskip("submitit")
+    if os.geteuid() == 0 and shutil.which("slurmctld"):
+        pytest.skip("SLURM itself is installed: test_slurm_engine_on_a_one_node_cluster_resumes_a_preempted_job "
+                    "runs the same jobs through sbatch")
     reference = _reference(idx_dir, tmp_path)
     jobs = sweep.plan(_configs(idx_dir), tmp_path / "runs")
     launcher = launchers.make_launcher("slurm", tmp_path / "runs", cluster="local", time_minutes=10)
@@ -216,3 +220,102 @@ def test_sweep_py_runs_a_grid_on_each_engine_and_summarizes(engine, flags, tmp_p
     # The same command again: both runs skipped, whatever engine ran them.
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0 and again.stdout.count("[sweep] skip ") == 2, again.stdout[-2000:]
+
+
+@pytest.fixture
+def slurm_cluster(tmp_path, monkeypatch):
+    """A one-node SLURM cluster on this machine (Debian's slurm-wlm and munge; as root), in its own directory:
+    munged with its own key and socket, slurmctld and slurmd on free ports; stopped by their pid files."""
+    needed = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel")
+    if os.geteuid() != 0 or not all(shutil.which(name) for name in needed):
+        pytest.skip("needs root and Debian's slurm-wlm and munge (apt-get install slurm-wlm munge)")
+    base = Path(f"/tmp/ki-slurm-{os.getpid()}")  # munge's socket path must be short
+    shutil.rmtree(base, ignore_errors=True)
+    for folder in ("state", "spool", "log", "munge"):
+        (base / folder).mkdir(parents=True)
+    key = base / "munge" / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    (base / "munge").chmod(0o700)
+    socket_path = base / "munge" / "munge.socket"
+    subprocess.run(["munged", "--force", f"--socket={socket_path}", f"--key-file={key}",
+                    f"--pid-file={base / 'munge' / 'munged.pid'}", f"--log-file={base / 'munge' / 'munged.log'}",
+                    f"--seed-file={base / 'munge' / 'seed'}"], check=True, timeout=60)
+    host = socket.gethostname().split(".")[0]
+    ports = _free_port(), _free_port()
+    conf = base / "slurm.conf"
+    conf.write_text("\n".join([
+        "ClusterName=ki", f"SlurmctldHost={host}(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
+        "AuthType=auth/munge", f"AuthInfo=socket={socket_path}", "CredType=cred/munge",
+        f"SlurmctldPort={ports[0]}", f"SlurmdPort={ports[1]}", f"StateSaveLocation={base / 'state'}",
+        f"SlurmdSpoolDir={base / 'spool'}", f"SlurmctldPidFile={base / 'slurmctld.pid'}",
+        f"SlurmdPidFile={base / 'slurmd.pid'}", f"SlurmctldLogFile={base / 'log' / 'slurmctld.log'}",
+        f"SlurmdLogFile={base / 'log' / 'slurmd.log'}", "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+        "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "JobAcctGatherType=jobacct_gather/none",
+        "AccountingStorageType=accounting_storage/none", "MpiDefault=none", "ReturnToService=2",
+        f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=1000 State=UNKNOWN",
+        f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP", ""]))
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    try:
+        for daemon in ("slurmctld", "slurmd"):
+            subprocess.run([daemon, "-f", str(conf)], check=True, timeout=60)
+        deadline = time.time() + 60
+        while "idle" not in subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout:
+            assert time.time() < deadline, (base / "log" / "slurmctld.log").read_text()[-2000:]
+            time.sleep(0.5)
+        yield base
+    finally:
+        subprocess.run(["scancel", "--partition=debug"], capture_output=True, timeout=60)
+        for pid_file in (base / "slurmd.pid", base / "slurmctld.pid", base / "munge" / "munged.pid"):
+            if pid_file.exists():
+                try:
+                    os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+                except (ProcessLookupError, ValueError):
+                    pass
+        time.sleep(1)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_slurm_engine_on_a_one_node_cluster_resumes_a_preempted_job(slurm_cluster, idx_dir, tmp_path, monkeypatch):
+    """A real SLURM cluster: the sweep's runs are sbatch jobs (one array); one running job gets SIGUSR2, SLURM's
+    warning before a preemption or the time limit: submitit calls the run's checkpoint, requeues the job, and the
+    run resumes from its last epoch's checkpoint. Every run's records equal an uninterrupted local run's."""
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    configs = _configs(idx_dir, epochs=6)[:2]
+    reference_jobs = sweep.plan(configs, tmp_path / "reference")
+    assert set(sweep.run_jobs(reference_jobs, 2, tmp_path / "reference" / "logs", poll=0.1).values()) == {0}
+    jobs = sweep.plan(configs, tmp_path / "runs")
+    logs = tmp_path / "runs" / "logs"
+    signalled = []
+
+    def preempt():
+        deadline = time.time() + 600
+        while time.time() < deadline and not signalled:
+            running = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i %o"], capture_output=True,
+                                     text=True).stdout.split()
+            points = len(_records(jobs[0].run_dir)) if (jobs[0].run_dir / "metrics.jsonl").exists() else 0
+            if running and points >= 8 and sweep.run_state(jobs[0].run_dir) == "running":
+                job_id = running[0]
+                subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
+                signalled.append(job_id)
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=preempt, daemon=True)
+    thread.start()
+    launcher = launchers.make_launcher("slurm", tmp_path / "runs", cluster="slurm", partition="debug",
+                                       time_minutes=10)
+    started = time.time()
+    codes = sweep.run_jobs(jobs, 2, logs, poll=0.5, launcher=launcher)
+    thread.join(timeout=5)
+    assert signalled, "no job was running long enough to be preempted"
+    assert codes == {job.name: 0 for job in jobs}, {job.name: (logs / f"{job.name}.log").read_text()[-2000:]
+                                                     for job in jobs}
+    for job, reference in zip(jobs, reference_jobs):
+        assert _records(job.run_dir) == _records(reference.run_dir), job.name
+    texts = [(logs / f"{job.name}.log").read_text() for job in jobs]
+    assert sum("Requeued job" in text for text in texts) == 1
+    assert sorted(text.count("[slurm] process ") for text in texts) == [1, 2]  # the preempted one started twice
+    print(f"slurm sweep of 2 runs with one preempted and requeued: {time.time() - started:.0f} s")
