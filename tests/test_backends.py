@@ -228,3 +228,64 @@ def test_run_py_data_parallel_on_jax_equals_one_device(idx_dir, tmp_path):
                           env=_env(KERAS_BACKEND="tensorflow"), cwd=ROOT)
     assert done.returncode == 2 and "--strategy data-parallel is keras.distribution's DataParallel: it needs " \
                                    "--backend jax, not tensorflow" in done.stderr, done.stderr[-2000:]
+
+
+# Two JAX processes on the loopback address (jax.distributed through keras.distribution.initialize, gloo's CPU
+# collectives), DataParallel over their devices, each feeding its half of every global batch of 64.
+MULTI_HOST = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["KERAS_BACKEND"] = "jax"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    process, port = int(sys.argv[1]), sys.argv[2]
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    import keras, numpy as np
+    keras.distribution.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process)
+    distribution = keras.distribution.DataParallel(devices=jax.devices())
+    distribution.auto_shard_dataset = False  # each process gives its own shard below
+    keras.distribution.set_distribution(distribution)
+    import keras_implicit as ki
+    from keras_implicit.models import make_model
+    rng = np.random.default_rng(0)
+    x = rng.random((512, 8, 8, 1)).astype(np.float32)
+    y = (np.arange(512) % 4).astype(np.int32)
+    x[np.arange(512), y, y, 0] += 1.5
+    model = make_model("fc6", (8, 8, 1), 4, seed=1)
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=ki.alt_loss_panel(sigmas=[0.5, 2], temperatures=[1, 4], margins=[1]))
+    mine = np.concatenate([np.arange(b * 64 + process * 32, b * 64 + process * 32 + 32) for b in range(8)])
+    history = model.fit(x[mine], y[mine], batch_size=32, epochs=2, shuffle=False, verbose=0)
+    print("RESULT " + json.dumps({"processes": jax.process_count(), "devices": len(jax.devices()),
+                                  "history": {k: [float(v) for v in values] for k, values in history.history.items()}}))
+    """
+)
+
+
+def test_panel_under_multi_host_jax_equals_one_device():
+    """keras.distribution over two processes (multi-host JAX on one machine): both log the panel's metrics of the
+    one-device run of the same global batches, to the drift of the gradient's reduction order. The tracker and
+    run.py are not wired for several processes (docs/backends.md)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    children = [subprocess.Popen([sys.executable, "-c", MULTI_HOST, str(index), port], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env) for index in (0, 1)]
+    outputs = [child.communicate(timeout=600) for child in children]
+    assert [child.returncode for child in children] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    results = [json.loads([line for line in out.splitlines() if line.startswith("RESULT ")][-1][len("RESULT "):])
+               for out, _ in outputs]
+    single = subprocess.run([sys.executable, "-c", DATA_PARALLEL, "1"], capture_output=True, text=True, timeout=600,
+                            cwd=ROOT, env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = json.loads([line for line in single.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    for result in results:
+        assert (result["processes"], result["devices"]) == (2, 2)
+        for name in ("gcdf@0.5", "gcdf@2", "tce@1", "tce@4", "hinge@1", "error"):
+            np.testing.assert_allclose(result["history"][name], one["history"][name], rtol=1e-5, atol=2 / 512,
+                                       err_msg=name)
+    assert results[0]["history"] == results[1]["history"]  # every process logs the same global values
