@@ -319,3 +319,49 @@ def test_slurm_engine_on_a_one_node_cluster_resumes_a_preempted_job(slurm_cluste
     assert sum("Requeued job" in text for text in texts) == 1
     assert sorted(text.count("[slurm] process ") for text in texts) == [1, 2]  # the preempted one started twice
     print(f"slurm sweep of 2 runs with one preempted and requeued: {time.time() - started:.0f} s")
+
+
+@pytest.mark.slow
+def test_ray_reports_a_failing_run_without_retrying_and_ctrl_c_leaves_resumable_runs(idx_dir, tmp_path, monkeypatch):
+    """On a local Ray instance: a run that fails for its own reasons (a missing data directory) ends with its exit
+    code and its message, started once; Ctrl-C on the driver cancels the running task, which stops at its next
+    batch; the same sweep again resumes it to the records of an uninterrupted run."""
+    pytest.importorskip("ray")
+    import _thread
+
+    import ray
+
+    for key, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"), ("KERAS_BACKEND", "jax"),
+                       ("PYTHONPATH", str(ROOT))):
+        monkeypatch.setenv(key, value)
+    reference = _reference(idx_dir, tmp_path, epochs=6)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    launcher = launchers.RayLauncher(max_retries=3, backend="jax")
+    try:
+        (tmp_path / "empty").mkdir()  # a data directory without the dataset's files: refused when loading
+        bad = sweep.plan([RunConfig(dataset="mnist", data_dir=str(tmp_path / "empty"), epochs=1)], tmp_path / "bad")
+        codes = sweep.run_jobs(bad, 1, tmp_path / "bad" / "logs", poll=0.1, launcher=launcher)
+        assert codes == {bad[0].name: 1}  # train_with_exit_code's "cannot start", not a retry
+        log = (tmp_path / "bad" / "logs" / f"{bad[0].name}.log").read_text()
+        assert log.count("[ray] process ") == 1 and "error: " in log and "empty" in log, log[-2000:]
+
+        jobs = sweep.plan(_configs(idx_dir, epochs=6)[:1], tmp_path / "runs")
+        metrics = jobs[0].run_dir / "metrics.jsonl"
+
+        def interrupt_once_training():
+            deadline = time.time() + 300
+            while time.time() < deadline:
+                if metrics.exists() and len(_records(jobs[0].run_dir)) >= 10:
+                    _thread.interrupt_main()  # as Ctrl-C in the driver's terminal
+                    return
+                time.sleep(0.1)
+
+        threading.Thread(target=interrupt_once_training, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            sweep.run_jobs(jobs, 1, tmp_path / "runs" / "logs", poll=0.1, launcher=launcher, interrupt_grace=120)
+        assert sweep.run_state(jobs[0].run_dir) == "running"  # stopped, not finished: resumable
+        assert sweep.run_jobs(jobs, 1, tmp_path / "runs" / "logs", poll=0.1, launcher=launcher) == {jobs[0].name: 0}
+        assert _records(jobs[0].run_dir) == reference[jobs[0].name]
+    finally:
+        launcher.close()
+        ray.shutdown()
