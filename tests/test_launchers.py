@@ -7,6 +7,7 @@ checks that every run finishes with the records of an uninterrupted run. The SLU
 installed, the SLURM engine's jobs run on submitit's local executor instead. See README, "Sweeps on a cluster".
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -101,8 +102,9 @@ def _ray_cli() -> str:
 
 
 @pytest.mark.slow
-def test_ray_two_node_cluster_survives_a_killed_worker_and_a_killed_node(idx_dir, tmp_path, monkeypatch):
-    pytest.importorskip("ray")
+def test_sweep_py_on_a_two_node_ray_cluster_survives_a_killed_worker_and_a_killed_node(idx_dir, tmp_path,
+                                                                                      monkeypatch):
+    ray = pytest.importorskip("ray")
     port = _free_port()
     temp = Path(f"/tmp/ray-ki-{os.getpid()}")  # Ray's sockets need a short path
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "KERAS_BACKEND": "jax",
@@ -121,10 +123,7 @@ def test_ray_two_node_cluster_survives_a_killed_worker_and_a_killed_node(idx_dir
     node = subprocess.Popen([_ray_cli(), "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
                              "--num-cpus=1", "--block"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    launcher = launchers.RayLauncher(address=f"127.0.0.1:{port}", max_retries=3, backend="jax")
     try:
-        import ray
-
         ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
         deadline = time.time() + 120
         while len([n for n in ray.nodes() if n["Alive"]]) < 2:
@@ -164,12 +163,16 @@ def test_ray_two_node_cluster_survives_a_killed_worker_and_a_killed_node(idx_dir
         thread = threading.Thread(target=saboteur, daemon=True)
         thread.start()
         started = time.time()
-        codes = sweep.run_jobs(jobs, 4, logs, poll=0.2, launcher=launcher)
+        # experiments/sweep.py itself, as a user runs it, with the grid of _configs(idx_dir, 6).
+        code = _sweep_script().main([
+            "--engine", "ray", "--ray-address", f"127.0.0.1:{port}", "--max-retries", "3", "--runs-dir",
+            str(tmp_path / "runs"), "--datasets", "mnist", "--data-dir", idx_dir, "--epochs", "6", "--batch-sizes",
+            "64", "--ghost-batch-size", "64", "--track-every", "2", "--lrs", "0.1", "0.05", "--seeds", "0", "1",
+            "--jobs", "4", "--no-hparams", "--", "--deterministic"])
         elapsed = time.time() - started
         thread.join(timeout=5)
         assert set(killed) == {"worker", "node"}, killed
-        assert codes == {job.name: 0 for job in jobs}, {job.name: (logs / f"{job.name}.log").read_text()[-2000:]
-                                                         for job in jobs}
+        assert code == 0, {job.name: (logs / f"{job.name}.log").read_text()[-2000:] for job in jobs}
         for job in jobs:
             # JAX on a CPU is deterministic here: the resumed runs' records are an uninterrupted run's, bit for bit.
             assert _records(job.run_dir) == reference[job.name], job.name
@@ -177,11 +180,18 @@ def test_ray_two_node_cluster_survives_a_killed_worker_and_a_killed_node(idx_dir
             assert len(re.findall(r"\[ray\] process \d+ on", (logs / f"{name}.log").read_text())) >= 2
         print(f"ray sweep of 4 runs with a killed worker and a killed node: {elapsed:.0f} s")
     finally:
-        launcher.close()
+        ray.shutdown()
         for pid in _session_processes(node.pid):
             os.kill(pid, signal.SIGKILL)
         subprocess.run([_ray_cli(), "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _sweep_script():
+    spec = importlib.util.spec_from_file_location("sweep_script", ROOT / "experiments" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _in_session(pid: int, session: int) -> bool:
