@@ -147,19 +147,11 @@ def test_gpu_script_rehearses_on_cpu(tmp_path):
     assert results["run_py"]["final"]["train"]["ce"] < 2.31 and len(results["run_py"]["summary"]) == 4
 
 
-# A user's model under keras.distribution.DataParallel over the CPU split into N devices (XLA_FLAGS, before JAX
-# starts): the panel's logged metrics and the tracker's records, as JSON.
-DATA_PARALLEL = textwrap.dedent(
+# A user's model with the panel (the data, fc6, SGD, the panel's metrics), made once a distribution is set.
+USERS_MODEL = textwrap.dedent(
     """
-    import json, os, sys
-    devices = int(sys.argv[1])
-    os.environ["KERAS_BACKEND"] = "jax"
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    import jax, keras, numpy as np
     import keras_implicit as ki
     from keras_implicit.models import make_model
-    if devices > 1:
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
     rng = np.random.default_rng(0)
     x = rng.random((512, 8, 8, 1)).astype(np.float32)
     y = (np.arange(512) % 4).astype(np.int32)
@@ -168,6 +160,23 @@ DATA_PARALLEL = textwrap.dedent(
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=ki.alt_loss_panel(sigmas=[0.5, 2], temperatures=[1, 4], margins=[1]))
+    """
+)
+
+# That model under keras.distribution.DataParallel over the CPU split into N devices (XLA_FLAGS, before JAX
+# starts): the panel's logged metrics and the tracker's records, as JSON.
+DATA_PARALLEL = textwrap.dedent(
+    """
+    import json, os, sys
+    devices = int(sys.argv[1])
+    os.environ["KERAS_BACKEND"] = "jax"
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    import jax, keras, numpy as np
+    if devices > 1:
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+    """
+) + USERS_MODEL + textwrap.dedent(
+    """
     tracker = ki.AltLossTracker((x, y), (x[:128], y[:128]), sigmas=[0.5, 2], temperatures=[1, 4], margins=[1],
                                 track_every=4)
     history = model.fit(x, y, batch_size=64, epochs=2, shuffle=False, verbose=0, callbacks=[tracker])
@@ -245,16 +254,9 @@ MULTI_HOST = textwrap.dedent(
     distribution = keras.distribution.DataParallel(devices=jax.devices())
     distribution.auto_shard_dataset = False  # each process gives its own shard below
     keras.distribution.set_distribution(distribution)
-    import keras_implicit as ki
-    from keras_implicit.models import make_model
-    rng = np.random.default_rng(0)
-    x = rng.random((512, 8, 8, 1)).astype(np.float32)
-    y = (np.arange(512) % 4).astype(np.int32)
-    x[np.arange(512), y, y, 0] += 1.5
-    model = make_model("fc6", (8, 8, 1), 4, seed=1)
-    model.compile(keras.optimizers.SGD(0.1, momentum=0.9),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=ki.alt_loss_panel(sigmas=[0.5, 2], temperatures=[1, 4], margins=[1]))
+    """
+) + USERS_MODEL + textwrap.dedent(
+    """
     mine = np.concatenate([np.arange(b * 64 + process * 32, b * 64 + process * 32 + 32) for b in range(8)])
     history = model.fit(x[mine], y[mine], batch_size=32, epochs=2, shuffle=False, verbose=0)
     print("RESULT " + json.dumps({"processes": jax.process_count(), "devices": len(jax.devices()),
