@@ -268,7 +268,7 @@ def run_jobs(jobs: Sequence[Job], parallel: int, logs_dir, stream=None, poll: fl
                                               [log_path for *_, log_path in starting])
                 for (name, verb, detail, log_path), handle in zip(starting, handles):
                     where = launcher.describe(handle)
-                    say(f"{verb} {name} ({detail}log: {log_path}{', ' + where if where else ''})")
+                    say(f"{verb} {name} ({detail}log: {log_path})" + (f" as {where}" if where else ""))
                     running[name] = (handle, time.time())
             time.sleep(poll)
             for name in list(running):
