@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from keras_implicit.config import check_divides, cluster_role  # noqa: F401  (re-exported)
+from keras_implicit.config import check_divides, check_ghost_split, cluster_role  # noqa: F401  (re-exported)
 from keras_implicit.names import MOVING_STATISTICS, STRATEGIES, TF_DISTRIBUTE_STRATEGIES  # noqa: F401
 
 __all__ = [
@@ -84,9 +84,7 @@ def set_data_parallel(cpu_replicas: Optional[int], ghost_batch_size: int) -> int
         raise ValueError(f"cpu_replicas {cpu_replicas} asks for {cpu_replicas} CPU devices, but JAX has started "
                          f"with {len(devices)} ({devices[0].platform}): start a fresh process, or leave cpu_replicas "
                          "out on a machine with accelerators")
-    if ghost_batch_size % len(devices):
-        raise ValueError(f"strategy 'data-parallel' splits each micro-batch of {ghost_batch_size} over the "
-                         f"{len(devices)} devices: make ghost_batch_size a multiple of {len(devices)}")
+    check_ghost_split(ghost_batch_size, len(devices))
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
     return len(devices)
 
@@ -98,7 +96,7 @@ def make_strategy(name: str, cpu_replicas: Optional[int] = None):
     only be set up before TensorFlow initializes its devices. Raises ValueError for ``cpu_replicas`` when the
     machine has GPUs (they would be used instead), or for an unknown name.
     """
-    if name not in STRATEGIES or name == "data-parallel":
+    if name not in ("default", *TF_DISTRIBUTE_STRATEGIES):
         raise ValueError(f"unknown tf.distribute strategy {name!r}: choose one of default, "
                          f"{', '.join(TF_DISTRIBUTE_STRATEGIES)}")
     if cpu_replicas and name != "mirrored":

@@ -53,6 +53,7 @@ __all__ = [
     "level_trigger_state",
     "LEVEL_SETTLE_POINTS",
     "check_divides",
+    "check_ghost_split",
     "cluster_role",
     "balanced_subset_range",
     "effective_moving_statistics",
@@ -91,7 +92,7 @@ EXTENDABLE = ("epochs", "target_train_loss")
 
 # The track_levels trigger. Two signals say how far training has come: the running training loss (an exponential
 # average of the batch losses with this weight on the newest, about ten batches) and the last tracked training CE
-# (the whole training set, BatchNorm's moving statistics). The batch loss runs 1-6 times *below* the tracked CE at lr
+# (the whole training set, BatchNorm's moving statistics). The batch loss runs 1-12 times *below* the tracked CE at lr
 # 0.1 (measured on fc6, 8,192 images: median 2.4), so neither alone says when the tracked CE crosses a level. The
 # track_every points are due while some level is *open* and the lower signal lies at or below LEVEL_WINDOW times
 # it; a level closes once LEVEL_SETTLE_POINTS tracked points in a row have a training CE at or below it (the first
@@ -148,6 +149,14 @@ def check_divides(batch_size: int, ghost_batch_size: int, replicas: int = 1) -> 
             f"{ghost_batch_size}{per_replica}: the batch size must be a multiple of replicas x ghost_batch_size "
             f"= {replicas * ghost_batch_size}")
     return batch_size // (replicas * ghost_batch_size)
+
+
+def check_ghost_split(ghost_batch_size: int, devices: int) -> None:
+    """A ValueError unless a micro-batch of ``ghost_batch_size`` splits evenly over ``devices`` (strategy
+    ``"data-parallel"`` shards each micro-batch over the devices)."""
+    if int(ghost_batch_size) % int(devices):
+        raise ValueError(f"strategy 'data-parallel' splits each micro-batch of {ghost_batch_size} over the "
+                         f"{devices} devices: make ghost_batch_size a multiple of {devices}")
 
 
 def cluster_role(environ=None) -> tuple[int, int, bool]:
@@ -469,10 +478,7 @@ class RunConfig:
                              "environment of every worker")
         # The replicas known before TensorFlow starts (GPUs are counted once it has: train() checks again).
         if self.strategy == "data-parallel":  # each micro-batch is split over the devices
-            devices = self.cpu_replicas or 1
-            if self.ghost_batch_size % devices:
-                raise ValueError(f"strategy 'data-parallel' splits each micro-batch of {self.ghost_batch_size} "
-                                 f"over the {devices} devices: make ghost_batch_size a multiple of {devices}")
+            check_ghost_split(self.ghost_batch_size, self.cpu_replicas or 1)  # GPUs: checked once JAX has started
             check_divides(self.batch_size, self.ghost_batch_size)
         else:
             replicas = self.cpu_replicas or (cluster_role()[0] if self.strategy == "multiworker" else 1)
